@@ -1,0 +1,7 @@
+"""`python -m raylm` is the `raylm` command."""
+
+import sys
+
+from raylm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,388 @@
+"""Typed configuration for every raylm stage.
+
+One experiment is one YAML file with a section per stage (`data`, `tokenizer`, `model`, `train`,
+`tune`, `finetune`, `eval`, `cluster`) plus `workspace` and `tracking`. Command lines add
+`--set section.key=value` overrides, typed the same way as YAML (`--set train.lr=3e-4` is a float).
+
+Everything is validated before any work starts. Errors name the dotted key, the value and what was
+expected; an unknown key lists the valid keys of its section. Defaults are sized for a laptop.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REMOTE_SCHEMES = ("s3://", "gs://", "hf://", "http://", "https://", "file://")
+BUILTIN_SOURCES = ("python-stdlib",)
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "laptop.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names every offending key."""
+
+    def __init__(self, problems: list[str], origin: str | None = None):
+        self.problems = problems
+        head = f"invalid configuration{f' in {origin}' if origin else ''}:"
+        super().__init__("\n".join([head, *[f"  - {p}" for p in problems]]))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _is_local_path(path: str) -> bool:
+    return not path.startswith(REMOTE_SCHEMES) and path not in BUILTIN_SOURCES
+
+
+def _check_local_path_exists(path: str) -> str:
+    if _is_local_path(path):
+        if any(ch in path for ch in "*?["):
+            if not glob.glob(path, recursive=True):
+                raise ValueError(f"no file matches the pattern {path!r}")
+        elif not os.path.exists(path):
+            raise ValueError(f"path does not exist: {os.path.abspath(path)}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+
+
+class SourceConfig(Section):
+    """One input of the corpus: a file, folder, glob, object-store URI, `hf://org/name`, or a
+    built-in corpus (`python-stdlib`: the running interpreter's standard library)."""
+
+    path: str = "python-stdlib"
+    format: Literal["auto", "jsonl", "json", "parquet", "text", "markdown"] = "auto"
+    text_field: str = "text"
+    id_field: str | None = None
+    doc_per: Literal["file", "paragraph"] = "file"
+    weight: float = Field(1.0, gt=0)
+    max_bytes: int | None = Field(None, gt=0, description="sample the source down to about this many bytes")
+    name: str | None = None
+
+    _exists = field_validator("path")(_check_local_path_exists)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(max_bytes=4_000_000)])
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    min_chars: int = Field(1, ge=1, description="documents shorter than this after cleaning are rejected as empty")
+    seed: int = 0
+    num_blocks: int | None = Field(None, gt=0, description="Ray Data blocks to read into (default: Ray decides)")
+
+    @field_validator("sources")
+    @classmethod
+    def _at_least_one(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        if not sources:
+            raise ValueError("at least one source is needed")
+        return sources
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(4096, gt=0)
+    min_frequency: int = Field(2, ge=1)
+    sample_bytes: int = Field(20_000_000, gt=0, description="train the tokenizer on at most this much train text")
+    special_tokens: list[str] = Field(default_factory=lambda: ["<|bos|>", "<|eos|>", "<|pad|>"])
+    path: str | None = Field(None, description="reuse this tokenizer.json instead of training one")
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, path: str | None) -> str | None:
+        return None if path is None else _check_local_path_exists(path)
+
+
+class ModelConfig(Section):
+    arch: Literal["decoder"] = "decoder"
+    d_model: int = Field(256, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    ffn_hidden: int | None = Field(None, gt=0, description="feed-forward width (default: 8/3 d_model for SwiGLU)")
+    seq_len: int = Field(256, ge=2, description="context length; packed sequences hold seq_len + 1 tokens")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    tie_embeddings: bool = True
+    rope_theta: float = Field(10000.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head size d_model / n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        return self
+
+
+class TrainConfig(Section):
+    strategy: Literal["ddp"] = "ddp"
+    workers: int | tuple[int, int] = Field(1, description="a number, or [min, max] for elastic training")
+    use_gpu: bool | Literal["auto"] = "auto"
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    max_steps: int = Field(300, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0)
+    micro_batch_size: int = Field(8, gt=0, description="sequences per worker per forward pass")
+    global_batch_size: int = Field(16, gt=0, description="sequences per optimizer step, across all workers")
+    eval_every: int = Field(50, gt=0)
+    eval_sequences: int = Field(64, gt=0, description="val sequences per evaluation")
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    report_every: int = Field(10, gt=0, description="steps between ray.train.report calls (each waits for the controller)")
+    early_stopping_patience: int | None = Field(None, gt=0)
+    max_failures: int = Field(0, ge=0)
+    seed: int = 0
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _parse_workers(cls, value: Any) -> Any:
+        if isinstance(value, str) and "-" in value:
+            low, _, high = value.partition("-")
+            return (low.strip(), high.strip())
+        if isinstance(value, list):
+            return tuple(value)
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1:
+            raise ValueError(f"workers must be >= 1, got {low}")
+        if low > high:
+            raise ValueError(f"min workers ({low}) > max workers ({high})")
+        return value
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers if isinstance(self.workers, int) else self.workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers if isinstance(self.workers, int) else self.workers[1]
+
+    @model_validator(mode="after")
+    def _batch_covers_workers(self) -> "TrainConfig":
+        if self.global_batch_size < self.max_workers:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be >= max workers ({self.max_workers}) "
+                "so that every worker gets at least one sequence"
+            )
+        return self
+
+
+class TuneConfig(Section):
+    num_samples: int = Field(4, gt=0)
+    max_concurrent: int | None = Field(None, gt=0)
+    metric: str = "val_loss"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, gt=0)
+    reduction_factor: float = Field(2.0, gt=1)
+    search_space: dict[str, dict[str, list[Any]]] = Field(
+        default_factory=lambda: {
+            "train.lr": {"loguniform": [1e-4, 1e-2]},
+            "train.global_batch_size": {"choice": [8, 16, 32]},
+        }
+    )
+
+
+class FinetuneConfig(Section):
+    method: Literal["full", "frozen", "lora"] = "full"
+    data: str | None = None
+    lr: float = Field(1e-4, gt=0)
+    max_steps: int = Field(100, gt=0)
+
+    @field_validator("data")
+    @classmethod
+    def _data_exists(cls, path: str | None) -> str | None:
+        return None if path is None else _check_local_path_exists(path)
+
+
+class EvalConfig(Section):
+    tasks: list[str] = Field(default_factory=lambda: ["bpb"])
+    limit: int | None = Field(None, gt=0)
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(16, gt=0)
+    actors: int = Field(1, gt=0)
+    benchmark_data: str | None = None
+
+    @field_validator("benchmark_data")
+    @classmethod
+    def _benchmarks_exist(cls, path: str | None) -> str | None:
+        return None if path is None else _check_local_path_exists(path)
+
+
+class ClusterConfig(Section):
+    address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS, else a local Ray instance")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the local Ray instance (default: all)")
+    include_dashboard: bool = False
+    runtime_env: str | None = None
+
+
+class WorkspaceConfig(Section):
+    root: str = Field("./raylm-workspace", description="local folder, s3:// or gs:// URI; RAYLM_WORKSPACE overrides")
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else SQLite in the workspace")
+    experiment: str = "raylm"
+
+
+class RaylmConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    workspace: WorkspaceConfig = Field(default_factory=WorkspaceConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A section as plain JSON-able data (for hashing and MLflow params)."""
+        return getattr(self, name).model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 0.0003). Values are read as YAML, numbers as numbers."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"override {item!r}: expected section.key=value"])
+    path = key.strip().split(".")
+    if any(not part for part in path):
+        raise ConfigError([f"override {item!r}: empty part in key {key!r}"])
+    return path, _typed_value(raw.strip())
+
+
+def _typed_value(raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):  # PyYAML reads `3e-4` as a string (YAML 1.1 floats need a dot)
+        for convert in (int, float):
+            try:
+                return convert(value)
+            except ValueError:
+                pass
+    return value
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for depth, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError([f"override of {'.'.join(path)}: {'.'.join(path[:depth + 1])} is not a section"])
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    workspace: str | None = None,
+) -> RaylmConfig:
+    """Read a YAML experiment (default: configs/laptop.yaml), apply overrides and the workspace
+    (argument, else RAYLM_WORKSPACE, else the file), and validate everything."""
+    origin = str(path) if path is not None else str(DEFAULT_CONFIG)
+    tree = _read_yaml(origin) if (path is not None or DEFAULT_CONFIG.exists()) else {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        apply_override(tree, keys, value)
+    root = workspace or os.environ.get("RAYLM_WORKSPACE")
+    if root:
+        apply_override(tree, ["workspace", "root"], root)
+    return validate_config(tree, origin)
+
+
+def validate_config(tree: dict[str, Any], origin: str | None = None) -> RaylmConfig:
+    try:
+        return RaylmConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, RaylmConfig), origin) from None
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError([f"config file not found: {os.path.abspath(path)}"]) from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError([f"{where}: not valid YAML ({problem})"]) from None
+    if not isinstance(tree, dict):
+        raise ConfigError([f"{path}: expected a mapping of sections, got {type(tree).__name__}"])
+    return tree
+
+
+def describe_validation_error(error: ValidationError, model: type[BaseModel]) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = [part for part in item["loc"] if not (isinstance(part, str) and part.startswith(("function-", "tagged-union")))]
+        dotted = _dotted(loc)
+        if item["type"] == "extra_forbidden":
+            parent_model = _model_at(model, loc[:-1])
+            valid = ", ".join(sorted(parent_model.model_fields)) if parent_model else "?"
+            section = _dotted(loc[:-1]) or "top level"
+            problems.append(f"unknown key {dotted!r}; valid keys of {section!r}: {valid}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{dotted} = {item.get('input')!r}: {message}")
+    return problems
+
+
+def _dotted(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_at(model: type[BaseModel], loc: list[Any]) -> type[BaseModel] | None:
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            return None
+        current = _inner_model(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def dump_config(config: RaylmConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data stages: sources, cleaning, dedup, tokenizer training and sequence packing."""

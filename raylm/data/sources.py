@@ -1,0 +1,267 @@
+"""Corpus sources: files, folders, globs and the built-in `python-stdlib` corpus, read with Ray Data.
+
+Every source becomes rows of the document contract `{id, text, source, meta}` plus the curation
+bookkeeping columns `reason` and `detail` (empty while a row is kept) and `n_bytes`. A line or file
+that cannot be read (bad JSON, undecodable bytes, a missing text field) becomes a row already marked
+`parse_error` with the file and line in `detail`: it is counted and rejected, never dropped.
+
+The per-file decoding is a plain function (`decode_file`), so it is tested without Ray; the driver
+only lists file names, never reads the corpus.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from typing import Any, Iterator
+
+import pyarrow.fs as pafs
+
+from raylm.config import SourceConfig
+
+DOC_COLUMNS = ("id", "text", "source", "meta", "reason", "detail", "n_bytes")
+STDLIB_EXTENSIONS = (".py", ".rst", ".txt")
+TEXT_EXTENSIONS = {".txt": "text", ".md": "markdown", ".rst": "text", ".py": "text"}
+JSON_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
+
+
+def make_id(source: str, locator: str, text: str) -> str:
+    """Stable document id from its source, its place in the source and its content."""
+    digest = hashlib.sha1(f"{source}\0{locator}\0".encode() + text.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:20]
+
+
+def document(source: str, locator: str, text: str, meta: dict[str, Any] | None = None,
+             doc_id: str | None = None) -> dict[str, Any]:
+    return {
+        "id": doc_id if doc_id is not None else make_id(source, locator, text),
+        "text": text,
+        "source": source,
+        "meta": json.dumps({"locator": locator, **(meta or {})}, sort_keys=True, default=str),
+        "reason": "",
+        "detail": "",
+        "n_bytes": len(text.encode("utf-8", "surrogatepass")),
+    }
+
+
+def unreadable(source: str, locator: str, why: str, raw: bytes = b"") -> dict[str, Any]:
+    """A row for input that could not be read: rejected as `parse_error`, with where and why."""
+    return {
+        "id": make_id(source, locator, repr(raw[:64])),
+        "text": "",
+        "source": source,
+        "meta": json.dumps({"locator": locator}),
+        "reason": "parse_error",
+        "detail": f"{locator}: {why}",
+        "n_bytes": len(raw),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-file decoding (plain functions; Ray Data calls them through flat_map)
+
+
+def detect_format(path: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    name = path.lower()
+    for suffix in (".gz", ".zst", ".bz2"):
+        name = name.removesuffix(suffix)
+    ext = os.path.splitext(name)[1]
+    if ext in JSON_EXTENSIONS:
+        return JSON_EXTENSIONS[ext]
+    if ext == ".parquet":
+        return "parquet"
+    return TEXT_EXTENSIONS.get(ext, "text")
+
+
+def decode_file(row: dict[str, Any], source: SourceConfig, root: str | None = None) -> Iterator[dict[str, Any]]:
+    """Turn one file (`{"bytes", "path"}` from `read_binary_files`) into document rows."""
+    path, raw = row["path"], row["bytes"]
+    label = source.label
+    locator = os.path.relpath(path, root) if root and not path.startswith(("s3:", "gs:")) else path
+    fmt = detect_format(path, source.format)
+    raw = _decompress(path, raw)
+    if isinstance(raw, str):  # decompression failed: the message
+        yield unreadable(label, locator, raw)
+        return
+    if fmt in ("jsonl", "json"):
+        yield from _decode_json(raw, fmt, label, locator, source)
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        yield unreadable(label, locator, f"not valid UTF-8 at byte {error.start}", raw)
+        return
+    if "\x00" in text[:8192]:
+        yield unreadable(label, locator, "binary file (NUL bytes)", raw)
+        return
+    if source.doc_per == "paragraph":
+        for number, block in enumerate(_paragraphs(text)):
+            yield document(label, f"{locator}#{number}", block)
+    else:
+        yield document(label, locator, text)
+
+
+def _decompress(path: str, raw: bytes) -> bytes | str:
+    try:
+        if path.endswith(".gz"):
+            import gzip
+
+            return gzip.decompress(raw)
+        if path.endswith(".zst"):
+            import zstandard
+
+            return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+        if path.endswith(".bz2"):
+            import bz2
+
+            return bz2.decompress(raw)
+    except Exception as error:  # noqa: BLE001 - any codec failure is a parse error of that file
+        return f"cannot decompress: {error}"
+    return raw
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [block for block in text.replace("\r\n", "\n").split("\n\n") if block.strip()]
+
+
+def _decode_json(raw: bytes, fmt: str, label: str, locator: str, source: SourceConfig) -> Iterator[dict[str, Any]]:
+    if fmt == "json":
+        try:
+            loaded = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            yield unreadable(label, locator, f"not valid JSON: {error}", raw)
+            return
+        records = loaded if isinstance(loaded, list) else [loaded]
+        for number, record in enumerate(records):
+            yield _record_to_row(record, label, f"{locator}[{number}]", source)
+        return
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{locator}:{number}"
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            yield unreadable(label, where, f"not valid UTF-8 at byte {error.start}", line)
+            continue
+        except json.JSONDecodeError as error:
+            yield unreadable(label, where, f"not valid JSON ({error.msg} at column {error.colno})", line)
+            continue
+        yield _record_to_row(record, label, where, source)
+
+
+def _record_to_row(record: Any, label: str, where: str, source: SourceConfig) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        return unreadable(label, where, f"expected a JSON object, got {type(record).__name__}")
+    text = record.get(source.text_field)
+    if not isinstance(text, str):
+        why = "missing" if text is None else f"not a string ({type(text).__name__})"
+        return unreadable(label, where, f"text field {source.text_field!r} {why}", json.dumps(record)[:64].encode())
+    meta = {k: v for k, v in record.items() if k not in (source.text_field, source.id_field)}
+    doc_id = None
+    if source.id_field and record.get(source.id_field) is not None:
+        doc_id = make_id(label, str(record[source.id_field]), "")
+    return document(label, where, text, meta, doc_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# Listing (metadata only) and the Ray Data reader
+
+
+def stdlib_root() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def list_stdlib_files(max_bytes: int | None) -> list[str]:
+    """The standard library's .py/.rst/.txt files (not site-packages), a stable sample by size."""
+    root = stdlib_root()
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "__pycache__", "dist-packages"))
+        for name in names:
+            if name.endswith(STDLIB_EXTENSIONS):
+                files.append(os.path.join(folder, name))
+    return _sample_by_size(files, max_bytes, root)
+
+
+def _sample_by_size(files: list[str], max_bytes: int | None, root: str) -> list[str]:
+    if max_bytes is None:
+        return sorted(files)
+    ranked = sorted(files, key=lambda f: hashlib.sha1(os.path.relpath(f, root).encode()).hexdigest())
+    chosen, total = [], 0
+    for path in ranked:
+        size = os.path.getsize(path)
+        if total + size > max_bytes and chosen:
+            continue
+        chosen.append(path)
+        total += size
+        if total >= max_bytes:
+            break
+    return sorted(chosen)
+
+
+def list_source_files(source: SourceConfig) -> tuple[list[str], str | None, pafs.FileSystem | None]:
+    """File paths of a source, the root they are relative to, and the filesystem to read them with."""
+    if source.path == "python-stdlib":
+        return list_stdlib_files(source.max_bytes), stdlib_root(), None
+    if "://" in source.path and not source.path.startswith("file://"):
+        fs, base = pafs.FileSystem.from_uri(source.path)
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+        else:
+            files = [base]
+        return files, base, fs
+    path = source.path.removeprefix("file://")
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(folder, name)
+            for folder, _, names in os.walk(path)
+            for name in names
+            if not name.startswith(".")
+        )
+        root = path
+    elif any(ch in path for ch in "*?["):
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(path)
+    else:
+        files, root = [path], os.path.dirname(path)
+    files = [os.path.abspath(f) for f in files]
+    return _sample_by_size(files, source.max_bytes, os.path.abspath(root)), os.path.abspath(root), None
+
+
+def read_source(source: SourceConfig, num_blocks: int | None = None):
+    """A Ray Dataset of document rows for one source."""
+    import ray.data
+
+    files, root, filesystem = list_source_files(source)
+    if not files:
+        raise FileNotFoundError(f"data source {source.path!r} has no files")
+    parquet = [f for f in files if detect_format(f, source.format) == "parquet"]
+    others = [f for f in files if f not in set(parquet)]
+    parts = []
+    if others:
+        raw = ray.data.read_binary_files(others, include_paths=True, filesystem=filesystem,
+                                         override_num_blocks=num_blocks)
+        parts.append(raw.flat_map(decode_file, fn_kwargs={"source": source, "root": root}))
+    if parquet:
+        table = ray.data.read_parquet(parquet, filesystem=filesystem, override_num_blocks=num_blocks,
+                                      include_paths=True)
+        parts.append(table.map(_parquet_row_to_doc, fn_kwargs={"source": source, "root": root}))
+    dataset = parts[0]
+    for extra in parts[1:]:
+        dataset = dataset.union(extra)
+    return dataset
+
+
+def _parquet_row_to_doc(row: dict[str, Any], source: SourceConfig, root: str | None) -> dict[str, Any]:
+    path = row.pop("path", "?")
+    locator = os.path.relpath(path, root) if root else path
+    locator = f"{locator}:{row.get(source.id_field) if source.id_field else ''}"
+    return _record_to_row(row, source.label, locator, source)

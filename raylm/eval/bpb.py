@@ -1,0 +1,46 @@
+"""Held-out loss and bits-per-byte of a checkpoint on packed sequences.
+
+Bits-per-byte divides the summed next-token loss (in bits) by the bytes of text the target tokens
+stand for, so models with different tokenizers can be compared. The computation runs in a Ray task,
+next to the data, and returns three numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+import torch
+
+from raylm.model.loss import bits_per_byte, loss_and_bytes, split_inputs_targets
+from raylm.train.checkpoint import load_model, load_tokenizer_json, local_checkpoint
+from raylm.train.data import PackedSequences
+
+
+@torch.no_grad()
+def evaluate_bpb(checkpoint: str, data_uri: str, pad_id: int, batch_size: int = 16,
+                 limit: int | None = None) -> dict[str, float]:
+    from raylm.data.tokenizer import token_byte_lengths, tokenizer_from_json
+
+    with local_checkpoint(checkpoint) as directory:
+        model = load_model(directory)
+        tokenizer_json = load_tokenizer_json(directory)
+    if tokenizer_json is None:
+        raise FileNotFoundError(f"checkpoint {checkpoint} has no tokenizer.json")
+    token_bytes = torch.from_numpy(token_byte_lengths(tokenizer_from_json(tokenizer_json)))
+    rows = PackedSequences(data_uri).rows[:limit]
+    nll = count = nll_bytes = n_bytes = 0.0
+    for start in range(0, len(rows), batch_size):
+        inputs, targets = split_inputs_targets(torch.from_numpy(rows[start:start + batch_size]).long())
+        a, b, c, d = loss_and_bytes(model(inputs), targets, pad_id, token_bytes)
+        nll, count, nll_bytes, n_bytes = nll + a, count + b, nll_bytes + c, n_bytes + d
+    return {"val_loss": nll / max(count, 1), "val_bpb": bits_per_byte(nll_bytes, int(n_bytes)),
+            "val_tokens": count, "val_bytes": n_bytes, "val_sequences": len(rows)}
+
+
+def evaluate_stage(trained: dict[str, Any], packed: dict[str, Any], batch_size: int,
+                   limit: int | None) -> dict[str, Any]:
+    task = ray.remote(num_cpus=1)(evaluate_bpb)
+    figures = ray.get(task.remote(trained["checkpoint"], packed["outputs"]["val"], packed["tokenizer"]["pad_id"],
+                                  batch_size, limit))
+    return {"metrics": figures, "checkpoint": trained["checkpoint"]}

@@ -1,0 +1,41 @@
+"""Next-token loss over packed sequences, and the sums that make bits-per-byte exact.
+
+A packed row holds `seq_len + 1` tokens: inputs are `row[:-1]`, targets `row[1:]`. Targets equal to
+the pad id are ignored. For bits-per-byte, only targets that stand for text bytes count (special
+tokens have zero bytes), so the figure does not depend on the tokenizer's vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def split_inputs_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return rows[:, :-1], rows[:, 1:]
+
+
+def summed_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token NLL over non-pad targets, number of those targets)."""
+    flat_targets = targets.reshape(-1)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_targets, ignore_index=pad_id, reduction="sum")
+    return loss, (flat_targets != pad_id).sum()
+
+
+@torch.no_grad()
+def loss_and_bytes(logits: torch.Tensor, targets: torch.Tensor, pad_id: int,
+                   token_bytes: torch.Tensor) -> tuple[float, int, float, int]:
+    """(NLL sum, target count, NLL sum over byte-bearing targets, their bytes) for one batch."""
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                          ignore_index=pad_id, reduction="none")
+    flat = targets.reshape(-1)
+    valid = flat != pad_id
+    nbytes = token_bytes[flat]
+    with_bytes = nbytes > 0
+    return (float(nll[valid].sum()), int(valid.sum()), float(nll[with_bytes].sum()), int(nbytes.sum()))
+
+
+def bits_per_byte(nll_sum_nats: float, n_bytes: int) -> float:
+    return nll_sum_nats / (math.log(2) * n_bytes) if n_bytes else math.nan

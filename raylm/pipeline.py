@@ -1,0 +1,150 @@
+"""All stages in order: curate -> tokenize -> pretrain -> eval.
+
+Stage folders are planned from the config alone (each is named by a hash of its section and its
+upstream's fingerprint), so any single stage can find the outputs it builds on without rerunning
+them, and `pipeline` reuses every stage that already finished. A pipeline is one MLflow parent run
+holding one nested run per stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from raylm.config import RaylmConfig
+from raylm.stage import execute
+from raylm.tracking import Tracker, flatten, ui_command
+from raylm.workspace import StageDir, Workspace
+
+log = logging.getLogger("raylm")
+
+STAGES = ("curate", "tokenize", "pretrain", "eval")
+
+
+class StageNotReady(RuntimeError):
+    """A stage needs the output of an earlier stage that has not finished for this config."""
+
+
+def source_fingerprint(config: RaylmConfig) -> str:
+    """Names, sizes and modification times of local source files: an edited corpus is a new input."""
+    from raylm.data.sources import list_source_files
+
+    digest = hashlib.sha256()
+    for source in config.data.sources:
+        if "://" in source.path and not source.path.startswith("file://"):
+            digest.update(source.path.encode())
+            continue
+        files, _, _ = list_source_files(source)
+        for path in files:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def file_fingerprint(path: str | None) -> str | None:
+    if path is None:
+        return None
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()[:16]
+
+
+@dataclass
+class StagePlan:
+    curate: StageDir
+    tokenize: StageDir
+    pretrain: StageDir
+    eval: StageDir
+
+
+def plan_stages(config: RaylmConfig, workspace: Workspace) -> StagePlan:
+    curate = workspace.stage("curate", {"data": config.section("data"), "files": source_fingerprint(config)})
+    tokenize = workspace.stage(
+        "tokenize",
+        {"tokenizer": config.section("tokenizer"), "tokenizer_file": file_fingerprint(config.tokenizer.path),
+         "seq_len": config.model.seq_len},
+        {"curated": curate.fingerprint},
+    )
+    pretrain = workspace.stage("pretrain", {"model": config.section("model"), "train": config.section("train")},
+                               {"packed": tokenize.fingerprint})
+    evaluation = workspace.stage("eval", {"eval": config.section("eval")}, {"checkpoint": pretrain.fingerprint})
+    return StagePlan(curate, tokenize, pretrain, evaluation)
+
+
+class Pipeline:
+    """The stages of one experiment config, run one at a time or all in order."""
+
+    def __init__(self, config: RaylmConfig, force: tuple[str, ...] = ()):
+        from raylm.runtime import init_ray
+
+        self.config = config
+        self.force = set(STAGES) if "all" in force else set(force)
+        self.workspace = Workspace(config.workspace.root)
+        self.tracker = Tracker(config.tracking, self.workspace)
+        self.plan = plan_stages(config, self.workspace)
+        init_ray(config.cluster)
+
+    def _require(self, name: str) -> dict[str, Any]:
+        stage: StageDir = getattr(self.plan, name)
+        if not stage.is_complete():
+            raise StageNotReady(f"stage {name!r} has not finished for this config (expected {stage.uri}); "
+                                f"run `raylm {name}` or `raylm pipeline` first")
+        return stage.manifest()
+
+    def curate(self) -> dict[str, Any]:
+        from raylm.data.curate import curate
+
+        return execute(self.plan.curate, self.config.section("data"), self.tracker,
+                       lambda stage: curate(self.config.data, stage), force="curate" in self.force)
+
+    def tokenize(self) -> dict[str, Any]:
+        from raylm.data.tokenize import tokenize
+
+        curated = self._require("curate")
+        return execute(self.plan.tokenize, self.config.section("tokenizer"), self.tracker,
+                       lambda stage: tokenize(self.config.tokenizer, self.config.model.seq_len, curated, stage),
+                       force="tokenize" in self.force)
+
+    def pretrain(self, init_checkpoint: str | None = None) -> dict[str, Any]:
+        from raylm.train.launch import pretrain
+
+        packed = self._require("tokenize")
+        section = {"model": self.config.section("model"), "train": self.config.section("train")}
+        return execute(self.plan.pretrain, section, self.tracker,
+                       lambda stage: pretrain(self.config.model, self.config.train, packed, stage,
+                                              self.tracker.uri, init_checkpoint),
+                       force="pretrain" in self.force, resumable=True)
+
+    def eval(self) -> dict[str, Any]:
+        from raylm.eval.bpb import evaluate_stage
+
+        trained, packed = self._require("pretrain"), self._require("tokenize")
+        return execute(self.plan.eval, self.config.section("eval"), self.tracker,
+                       lambda stage: evaluate_stage(trained, packed, self.config.eval.batch_size,
+                                                    self.config.eval.limit),
+                       force="eval" in self.force)
+
+    def run_all(self) -> dict[str, dict[str, Any]]:
+        manifests = {}
+        params = flatten(self.config.model_dump(mode="json"))
+        with self.tracker.run("pipeline", params=params, tags={"raylm.stage": "pipeline",
+                                                               "raylm.workspace": self.workspace.root}):
+            for name in STAGES:
+                manifests[name] = getattr(self, name)()
+        return manifests
+
+    def summary(self, manifests: dict[str, dict[str, Any]]) -> str:
+        lines = ["", "raylm pipeline finished:"]
+        for name, manifest in manifests.items():
+            lines.append(f"  {name:<9} {manifest['uri']}")
+        trained = manifests.get("pretrain")
+        if trained:
+            lines.append(f"  checkpoint {trained['checkpoint']}")
+        evaluation = manifests.get("eval")
+        if evaluation:
+            figures = evaluation["metrics"]
+            lines.append(f"  val loss {figures['val_loss']:.4f}, val bits-per-byte {figures['val_bpb']:.4f}")
+        lines.append(f"  MLflow: {ui_command(self.tracker.uri, self.workspace)}")
+        return "\n".join(lines)

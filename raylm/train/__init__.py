@@ -1,0 +1,1 @@
+"""Distributed training on Ray Train: the per-worker loop, parallelism, checkpoints and the launcher."""
