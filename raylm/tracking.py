@@ -63,7 +63,13 @@ class Tracker:
         self.uri = resolve_tracking_uri(config, workspace)
         self.workspace = workspace
         self.experiment_name = config.experiment
+        user_setting = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
+        # MLflow exports the URI to the environment; undo that so the next config resolves afresh.
+        if user_setting is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = user_setting
         self.client = MlflowClient(self.uri)
         self.experiment_id = self._ensure_experiment()
         mlflow.set_experiment(experiment_id=self.experiment_id)

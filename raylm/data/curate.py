@@ -35,7 +35,7 @@ class AccountingError(RuntimeError):
 
 def split_of(doc_id: str, val_fraction: float, seed: int) -> str:
     """`val` for a stable `val_fraction` share of ids, `train` for the rest."""
-    bucket = xxhash.xxh64_intdigest(f"{seed}:{doc_id}") / 2**64
+    bucket = xxhash.xxh64_intdigest(f"{seed}:{doc_id}".encode()) / 2**64
     return "val" if bucket < val_fraction else "train"
 
 
@@ -64,12 +64,16 @@ def mark_documents(config: DataConfig) -> ray.data.Dataset:
     docs = read_all_sources(config)
     docs = docs.map_batches(clean_batch, batch_format="pandas", fn_kwargs={"min_chars": config.min_chars})
     docs = docs.map_batches(add_dedup_key, batch_format="pandas")
-    num_partitions = max(1, min(64, docs.num_blocks() if hasattr(docs, "num_blocks") else 8))
-    docs = docs.groupby(DEDUP_KEY, num_partitions=num_partitions).map_groups(
+    docs = docs.groupby(DEDUP_KEY, num_partitions=shuffle_partitions()).map_groups(
         mark_exact_duplicates, batch_format="pandas")
     docs = docs.map_batches(assign_split, batch_format="pandas",
                             fn_kwargs={"val_fraction": config.val_fraction, "seed": config.seed})
     return docs.materialize()
+
+
+def shuffle_partitions() -> int:
+    """Partitions for shuffles: two per CPU of the cluster (the kept set does not depend on it)."""
+    return max(2, min(200, 2 * int(ray.cluster_resources().get("CPU", 1))))
 
 
 def count_parquet_rows(stage: StageDir, relpath: str) -> int:

@@ -19,8 +19,8 @@ class PackedSequences:
     def __init__(self, uri: str):
         table = pads.dataset(uri, format="parquet").to_table(columns=["tokens"])
         column = table.column("tokens").combine_chunks()
-        width = len(column[0]) if len(column) else 0
-        self.rows = column.values.to_numpy(zero_copy_only=False).astype(np.int32).reshape(len(column), width)
+        flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+        self.rows = flat.reshape(len(column), -1) if len(column) else np.zeros((0, 0), dtype=np.int32)
         self.uri = uri
 
     def __len__(self) -> int:

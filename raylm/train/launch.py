@@ -71,11 +71,7 @@ def pretrain(model: ModelConfig, train: TrainConfig, packed: dict[str, Any], sta
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint under {stage.path(RUN_NAME)}")
-    history = result.metrics_dataframe
-    initial = history.loc[history["step"] == 0, "val_loss"] if "val_loss" in history else []
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    if len(initial):
-        metrics["val_loss_initial"] = float(initial.iloc[0])
     mlflow.set_tag("raylm.checkpoint", result.checkpoint.path)
     log.info("pretrain: finished at step %s, val_loss %.4f, checkpoint %s",
              metrics.get("step"), metrics.get("val_loss", float("nan")), result.checkpoint.path)

@@ -108,8 +108,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             shutil.rmtree(directory, ignore_errors=True)
 
     if state["step"] == 0 and checkpoint is None:
-        report({"step": 0, **evaluate(model, val_rows, train_cfg["micro_batch_size"], pad_id, token_bytes, device),
-                "workers": world}, with_checkpoint=False)
+        initial = evaluate(model, val_rows, train_cfg["micro_batch_size"], pad_id, token_bytes, device)
+        state["val_loss_initial"] = initial["val_loss"]
+        report({"step": 0, **initial, "workers": world}, with_checkpoint=False)
 
     global_batch, micro = train_cfg["global_batch_size"], train_cfg["micro_batch_size"]
     max_steps = train_cfg["max_steps"]
@@ -156,7 +157,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - window["started"]
         metrics = {"step": step, "loss": window["loss"] / window["steps"], "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": window["tokens"] / elapsed, "step_time_s": elapsed / window["steps"],
-                   "tokens_seen": state["tokens_seen"], "workers": world, "restarts": state["restarts"]}
+                   "tokens_seen": state["tokens_seen"], "workers": world, "restarts": state["restarts"],
+                   "val_loss_initial": state.get("val_loss_initial", math.nan)}
         if evaluate_now:
             metrics.update(evaluate(model, val_rows, micro, pad_id, token_bytes, device))
             if metrics["val_loss"] < state["best_val_loss"]:
