@@ -224,7 +224,7 @@ class EvalConfig(Section):
 
 
 class ClusterConfig(Section):
-    address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS, else a local Ray instance")
+    address: str | None = Field(None, description="Ray address (`auto`: the cluster on this machine); default: RAY_ADDRESS, else a new local instance")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local Ray instance (default: all)")
     include_dashboard: bool = True
     runtime_env: str | None = None

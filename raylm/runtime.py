@@ -1,5 +1,6 @@
-"""Connecting to Ray: a cluster when one is named (`cluster.address` or `RAY_ADDRESS`), otherwise a
-local instance sized by `cluster.num_cpus`. Called once by each command before any stage runs."""
+"""Connecting to Ray: a cluster when one is named (`cluster.address` or `RAY_ADDRESS`; `auto` finds
+one started with `ray start` on this machine), otherwise a new local instance sized by
+`cluster.num_cpus`. Called once by each command before any stage runs."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def init_ray(config: ClusterConfig) -> None:
             runtime_env = yaml.safe_load(handle)
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=config.num_cpus, include_dashboard=config.include_dashboard,
+    else:  # "local": always a new instance, never a cluster some other `ray start` left running
+        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=config.include_dashboard,
                  runtime_env=runtime_env, log_to_driver=True)
     log.info("ray: %s", ray.cluster_resources())
 
