@@ -68,3 +68,14 @@ def test_loss_and_bytes_ignores_pad_and_zero_byte_targets():
     assert count == 3 and nll == pytest.approx(3 * uniform)
     assert n_bytes == 5 and nll_bytes == pytest.approx(2 * uniform)
     assert bits_per_byte(nll_bytes, n_bytes) == pytest.approx(2 * uniform / (5 * torch.log(torch.tensor(2.0)).item()))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_parameter_formula_matches_the_module(tie):
+    from raylm.model.sizing import flops_per_token, parameter_count
+
+    config = TransformerConfig(vocab_size=101, d_model=48, n_layers=3, n_heads=4, seq_len=32, tie_embeddings=tie)
+    model = Transformer(config)
+    assert parameter_count(config).total == model.num_parameters()
+    matmuls = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert flops_per_token(config) == 6 * matmuls + 12 * 3 * 32 * 48

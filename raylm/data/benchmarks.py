@@ -1,0 +1,138 @@
+"""Readers for the benchmark files raylm evaluates on, in the layouts of `../shared/data/benchmarks`.
+
+One reader per layout turns a file into `BenchmarkItem`s: the task name, a stable item id
+(`<task>/<index in file order>`), the parsed record, and the item's full text (question, choices,
+answers) for n-gram matching. Curation's decontamination and evaluation's task converters both read
+benchmarks through here, so an item has the same id in the contamination index and in the scores.
+
+Layouts (see the data folder's README):
+- ARC (llm-foundry ICL jsonl): `{"query": "Question: ...", "choices": [...], "gold": int}`
+- HellaSwag (klosax text, bz2): 6 lines per item: `label: context`, gold index, 4 endings
+- MMLU (hendrycks csv, no header): question, A, B, C, D, answer letter; one file per subject
+- TruthfulQA (`mc_task.json`): question with `mc1_targets` / `mc2_targets` {answer: 0|1}
+- GSM8K (jsonl): `{"question", "answer"}`, the answer ends with `#### N`
+- HumanEval (gzip jsonl): `{"task_id", "prompt", "canonical_solution", "test", "entry_point"}`
+- MT-Bench (jsonl): `{"question_id", "category", "turns": [...]}`
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+MMLU_LETTERS = "ABCD"
+
+
+@dataclass(frozen=True)
+class BenchmarkItem:
+    task: str
+    item_id: str
+    record: dict[str, Any] = field(compare=False, hash=False)
+    text: str = field(compare=False)
+
+
+def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _items(task: str, records: Iterator[dict[str, Any]], text: Callable[[dict[str, Any]], str]) -> Iterator[BenchmarkItem]:
+    for index, record in enumerate(records):
+        yield BenchmarkItem(task, f"{task}/{index}", record, text(record))
+
+
+def read_arc(path: Path, task: str) -> Iterator[BenchmarkItem]:
+    def records():
+        for raw in _jsonl(path):
+            yield {"question": raw["query"].removeprefix("Question:").strip(), "choices": list(raw["choices"]),
+                   "gold": int(raw["gold"])}
+    return _items(task, records(), lambda r: " ".join([r["question"], *r["choices"]]))
+
+
+def read_hellaswag(path: Path, task: str = "hellaswag") -> Iterator[BenchmarkItem]:
+    def records():
+        with bz2.open(path, "rt", encoding="utf-8") as handle:
+            lines = [line.rstrip("\n") for line in handle]
+        for start in range(0, len(lines) - 5, 6):
+            header, gold, *endings = lines[start:start + 6]
+            label, _, context = header.partition(": ")
+            yield {"activity_label": label, "context": context, "endings": endings, "gold": int(gold)}
+    return _items(task, records(), lambda r: " ".join([r["context"], *r["endings"]]))
+
+
+def read_mmlu(path: Path, task: str) -> Iterator[BenchmarkItem]:
+    def records():
+        with open(path, newline="", encoding="utf-8") as handle:
+            for row in csv.reader(handle):
+                if len(row) != 6:
+                    raise ValueError(f"{path}: expected 6 columns (question, A-D, answer), got {len(row)}: {row[:2]}")
+                yield {"question": row[0], "choices": row[1:5], "gold": MMLU_LETTERS.index(row[5].strip())}
+    return _items(task, records(), lambda r: " ".join([r["question"], *r["choices"]]))
+
+
+def read_truthfulqa(path: Path, task: str = "truthfulqa_mc") -> Iterator[BenchmarkItem]:
+    def records():
+        with open(path, encoding="utf-8") as handle:
+            for raw in json.load(handle):
+                yield {"question": raw["question"], "mc1_targets": raw["mc1_targets"], "mc2_targets": raw["mc2_targets"]}
+    return _items(task, records(), lambda r: " ".join([r["question"], *r["mc2_targets"]]))
+
+
+def read_gsm8k(path: Path, task: str = "gsm8k") -> Iterator[BenchmarkItem]:
+    return _items(task, _jsonl(path), lambda r: f"{r['question']} {r['answer']}")
+
+
+def read_humaneval(path: Path, task: str = "humaneval") -> Iterator[BenchmarkItem]:
+    return _items(task, _jsonl(path), lambda r: f"{r['prompt']}{r['canonical_solution']}")
+
+
+def read_mt_bench(path: Path, task: str = "mt_bench") -> Iterator[BenchmarkItem]:
+    return _items(task, _jsonl(path), lambda r: " ".join(r["turns"]))
+
+
+def benchmark_files(root: str | os.PathLike) -> dict[str, tuple[Path, Callable[..., Iterator[BenchmarkItem]]]]:
+    """Task name -> (file, reader) for every benchmark file present under `root`."""
+    base = Path(root)
+    found: dict[str, tuple[Path, Callable[..., Iterator[BenchmarkItem]]]] = {}
+    for name in ("easy", "challenge"):
+        path = base / "arc" / "llm-foundry-icl" / f"arc_{name}_test.jsonl"
+        if path.exists():
+            found[f"arc_{name}"] = (path, read_arc)
+    single = {
+        "hellaswag": ("hellaswag/klosax-text/hellaswag_val_full.txt.bz2", read_hellaswag),
+        "truthfulqa_mc": ("truthfulqa/data/mc_task.json", read_truthfulqa),
+        "gsm8k": ("gsm8k/test.jsonl", read_gsm8k),
+        "humaneval": ("humaneval/HumanEval.jsonl.gz", read_humaneval),
+        "mt_bench": ("mt_bench/question.jsonl", read_mt_bench),
+    }
+    for task, (relative, reader) in single.items():
+        if (base / relative).exists():
+            found[task] = (base / relative, reader)
+    for path in sorted((base / "mmlu" / "test").glob("*_test.csv")):
+        found[f"mmlu_{path.name.removesuffix('_test.csv')}"] = (path, read_mmlu)
+    return found
+
+
+def mmlu_dev_file(root: str | os.PathLike, subject: str) -> Path:
+    """The 5-shot pool of one MMLU subject."""
+    return Path(root) / "mmlu" / "dev" / f"{subject}_dev.csv"
+
+
+def iter_benchmark_items(root: str | os.PathLike, tasks: list[str] | None = None) -> Iterator[BenchmarkItem]:
+    files = benchmark_files(root)
+    if tasks is not None:
+        unknown = sorted(set(tasks) - set(files))
+        if unknown:
+            raise ValueError(f"no benchmark files for {unknown} under {root}; found: {sorted(files)}")
+    for task, (path, reader) in files.items():
+        if tasks is None or task in tasks:
+            yield from reader(path, task)
