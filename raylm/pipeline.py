@@ -146,5 +146,5 @@ class Pipeline:
         if evaluation:
             figures = evaluation["metrics"]
             lines.append(f"  val loss {figures['val_loss']:.4f}, val bits-per-byte {figures['val_bpb']:.4f}")
-        lines.append(f"  MLflow: {ui_command(self.tracker.uri, self.workspace)}")
+        lines.append(f"  MLflow: {ui_command(self.tracker.uri)}")
         return "\n".join(lines)

@@ -39,10 +39,11 @@ def resolve_tracking_uri(config: TrackingConfig, workspace: Workspace) -> str:
     return f"sqlite:///{os.path.join(workspace.root, 'mlflow.db')}"
 
 
-def ui_command(uri: str, workspace: Workspace) -> str:
-    if uri.startswith("sqlite:///"):
-        return f"mlflow ui --backend-store-uri {uri} --port 5000"
-    return f"open {uri} in a browser" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+def ui_command(uri: str) -> str:
+    """How to look at the runs: a server URL to open, or the `mlflow ui` command for a local store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri} --port 5000"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
