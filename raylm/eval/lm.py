@@ -16,8 +16,8 @@ conversion step. It implements lm-eval's three request types:
   sequence (or `max_gen_toks`).
 
 lm-eval has no plugin hook for models, so its own CLI sees `raylm` after this module is imported:
-`python -m raylm.eval.lm --model raylm --model_args checkpoint=DIR --tasks ...` runs lm-eval's CLI
-with the model registered.
+`python -m raylm.eval --model raylm --model_args checkpoint=DIR --tasks ...` (or the `raylm-lm-eval`
+script) runs lm-eval's own CLI with the model registered.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ EOS = "<|eos|>"
 def pick_device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %s requested (lm-eval's default) but CUDA is not available: using the CPU", device)
+        return torch.device("cpu")
     return torch.device(device)
 
 
@@ -256,7 +259,3 @@ def main() -> None:
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()
