@@ -273,6 +273,8 @@ class ClusterConfig(Section):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local Ray instance (default: all)")
     include_dashboard: bool = True
     runtime_env: str | None = None
+    check_shared_storage: bool = Field(
+        True, description="on a multi-node cluster, check that a local workspace / SQLite MLflow store is seen by every node")
 
 
 class WorkspaceConfig(Section):
