@@ -130,6 +130,18 @@ def _paragraphs(text: str) -> list[str]:
 
 
 def _decode_json(raw: bytes, fmt: str, label: str, locator: str, source: SourceConfig) -> Iterator[dict[str, Any]]:
+    """Rows of a JSON / JSON-lines file; a file with no record at all is one `empty` row, not nothing."""
+    produced = False
+    for row in _decode_json_records(raw, fmt, label, locator, source):
+        produced = True
+        yield row
+    if not produced:
+        row = unreadable(label, locator, "file has no records", raw)
+        row["reason"] = "empty"
+        yield row
+
+
+def _decode_json_records(raw: bytes, fmt: str, label: str, locator: str, source: SourceConfig) -> Iterator[dict[str, Any]]:
     if fmt == "json":
         try:
             loaded = json.loads(raw.decode("utf-8"))
