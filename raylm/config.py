@@ -66,6 +66,7 @@ class SourceConfig(Section):
     weight: float = Field(1.0, gt=0)
     max_bytes: int | None = Field(None, gt=0, description="sample the source down to about this many bytes")
     name: str | None = None
+    split: str = Field("train", description="split of a Hugging Face dataset (hf://org/name)")
 
     _exists = field_validator("path")(_check_local_path_exists)
 
@@ -74,12 +75,97 @@ class SourceConfig(Section):
         return self.name or self.path
 
 
+class CleanConfig(Section):
+    """Cleaning steps, each switchable; each reports how many documents and bytes it changed."""
+
+    unicode: Literal["NFC", "NFKC", "none"] = "NFC"
+    html: Literal["auto", "always", "never"] = Field("auto", description="auto: parse documents that look like HTML")
+    boilerplate: bool = Field(True, description="drop cookie/policy notices, navigation lines, lorem ipsum")
+    terminal_punctuation: bool = Field(False, description="C4 rule: drop lines not ending in . ! ? or a quote")
+    gutenberg: bool = Field(True, description="cut Project Gutenberg headers and footers")
+    symbols: bool = Field(True, description="drop control characters, emoji and other non-text symbols")
+    whitespace: bool = True
+
+
+class QualityConfig(Section):
+    """Gopher-style document filters; each rejects with `quality:<rule>`. `null` turns a rule off."""
+
+    enabled: bool = True
+    min_words: int | None = Field(None, ge=0)
+    max_words: int | None = Field(1_000_000, gt=0)
+    min_mean_word_length: float | None = Field(None, ge=0)
+    max_mean_word_length: float | None = Field(None, gt=0)
+    max_symbol_word_ratio: float | None = Field(None, ge=0)
+    max_bullet_lines: float | None = Field(None, ge=0, le=1)
+    max_ellipsis_lines: float | None = Field(None, ge=0, le=1)
+    min_alpha_words: float | None = Field(None, ge=0, le=1)
+    max_duplicate_lines: float | None = Field(None, ge=0, le=1)
+    max_duplicate_paragraphs: float | None = Field(None, ge=0, le=1)
+    max_duplicate_line_chars: float | None = Field(None, ge=0, le=1)
+    max_top_ngram: dict[int, float] = Field(default_factory=dict, description="{n: max share of chars in the top n-gram}, e.g. {2: 0.2, 3: 0.18, 4: 0.16}")
+    max_duplicate_ngram: dict[int, float] = Field(default_factory=dict, description="{n: max share of chars in duplicated n-grams}, e.g. {5: 0.15, ..., 10: 0.10}")
+    min_stop_words: int | None = Field(None, ge=0, description="Gopher: at least this many English stop words")
+    languages: list[str] | None = Field(None, description="keep only these languages (langid); null: no language id")
+    min_language_score: float = Field(0.5, ge=0, le=1)
+
+    @classmethod
+    def gopher(cls) -> "QualityConfig":
+        """The thresholds of the Gopher paper (Rae et al. 2021), for web text."""
+        return cls(min_words=50, max_words=100_000, min_mean_word_length=3, max_mean_word_length=10,
+                   max_symbol_word_ratio=0.1, max_bullet_lines=0.9, max_ellipsis_lines=0.3, min_alpha_words=0.8,
+                   max_duplicate_lines=0.3, max_duplicate_paragraphs=0.3, max_duplicate_line_chars=0.2,
+                   max_top_ngram={2: 0.2, 3: 0.18, 4: 0.16},
+                   max_duplicate_ngram={5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}, min_stop_words=2)
+
+
+class PIIConfig(Section):
+    """Redaction of private data and secrets with typed placeholders such as `<EMAIL>`."""
+
+    enabled: bool = True
+    types: list[Literal["email", "phone", "ip", "credit_card", "ssn", "iban", "secret"]] = Field(
+        default_factory=lambda: ["email", "phone", "ip", "credit_card", "ssn", "iban", "secret"])
+
+
+class DedupConfig(Section):
+    """Exact dedup on normalised text and MinHash LSH near dedup (the smallest id of a cluster stays)."""
+
+    exact: bool = True
+    near: bool = True
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle_size: int = Field(5, ge=1, description="words per shingle")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity that makes a near duplicate")
+    false_negative_weight: float = Field(0.9, gt=0, lt=1, description="datasketch optimal-parameter weight of misses (the rest: false positives)")
+    verify: bool = Field(True, description="check each candidate pair's signature similarity against the threshold")
+    max_bucket: int = Field(200, gt=1, description="compare all pairs in buckets up to this size, beyond it only pairs with the smallest ids")
+    seed: int = 1
+
+
+class DecontamConfig(Section):
+    """Benchmark decontamination by shared word n-grams (off unless `benchmarks` is set)."""
+
+    benchmarks: str | None = Field(None, description="folder of benchmark files, e.g. ../shared/data/benchmarks")
+    tasks: list[str] | None = Field(None, description="benchmark tasks to check (default: all found)")
+    ngram: int = Field(13, ge=3)
+    mode: Literal["drop", "flag"] = Field("drop", description="drop: reject as `contaminated`; flag: keep and note in meta")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _benchmarks_exist(cls, path: str | None) -> str | None:
+        return None if path is None else _check_local_path_exists(path)
+
+
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(max_bytes=4_000_000)])
     val_fraction: float = Field(0.05, gt=0, lt=1)
     min_chars: int = Field(1, ge=1, description="documents shorter than this after cleaning are rejected as empty")
+    max_doc_bytes: int = Field(20_000_000, gt=0, description="longer documents are rejected as `too_large`")
     seed: int = 0
     num_blocks: int | None = Field(None, gt=0, description="Ray Data blocks to read into (default: Ray decides)")
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    pii: PIIConfig = Field(default_factory=PIIConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    decontam: DecontamConfig = Field(default_factory=DecontamConfig)
 
     @field_validator("sources")
     @classmethod
