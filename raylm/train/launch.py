@@ -31,6 +31,7 @@ log = logging.getLogger("raylm")
 
 RUN_NAME = "train"
 BEST_DIR = "best"
+STOP_FILE = "STOP"  # create it in the run folder to make the run checkpoint and finish at its next report
 
 
 def model_config_for(model: ModelConfig, vocab_size: int) -> TransformerConfig:
@@ -114,6 +115,7 @@ def build_trainer(model: ModelConfig, train: TrainConfig, packed: dict[str, Any]
         "tracking_uri": tracking_uri,
         "run_id": run_id,
         "init_checkpoint": init_checkpoint,
+        "stop_uri": storage_path.rstrip("/") + "/" + name + "/" + STOP_FILE,
         **(extra_loop_config or {}),
     }
     run_uri = storage_path.rstrip("/") + "/" + name

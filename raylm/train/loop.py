@@ -76,6 +76,17 @@ def evaluate(model: torch.nn.Module, rows: np.ndarray, mask: np.ndarray | None, 
     return {"val_loss": nll / max(count, 1), "val_bpb": bits_per_byte(nll_bytes, int(n_bytes))}
 
 
+def stop_requested(stop_uri: str | None, device: torch.device) -> bool:
+    """True on every worker once the run's STOP file exists (agreed through an all-reduce)."""
+    if not stop_uri:
+        return False
+    import pyarrow.fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(stop_uri if "://" in stop_uri else "file://" + stop_uri)
+    exists = float(filesystem.get_file_info(path).type == pafs.FileType.File)
+    return _all_reduce([exists], device)[0] > 0
+
+
 def resume_checkpoint() -> tuple[str | None, list[str]]:
     """The newest verified checkpoint of this run (skipping corrupted newer ones), and what was refused."""
     checkpoint = ray.train.get_checkpoint()
@@ -201,11 +212,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["step"] += 1
         state["data_position"] += global_batch
         state["tokens_seen"] += global_batch * seq_len
-        window["loss"] += _all_reduce([step_loss], device)[0] / global_targets
+        step_mean_loss = _all_reduce([step_loss], device)[0] / global_targets
+        window["loss"] += step_mean_loss
+        if logger:
+            logger.log({"step_loss": step_mean_loss}, step=state["step"])
         window["tokens"] += global_batch * seq_len
         window["steps"] += 1
 
         step = state["step"]
+        if config.get("fail_at_step") == step and state["restarts"] == 0:  # fault injection (tests, drills)
+            raise RuntimeError(f"injected failure at step {step} (loop config fail_at_step)")
         done = step >= max_steps
         evaluate_now = step % train_cfg["eval_every"] == 0 or done
         checkpoint_now = step % train_cfg["checkpoint_every"] == 0 or done
@@ -218,6 +234,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "tokens_per_s": tokens_per_s, "step_time_s": elapsed / window["steps"],
                    "mfu": mfu(flops, tokens_per_s / world, peak), "tokens_seen": state["tokens_seen"],
                    "val_loss_initial": state.get("val_loss_initial", math.nan), **base}
+        if stop_requested(config.get("stop_uri"), device):
+            metrics["stopped"] = 1
+            done = evaluate_now = checkpoint_now = True
         if evaluate_now:
             run_evaluation()
             metrics["evaluated"] = 1
