@@ -90,16 +90,46 @@ class DataConfig(Section):
 
 
 class TokenizerConfig(Section):
-    vocab_size: int = Field(4096, gt=0)
-    min_frequency: int = Field(2, ge=1)
-    sample_bytes: int = Field(20_000_000, gt=0, description="train the tokenizer on at most this much train text")
-    special_tokens: list[str] = Field(default_factory=lambda: ["<|bos|>", "<|eos|>", "<|pad|>"])
-    path: str | None = Field(None, description="reuse this tokenizer.json instead of training one")
+    """Byte-level BPE trained on a streamed sample of the curated train split, and sequence packing."""
+
+    vocab_size: int = Field(4096, gt=0, description="including the 256 byte tokens and the special tokens")
+    min_frequency: int = Field(2, ge=1, description="a pair merges only when seen at least this often")
+    sample_bytes: int = Field(20_000_000, gt=0, description="train the tokenizer on about this much train text")
+    pre_tokenizer: Literal["gpt2", "gpt4"] = Field("gpt4", description="regex that splits text before BPE")
+    max_digits: int = Field(1, ge=1, le=3, description="digit runs are split into pieces of at most this many")
+    special_tokens: list[str] = Field(
+        default_factory=lambda: ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        description="added tokens, ids 0.. in this order; must include <|eos|> and <|pad|>")
+    path: str | None = Field(None, description="reuse this tokenizer (tokenizer.json, its folder, or runs:/RUN_ID/tokenizer)")
+    packing: Literal["greedy", "best_fit"] = Field(
+        "greedy", description="greedy: cut the joined stream; best_fit: never split a document that fits a sequence")
+    batch_size: int = Field(256, gt=0, description="documents per map_batches call when tokenizing and packing")
+    concurrency: int | None = Field(None, gt=0, description="Ray Data tokenize workers (default: Ray decides)")
 
     @field_validator("path")
     @classmethod
     def _path_exists(cls, path: str | None) -> str | None:
-        return None if path is None else _check_local_path_exists(path)
+        if path is None or path.startswith("runs:/"):
+            return path
+        return _check_local_path_exists(path)
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _specials(cls, tokens: list[str]) -> list[str]:
+        missing = [t for t in ("<|eos|>", "<|pad|>") if t not in tokens]
+        if missing:
+            raise ValueError(f"must include {missing} (documents are joined with <|eos|>, sequences padded with <|pad|>)")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("special tokens must be distinct")
+        return tokens
+
+    @model_validator(mode="after")
+    def _vocab_holds_alphabet(self) -> "TokenizerConfig":
+        smallest = 256 + len(self.special_tokens)
+        if self.path is None and self.vocab_size < smallest:
+            raise ValueError(f"tokenizer.vocab_size = {self.vocab_size} is smaller than the 256-byte alphabet plus "
+                             f"{len(self.special_tokens)} special tokens ({smallest})")
+        return self
 
 
 class ModelConfig(Section):
@@ -243,6 +273,8 @@ class ClusterConfig(Section):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local Ray instance (default: all)")
     include_dashboard: bool = True
     runtime_env: str | None = None
+    check_shared_storage: bool = Field(
+        True, description="on a multi-node cluster, check that a local workspace / SQLite MLflow store is seen by every node")
 
 
 class WorkspaceConfig(Section):
