@@ -80,23 +80,23 @@ def main() -> None:
     training = threading.Thread(target=fit, daemon=True)
     training.start()
     try:  # the cluster is driven from the main thread (adding a node installs signal handlers)
-        wait_for(lambda: any(r["checkpoint"] and r["workers"] == 2 for r in reports(log)), 120, "a 2-worker checkpoint")
+        wait_for(lambda: any(r["checkpoint"] and r["workers"] == 2 for r in reports(log)), 400, "a 2-worker checkpoint")
         time.sleep(1.0)
         cluster.remove_node(worker_node, allow_graceful=False)
         events["node_removed"] = time.time()
-        wait_for(lambda: any(r["workers"] == 1 and r["time"] > events["node_removed"] for r in reports(log)), 180,
+        wait_for(lambda: any(r["workers"] == 1 and r["time"] > events["node_removed"] for r in reports(log)), 400,
                  "training on 1 worker")
         events["running_on_one"] = time.time()
         cluster.add_node(num_cpus=1)
         events["node_added"] = time.time()
-        wait_for(lambda: any(r["workers"] == 2 and r["time"] > events["node_added"] for r in reports(log)), 180,
+        wait_for(lambda: any(r["workers"] == 2 and r["time"] > events["node_added"] for r in reports(log)), 400,
                  "training on 2 workers again")
         events["running_on_two"] = time.time()
     except BaseException as error:  # noqa: BLE001 - reported in the JSON line
         failure.append(error)
     finally:
         (folder / "runs" / "elastic" / STOP_FILE).write_text("stop\n")
-    training.join(timeout=120)
+    training.join(timeout=300)
     result = outcome.get("result")
     if result is None:
         failure.append(outcome.get("error", TimeoutError("fit did not return")))

@@ -29,14 +29,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raylm.model import Transformer, TransformerConfig
+from raylm.model import TransformerConfig, build_model
 from raylm.model.loss import bits_per_byte, loss_and_bytes, split_inputs_targets, summed_loss
 from raylm.model.sizing import flops_per_token
 from raylm.train.checkpoint import CheckpointError, load_training_state, newest_good_checkpoint, save_checkpoint
 from raylm.train.data import PackedSequences, masked_targets
 from raylm.train.mfu import mfu, peak_flops
 from raylm.train.optim import build_optimizer, learning_rate
-from raylm.train.parallel import clip_gradients, enable_activation_checkpointing, gradient_sync, wrap_model
+from raylm.train.parallel import clip_gradients, gradient_sync, wrap_model
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
@@ -108,9 +108,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(train_cfg["seed"])  # identical initial weights on every worker
     if train_cfg.get("deterministic"):
         torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     model_config = TransformerConfig.from_dict(config["model"])
-    model = Transformer(model_config)
+    model = build_model(model_config)
     resume_path, refusals = resume_checkpoint()
     if resume_path is None and config.get("init_checkpoint"):
         from raylm.train.checkpoint import local_checkpoint
@@ -121,8 +124,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from raylm.finetune import prepare_for_finetune
 
         model = prepare_for_finetune(model, config["finetune"])
-    if train_cfg.get("activation_checkpointing"):
-        enable_activation_checkpointing(model)
     model = wrap_model(model, train_cfg.get("strategy", "ddp"), device, bf16, bool(train_cfg.get("compile")))
     optimizer = build_optimizer(model, train_cfg["lr"], train_cfg["weight_decay"], tuple(train_cfg["betas"]))
 
@@ -152,10 +153,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     peak = peak_flops(device, bf16)
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
-        metrics = {**metrics, "val_loss": state["val_loss"], "val_bpb": state["val_bpb"]}
-        if logger:
+        if logger:  # MLflow gets val figures when they are measured; Ray (Tune) gets the latest every time
             logger.log({k: v for k, v in metrics.items() if k != "step"}, step=state["step"])
             logger.flush()
+        metrics = {**metrics, "val_loss": state["val_loss"], "val_bpb": state["val_bpb"]}
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -167,9 +168,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    def run_evaluation() -> None:
+    def run_evaluation(track: bool = True) -> None:
         figures = evaluate(model, val_rows, val_mask, micro, pad_id, token_bytes, device, bf16)
         state.update(figures)
+        if not track:  # the untrained baseline neither counts as best nor against patience
+            return
         if figures["val_loss"] < state["best_val_loss"]:
             state["best_val_loss"], state["evals_without_improvement"] = figures["val_loss"], 0
         else:
@@ -178,9 +181,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     base = {"workers": world, "grad_accum_steps": accumulation, "restarts": state["restarts"],
             "checkpoints_refused": len(refusals), "resumed_from_step": state["step"] if resume_path else -1}
     if state["step"] == 0 and resume_path is None:
-        run_evaluation()
+        run_evaluation(track=False)
         state["val_loss_initial"] = state["val_loss"]
-        report({"step": 0, "loss": math.nan, "lr": 0.0, "tokens_seen": 0, **base}, with_checkpoint=False)
+        report({"step": 0, "loss": math.nan, "lr": 0.0, "tokens_seen": 0, "val_loss": state["val_loss"],
+                "val_bpb": state["val_bpb"], **base}, with_checkpoint=False)
 
     window = {"loss": 0.0, "tokens": 0, "steps": 0, "started": time.perf_counter()}
     model.train()
@@ -239,7 +243,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             done = evaluate_now = checkpoint_now = True
         if evaluate_now:
             run_evaluation()
-            metrics["evaluated"] = 1
+            metrics.update(evaluated=1, val_loss=state["val_loss"], val_bpb=state["val_bpb"])
             patience = train_cfg.get("early_stopping_patience")
             if patience and state["evals_without_improvement"] >= patience:
                 metrics["early_stopped"] = 1
@@ -251,4 +255,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # resumed an already finished run: evaluate and checkpoint again (e.g. on a new worker count)
         run_evaluation()
         report({"step": state["step"], "loss": math.nan, "lr": lr, "tokens_seen": state["tokens_seen"],
-                "evaluated": 1, **base}, with_checkpoint=True)
+                "evaluated": 1, "val_loss": state["val_loss"], "val_bpb": state["val_bpb"], **base},
+               with_checkpoint=True)
