@@ -2,6 +2,7 @@
 
     raylm pipeline --config configs/laptop.yaml [--set train.lr=1e-3 ...] [--workspace DIR] [--force STAGE]
     raylm curate|tokenize|pretrain|eval --config FILE ...
+    raylm finetune --from CHECKPOINT_OR_RUN --config FILE
 
 Every command validates the whole config before it starts Ray or touches the workspace, and exits
 with status 2 and the list of problems when it is invalid.
@@ -21,6 +22,7 @@ STAGE_HELP = {
     "tokenize": "train a BPE tokenizer on the train split and pack both splits",
     "pretrain": "pretrain the transformer (Ray Train)",
     "eval": "held-out loss and bits-per-byte of the trained checkpoint",
+    "finetune": "fine-tune a checkpoint (full, frozen layers or LoRA) on text or chat data",
     "pipeline": "run every stage in order, reusing finished ones",
 }
 
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sub)
         if name == "pretrain":
             sub.add_argument("--from", dest="init_checkpoint", help="start from this checkpoint's weights")
+        if name == "finetune":
+            sub.add_argument("--from", dest="base", required=True, metavar="CHECKPOINT_OR_RUN",
+                             help="base model: a checkpoint or stage folder, an MLflow run id, or a Hugging Face folder")
     return parser
 
 
@@ -56,6 +61,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         manifests = pipeline.run_all()
     elif name == "pretrain":
         manifests = {name: pipeline.pretrain(args.init_checkpoint)}
+    elif name == "finetune":
+        manifests = {name: pipeline.finetune(args.base)}
     else:
         manifests = {name: getattr(pipeline, name)()}
     print(pipeline.summary(manifests))
