@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sub)
         if name == "pretrain":
             sub.add_argument("--from", dest="init_checkpoint", help="start from this checkpoint's weights")
+            sub.add_argument("--resume", action="store_true",
+                             help="continue the latest pretrain run from its newest good checkpoint")
         if name == "finetune":
             sub.add_argument("--from", dest="base", required=True, metavar="CHECKPOINT_OR_RUN",
                              help="base model: a checkpoint or stage folder, an MLflow run id, or a Hugging Face folder")
@@ -60,7 +62,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     if name == "pipeline":
         manifests = pipeline.run_all()
     elif name == "pretrain":
-        manifests = {name: pipeline.pretrain(args.init_checkpoint)}
+        manifests = {name: pipeline.pretrain(args.init_checkpoint, args.resume)}
     elif name == "finetune":
         manifests = {name: pipeline.finetune(args.base)}
     else:

@@ -123,9 +123,14 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    strategy: Literal["ddp"] = "ddp"
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: replicas; fsdp: FSDP2 fully_shard per block, then the root")
     workers: int | tuple[int, int] = Field(1, description="a number, or [min, max] for elastic training")
     use_gpu: bool | Literal["auto"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
+    compile: bool = Field(False, description="torch.compile the model")
+    global_batch_tokens: int | None = Field(None, gt=0, description="tokens per optimizer step (overrides global_batch_size; a multiple of model.seq_len)")
+    elastic_resize_interval_s: float = Field(10.0, gt=0, description="how often an elastic run checks for more workers")
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
@@ -143,6 +148,7 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(None, gt=0)
     max_failures: int = Field(0, ge=0)
     seed: int = 0
+    deterministic: bool = Field(False, description="torch deterministic algorithms (exact resume tests)")
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -171,6 +177,15 @@ class TrainConfig(Section):
     @property
     def max_workers(self) -> int:
         return self.workers if isinstance(self.workers, int) else self.workers[1]
+
+    def global_batch_sequences(self, seq_len: int) -> int:
+        """Sequences per optimizer step: fixed whatever the number of workers."""
+        if self.global_batch_tokens is None:
+            return self.global_batch_size
+        if self.global_batch_tokens % seq_len:
+            raise ValueError(f"train.global_batch_tokens = {self.global_batch_tokens}: expected a multiple of "
+                             f"model.seq_len ({seq_len})")
+        return self.global_batch_tokens // seq_len
 
     @model_validator(mode="after")
     def _batch_covers_workers(self) -> "TrainConfig":
