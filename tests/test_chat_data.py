@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from raylm.config import TokenizerConfig
 from raylm.data.chat import (CHAT_TOKENS, ChatDataError, chat_token_ids, conversation_of, looks_like_chat,
-                             pack_chat_batch, pack_conversations, read_chat_jsonl, render, sft_labels)
+                             pack_chat_batch, pack_conversations, read_chat_jsonl, render)
 from raylm.data.tokenizer import train_tokenizer
 from raylm.model import Transformer, TransformerConfig
+from raylm.train.data import masked_targets
 
 TEXTS = ["What is the capital of France? The capital of France is Paris.",
          "Add two and three. Two plus three is five.", "Say hello. Hello there!"] * 20
@@ -133,7 +134,8 @@ def test_prompt_tokens_contribute_nothing_to_loss_or_gradient(tokenizer):
     turns = conversation_of({"prompt": "What is the capital of France?", "response": "Paris."}, "Be brief.")
     tokens, mask = render(turns, tokenizer, ids)
     packed, masks, _ = pack_conversations([(tokens, mask)] * 2, seq_len=2 * len(tokens) + 4, pad_id=ids["pad"])
-    labels = sft_labels(packed, masks)
+    rows, row_masks = torch.from_numpy(packed).long(), torch.from_numpy(masks)
+    labels = masked_targets(rows[:, 1:], row_masks, -100).numpy()  # what the training loop computes
     counted = labels[labels != -100]
     assert tokenizer.decode(counted.tolist(), skip_special_tokens=False) == "Paris.<|end|>Paris.<|end|>"
 
@@ -149,9 +151,9 @@ def test_prompt_tokens_contribute_nothing_to_loss_or_gradient(tokenizer):
     target_counts = torch.from_numpy(masks[:, 1:] == 1)
     assert (per_position[~target_counts] == 0).all()
     assert (per_position[target_counts] > 0).all()
-
-    # changing the prompt's targets (not its inputs) leaves the loss unchanged
-    other = packed.copy()
-    prompt_targets = np.flatnonzero(masks[0, 1:] == 0)[:5] + 1
-    other[0, prompt_targets] = (other[0, prompt_targets] + 1) % tokenizer.get_vocab_size()
-    assert (sft_labels(other, masks) == labels).all()
+    # the loss does not depend on what the prompt's positions predict: perturb their logits only
+    with torch.no_grad():
+        noisy = logits + torch.randn_like(logits) * (~target_counts)[..., None]
+        again = F.cross_entropy(noisy.reshape(-1, noisy.shape[-1]), torch.from_numpy(labels).reshape(-1),
+                                ignore_index=-100, reduction="sum")
+    assert torch.equal(again, loss.detach())

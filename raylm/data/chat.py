@@ -204,10 +204,3 @@ def _byte_lengths(tokenizer_json: str) -> np.ndarray:
         _BYTE_LENGTHS[key] = token_byte_lengths(tokenizer_from_json(tokenizer_json))
     return _BYTE_LENGTHS[key]
 
-
-def sft_labels(tokens: np.ndarray, loss_mask: np.ndarray, ignore_index: int = -100) -> np.ndarray:
-    """Next-token labels of packed rows [n, seq_len + 1]: target `tokens[:, 1:]` where the mask counts,
-    `ignore_index` elsewhere (what a cross-entropy with that ignore_index sums over)."""
-    labels = tokens[:, 1:].astype(np.int64).copy()
-    labels[loss_mask[:, 1:] == 0] = ignore_index
-    return labels

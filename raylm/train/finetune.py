@@ -22,14 +22,13 @@ from typing import Any
 
 import mlflow
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
 from raylm.config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig
 from raylm.finetune import is_lora, merge_lora, parameter_counts, prepare_for_finetune
 from raylm.model import Transformer, TransformerConfig
 from raylm.train.checkpoint import (MODEL_CONFIG, TOKENIZER, TRAINER_STATE, check_complete, load_tokenizer_json,
-                                    load_training_state, local_checkpoint)
+                                    load_training_state, local_checkpoint, save_checkpoint)
 from raylm.workspace import StageDir, Workspace, content_hash
 
 log = logging.getLogger("raylm")
@@ -67,16 +66,9 @@ class Base:
 
 def write_plain_checkpoint(directory: str, model: nn.Module, model_config: dict[str, Any], tokenizer_json: str | None,
                            trainer_state: dict[str, Any]) -> str:
-    """A checkpoint of a plain, unsharded model, written without a process group (model state only)."""
-    os.makedirs(directory, exist_ok=True)
-    dcp.save({"model": {k: v.detach().contiguous() for k, v in model.state_dict().items()}}, checkpoint_id=directory)
-    with open(os.path.join(directory, MODEL_CONFIG), "w") as handle:
-        json.dump(model_config, handle, indent=2, sort_keys=True)
-    if tokenizer_json is not None:
-        with open(os.path.join(directory, TOKENIZER), "w") as handle:
-            handle.write(tokenizer_json)
-    with open(os.path.join(directory, TRAINER_STATE), "w") as handle:
-        json.dump(trainer_state, handle, indent=2, sort_keys=True)
+    """A checkpoint of a plain, unsharded model (no optimizer state), written without a process group in
+    the trainer's own format (file lists and all), so `init_checkpoint` and `load_model` read it."""
+    save_checkpoint(directory, model, [], trainer_state, model_config, tokenizer_json, rank=0)  # [] = no optimizer
     return directory
 
 
@@ -187,6 +179,8 @@ def finetune_train_config(train: TrainConfig, finetune: FinetuneConfig) -> Train
     for key in ("global_batch_size", "micro_batch_size", "eval_every"):
         if getattr(finetune, key) is not None:
             updates[key] = getattr(finetune, key)
+    if finetune.global_batch_size is not None:
+        updates["global_batch_tokens"] = None
     updates["checkpoint_every"] = min(train.checkpoint_every, finetune.max_steps)
     updates["eval_every"] = min(updates.get("eval_every", train.eval_every), finetune.max_steps)
     try:
@@ -236,7 +230,7 @@ def export_merged(checkpoint: str, spec: dict[str, Any], stage: StageDir, tokeni
 
 def finetune(model: ModelConfig, train: TrainConfig, finetune_config: FinetuneConfig, base: Base,
              packed: dict[str, Any], stage: StageDir, tracking_uri: str) -> dict[str, Any]:
-    from raylm.train.launch import build_trainer
+    from raylm.train.launch import best_checkpoint, build_trainer
 
     if "val" not in packed["outputs"]:
         raise ValueError("the fine-tuning data has no val split: raise finetune.val_fraction or add data")
@@ -261,8 +255,9 @@ def finetune(model: ModelConfig, train: TrainConfig, finetune_config: FinetuneCo
     before, after = metrics.get("val_loss_initial", float("nan")), metrics.get("val_loss", float("nan"))
     metrics.update(counts, params_trainable_fraction=counts["params_trainable"] / counts["params_total"],
                    val_loss_before=before, val_loss_after=after, val_loss_delta=after - before)
-    checkpoint = result.checkpoint.path
-    outputs: dict[str, Any] = {"adapter_checkpoint": None, "merged_checkpoint": None}
+    checkpoint = best_checkpoint(stage.path(RUN_NAME)) or result.checkpoint.path
+    outputs: dict[str, Any] = {"adapter_checkpoint": None, "merged_checkpoint": None,
+                               "last_checkpoint": result.checkpoint.path}
     if spec["method"] == "lora":
         trainer_state = {"step": int(metrics.get("step", 0)), "merged_from": checkpoint}
         merged = export_merged(checkpoint, spec, stage, base.tokenizer_json, trainer_state)
