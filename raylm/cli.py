@@ -4,6 +4,7 @@
     raylm curate|tokenize|pretrain|eval --config FILE ...
     raylm generate --checkpoint PATH --prompt TEXT [--temperature 0.8 --top-k 50 --top-p 0.95 --stop TEXT]
     raylm export --checkpoint PATH --out DIR        (a `transformers` model folder)
+    raylm finetune --from CHECKPOINT_OR_RUN --config FILE
 
 Every command validates the whole config before it starts Ray or touches the workspace, and exits
 with status 2 and the list of problems when it is invalid.
@@ -23,6 +24,7 @@ STAGE_HELP = {
     "tokenize": "train a BPE tokenizer on the train split and pack both splits",
     "pretrain": "pretrain the transformer (Ray Train)",
     "eval": "held-out loss and bits-per-byte of the trained checkpoint",
+    "finetune": "fine-tune a checkpoint (full, frozen layers or LoRA) on text or chat data",
     "pipeline": "run every stage in order, reusing finished ones",
 }
 
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--from", dest="init_checkpoint", help="start from this checkpoint's weights")
             sub.add_argument("--resume", action="store_true",
                              help="continue the latest pretrain run from its newest good checkpoint")
+        if name == "finetune":
+            sub.add_argument("--from", dest="base", required=True, metavar="CHECKPOINT_OR_RUN",
+                             help="base model: a checkpoint or stage folder, an MLflow run id, or a Hugging Face folder")
     _model_commands(commands)
     return parser
 
@@ -128,6 +133,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         manifests = pipeline.run_all()
     elif name == "pretrain":
         manifests = {name: pipeline.pretrain(args.init_checkpoint, args.resume)}
+    elif name == "finetune":
+        manifests = {name: pipeline.finetune(args.base)}
     else:
         manifests = {name: getattr(pipeline, name)()}
     print(pipeline.summary(manifests))

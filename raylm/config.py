@@ -359,16 +359,48 @@ class TuneConfig(Section):
     )
 
 
+class FrozenConfig(Section):
+    """Transfer learning: set exactly one of the two (for `finetune.method: frozen`)."""
+
+    first_blocks: int | None = Field(None, ge=0, description="freeze the embeddings and the first N blocks")
+    last_blocks: int | None = Field(None, ge=0, description="train only the last N blocks, the final norm and the head")
+
+
+class LoraSettings(Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["qkv", "proj", "gate", "up", "down"],
+                                      description="names of the Linear modules to adapt (module-name suffixes)")
+
+
 class FinetuneConfig(Section):
     method: Literal["full", "frozen", "lora"] = "full"
-    data: str | None = None
+    data: str | None = Field(None, description="plain text (any data source) or chat jsonl")
+    format: Literal["auto", "text", "chat"] = Field("auto", description="auto: chat for .jsonl/.json rows with messages or prompt/response")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the fine-tuning data held out for val loss")
+    system_prompt: str | None = Field(None, description="system message for prompt/response rows")
     lr: float = Field(1e-4, gt=0)
     max_steps: int = Field(100, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    global_batch_size: int | None = Field(None, gt=0, description="default: train.global_batch_size")
+    micro_batch_size: int | None = Field(None, gt=0, description="default: train.micro_batch_size")
+    eval_every: int | None = Field(None, gt=0, description="default: train.eval_every")
+    seed: int = 0
+    frozen: FrozenConfig = Field(default_factory=FrozenConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
 
     @field_validator("data")
     @classmethod
     def _data_exists(cls, path: str | None) -> str | None:
         return None if path is None else _check_local_path_exists(path)
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> "FinetuneConfig":
+        if self.method == "frozen" and (self.frozen.first_blocks is None) == (self.frozen.last_blocks is None):
+            raise ValueError("finetune.method = 'frozen' needs exactly one of finetune.frozen.first_blocks "
+                             f"or finetune.frozen.last_blocks (got {self.frozen.model_dump()})")
+        return self
 
 
 class EvalConfig(Section):
