@@ -403,18 +403,53 @@ class FinetuneConfig(Section):
         return self
 
 
+class EvalExtraTask(Section):
+    """A multiple-choice benchmark in a known layout, added by configuration alone."""
+
+    name: str
+    layout: Literal["arc", "mmlu", "hellaswag"]
+    path: str
+    fewshot_path: str | None = None
+    description: str | None = None
+
+    _exists = field_validator("path", "fewshot_path")(lambda path: None if path is None else _check_local_path_exists(path))
+
+
 class EvalConfig(Section):
-    tasks: list[str] = Field(default_factory=lambda: ["bpb"])
+    tasks: list[str] = Field(default_factory=lambda: ["bpb"],
+                             description="bpb, arc_easy, arc_challenge, hellaswag, mmlu, mmlu_<subject>, truthfulqa_mc1, "
+                                         "truthfulqa_mc2, gsm8k, humaneval, mt_bench, domain, an extra task, or a group "
+                                         "(arc, truthfulqa, standard)")
     limit: int | None = Field(None, gt=0)
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(16, gt=0)
-    actors: int = Field(1, gt=0)
-    benchmark_data: str | None = None
+    actors: int = Field(1, gt=0, description="evaluation actors (each loads the checkpoint once)")
+    actor_gpus: float | Literal["auto"] = Field("auto", description="GPUs per actor; auto: 1 when the cluster has GPUs")
+    actor_cpus: float = Field(1, gt=0)
+    benchmark_data: str | None = Field(None, description="local benchmark folder (layout of shared/data/benchmarks); "
+                                                         "unset: lm-eval downloads the standard datasets")
+    allow_code_execution: bool = Field(False, description="run model-written code (HumanEval) in the sandbox")
+    sandbox_timeout_s: float = Field(10.0, gt=0)
+    sandbox_memory_mb: int = Field(1024, gt=0)
+    contamination_index: str | None = Field(None, description="curation's decontamination index: scores on clean items too")
+    domain_data: str | None = Field(None, description="held-out text for the domain task (default: the curated val split)")
+    domain_items: int = Field(200, gt=0)
+    text_files: list[str] = Field(default_factory=list, description="text files to report bits-per-byte on")
+    judge_url: str | None = Field(None, description="OpenAI-compatible URL of the MT-Bench judge; unset: MT-Bench unscored")
+    judge_model: str = "gpt-4"
+    max_gen_toks: int = Field(256, gt=0)
+    extra_tasks: list[EvalExtraTask] = Field(default_factory=list)
+    seed: int = 0
 
-    @field_validator("benchmark_data")
+    @field_validator("benchmark_data", "contamination_index", "domain_data")
     @classmethod
-    def _benchmarks_exist(cls, path: str | None) -> str | None:
+    def _paths_exist(cls, path: str | None) -> str | None:
         return None if path is None else _check_local_path_exists(path)
+
+    @field_validator("text_files")
+    @classmethod
+    def _files_exist(cls, paths: list[str]) -> list[str]:
+        return [_check_local_path_exists(path) for path in paths]
 
 
 class ClusterConfig(Section):
