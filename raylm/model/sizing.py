@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raylm.model.transformer import TransformerConfig
+from raylm.model.config import TransformerConfig
 
 
 @dataclass(frozen=True)
