@@ -219,22 +219,53 @@ class TokenizerConfig(Section):
 
 
 class ModelConfig(Section):
-    arch: Literal["decoder"] = "decoder"
+    """The transformer (raylm/model). `preset` fills in the sizes of a named model; keys given here win.
+    The vocabulary size comes from the tokenizer. Components: `position` (rope | learned | sinusoidal),
+    `activation` (swiglu | gelu | relu), `norm` (rmsnorm | layernorm), `norm_position` (pre | post)."""
+
+    preset: str | None = Field(None, description="named size: tiny, laptop, gpt2-124m, 350m, 1b")
+    arch: Literal["decoder", "encoder-decoder"] = "decoder"
     d_model: int = Field(256, gt=0)
-    n_layers: int = Field(4, gt=0)
+    n_layers: int = Field(4, gt=0, description="decoder layers (and encoder layers unless n_encoder_layers is set)")
     n_heads: int = Field(4, gt=0)
-    ffn_hidden: int | None = Field(None, gt=0, description="feed-forward width (default: 8/3 d_model for SwiGLU)")
+    n_kv_heads: int | None = Field(None, gt=0, description="key/value heads for grouped-query attention (default: n_heads)")
+    n_encoder_layers: int | None = Field(None, gt=0, description="encoder-decoder: encoder layers (default: n_layers)")
+    ffn_hidden: int | None = Field(None, gt=0, description="feed-forward width (default: 8/3 d_model for SwiGLU, 4 d_model otherwise)")
     seq_len: int = Field(256, ge=2, description="context length; packed sequences hold seq_len + 1 tokens")
     dropout: float = Field(0.0, ge=0, lt=1)
     tie_embeddings: bool = True
     rope_theta: float = Field(10000.0, gt=0)
+    position: Literal["rope", "learned", "sinusoidal"] = "rope"
+    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_position: Literal["pre", "post"] = "pre"
+    norm_eps: float = Field(1e-5, gt=0)
+    bias: bool = Field(False, description="biases in linear layers and LayerNorm")
+    init_std: float = Field(0.02, gt=0, description="std of the normal init; residual projections get / sqrt(2 * layers)")
+    activation_checkpointing: bool = Field(False, description="recompute each block in the backward pass to save memory")
+    source_fraction: float = Field(0.5, gt=0, lt=1, description="encoder-decoder: share of each packed row used as the source")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            from raylm.model.config import PRESETS
+
+            name = data["preset"]
+            if name not in PRESETS:
+                raise ValueError(f"model.preset = {name!r}: expected one of {', '.join(PRESETS)}")
+            sizes = {k: v for k, v in PRESETS[name].items() if k != "vocab_size"}
+            return {**sizes, **data}
+        return data
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if (self.d_model // self.n_heads) % 2:
+        if self.position == "rope" and (self.d_model // self.n_heads) % 2:
             raise ValueError(f"head size d_model / n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         return self
 
 
