@@ -77,7 +77,8 @@ def test_humaneval_is_refused_without_opt_in(shared_data, checkpoint, lm, tmp_pa
 
 def test_contamination_split_scores(shared_data, checkpoint, lm, tmp_path):
     index_file = tmp_path / "index.json"
-    index_file.write_text(json.dumps({"arc_easy": ["arc_easy/0", "arc_easy/2"], "hellaswag": []}))
+    index_file.write_text(json.dumps({"ngram": 13, "contaminated_documents": 2,  # curation's layout
+                                      "tasks": {"arc_easy": ["arc_easy/0", "arc_easy/2"], "hellaswag": []}}))
     settings = EvalSettings(tasks=["arc_easy"], limit=4, benchmark_data=_bench(shared_data),
                             contamination_index=str(index_file))
     results = evaluate_checkpoint(checkpoint, settings, str(tmp_path / "out"), lm=lm)
@@ -100,6 +101,11 @@ def test_index_reader_is_tolerant(tmp_path):
                {"doc": {"raylm_id": "arc_easy/2"}, "acc": 0.0, "filter": "none"}]
     split = split_scores(samples, load_index(nested))
     assert split["metrics"]["acc,none"] == {"all": 0.5, "clean": 0.0}
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"gsm8k": ["gsm8k/1"]}))
+    assert load_index(plain) == {"gsm8k": {"gsm8k/1"}}
+    unchecked = split_scores(samples, {"gsm8k": {"gsm8k/1"}})  # arc_easy not in the index: clean unknown
+    assert unchecked["n_clean"] is None and unchecked["metrics"]["acc,none"]["clean"] != unchecked["metrics"]["acc,none"]["clean"]
 
 
 def test_domain_task_from_held_out_text(checkpoint, lm, tmp_path):

@@ -177,7 +177,8 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
         if index is not None:
             for key, value in entry["clean"].items():
                 results["metrics"][metric_name(task, key, clean=True)] = value
-            results["metrics"][f"{task}/n_contaminated"] = entry.get("n_contaminated", 0)
+            if entry.get("n_contaminated") is not None:
+                results["metrics"][f"{task}/n_contaminated"] = entry["n_contaminated"]
         results["metrics"][f"{task}/n_items"] = entry.get("n_items", 0)
     results["summary"] = summary_rows(results, index is not None)
     results["metrics"]["eval_seconds"] = time.perf_counter() - started
