@@ -135,14 +135,29 @@ def test_extra_multiple_choice_task_by_configuration(shared_data, checkpoint, lm
 
 @pytest.mark.slow
 def test_two_actors_equal_one(shared_data, checkpoint, ray_session, tmp_path):
-    base = dict(tasks=["arc_easy", "hellaswag"], limit=4, benchmark_data=_bench(shared_data), batch_size=4)
-    one = evaluate_checkpoint(checkpoint, EvalSettings(actors=1, **base), str(tmp_path / "one"))
-    two = evaluate_checkpoint(checkpoint, EvalSettings(actors=2, **base), str(tmp_path / "two"))
-    for task in ("arc_easy", "hellaswag"):
-        assert one["tasks"][task]["all"] == two["tasks"][task]["all"]
-        a = [json.loads(line) for line in open(one["files"][task])]
-        b = [json.loads(line) for line in open(two["files"][task])]
-        for x, y in zip(a, b):
-            assert [bool(v[1]) for v in x["filtered_resps"]] == [bool(v[1]) for v in y["filtered_resps"]]
-            assert [float(v[0]) for v in x["filtered_resps"]] == pytest.approx([float(v[0]) for v in y["filtered_resps"]], abs=1e-5)
-            assert (x["acc"], x["acc_norm"]) == (y["acc"], y["acc_norm"])
+    from raylm.eval.actors import ActorPoolLM
+    from raylm.eval.lm import RaylmLM
+
+    base = dict(tasks=["arc_easy", "hellaswag", "gsm8k"], limit=4, num_fewshot=0, batch_size=2,
+                benchmark_data=_bench(shared_data), gen_kwargs={"max_gen_toks": 8})
+    results = {}
+    for n in (1, 2):
+        pool = ActorPoolLM(checkpoint, actors=n, num_gpus=0, num_cpus=1, batch_size=2)
+        results[n] = evaluate_checkpoint(checkpoint, EvalSettings(actors=n, **base), str(tmp_path / str(n)), lm=pool)
+    for task in ("arc_easy", "hellaswag", "gsm8k"):
+        assert results[1]["tasks"][task]["all"] == results[2]["tasks"][task]["all"]
+        one = [json.loads(line) for line in open(results[1]["files"][task])]
+        two = [json.loads(line) for line in open(results[2]["files"][task])]
+        assert [r["resps"] for r in one] == [r["resps"] for r in two]  # every number, bit for bit
+    # and the same batches as RaylmLM in this process, with the actors' one thread
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = evaluate_checkpoint(checkpoint, EvalSettings(**base), str(tmp_path / "local"),
+                                    lm=RaylmLM(checkpoint=checkpoint, batch_size=2))
+    finally:
+        torch.set_num_threads(threads)
+    for task in ("arc_easy", "hellaswag", "gsm8k"):
+        assert local["tasks"][task]["all"] == results[1]["tasks"][task]["all"]
