@@ -75,7 +75,8 @@ def test_looks_like_chat(tmp_path):
 
 
 def test_tokenizer_without_chat_tokens_names_the_missing_ones():
-    plain = train_tokenizer(TEXTS, TokenizerConfig(vocab_size=300, min_frequency=1))
+    plain = train_tokenizer(TEXTS, TokenizerConfig(vocab_size=300, min_frequency=1,
+                                                        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"]))
     with pytest.raises(ChatDataError, match=r"<\|system\|>.*<\|user\|>.*<\|assistant\|>.*<\|end\|>"):
         chat_token_ids(plain)
 
