@@ -20,6 +20,20 @@ from raylm.workspace import Workspace
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """The session's Ray when one is up; otherwise a local one without the dashboard (its agent is
+    what fails to start in time on a saturated machine), shut down after this module."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
 def planted_corpus(folder: Path, seed: int = 0) -> None:
     """Base documents, exact copies, and near copies at several word-substitution levels."""
     rng = random.Random(seed)
