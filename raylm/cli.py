@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         sub = commands.add_parser(name, help=text, description=text)
         _common(sub)
+        if name in ("tokenize", "pipeline"):
+            sub.add_argument("--tokenizer", metavar="PATH",
+                             help="reuse this tokenizer (tokenizer.json, its folder, or runs:/RUN_ID/tokenizer) "
+                                  "instead of training one; same as --set tokenizer.path=PATH")
         if name == "pretrain":
             sub.add_argument("--from", dest="init_checkpoint", help="start from this checkpoint's weights")
     return parser
@@ -49,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_stage(name: str, args: argparse.Namespace) -> int:
     from raylm.pipeline import Pipeline
 
-    config = load_config(args.config, args.overrides, args.workspace)
+    overrides = list(args.overrides)
+    if getattr(args, "tokenizer", None):
+        overrides.append(f"tokenizer.path={args.tokenizer}")
+    config = load_config(args.config, overrides, args.workspace)
     force = tuple(name if f == "__self__" else f for f in args.force)
     pipeline = Pipeline(config, force=force)
     if name == "pipeline":

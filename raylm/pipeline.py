@@ -45,8 +45,11 @@ def source_fingerprint(config: RaylmConfig) -> str:
 
 
 def file_fingerprint(path: str | None) -> str | None:
-    if path is None:
-        return None
+    """Content hash of a file (of `tokenizer.json` inside a folder); an MLflow `runs:/` URI is its own."""
+    if path is None or path.startswith("runs:/"):
+        return path
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
     with open(path, "rb") as handle:
         return hashlib.sha256(handle.read()).hexdigest()[:16]
 
