@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         sub = commands.add_parser(name, help=text, description=text)
         _common(sub)
+        if name in ("tokenize", "pipeline"):
+            sub.add_argument("--tokenizer", metavar="PATH",
+                             help="reuse this tokenizer (tokenizer.json, its folder, or runs:/RUN_ID/tokenizer) "
+                                  "instead of training one; same as --set tokenizer.path=PATH")
         if name == "pretrain":
             sub.add_argument("--from", dest="init_checkpoint", help="start from this checkpoint's weights")
             sub.add_argument("--resume", action="store_true",
@@ -157,7 +161,10 @@ def _run_eval(config, args: argparse.Namespace) -> int:
 def _run_stage(name: str, args: argparse.Namespace) -> int:
     from raylm.pipeline import Pipeline
 
-    config = load_config(args.config, args.overrides, args.workspace)
+    overrides = list(args.overrides)
+    if getattr(args, "tokenizer", None):
+        overrides.append(f"tokenizer.path={args.tokenizer}")
+    config = load_config(args.config, overrides, args.workspace)
     if name == "eval" and args.checkpoint:
         return _run_eval(config, args)
     force = tuple(name if f == "__self__" else f for f in args.force)

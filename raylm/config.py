@@ -197,7 +197,17 @@ class TokenizerConfig(Section):
     def _path_exists(cls, path: str | None) -> str | None:
         if path is None or path.startswith("runs:/"):
             return path
-        return _check_local_path_exists(path)
+        _check_local_path_exists(path)
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise ValueError(f"no tokenizer.json in the folder {os.path.abspath(path)}")
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(file)
+        except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception on bad files
+            raise ValueError(f"{file} is not a tokenizer.json that `tokenizers` can parse ({error})") from None
+        return path
 
     @field_validator("special_tokens")
     @classmethod
