@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sub)
         if name == "pretrain":
             sub.add_argument("--from", dest="init_checkpoint", help="start from this checkpoint's weights")
+            sub.add_argument("--resume", action="store_true",
+                             help="continue the latest pretrain run from its newest good checkpoint")
     _model_commands(commands)
     return parser
 
@@ -125,7 +127,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     if name == "pipeline":
         manifests = pipeline.run_all()
     elif name == "pretrain":
-        manifests = {name: pipeline.pretrain(args.init_checkpoint)}
+        manifests = {name: pipeline.pretrain(args.init_checkpoint, args.resume)}
     else:
         manifests = {name: getattr(pipeline, name)()}
     print(pipeline.summary(manifests))

@@ -66,6 +66,7 @@ class SourceConfig(Section):
     weight: float = Field(1.0, gt=0)
     max_bytes: int | None = Field(None, gt=0, description="sample the source down to about this many bytes")
     name: str | None = None
+    split: str = Field("train", description="split of a Hugging Face dataset (hf://org/name)")
 
     _exists = field_validator("path")(_check_local_path_exists)
 
@@ -74,12 +75,97 @@ class SourceConfig(Section):
         return self.name or self.path
 
 
+class CleanConfig(Section):
+    """Cleaning steps, each switchable; each reports how many documents and bytes it changed."""
+
+    unicode: Literal["NFC", "NFKC", "none"] = "NFC"
+    html: Literal["auto", "always", "never"] = Field("auto", description="auto: parse documents that look like HTML")
+    boilerplate: bool = Field(True, description="drop cookie/policy notices, navigation lines, lorem ipsum")
+    terminal_punctuation: bool = Field(False, description="C4 rule: drop lines not ending in . ! ? or a quote")
+    gutenberg: bool = Field(True, description="cut Project Gutenberg headers and footers")
+    symbols: bool = Field(True, description="drop control characters, emoji and other non-text symbols")
+    whitespace: bool = True
+
+
+class QualityConfig(Section):
+    """Gopher-style document filters; each rejects with `quality:<rule>`. `null` turns a rule off."""
+
+    enabled: bool = True
+    min_words: int | None = Field(None, ge=0)
+    max_words: int | None = Field(1_000_000, gt=0)
+    min_mean_word_length: float | None = Field(None, ge=0)
+    max_mean_word_length: float | None = Field(None, gt=0)
+    max_symbol_word_ratio: float | None = Field(None, ge=0)
+    max_bullet_lines: float | None = Field(None, ge=0, le=1)
+    max_ellipsis_lines: float | None = Field(None, ge=0, le=1)
+    min_alpha_words: float | None = Field(None, ge=0, le=1)
+    max_duplicate_lines: float | None = Field(None, ge=0, le=1)
+    max_duplicate_paragraphs: float | None = Field(None, ge=0, le=1)
+    max_duplicate_line_chars: float | None = Field(None, ge=0, le=1)
+    max_top_ngram: dict[int, float] = Field(default_factory=dict, description="{n: max share of chars in the top n-gram}, e.g. {2: 0.2, 3: 0.18, 4: 0.16}")
+    max_duplicate_ngram: dict[int, float] = Field(default_factory=dict, description="{n: max share of chars in duplicated n-grams}, e.g. {5: 0.15, ..., 10: 0.10}")
+    min_stop_words: int | None = Field(None, ge=0, description="Gopher: at least this many English stop words")
+    languages: list[str] | None = Field(None, description="keep only these languages (langid); null: no language id")
+    min_language_score: float = Field(0.5, ge=0, le=1)
+
+    @classmethod
+    def gopher(cls) -> "QualityConfig":
+        """The thresholds of the Gopher paper (Rae et al. 2021), for web text."""
+        return cls(min_words=50, max_words=100_000, min_mean_word_length=3, max_mean_word_length=10,
+                   max_symbol_word_ratio=0.1, max_bullet_lines=0.9, max_ellipsis_lines=0.3, min_alpha_words=0.8,
+                   max_duplicate_lines=0.3, max_duplicate_paragraphs=0.3, max_duplicate_line_chars=0.2,
+                   max_top_ngram={2: 0.2, 3: 0.18, 4: 0.16},
+                   max_duplicate_ngram={5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}, min_stop_words=2)
+
+
+class PIIConfig(Section):
+    """Redaction of private data and secrets with typed placeholders such as `<EMAIL>`."""
+
+    enabled: bool = True
+    types: list[Literal["email", "phone", "ip", "credit_card", "ssn", "iban", "secret"]] = Field(
+        default_factory=lambda: ["email", "phone", "ip", "credit_card", "ssn", "iban", "secret"])
+
+
+class DedupConfig(Section):
+    """Exact dedup on normalised text and MinHash LSH near dedup (the smallest id of a cluster stays)."""
+
+    exact: bool = True
+    near: bool = True
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle_size: int = Field(5, ge=1, description="words per shingle")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity that makes a near duplicate")
+    false_negative_weight: float = Field(0.9, gt=0, lt=1, description="datasketch optimal-parameter weight of misses (the rest: false positives)")
+    verify: bool = Field(True, description="check each candidate pair's signature similarity against the threshold")
+    max_bucket: int = Field(200, gt=1, description="compare all pairs in buckets up to this size, beyond it only pairs with the smallest ids")
+    seed: int = 1
+
+
+class DecontamConfig(Section):
+    """Benchmark decontamination by shared word n-grams (off unless `benchmarks` is set)."""
+
+    benchmarks: str | None = Field(None, description="folder of benchmark files, e.g. ../shared/data/benchmarks")
+    tasks: list[str] | None = Field(None, description="benchmark tasks to check (default: all found)")
+    ngram: int = Field(13, ge=3)
+    mode: Literal["drop", "flag"] = Field("drop", description="drop: reject as `contaminated`; flag: keep and note in meta")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _benchmarks_exist(cls, path: str | None) -> str | None:
+        return None if path is None else _check_local_path_exists(path)
+
+
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(max_bytes=4_000_000)])
     val_fraction: float = Field(0.05, gt=0, lt=1)
     min_chars: int = Field(1, ge=1, description="documents shorter than this after cleaning are rejected as empty")
+    max_doc_bytes: int = Field(20_000_000, gt=0, description="longer documents are rejected as `too_large`")
     seed: int = 0
     num_blocks: int | None = Field(None, gt=0, description="Ray Data blocks to read into (default: Ray decides)")
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    pii: PIIConfig = Field(default_factory=PIIConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    decontam: DecontamConfig = Field(default_factory=DecontamConfig)
 
     @field_validator("sources")
     @classmethod
@@ -90,16 +176,46 @@ class DataConfig(Section):
 
 
 class TokenizerConfig(Section):
-    vocab_size: int = Field(4096, gt=0)
-    min_frequency: int = Field(2, ge=1)
-    sample_bytes: int = Field(20_000_000, gt=0, description="train the tokenizer on at most this much train text")
-    special_tokens: list[str] = Field(default_factory=lambda: ["<|bos|>", "<|eos|>", "<|pad|>"])
-    path: str | None = Field(None, description="reuse this tokenizer.json instead of training one")
+    """Byte-level BPE trained on a streamed sample of the curated train split, and sequence packing."""
+
+    vocab_size: int = Field(4096, gt=0, description="including the 256 byte tokens and the special tokens")
+    min_frequency: int = Field(2, ge=1, description="a pair merges only when seen at least this often")
+    sample_bytes: int = Field(20_000_000, gt=0, description="train the tokenizer on about this much train text")
+    pre_tokenizer: Literal["gpt2", "gpt4"] = Field("gpt4", description="regex that splits text before BPE")
+    max_digits: int = Field(1, ge=1, le=3, description="digit runs are split into pieces of at most this many")
+    special_tokens: list[str] = Field(
+        default_factory=lambda: ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        description="added tokens, ids 0.. in this order; must include <|eos|> and <|pad|>")
+    path: str | None = Field(None, description="reuse this tokenizer (tokenizer.json, its folder, or runs:/RUN_ID/tokenizer)")
+    packing: Literal["greedy", "best_fit"] = Field(
+        "greedy", description="greedy: cut the joined stream; best_fit: never split a document that fits a sequence")
+    batch_size: int = Field(256, gt=0, description="documents per map_batches call when tokenizing and packing")
+    concurrency: int | None = Field(None, gt=0, description="Ray Data tokenize workers (default: Ray decides)")
 
     @field_validator("path")
     @classmethod
     def _path_exists(cls, path: str | None) -> str | None:
-        return None if path is None else _check_local_path_exists(path)
+        if path is None or path.startswith("runs:/"):
+            return path
+        return _check_local_path_exists(path)
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _specials(cls, tokens: list[str]) -> list[str]:
+        missing = [t for t in ("<|eos|>", "<|pad|>") if t not in tokens]
+        if missing:
+            raise ValueError(f"must include {missing} (documents are joined with <|eos|>, sequences padded with <|pad|>)")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("special tokens must be distinct")
+        return tokens
+
+    @model_validator(mode="after")
+    def _vocab_holds_alphabet(self) -> "TokenizerConfig":
+        smallest = 256 + len(self.special_tokens)
+        if self.path is None and self.vocab_size < smallest:
+            raise ValueError(f"tokenizer.vocab_size = {self.vocab_size} is smaller than the 256-byte alphabet plus "
+                             f"{len(self.special_tokens)} special tokens ({smallest})")
+        return self
 
 
 class ModelConfig(Section):
@@ -154,9 +270,14 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    strategy: Literal["ddp"] = "ddp"
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: replicas; fsdp: FSDP2 fully_shard per block, then the root")
     workers: int | tuple[int, int] = Field(1, description="a number, or [min, max] for elastic training")
     use_gpu: bool | Literal["auto"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
+    compile: bool = Field(False, description="torch.compile the model")
+    global_batch_tokens: int | None = Field(None, gt=0, description="tokens per optimizer step (overrides global_batch_size; a multiple of model.seq_len)")
+    elastic_resize_interval_s: float = Field(10.0, gt=0, description="how often an elastic run checks for more workers")
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
@@ -174,6 +295,7 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(None, gt=0)
     max_failures: int = Field(0, ge=0)
     seed: int = 0
+    deterministic: bool = Field(False, description="torch deterministic algorithms (exact resume tests)")
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -202,6 +324,15 @@ class TrainConfig(Section):
     @property
     def max_workers(self) -> int:
         return self.workers if isinstance(self.workers, int) else self.workers[1]
+
+    def global_batch_sequences(self, seq_len: int) -> int:
+        """Sequences per optimizer step: fixed whatever the number of workers."""
+        if self.global_batch_tokens is None:
+            return self.global_batch_size
+        if self.global_batch_tokens % seq_len:
+            raise ValueError(f"train.global_batch_tokens = {self.global_batch_tokens}: expected a multiple of "
+                             f"model.seq_len ({seq_len})")
+        return self.global_batch_tokens // seq_len
 
     @model_validator(mode="after")
     def _batch_covers_workers(self) -> "TrainConfig":
@@ -259,6 +390,8 @@ class ClusterConfig(Section):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local Ray instance (default: all)")
     include_dashboard: bool = True
     runtime_env: str | None = None
+    check_shared_storage: bool = Field(
+        True, description="on a multi-node cluster, check that a local workspace / SQLite MLflow store is seen by every node")
 
 
 class WorkspaceConfig(Section):

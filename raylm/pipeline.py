@@ -77,7 +77,7 @@ class Pipeline:
     """The stages of one experiment config, run one at a time or all in order."""
 
     def __init__(self, config: RaylmConfig, force: tuple[str, ...] = ()):
-        from raylm.runtime import init_ray
+        from raylm.runtime import check_shared_storage, init_ray
 
         self.config = config
         self.force = set(STAGES) if "all" in force else set(force)
@@ -85,6 +85,7 @@ class Pipeline:
         self.tracker = Tracker(config.tracking, self.workspace)
         self.plan = plan_stages(config, self.workspace)
         init_ray(config.cluster)
+        check_shared_storage(config.cluster, self.workspace.root, self.tracker.uri)
 
     def _require(self, name: str) -> dict[str, Any]:
         stage: StageDir = getattr(self.plan, name)
@@ -107,15 +108,21 @@ class Pipeline:
                        lambda stage: tokenize(self.config.tokenizer, self.config.model.seq_len, curated, stage),
                        force="tokenize" in self.force)
 
-    def pretrain(self, init_checkpoint: str | None = None) -> dict[str, Any]:
-        from raylm.train.launch import pretrain
+    def pretrain(self, init_checkpoint: str | None = None, resume: bool = False) -> dict[str, Any]:
+        """Train in this config's stage folder (continuing it if interrupted); `resume`: continue the
+        most recently written pretrain folder instead (e.g. with a larger train.max_steps)."""
+        from raylm.train.launch import latest_run_stage, pretrain
 
         packed = self._require("tokenize")
         section = {"model": self.config.section("model"), "train": self.config.section("train")}
-        return execute(self.plan.pretrain, section, self.tracker,
+        stage = self.plan.pretrain
+        if resume:
+            stage = latest_run_stage(self.workspace, stage)
+            log.info("pretrain: resuming %s", stage.uri)
+        return execute(stage, section, self.tracker,
                        lambda stage: pretrain(self.config.model, self.config.train, packed, stage,
                                               self.tracker.uri, init_checkpoint),
-                       force="pretrain" in self.force, resumable=True)
+                       force="pretrain" in self.force and not resume, resumable=True)
 
     def eval(self) -> dict[str, Any]:
         from raylm.eval.bpb import evaluate_stage
