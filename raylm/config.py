@@ -359,30 +359,97 @@ class TuneConfig(Section):
     )
 
 
+class FrozenConfig(Section):
+    """Transfer learning: set exactly one of the two (for `finetune.method: frozen`)."""
+
+    first_blocks: int | None = Field(None, ge=0, description="freeze the embeddings and the first N blocks")
+    last_blocks: int | None = Field(None, ge=0, description="train only the last N blocks, the final norm and the head")
+
+
+class LoraSettings(Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["qkv", "proj", "gate", "up", "down"],
+                                      description="names of the Linear modules to adapt (module-name suffixes)")
+
+
 class FinetuneConfig(Section):
     method: Literal["full", "frozen", "lora"] = "full"
-    data: str | None = None
+    data: str | None = Field(None, description="plain text (any data source) or chat jsonl")
+    format: Literal["auto", "text", "chat"] = Field("auto", description="auto: chat for .jsonl/.json rows with messages or prompt/response")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the fine-tuning data held out for val loss")
+    system_prompt: str | None = Field(None, description="system message for prompt/response rows")
     lr: float = Field(1e-4, gt=0)
     max_steps: int = Field(100, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    global_batch_size: int | None = Field(None, gt=0, description="default: train.global_batch_size")
+    micro_batch_size: int | None = Field(None, gt=0, description="default: train.micro_batch_size")
+    eval_every: int | None = Field(None, gt=0, description="default: train.eval_every")
+    seed: int = 0
+    frozen: FrozenConfig = Field(default_factory=FrozenConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
 
     @field_validator("data")
     @classmethod
     def _data_exists(cls, path: str | None) -> str | None:
         return None if path is None else _check_local_path_exists(path)
 
+    @model_validator(mode="after")
+    def _method_settings(self) -> "FinetuneConfig":
+        if self.method == "frozen" and (self.frozen.first_blocks is None) == (self.frozen.last_blocks is None):
+            raise ValueError("finetune.method = 'frozen' needs exactly one of finetune.frozen.first_blocks "
+                             f"or finetune.frozen.last_blocks (got {self.frozen.model_dump()})")
+        return self
+
+
+class EvalExtraTask(Section):
+    """A multiple-choice benchmark in a known layout, added by configuration alone."""
+
+    name: str
+    layout: Literal["arc", "mmlu", "hellaswag"]
+    path: str
+    fewshot_path: str | None = None
+    description: str | None = None
+
+    _exists = field_validator("path", "fewshot_path")(lambda path: None if path is None else _check_local_path_exists(path))
+
 
 class EvalConfig(Section):
-    tasks: list[str] = Field(default_factory=lambda: ["bpb"])
+    tasks: list[str] = Field(default_factory=lambda: ["bpb"],
+                             description="bpb, arc_easy, arc_challenge, hellaswag, mmlu, mmlu_<subject>, truthfulqa_mc1, "
+                                         "truthfulqa_mc2, gsm8k, humaneval, mt_bench, domain, an extra task, or a group "
+                                         "(arc, truthfulqa, standard)")
     limit: int | None = Field(None, gt=0)
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(16, gt=0)
-    actors: int = Field(1, gt=0)
-    benchmark_data: str | None = None
+    actors: int = Field(1, gt=0, description="evaluation actors (each loads the checkpoint once)")
+    actor_gpus: float | Literal["auto"] = Field("auto", description="GPUs per actor; auto: 1 when the cluster has GPUs")
+    actor_cpus: float = Field(1, gt=0)
+    benchmark_data: str | None = Field(None, description="local benchmark folder (layout of shared/data/benchmarks); "
+                                                         "unset: lm-eval downloads the standard datasets")
+    allow_code_execution: bool = Field(False, description="run model-written code (HumanEval) in the sandbox")
+    sandbox_timeout_s: float = Field(10.0, gt=0)
+    sandbox_memory_mb: int = Field(1024, gt=0)
+    contamination_index: str | None = Field(None, description="curation's decontamination index: scores on clean items too")
+    domain_data: str | None = Field(None, description="held-out text for the domain task (default: the curated val split)")
+    domain_items: int = Field(200, gt=0)
+    text_files: list[str] = Field(default_factory=list, description="text files to report bits-per-byte on")
+    judge_url: str | None = Field(None, description="OpenAI-compatible URL of the MT-Bench judge; unset: MT-Bench unscored")
+    judge_model: str = "gpt-4"
+    max_gen_toks: int = Field(256, gt=0)
+    extra_tasks: list[EvalExtraTask] = Field(default_factory=list)
+    seed: int = 0
 
-    @field_validator("benchmark_data")
+    @field_validator("benchmark_data", "contamination_index", "domain_data")
     @classmethod
-    def _benchmarks_exist(cls, path: str | None) -> str | None:
+    def _paths_exist(cls, path: str | None) -> str | None:
         return None if path is None else _check_local_path_exists(path)
+
+    @field_validator("text_files")
+    @classmethod
+    def _files_exist(cls, paths: list[str]) -> list[str]:
+        return [_check_local_path_exists(path) for path in paths]
 
 
 class ClusterConfig(Section):
