@@ -173,6 +173,11 @@ def test_seq2seq_batch_predicts_the_continuation():
     assert inputs["source"].tolist() == [[0, 1, 2, 3]]
     assert inputs["tokens"].tolist() == [[3, 4, 5, 6, 7]]
     assert targets.tolist() == [[4, 5, 6, 7, 8]]
+    loss_mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 1, 1]])
+    assert lm_batch(rows, config, loss_mask, ignore_id=-1)[1].tolist() == [[4, -1, -1, 7, 8]]
+    decoder = TransformerConfig(**{**BASE, "seq_len": 8})
+    inputs, targets = lm_batch(rows, decoder, loss_mask, ignore_id=-1)
+    assert inputs["tokens"].tolist() == [list(range(8))] and targets.tolist() == [[1, 2, 3, 4, -1, -1, 7, 8]]
 
 
 def test_encoder_decoder_learns_a_batch():  # (the decoder's twin is in test_model_basics.py)
