@@ -119,7 +119,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from raylm.train.checkpoint import local_checkpoint
 
         with local_checkpoint(config["init_checkpoint"]) as directory:
-            load_training_state(directory, model, None, rank)
+            source = load_training_state(directory, model, None, rank)
+        expected = config.get("tokenizer_fingerprint")
+        if expected and source.get("tokenizer_fingerprint") not in (None, expected):
+            raise ValueError(f"--from {config['init_checkpoint']}: trained with tokenizer {source['tokenizer_fingerprint']}, "
+                             f"but this run's data is tokenized by {expected}")
     if config.get("finetune") is not None:
         from raylm.finetune import prepare_for_finetune
 
