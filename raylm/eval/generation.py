@@ -58,7 +58,7 @@ def _greedy_cached(lm: "RaylmLM", contexts: list[list[int]], budgets: list[int],
     if greedy is None:
         return None
     stop = [lambda ids, u=u: cut_at_stop(lm.tok_decode(ids), u)[1] for u in until]
-    return greedy(lm.model, contexts, max_new_tokens=budgets, stop=stop)
+    return greedy(lm.model, contexts, max_new_tokens=budgets, stop=stop, pad_id=lm.eot_token_id)
 
 
 def generate_texts(lm: "RaylmLM", jobs: list[tuple[str, list[str], int]]) -> list[str]:
@@ -74,10 +74,10 @@ def generate_texts(lm: "RaylmLM", jobs: list[tuple[str, list[str], int]]) -> lis
         chunk = order[start:start + lm.batch_size]
         contexts = [encoded[i] for i in chunk]
         budgets = [min(jobs[i][2], lm.max_length - len(encoded[i])) for i in chunk]
-        until = [jobs[i][1] for i in chunk]
+        until = [jobs[i][1] + [lm.tok_decode([lm.eot_token_id])] for i in chunk]  # like lm-eval's hf model
         generated = _greedy_cached(lm, contexts, budgets, until)
         if generated is None:
             generated = _greedy_recompute(lm, contexts, budgets, until)
         for i, tokens in zip(chunk, generated):
-            outputs[i] = cut_at_stop(lm.tok_decode(tokens), jobs[i][1])[0]
+            outputs[i] = cut_at_stop(lm.tok_decode(tokens), until[chunk.index(i)])[0]
     return outputs

@@ -28,7 +28,6 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
@@ -43,32 +42,18 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The model's rotary encoding at per-row positions. x [B, H, T, D]; cos, sin [B, T, D/2]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None], sin[:, None]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
-
 def masked_forward(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
                    allowed: torch.Tensor) -> torch.Tensor:
     """The transformer's forward with explicit positions [B, T] and attention mask [B, T, T] (True: may attend).
 
-    The same modules and arithmetic as `Transformer.forward`, with the causal mask replaced by
-    `allowed`: that is what lets several continuations share one context in a single row.
+    The model's own modules (embedding, positional encoding, blocks, norm, head) with the causal mask
+    replaced by `allowed`: that is what lets several continuations share one context in one row.
     """
-    cos, sin = model.rope_cos[positions], model.rope_sin[positions]
+    x, rope = model.positions(model.embed(tokens), positions)
+    x = model.drop(x)
     mask = allowed[:, None]
-    x = model.embed(tokens)
     for block in model.blocks:
-        h = block.attn_norm(x)
-        attn = block.attn
-        batch, time, width = h.shape
-        q, k, v = attn.qkv(h).view(batch, time, 3, attn.n_heads, width // attn.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + attn.proj(out.transpose(1, 2).reshape(batch, time, width))
-        x = x + block.ffn(block.ffn_norm(x))
+        x = block(x, rope, mask)
     return model.head(model.norm(x)).float()
 
 

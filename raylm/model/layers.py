@@ -129,12 +129,6 @@ class KVCache:
     def advance(self, steps: int) -> None:
         self.pos += steps
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (sequences that are still generating)."""
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
-        self.cross = [None if c is None else (c[0][rows], c[1][rows]) for c in self.cross]
-
 
 class Attention(nn.Module):
     """Multi-head attention. Self-attention projects q, k, v with one fused matmul (`qkv`);
