@@ -22,6 +22,7 @@ STAGE_HELP = {
     "pretrain": "pretrain the transformer (Ray Train)",
     "eval": "held-out loss and bits-per-byte of the trained checkpoint",
     "pipeline": "run every stage in order, reusing finished ones",
+    "tune": "search hyperparameters with Ray Tune: each trial a Ray Train run, ASHA, nested MLflow runs",
 }
 
 
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--from", dest="init_checkpoint", help="start from this checkpoint's weights")
             sub.add_argument("--resume", action="store_true",
                              help="continue the latest pretrain run from its newest good checkpoint")
+            sub.add_argument("--from-sweep", metavar="RUN_OR_PATH",
+                             help="train with a sweep's best values (its MLflow run id, stage folder or best_params.json)")
     return parser
 
 
@@ -52,8 +55,21 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     from raylm.pipeline import Pipeline
 
     config = load_config(args.config, args.overrides, args.workspace)
+    if name == "pretrain" and args.from_sweep:
+        config = _config_from_sweep(args, config)
+    if name == "tune":
+        from raylm.tune import check_sweep
+
+        check_sweep(config)
     force = tuple(name if f == "__self__" else f for f in args.force)
     pipeline = Pipeline(config, force=force)
+    if name == "tune":
+        from raylm.tune import run_sweep, summary_lines
+
+        manifest = run_sweep(config, pipeline.workspace, pipeline.tracker, pipeline._require("tokenize"),
+                             pipeline.plan.tokenize.fingerprint, force="tune" in pipeline.force)
+        print("\n".join([pipeline.summary({name: manifest}), *summary_lines(manifest)]))
+        return 0
     if name == "pipeline":
         manifests = pipeline.run_all()
     elif name == "pretrain":
@@ -62,6 +78,18 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         manifests = {name: getattr(pipeline, name)()}
     print(pipeline.summary(manifests))
     return 0
+
+
+def _config_from_sweep(args: argparse.Namespace, config):
+    """The config with a sweep's best values applied; explicit `--set`s still win."""
+    from raylm.tracking import resolve_tracking_uri
+    from raylm.tune import from_sweep_overrides
+    from raylm.workspace import Workspace
+
+    uri = resolve_tracking_uri(config.tracking, Workspace(config.workspace.root))
+    overrides = from_sweep_overrides(args.from_sweep, uri)
+    log.info("pretrain: with the sweep's best values %s", overrides)
+    return load_config(args.config, [*overrides, *args.overrides], args.workspace)
 
 
 def main(argv: list[str] | None = None) -> int:
