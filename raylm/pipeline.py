@@ -77,7 +77,7 @@ class Pipeline:
     """The stages of one experiment config, run one at a time or all in order."""
 
     def __init__(self, config: RaylmConfig, force: tuple[str, ...] = ()):
-        from raylm.runtime import init_ray
+        from raylm.runtime import check_shared_storage, init_ray
 
         self.config = config
         self.force = set(STAGES) if "all" in force else set(force)
@@ -85,6 +85,7 @@ class Pipeline:
         self.tracker = Tracker(config.tracking, self.workspace)
         self.plan = plan_stages(config, self.workspace)
         init_ray(config.cluster)
+        check_shared_storage(config.cluster, self.workspace.root, self.tracker.uri)
 
     def _require(self, name: str) -> dict[str, Any]:
         stage: StageDir = getattr(self.plan, name)
