@@ -106,13 +106,13 @@ def run_method(name: str, args, tokenizer_json: str, queue) -> None:
 
 def tokenizer_with_chat_tokens(vocab: int) -> str:
     from raylm.config import TokenizerConfig
-    from raylm.data.chat import CHAT_TOKENS
+    from raylm.data.chat import TEMPLATE_TOKENS
     from raylm.data.tokenizer import train_tokenizer
 
     texts = [f"What is {a} plus {b}? Add the tens, then the units: {a} plus {b} is {a + b}."
              for a in range(100) for b in range(0, 100, 7)]
     return train_tokenizer(texts, TokenizerConfig(vocab_size=vocab, min_frequency=1,
-                                                  special_tokens=list(CHAT_TOKENS.values()))).to_str()
+                                                  special_tokens=list(TEMPLATE_TOKENS.values()))).to_str()
 
 
 def main() -> None:

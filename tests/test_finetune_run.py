@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raylm.config import ConfigError, TokenizerConfig, validate_config
-from raylm.data.chat import CHAT_TOKENS, ChatDataError
+from raylm.data.chat import TEMPLATE_TOKENS, ChatDataError
 from raylm.data.tokenizer import train_tokenizer
 from raylm.model import Transformer, TransformerConfig
 from raylm.train.checkpoint import load_model
@@ -42,7 +42,7 @@ def base_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("base")
     texts = [json.dumps(row) for row in chat_rows(200, seed=1)]
     tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=320, min_frequency=1,
-                                                       special_tokens=list(CHAT_TOKENS.values())))
+                                                       special_tokens=list(TEMPLATE_TOKENS.values())))
     config = TransformerConfig(vocab_size=tokenizer.get_vocab_size(), d_model=64, n_layers=2, n_heads=2, seq_len=64)
     torch.manual_seed(0)
     return write_plain_checkpoint(str(folder / "checkpoint"), Transformer(config), config.to_dict(),

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from raylm.config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig
 from raylm.finetune import is_lora, merge_lora, parameter_counts, prepare_for_finetune
-from raylm.model import Transformer, TransformerConfig
+from raylm.model import TransformerConfig, build_model
 from raylm.train.checkpoint import (MODEL_CONFIG, TOKENIZER, TRAINER_STATE, check_complete, load_tokenizer_json,
                                     load_training_state, local_checkpoint, save_checkpoint)
 from raylm.workspace import StageDir, Workspace, content_hash
@@ -35,7 +35,7 @@ log = logging.getLogger("raylm")
 
 RUN_NAME = "train"
 # Keys that may differ between the base and the fine-tuning config (they change no weight shape).
-NON_ARCHITECTURE_KEYS = ("dropout",)
+NON_ARCHITECTURE_KEYS = ("dropout", "activation_checkpointing", "init_std", "preset")
 
 
 @dataclass
@@ -197,7 +197,7 @@ def finetune_spec(finetune: FinetuneConfig) -> dict[str, Any]:
 
 def count_parameters(model_config: dict[str, Any], spec: dict[str, Any]) -> dict[str, int]:
     with torch.device("meta"):
-        model = prepare_for_finetune(Transformer(TransformerConfig.from_dict(model_config)), spec)
+        model = prepare_for_finetune(build_model(model_config), spec)
     return parameter_counts(model)
 
 
@@ -209,7 +209,7 @@ def load_finetuned(checkpoint: str, spec: dict[str, Any]) -> nn.Module:
     """A fine-tuned checkpoint as a plain model: LoRA adapters merged into the weights."""
     with local_checkpoint(checkpoint) as directory:
         config = TransformerConfig.from_dict(_read_json(os.path.join(directory, MODEL_CONFIG)))
-        model = prepare_for_finetune(Transformer(config), spec)
+        model = prepare_for_finetune(build_model(config), spec)
         load_training_state(directory, model, None, rank=0)
     return merge_lora(model).eval()
 
