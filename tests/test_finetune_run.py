@@ -135,6 +135,7 @@ def test_lora_run_changes_only_adapters_and_exports_merged(ray_light, tmp_path, 
     assert changed == []
 
 
+@pytest.mark.slow  # starts Ray (the pipeline does), although it fails before training
 def test_bad_chat_rows_fail_before_training(ray_light, tmp_path, base_checkpoint):
     from raylm.pipeline import Pipeline
 
@@ -143,6 +144,7 @@ def test_bad_chat_rows_fail_before_training(ray_light, tmp_path, base_checkpoint
         Pipeline(make_config(tmp_path, write_chat(tmp_path, rows), "full")).finetune(base_checkpoint)
 
 
+@pytest.mark.slow
 def test_architecture_mismatch_names_the_key(ray_light, tmp_path, base_checkpoint):
     from raylm.pipeline import Pipeline
 
@@ -150,3 +152,22 @@ def test_architecture_mismatch_names_the_key(ray_light, tmp_path, base_checkpoin
     config.model.n_layers = 4
     with pytest.raises(ConfigError, match=r"model.n_layers = 4 but the base checkpoint .* has n_layers = 2"):
         Pipeline(config).finetune(base_checkpoint)
+
+
+@pytest.mark.slow
+def test_continued_pretraining_on_plain_text_goes_through_curation_and_packing(ray_light, tmp_path, base_checkpoint):
+    from raylm.pipeline import Pipeline
+
+    folder = tmp_path / "domain"
+    folder.mkdir()
+    for index, row in enumerate(chat_rows(40, seed=6)):
+        text = row["response"] if "response" in row else row["messages"][-1]["content"]
+        (folder / f"doc{index:02d}.txt").write_text(f"Note {index}. {text} " * 6)
+    config = make_config(tmp_path, str(folder), "frozen", frozen={"last_blocks": 1}, max_steps=15, val_fraction=0.25)
+    pipeline = Pipeline(config)
+    manifest = pipeline.finetune(base_checkpoint)
+    figures = manifest["metrics"]
+    assert figures["val_loss_after"] < figures["val_loss_before"]
+    assert 0 < figures["params_trainable"] < figures["params_total"]
+    assert [stage.name for stage in pipeline.workspace.finished_runs("finetune-tokenize")] == ["finetune-tokenize"]
+    assert pipeline.workspace.finished_runs("finetune-curate")
