@@ -222,6 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"raylm: {error}", file=sys.stderr)
         return 2
+    except ValueError as error:  # bad fine-tuning input: chat rows, base model, method settings
+        from raylm.data.chat import ChatDataError
+        from raylm.finetune import FinetuneError
+        from raylm.train.finetune import BaseModelError
+
+        if not isinstance(error, (ChatDataError, FinetuneError, BaseModelError)):
+            raise
+        print(f"raylm: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -465,8 +465,8 @@ class LoraSettings(Section):
     rank: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["qkv", "proj", "gate", "up", "down"],
-                                      description="names of the Linear modules to adapt (module-name suffixes)")
+    target_modules: list[str] | None = Field(None, description="names of the Linear modules to adapt, e.g. "
+                                             "[qkv, proj] (default: every attention and feed-forward Linear)")
 
 
 class FinetuneConfig(Section):
