@@ -139,3 +139,23 @@ def test_global_batch_in_tokens_must_be_a_multiple_of_the_context():
         config.train.global_batch_sequences(config.model.seq_len)
     with pytest.raises(ConfigError, match="train.strategy"):
         load_config(None, ["train.strategy=zero3"])
+
+
+def test_loss_curve_plot_uses_the_last_value_of_redone_steps(tmp_path):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from raylm.train.launch import plot_loss_curve
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("plot")).info.run_id
+    points = [Metric("step_loss", 5.0 - 0.1 * s, 1000 + s, s) for s in range(1, 11)]
+    points += [Metric("step_loss", 9.0, 2000 + s, s) for s in (9, 10)]  # redone after a restart
+    points += [Metric("val_loss", 4.5, 1005, 5), Metric("val_loss", 4.2, 2010, 10)]
+    client.log_batch(run_id, metrics=points)
+    figure = plot_loss_curve(uri, run_id)
+    train_line, val_line = figure.axes[0].get_lines()
+    assert list(train_line.get_xdata()) == list(range(1, 11)) and list(train_line.get_ydata())[-2:] == [9.0, 9.0]
+    assert list(val_line.get_xdata()) == [5, 10]
+    assert plot_loss_curve(uri, client.create_run(client.get_experiment_by_name("plot").experiment_id).info.run_id) is None
