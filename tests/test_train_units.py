@@ -159,3 +159,21 @@ def test_loss_curve_plot_uses_the_last_value_of_redone_steps(tmp_path):
     assert list(train_line.get_xdata()) == list(range(1, 11)) and list(train_line.get_ydata())[-2:] == [9.0, 9.0]
     assert list(val_line.get_xdata()) == [5, 10]
     assert plot_loss_curve(uri, client.create_run(client.get_experiment_by_name("plot").experiment_id).info.run_id) is None
+
+
+def test_resume_picks_the_most_recently_written_pretrain_run_and_reopens_it(tmp_path):
+    from raylm.train.launch import RUN_NAME, latest_run_stage
+    from raylm.workspace import SUCCESS_MARKER, Workspace
+
+    workspace = Workspace(str(tmp_path))
+    planned = workspace.stage("pretrain", {"train": {"max_steps": 50}})
+    for key, stamp in (("older", 1_000_000_000), ("newer", 2_000_000_000)):
+        run = tmp_path / "pretrain" / key / RUN_NAME
+        run.mkdir(parents=True)
+        (tmp_path / "pretrain" / key / SUCCESS_MARKER).write_text("done\n")
+        os.utime(run, (stamp, stamp))
+    stage = latest_run_stage(workspace, planned)
+    assert stage.key == "newer" and not stage.is_complete()
+    assert (tmp_path / "pretrain" / "older" / SUCCESS_MARKER).exists()
+    with pytest.raises(FileNotFoundError, match="--resume: no pretrain run"):
+        latest_run_stage(Workspace(str(tmp_path / "empty")), planned)
