@@ -1,16 +1,21 @@
-"""`ray job submit` entrypoint for the whole pipeline.
+"""`ray job submit` entrypoint for `raylm pipeline`: every stage in order, reusing finished ones.
 
-    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
-        python jobs/pipeline.py --config configs/laptop.yaml
+    ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+        python jobs/pipeline.py --config configs/cluster.yaml
 
-It takes the same arguments as `raylm pipeline` and runs the same code; inside a job, Ray is already
-there (RAY_ADDRESS is set), so the stages attach to the cluster instead of starting a local one.
+It is `raylm pipeline` and nothing else: the same flags (`--config`, `--set`, `--workspace`, `--force`; see
+`raylm pipeline --help`), the same code. Inside a job Ray is already there (the job supervisor sets
+RAY_ADDRESS), so the stages attach to the cluster; the workspace and the MLflow server come from the
+config or from RAYLM_WORKSPACE / MLFLOW_TRACKING_URI (jobs/runtime_env.yaml). A bad config exits with
+status 2 and the problems in the job's logs before anything runs.
 """
 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository (the uploaded working dir) replaces jobs/ at the head of sys.path: the job runs the
+# raylm code it was submitted with, and jobs/tokenize.py cannot shadow the standard library's tokenize.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from raylm.cli import main  # noqa: E402
 

@@ -176,42 +176,118 @@ class DataConfig(Section):
 
 
 class TokenizerConfig(Section):
-    vocab_size: int = Field(4096, gt=0)
-    min_frequency: int = Field(2, ge=1)
-    sample_bytes: int = Field(20_000_000, gt=0, description="train the tokenizer on at most this much train text")
-    special_tokens: list[str] = Field(default_factory=lambda: ["<|bos|>", "<|eos|>", "<|pad|>"])
-    path: str | None = Field(None, description="reuse this tokenizer.json instead of training one")
+    """Byte-level BPE trained on a streamed sample of the curated train split, and sequence packing."""
+
+    vocab_size: int = Field(4096, gt=0, description="including the 256 byte tokens and the special tokens")
+    min_frequency: int = Field(2, ge=1, description="a pair merges only when seen at least this often")
+    sample_bytes: int = Field(20_000_000, gt=0, description="train the tokenizer on about this much train text")
+    pre_tokenizer: Literal["gpt2", "gpt4"] = Field("gpt4", description="regex that splits text before BPE")
+    max_digits: int = Field(1, ge=1, le=3, description="digit runs are split into pieces of at most this many")
+    special_tokens: list[str] = Field(
+        default_factory=lambda: ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        description="added tokens, ids 0.. in this order; must include <|eos|> and <|pad|>")
+    path: str | None = Field(None, description="reuse this tokenizer (tokenizer.json, its folder, or runs:/RUN_ID/tokenizer)")
+    packing: Literal["greedy", "best_fit"] = Field(
+        "greedy", description="greedy: cut the joined stream; best_fit: never split a document that fits a sequence")
+    batch_size: int = Field(256, gt=0, description="documents per map_batches call when tokenizing and packing")
+    concurrency: int | None = Field(None, gt=0, description="Ray Data tokenize workers (default: Ray decides)")
 
     @field_validator("path")
     @classmethod
     def _path_exists(cls, path: str | None) -> str | None:
-        return None if path is None else _check_local_path_exists(path)
+        if path is None or path.startswith("runs:/"):
+            return path
+        _check_local_path_exists(path)
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise ValueError(f"no tokenizer.json in the folder {os.path.abspath(path)}")
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(file)
+        except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception on bad files
+            raise ValueError(f"{file} is not a tokenizer.json that `tokenizers` can parse ({error})") from None
+        return path
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _specials(cls, tokens: list[str]) -> list[str]:
+        missing = [t for t in ("<|eos|>", "<|pad|>") if t not in tokens]
+        if missing:
+            raise ValueError(f"must include {missing} (documents are joined with <|eos|>, sequences padded with <|pad|>)")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("special tokens must be distinct")
+        return tokens
+
+    @model_validator(mode="after")
+    def _vocab_holds_alphabet(self) -> "TokenizerConfig":
+        smallest = 256 + len(self.special_tokens)
+        if self.path is None and self.vocab_size < smallest:
+            raise ValueError(f"tokenizer.vocab_size = {self.vocab_size} is smaller than the 256-byte alphabet plus "
+                             f"{len(self.special_tokens)} special tokens ({smallest})")
+        return self
 
 
 class ModelConfig(Section):
-    arch: Literal["decoder"] = "decoder"
+    """The transformer (raylm/model). `preset` fills in the sizes of a named model; keys given here win.
+    The vocabulary size comes from the tokenizer. Components: `position` (rope | learned | sinusoidal),
+    `activation` (swiglu | gelu | relu), `norm` (rmsnorm | layernorm), `norm_position` (pre | post)."""
+
+    preset: str | None = Field(None, description="named size: tiny, laptop, gpt2-124m, 350m, 1b")
+    arch: Literal["decoder", "encoder-decoder"] = "decoder"
     d_model: int = Field(256, gt=0)
-    n_layers: int = Field(4, gt=0)
+    n_layers: int = Field(4, gt=0, description="decoder layers (and encoder layers unless n_encoder_layers is set)")
     n_heads: int = Field(4, gt=0)
-    ffn_hidden: int | None = Field(None, gt=0, description="feed-forward width (default: 8/3 d_model for SwiGLU)")
+    n_kv_heads: int | None = Field(None, gt=0, description="key/value heads for grouped-query attention (default: n_heads)")
+    n_encoder_layers: int | None = Field(None, gt=0, description="encoder-decoder: encoder layers (default: n_layers)")
+    ffn_hidden: int | None = Field(None, gt=0, description="feed-forward width (default: 8/3 d_model for SwiGLU, 4 d_model otherwise)")
     seq_len: int = Field(256, ge=2, description="context length; packed sequences hold seq_len + 1 tokens")
     dropout: float = Field(0.0, ge=0, lt=1)
     tie_embeddings: bool = True
     rope_theta: float = Field(10000.0, gt=0)
+    position: Literal["rope", "learned", "sinusoidal"] = "rope"
+    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_position: Literal["pre", "post"] = "pre"
+    norm_eps: float = Field(1e-5, gt=0)
+    bias: bool = Field(False, description="biases in linear layers and LayerNorm")
+    init_std: float = Field(0.02, gt=0, description="std of the normal init; residual projections get / sqrt(2 * layers)")
+    activation_checkpointing: bool = Field(False, description="recompute each block in the backward pass to save memory")
+    source_fraction: float = Field(0.5, gt=0, lt=1, description="encoder-decoder: share of each packed row used as the source")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            from raylm.model.config import PRESETS
+
+            name = data["preset"]
+            if name not in PRESETS:
+                raise ValueError(f"model.preset = {name!r}: expected one of {', '.join(PRESETS)}")
+            sizes = {k: v for k, v in PRESETS[name].items() if k != "vocab_size"}
+            return {**sizes, **data}
+        return data
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if (self.d_model // self.n_heads) % 2:
+        if self.position == "rope" and (self.d_model // self.n_heads) % 2:
             raise ValueError(f"head size d_model / n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         return self
 
 
 class TrainConfig(Section):
-    strategy: Literal["ddp"] = "ddp"
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: replicas; fsdp: FSDP2 fully_shard per block, then the root")
     workers: int | tuple[int, int] = Field(1, description="a number, or [min, max] for elastic training")
     use_gpu: bool | Literal["auto"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
+    compile: bool = Field(False, description="torch.compile the model")
+    global_batch_tokens: int | None = Field(None, gt=0, description="tokens per optimizer step (overrides global_batch_size; a multiple of model.seq_len)")
+    elastic_resize_interval_s: float = Field(10.0, gt=0, description="how often an elastic run checks for more workers")
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
@@ -229,6 +305,7 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(None, gt=0)
     max_failures: int = Field(0, ge=0)
     seed: int = 0
+    deterministic: bool = Field(False, description="torch deterministic algorithms (exact resume tests)")
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -258,6 +335,15 @@ class TrainConfig(Section):
     def max_workers(self) -> int:
         return self.workers if isinstance(self.workers, int) else self.workers[1]
 
+    def global_batch_sequences(self, seq_len: int) -> int:
+        """Sequences per optimizer step: fixed whatever the number of workers."""
+        if self.global_batch_tokens is None:
+            return self.global_batch_size
+        if self.global_batch_tokens % seq_len:
+            raise ValueError(f"train.global_batch_tokens = {self.global_batch_tokens}: expected a multiple of "
+                             f"model.seq_len ({seq_len})")
+        return self.global_batch_tokens // seq_len
+
     @model_validator(mode="after")
     def _batch_covers_workers(self) -> "TrainConfig":
         if self.global_batch_size < self.max_workers:
@@ -268,13 +354,71 @@ class TrainConfig(Section):
         return self
 
 
+SEARCH_KINDS = ("loguniform", "uniform", "choice", "grid")
+TUNABLE_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+
+
+def search_space_problems(space: dict[str, Any]) -> list[str]:
+    """Shape errors of a `tune.search_space`, each naming `tune.search_space.<key>`.
+
+    Each entry is `section.key: {kind: values}`: `loguniform`/`uniform` take `[low, high]` with
+    low < high (loguniform: low > 0), `choice`/`grid` a non-empty list. Keys must name a field of a
+    section a trial runs (`model`, `train`); each value must be valid for that field on its own.
+    """
+    problems = []
+    for key, spec in space.items():
+        where = f"tune.search_space.{key}"
+        section, _, field = key.partition(".")
+        owner = TUNABLE_SECTIONS.get(section)
+        if owner is None or not field or "." in field:
+            problems.append(f"{where}: unknown key; expected `model.<key>` or `train.<key>` (a trial runs pretraining)")
+            continue
+        if field not in owner.model_fields:
+            problems.append(f"{where}: unknown key {field!r} in {section!r}; valid keys: {', '.join(sorted(owner.model_fields))}")
+            continue
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
+            problems.append(f"{where} = {spec!r}: expected exactly one of {', '.join(SEARCH_KINDS)} with a list of values")
+            continue
+        kind, values = next(iter(spec.items()))
+        if kind in ("loguniform", "uniform"):
+            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                problems.append(f"{where}.{kind} = {values!r}: expected [low, high], two numbers")
+                continue
+            low, high = values
+            if not low < high:
+                problems.append(f"{where}.{kind} = {values!r}: empty range (low must be < high)")
+                continue
+            if kind == "loguniform" and low <= 0:
+                problems.append(f"{where}.{kind} = {values!r}: loguniform needs low > 0")
+                continue
+        elif not values:
+            problems.append(f"{where}.{kind} = []: empty list of values")
+            continue
+        for value in values:
+            try:
+                owner.model_validate({field: value})
+            except ValidationError as error:
+                for item in error.errors():
+                    if item["loc"][:1] == (field,):
+                        problems.append(f"{where}.{kind}: value {value!r}: {item['msg'].removeprefix('Value error, ')}")
+    return problems
+
+
 class TuneConfig(Section):
-    num_samples: int = Field(4, gt=0)
-    max_concurrent: int | None = Field(None, gt=0)
+    """A Ray Tune sweep: each trial is a pretraining run (its own TorchTrainer and workers)."""
+
+    num_samples: int = Field(4, gt=0, description="samples of the space (a grid is repeated this many times)")
+    max_concurrent: int | None = Field(None, gt=0, description="at most this many trials at once (default: what the cluster fits)")
     metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
     scheduler: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, gt=0)
+    search_algorithm: Literal["random", "optuna", "hyperopt"] = Field(
+        "random", description="random (Tune's variant generator, grids too); optuna or hyperopt when installed")
+    budget_steps: int | None = Field(None, gt=0, description="optimizer steps per trial (default: train.max_steps)")
+    budget_tokens: int | None = Field(None, gt=0, description="training tokens per trial instead of steps (fair across batch sizes)")
+    grace_period: int | None = Field(None, gt=0, description="ASHA: steps (or tokens) before a trial can be stopped (default: train.eval_every steps)")
     reduction_factor: float = Field(2.0, gt=1)
+    seed: int = Field(0, description="seed of the search algorithm")
     search_space: dict[str, dict[str, list[Any]]] = Field(
         default_factory=lambda: {
             "train.lr": {"loguniform": [1e-4, 1e-2]},
@@ -282,31 +426,125 @@ class TuneConfig(Section):
         }
     )
 
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _numbers_from_yaml(cls, space: Any) -> Any:
+        """YAML 1.1 reads `1e-4` as a string; read such values as numbers, as `--set` does."""
+        if not isinstance(space, dict):
+            return space
+        return {key: ({kind: [_typed_value(v) if isinstance(v, str) else v for v in values]
+                       for kind, values in spec.items()} if isinstance(spec, dict) and all(
+                           isinstance(v, list) for v in spec.values()) else spec)
+                for key, spec in space.items()}
+
+    @field_validator("search_space")
+    @classmethod
+    def _valid_space(cls, space: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        if not space:
+            raise ValueError("empty search space: name at least one key, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
+        problems = search_space_problems(space)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return space
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TuneConfig":
+        if self.budget_steps is not None and self.budget_tokens is not None:
+            raise ValueError("set tune.budget_steps or tune.budget_tokens, not both")
+        return self
+
+
+class FrozenConfig(Section):
+    """Transfer learning: set exactly one of the two (for `finetune.method: frozen`)."""
+
+    first_blocks: int | None = Field(None, ge=0, description="freeze the embeddings and the first N blocks")
+    last_blocks: int | None = Field(None, ge=0, description="train only the last N blocks, the final norm and the head")
+
+
+class LoraSettings(Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="names of the Linear modules to adapt, e.g. "
+                                             "[qkv, proj] (default: every attention and feed-forward Linear)")
+
 
 class FinetuneConfig(Section):
     method: Literal["full", "frozen", "lora"] = "full"
-    data: str | None = None
+    data: str | None = Field(None, description="plain text (any data source) or chat jsonl")
+    format: Literal["auto", "text", "chat"] = Field("auto", description="auto: chat for .jsonl/.json rows with messages or prompt/response")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the fine-tuning data held out for val loss")
+    system_prompt: str | None = Field(None, description="system message for prompt/response rows")
     lr: float = Field(1e-4, gt=0)
     max_steps: int = Field(100, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    global_batch_size: int | None = Field(None, gt=0, description="default: train.global_batch_size")
+    micro_batch_size: int | None = Field(None, gt=0, description="default: train.micro_batch_size")
+    eval_every: int | None = Field(None, gt=0, description="default: train.eval_every")
+    seed: int = 0
+    frozen: FrozenConfig = Field(default_factory=FrozenConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
 
     @field_validator("data")
     @classmethod
     def _data_exists(cls, path: str | None) -> str | None:
         return None if path is None else _check_local_path_exists(path)
 
+    @model_validator(mode="after")
+    def _method_settings(self) -> "FinetuneConfig":
+        if self.method == "frozen" and (self.frozen.first_blocks is None) == (self.frozen.last_blocks is None):
+            raise ValueError("finetune.method = 'frozen' needs exactly one of finetune.frozen.first_blocks "
+                             f"or finetune.frozen.last_blocks (got {self.frozen.model_dump()})")
+        return self
+
+
+class EvalExtraTask(Section):
+    """A multiple-choice benchmark in a known layout, added by configuration alone."""
+
+    name: str
+    layout: Literal["arc", "mmlu", "hellaswag"]
+    path: str
+    fewshot_path: str | None = None
+    description: str | None = None
+
+    _exists = field_validator("path", "fewshot_path")(lambda path: None if path is None else _check_local_path_exists(path))
+
 
 class EvalConfig(Section):
-    tasks: list[str] = Field(default_factory=lambda: ["bpb"])
+    tasks: list[str] = Field(default_factory=lambda: ["bpb"],
+                             description="bpb, arc_easy, arc_challenge, hellaswag, mmlu, mmlu_<subject>, truthfulqa_mc1, "
+                                         "truthfulqa_mc2, gsm8k, humaneval, mt_bench, domain, an extra task, or a group "
+                                         "(arc, truthfulqa, standard)")
     limit: int | None = Field(None, gt=0)
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(16, gt=0)
-    actors: int = Field(1, gt=0)
-    benchmark_data: str | None = None
+    actors: int = Field(1, gt=0, description="evaluation actors (each loads the checkpoint once)")
+    actor_gpus: float | Literal["auto"] = Field("auto", description="GPUs per actor; auto: 1 when the cluster has GPUs")
+    actor_cpus: float = Field(1, gt=0)
+    benchmark_data: str | None = Field(None, description="local benchmark folder (layout of shared/data/benchmarks); "
+                                                         "unset: lm-eval downloads the standard datasets")
+    allow_code_execution: bool = Field(False, description="run model-written code (HumanEval) in the sandbox")
+    sandbox_timeout_s: float = Field(10.0, gt=0)
+    sandbox_memory_mb: int = Field(1024, gt=0)
+    contamination_index: str | None = Field(None, description="curation's decontamination index: scores on clean items too")
+    domain_data: str | None = Field(None, description="held-out text for the domain task (default: the curated val split)")
+    domain_items: int = Field(200, gt=0)
+    text_files: list[str] = Field(default_factory=list, description="text files to report bits-per-byte on")
+    judge_url: str | None = Field(None, description="OpenAI-compatible URL of the MT-Bench judge; unset: MT-Bench unscored")
+    judge_model: str = "gpt-4"
+    max_gen_toks: int = Field(256, gt=0)
+    extra_tasks: list[EvalExtraTask] = Field(default_factory=list)
+    seed: int = 0
 
-    @field_validator("benchmark_data")
+    @field_validator("benchmark_data", "contamination_index", "domain_data")
     @classmethod
-    def _benchmarks_exist(cls, path: str | None) -> str | None:
+    def _paths_exist(cls, path: str | None) -> str | None:
         return None if path is None else _check_local_path_exists(path)
+
+    @field_validator("text_files")
+    @classmethod
+    def _files_exist(cls, paths: list[str]) -> list[str]:
+        return [_check_local_path_exists(path) for path in paths]
 
 
 class ClusterConfig(Section):
@@ -314,6 +552,8 @@ class ClusterConfig(Section):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local Ray instance (default: all)")
     include_dashboard: bool = True
     runtime_env: str | None = None
+    check_shared_storage: bool = Field(
+        True, description="on a multi-node cluster, check that a local workspace / SQLite MLflow store is seen by every node")
 
 
 class WorkspaceConfig(Section):

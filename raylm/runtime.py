@@ -1,17 +1,30 @@
-"""Connecting to Ray: a cluster when one is named (`cluster.address` or `RAY_ADDRESS`; `auto` finds
-one started with `ray start` on this machine), otherwise a new local instance sized by
-`cluster.num_cpus`. Called once by each command before any stage runs."""
+"""Connecting to Ray, and checking that a cluster can see the storage the stages write to.
+
+`init_ray`: a cluster when one is named (`cluster.address` or `RAY_ADDRESS`, which `ray job submit`
+sets for the job's driver; `auto` finds one started with `ray start` on this machine), otherwise a new
+local instance sized by `cluster.num_cpus`. Called once by each command before any stage runs.
+
+`check_shared_storage`: on a cluster of several nodes every stage output, checkpoint and the MLflow
+store must be on storage all nodes see; a workspace on the driver's local disk would leave shards on
+one node and checkpoints on another. Object stores (`s3://`, `gs://`) and an HTTP MLflow server are
+shared by construction; a local path (a ReadWriteMany volume, NFS) is checked for real: the driver
+writes a probe file and a zero-CPU task pinned to each alive node looks for it.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import uuid
+from dataclasses import dataclass
 
 import ray
 
-from raylm.config import ClusterConfig
+from raylm.config import ClusterConfig, ConfigError
 
 log = logging.getLogger("raylm")
+
+PROBE_PREFIX = ".raylm-shared-probe-"
 
 
 def init_ray(config: ClusterConfig) -> None:
@@ -34,3 +47,93 @@ def init_ray(config: ClusterConfig) -> None:
 
 def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+@dataclass(frozen=True)
+class LocalStorage:
+    """A folder on a filesystem path that every node must see; `key` is the config key that set it."""
+
+    key: str
+    value: str
+    folder: str
+
+
+def local_storage(workspace_root: str, tracking_uri: str) -> list[LocalStorage]:
+    """The storage a run writes to that lives on a filesystem path (as opposed to an object store or
+    a server): the workspace folder, and the folder of a SQLite / file MLflow store."""
+    found = []
+    if "://" not in workspace_root or workspace_root.startswith("file://"):
+        folder = os.path.abspath(workspace_root.removeprefix("file://"))
+        found.append(LocalStorage("workspace.root", workspace_root, folder))
+    if tracking_uri.startswith("sqlite:///"):
+        found.append(LocalStorage("tracking.uri", tracking_uri,
+                                  os.path.dirname(os.path.abspath(tracking_uri.removeprefix("sqlite:///")))))
+    elif tracking_uri.startswith(("file:", "/", "./", "../")):
+        found.append(LocalStorage("tracking.uri", tracking_uri, os.path.abspath(tracking_uri.removeprefix("file:"))))
+    return found
+
+
+def storage_problems(storage: list[LocalStorage], unseen: dict[str, list[str]]) -> list[str]:
+    """Config problems for the folders some nodes cannot see (`unseen`: folder -> node addresses)."""
+    problems = []
+    for item in storage:
+        nodes = unseen.get(item.folder)
+        if nodes:
+            problems.append(
+                f"{item.key} = {item.value!r}: {item.folder} is on the driver's local disk, not seen by "
+                f"node(s) {', '.join(sorted(nodes))}; on a multi-node cluster use storage every node sees "
+                "(s3://, gs://, or a ReadWriteMany / NFS volume mounted at the same path) and an MLflow "
+                "server (MLFLOW_TRACKING_URI=http://mlflow:5000)")
+    return problems
+
+
+def _sees_probe(folder: str, name: str, content: str) -> bool:
+    try:
+        with open(os.path.join(folder, name)) as handle:
+            return handle.read() == content
+    except OSError:
+        return False
+
+
+def check_shared_storage(config: ClusterConfig, workspace_root: str, tracking_uri: str,
+                         timeout_s: float = 120.0) -> int:
+    """Raise ConfigError when a local folder the run writes to is not seen by every alive node.
+    Returns the number of nodes checked (0 when nothing needed checking)."""
+    if not config.check_shared_storage or not ray.is_initialized():
+        return 0
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    storage = local_storage(workspace_root, tracking_uri)
+    if len(nodes) < 2 or not storage:
+        return 0
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    name, content = f"{PROBE_PREFIX}{uuid.uuid4().hex}", uuid.uuid4().hex
+    folders = sorted({item.folder for item in storage})
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, name), "w") as handle:
+            handle.write(content)
+    try:
+        probe = ray.remote(num_cpus=0, max_retries=0)(_sees_probe)
+        pending = {}
+        for node in nodes:
+            strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            for folder in folders:
+                ref = probe.options(scheduling_strategy=strategy).remote(folder, name, content)
+                pending[ref] = (folder, node["NodeManagerAddress"])
+        seen = ray.get(list(pending), timeout=timeout_s)
+    finally:
+        for folder in folders:
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+    unseen: dict[str, list[str]] = {}
+    for (folder, address), ok in zip(pending.values(), seen):
+        if not ok:
+            unseen.setdefault(folder, []).append(address)
+    problems = storage_problems(storage, unseen)
+    if problems:
+        raise ConfigError(problems)
+    log.info("shared storage: %s seen by all %d nodes", ", ".join(folders), len(nodes))
+    return len(nodes)

@@ -4,27 +4,38 @@ Model and optimizer state go through `torch.distributed.checkpoint` (DCP): every
 own shard and rank 0 the metadata, so a checkpoint saved by N workers loads on M, and loading never
 unpickles arbitrary objects. Beside the shards: `trainer_state.json` (step, tokens seen, data
 position, best val loss), `model_config.json`, `tokenizer.json`, and each rank's RNG state.
+
+Every rank also lists the files it wrote with their sizes and SHA-256 (`files_rank<r>.json`), and rank
+0 writes `trainer_state.json` last, naming the world size. `verify_checkpoint` checks all of that
+before anything is loaded, so a truncated or corrupted checkpoint is refused whole, never half-read;
+`newest_good_checkpoint` walks back from the newest checkpoint of a run to the first one that passes.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
+import logging
 import os
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from raylm.model import Transformer, TransformerConfig
+from raylm.model import TransformerConfig, build_model
 
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
 TOKENIZER = "tokenizer.json"
 DCP_METADATA = ".metadata"
+FILES = "files_rank{rank}.json"
+
+log = logging.getLogger("raylm")
 
 
 class CheckpointError(RuntimeError):
@@ -61,9 +72,24 @@ def restore_rng_state(state: dict[str, str]) -> None:
         torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_file_list(directory: str, rank: int) -> None:
+    names = sorted(n for n in os.listdir(directory) if n != TRAINER_STATE and not n.startswith("files_rank"))
+    listing = {n: {"bytes": os.path.getsize(os.path.join(directory, n)), "sha256": _sha256(os.path.join(directory, n))}
+               for n in names if os.path.isfile(os.path.join(directory, n))}
+    _write_json(os.path.join(directory, FILES.format(rank=rank)), listing)
+
+
 def save_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
                     model_config: dict[str, Any], tokenizer_json: str | None, rank: int) -> None:
-    """Collective: every rank calls it with its own (temporary) directory."""
+    """Collective: every rank calls it with its own (temporary) directory; Ray merges the folders."""
     os.makedirs(directory, exist_ok=True)
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
@@ -73,7 +99,10 @@ def save_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Opt
         if tokenizer_json is not None:
             with open(os.path.join(directory, TOKENIZER), "w") as handle:
                 handle.write(tokenizer_json)
-        _write_json(os.path.join(directory, TRAINER_STATE), trainer_state)  # last: marks the rank-0 part done
+    _write_file_list(directory, rank)
+    if rank == 0:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        _write_json(os.path.join(directory, TRAINER_STATE), {**trainer_state, "world_size": world})  # last
 
 
 def check_complete(directory: str) -> None:
@@ -84,14 +113,71 @@ def check_complete(directory: str) -> None:
 
 def read_trainer_state(directory: str) -> dict[str, Any]:
     check_complete(directory)
-    with open(os.path.join(directory, TRAINER_STATE)) as handle:
-        return json.load(handle)
+    try:
+        with open(os.path.join(directory, TRAINER_STATE)) as handle:
+            return json.load(handle)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {directory}: {TRAINER_STATE} is not valid JSON ({error})") from None
+
+
+def verify_checkpoint(directory: str) -> dict[str, Any]:
+    """The trainer state, once every rank's file list checks out (sizes and SHA-256); else CheckpointError."""
+    state = read_trainer_state(directory)
+    world = int(state.get("world_size", 1))
+    for rank in range(world):
+        listing_path = os.path.join(directory, FILES.format(rank=rank))
+        if not os.path.exists(listing_path):
+            raise CheckpointError(f"checkpoint {directory} is incomplete: missing {os.path.basename(listing_path)} "
+                                  f"(saved by {world} workers)")
+        with open(listing_path) as handle:
+            listing = json.load(handle)
+        for name, expected in listing.items():
+            path = os.path.join(directory, name)
+            if not os.path.exists(path):
+                raise CheckpointError(f"checkpoint {directory} is incomplete: missing {name}")
+            size = os.path.getsize(path)
+            if size != expected["bytes"]:
+                raise CheckpointError(f"checkpoint {directory} is corrupted: {name} has {size} bytes, "
+                                      f"expected {expected['bytes']} (truncated?)")
+            if _sha256(path) != expected["sha256"]:
+                raise CheckpointError(f"checkpoint {directory} is corrupted: {name} fails its SHA-256 check")
+    return state
+
+
+def newest_good_checkpoint(latest_path: str, filesystem=None) -> tuple[str, list[str]]:
+    """From a run's newest checkpoint, the newest one (it or an older sibling) that verifies.
+
+    Returns (path, refusals): each refusal is the error of a newer checkpoint that was skipped.
+    Raises CheckpointError when none verifies.
+    """
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    if filesystem is None:
+        filesystem, latest_path = pafs.FileSystem.from_uri(latest_path) if "://" in latest_path else (pafs.LocalFileSystem(), latest_path)
+    parent, latest_name = latest_path.rstrip("/").rsplit("/", 1)
+    siblings = [info.base_name for info in filesystem.get_file_info(pafs.FileSelector(parent))
+                if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")]
+    candidates = [latest_name] + sorted((n for n in siblings if n < latest_name), reverse=True)
+    refusals = []
+    for name in candidates:
+        path = f"{parent}/{name}"
+        try:
+            with Checkpoint(path, filesystem).as_directory() as directory:
+                verify_checkpoint(directory)
+            return path, refusals
+        except CheckpointError as error:
+            log.warning("refusing checkpoint: %s", error)
+            refusals.append(str(error))
+    raise CheckpointError(f"no usable checkpoint in {parent}: " + "; ".join(refusals))
 
 
 def load_training_state(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                         rank: int) -> dict[str, Any]:
-    """Collective: load shards into the (possibly differently sharded) model and optimizer."""
-    trainer_state = read_trainer_state(directory)
+    """Collective: load shards into the (possibly differently sharded) model and optimizer.
+
+    With `optimizer=None` only the model weights are loaded (`--from`)."""
+    trainer_state = verify_checkpoint(directory)
     model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else (get_state_dict(model, [])[0], None)
     state = {"model": model_state} if optim_state is None else {"model": model_state, "optim": optim_state}
     try:
@@ -122,10 +208,10 @@ def load_tokenizer_json(directory: str) -> str | None:
         return handle.read()
 
 
-def load_model(directory: str, device: str | torch.device = "cpu") -> Transformer:
+def load_model(directory: str, device: str | torch.device = "cpu") -> nn.Module:
     """A plain (unsharded) model from a checkpoint, in eval mode, with no process group needed."""
-    check_complete(directory)
-    model = Transformer(load_model_config(directory))
+    verify_checkpoint(directory)
+    model = build_model(load_model_config(directory))
     state = {"model": model.state_dict()}
     try:
         dcp.load(state, checkpoint_id=directory)

@@ -5,6 +5,9 @@ sequences consumed so far): an endless stream of per-epoch permutations. The glo
 `p` is stream positions `[p, p + B)`, and worker `r` of `w` takes every `w`-th of them starting at `r`.
 Because of that, a restart from a checkpoint (which stores the position) re-reads and skips nothing,
 whatever the number of workers before and after.
+
+Shards may carry an optional `loss_mask` column (int8, same length as `tokens`): target `tokens[i]`
+(i >= 1) counts in the loss only where `loss_mask[i] == 1` (prompts in chat data do not).
 """
 
 from __future__ import annotations
@@ -12,15 +15,27 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.dataset as pads
 
+LOSS_MASK = "loss_mask"
+
+
+def _fixed_lists(column, dtype) -> np.ndarray:
+    column = column.combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+    return flat.reshape(len(column), -1) if len(column) else np.zeros((0, 0), dtype=dtype)
+
 
 class PackedSequences:
-    """All rows of one split, as an int32 array [sequences, seq_len + 1]."""
+    """All rows of one split, as an int32 array [sequences, seq_len + 1], plus the loss mask if any."""
 
     def __init__(self, uri: str):
-        table = pads.dataset(uri, format="parquet").to_table(columns=["tokens"])
-        column = table.column("tokens").combine_chunks()
-        flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
-        self.rows = flat.reshape(len(column), -1) if len(column) else np.zeros((0, 0), dtype=np.int32)
+        dataset = pads.dataset(uri, format="parquet")
+        columns = ["tokens"] + ([LOSS_MASK] if LOSS_MASK in dataset.schema.names else [])
+        table = dataset.to_table(columns=columns)
+        self.rows = _fixed_lists(table.column("tokens"), np.int32)
+        self.mask = _fixed_lists(table.column(LOSS_MASK), np.int8) if LOSS_MASK in columns else None
+        if self.mask is not None and self.mask.shape != self.rows.shape:
+            raise ValueError(f"{uri}: column {LOSS_MASK!r} has shape {self.mask.shape}, expected the shape of "
+                             f"'tokens' {self.rows.shape}")
         self.uri = uri
 
     def __len__(self) -> int:
@@ -44,5 +59,21 @@ class PackedSequences:
     def global_batch(self, position: int, batch_size: int, seed: int) -> np.ndarray:
         return self.order(np.arange(position, position + batch_size), seed)
 
+    def worker_indices(self, position: int, batch_size: int, seed: int, rank: int, world: int) -> np.ndarray:
+        return self.global_batch(position, batch_size, seed)[rank::world]
+
     def worker_rows(self, position: int, batch_size: int, seed: int, rank: int, world: int) -> np.ndarray:
-        return self.rows[self.global_batch(position, batch_size, seed)[rank::world]]
+        return self.rows[self.worker_indices(position, batch_size, seed, rank, world)]
+
+    def worker_batch(self, position: int, batch_size: int, seed: int, rank: int,
+                     world: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """This worker's rows of the global batch at `position`, and their loss mask (None: all count)."""
+        index = self.worker_indices(position, batch_size, seed, rank, world)
+        return self.rows[index], (None if self.mask is None else self.mask[index])
+
+
+def masked_targets(targets, loss_mask, ignore_id: int):
+    """Targets with positions whose `loss_mask` (aligned with the full row) is not 1 set to `ignore_id`."""
+    if loss_mask is None:
+        return targets
+    return targets.masked_fill(loss_mask[:, 1:] != 1, ignore_id)

@@ -1,0 +1,289 @@
+"""Hugging Face interop: export a raylm decoder as a `transformers` model folder, and import one back.
+
+Two architectures cover what a raylm decoder can be:
+- Llama (`LlamaForCausalLM`): rotary positions, RMSNorm, SwiGLU, pre-norm, optional grouped-query
+  attention and biases;
+- GPT-2 (`GPT2LMHeadModel`): learned positions, LayerNorm, GELU (or ReLU), pre-norm, full multi-head
+  attention (a raylm model without biases exports zero biases).
+Any other combination (sinusoidal positions, post-norm, mixed parts, the encoder-decoder) is refused
+with the reason. The folder holds `config.json`, `model.safetensors` (float32) and the tokenizer
+(`tokenizer.json` + `tokenizer_config.json`), so `AutoModelForCausalLM.from_pretrained(folder)` and
+`AutoTokenizer.from_pretrained(folder)` load it offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from raylm.model.config import TransformerConfig
+
+SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+
+
+class ExportError(ValueError):
+    """A model that neither the Llama nor the GPT-2 architecture of `transformers` can express."""
+
+
+def hf_architecture(config: TransformerConfig) -> str:
+    """`llama` or `gpt2`, or ExportError naming what does not fit."""
+    if config.arch != "decoder":
+        raise ExportError(f"model.arch = {config.arch!r}: only decoder models export to a causal-LM folder")
+    if config.norm_position != "pre":
+        raise ExportError("model.norm_position = 'post': Llama and GPT-2 are both pre-norm")
+    parts = (config.position, config.norm, config.activation)
+    if parts == ("rope", "rmsnorm", "swiglu"):
+        return "llama"
+    if config.position == "learned" and config.norm == "layernorm" and config.activation in ("gelu", "relu"):
+        if config.kv_heads != config.n_heads:
+            raise ExportError(f"model.n_kv_heads = {config.n_kv_heads}: GPT-2 has no grouped-query attention")
+        return "gpt2"
+    raise ExportError(
+        f"model.position/norm/activation = {'/'.join(parts)}: export needs rope/rmsnorm/swiglu (Llama) "
+        "or learned/layernorm/gelu|relu (GPT-2)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+def _special_ids(tokenizer_json: str | None) -> dict[str, int | None]:
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if tokenizer_json is None:
+        return ids
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    for key, token in SPECIAL_TOKENS.items():
+        ids[key + "_id"] = tokenizer.token_to_id(token)
+    return ids
+
+
+def hf_config(config: TransformerConfig, tokenizer_json: str | None = None):
+    import transformers
+
+    common = dict(vocab_size=config.vocab_size, tie_word_embeddings=config.tie_embeddings, dtype="float32",
+                  **_special_ids(tokenizer_json))
+    if hf_architecture(config) == "llama":
+        out = transformers.LlamaConfig(
+            hidden_size=config.d_model, intermediate_size=config.hidden, num_hidden_layers=config.n_layers,
+            num_attention_heads=config.n_heads, num_key_value_heads=config.kv_heads, head_dim=config.head_dim,
+            hidden_act="silu", max_position_embeddings=config.seq_len, rms_norm_eps=config.norm_eps,
+            rope_theta=config.rope_theta, attention_bias=config.bias, mlp_bias=config.bias,
+            initializer_range=config.init_std, **common)
+        out.architectures = ["LlamaForCausalLM"]
+    else:
+        out = transformers.GPT2Config(
+            n_embd=config.d_model, n_layer=config.n_layers, n_head=config.n_heads, n_inner=config.hidden,
+            n_positions=config.seq_len, activation_function=config.activation, layer_norm_epsilon=config.norm_eps,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=config.init_std, **common)
+        out.architectures = ["GPT2LMHeadModel"]
+    return out
+
+
+def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
+    """A raylm config from a `config.json` of a Llama or GPT-2 model."""
+    kind = hf.get("model_type")
+    common = dict(vocab_size=hf["vocab_size"], tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+    if kind == "llama":
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ExportError(f"config.json hidden_act = {hf['hidden_act']!r}: raylm's SwiGLU needs 'silu'")
+        rope = hf.get("rope_parameters") or {"rope_type": "default", "rope_theta": hf.get("rope_theta", 10000.0)}
+        if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+            raise ExportError(f"config.json rope_parameters = {rope!r}: only unscaled RoPE is supported")
+        if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+            raise ExportError("config.json attention_bias differs from mlp_bias: raylm has one `bias` switch")
+        heads = hf["num_attention_heads"]
+        if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
+            raise ExportError(f"config.json head_dim = {hf['head_dim']}: raylm needs hidden_size / num_attention_heads")
+        return TransformerConfig(
+            d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden=hf["intermediate_size"],
+            seq_len=hf["max_position_embeddings"], rope_theta=float(rope["rope_theta"]),
+            norm_eps=hf.get("rms_norm_eps", 1e-6), bias=bool(hf.get("attention_bias", False)), **common)
+    if kind == "gpt2":
+        activation = hf.get("activation_function", "gelu_new")
+        if activation not in ("gelu", "relu"):
+            raise ExportError(f"config.json activation_function = {activation!r}: raylm has exact 'gelu' and 'relu'")
+        return TransformerConfig(
+            d_model=hf["n_embd"], n_layers=hf["n_layer"], n_heads=hf["n_head"],
+            ffn_hidden=hf.get("n_inner") or 4 * hf["n_embd"], seq_len=hf["n_positions"], position="learned",
+            norm="layernorm", activation=activation, bias=True, norm_eps=hf.get("layer_norm_epsilon", 1e-5), **common)
+    raise ExportError(f"config.json model_type = {kind!r}: raylm imports 'llama' and 'gpt2'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights: raylm name -> transformers name, per layer
+
+
+def _llama_weights(config: TransformerConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    d, kv = config.d_model, config.kv_heads * config.head_dim
+    out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
+    for i in range(config.n_layers):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        out[theirs + "input_layernorm.weight"] = state[ours + "attn_norm.weight"]
+        out[theirs + "post_attention_layernorm.weight"] = state[ours + "ffn_norm.weight"]
+        kinds = ["weight", "bias"] if config.bias else ["weight"]
+        for kind in kinds:
+            q, k, v = state[ours + f"attn.qkv.{kind}"].split([d, kv, kv], dim=0)
+            out[theirs + f"self_attn.q_proj.{kind}"] = q
+            out[theirs + f"self_attn.k_proj.{kind}"] = k
+            out[theirs + f"self_attn.v_proj.{kind}"] = v
+            out[theirs + f"self_attn.o_proj.{kind}"] = state[ours + f"attn.proj.{kind}"]
+            for name in ("gate", "up", "down"):
+                out[theirs + f"mlp.{name}_proj.{kind}"] = state[ours + f"ffn.{name}.{kind}"]
+    return out
+
+
+def _gpt2_weights(config: TransformerConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def bias(name: str, width: int) -> torch.Tensor:
+        return state.get(name, torch.zeros(width))
+
+    d, hidden = config.d_model, config.hidden
+    out = {"transformer.wte.weight": state["embed.weight"], "transformer.wpe.weight": state["positions.table.weight"],
+           "transformer.ln_f.weight": state["norm.weight"], "transformer.ln_f.bias": bias("norm.bias", d)}
+    for i in range(config.n_layers):
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        for our_norm, their_norm in (("attn_norm", "ln_1"), ("ffn_norm", "ln_2")):
+            out[theirs + f"{their_norm}.weight"] = state[ours + f"{our_norm}.weight"]
+            out[theirs + f"{their_norm}.bias"] = bias(ours + f"{our_norm}.bias", d)
+        # GPT-2's Conv1D stores [in, out]: the transpose of nn.Linear's [out, in]
+        for our_linear, their_linear, width in (("attn.qkv", "attn.c_attn", 3 * d), ("attn.proj", "attn.c_proj", d),
+                                                ("ffn.up", "mlp.c_fc", hidden), ("ffn.down", "mlp.c_proj", d)):
+            out[theirs + f"{their_linear}.weight"] = state[ours + f"{our_linear}.weight"].t()
+            out[theirs + f"{their_linear}.bias"] = bias(ours + f"{our_linear}.bias", width)
+    return out
+
+
+def to_hf_state_dict(model: nn.Module, config: TransformerConfig) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    prefix = "model." if hf_architecture(config) == "llama" else "transformer."
+    out = _llama_weights(config, state) if prefix == "model." else _gpt2_weights(config, state)
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = state["head.weight"]
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: TransformerConfig,
+                       architecture: str) -> dict[str, torch.Tensor]:
+    """The inverse of `to_hf_state_dict`: build our state dict from the exported tensors."""
+    from raylm.model.transformer import Transformer
+
+    with torch.device("meta"):
+        template = Transformer(config)
+    ours = {k: torch.empty(v.shape, device="meta") for k, v in template.state_dict().items()}
+    expected = (_llama_weights if architecture == "llama" else _gpt2_weights)(config, ours)
+    if not config.tie_embeddings:
+        expected["lm_head.weight"] = ours["head.weight"]
+    missing = sorted(set(expected) - set(hf_state))
+    if missing:
+        raise ExportError(f"weights missing from the folder: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return {name: _gather(name, hf_state, config, architecture) for name in ours}
+
+
+def _gather(name: str, hf: dict[str, torch.Tensor], config: TransformerConfig, architecture: str) -> torch.Tensor:
+    if name == "head.weight":
+        return hf["lm_head.weight"] if "lm_head.weight" in hf and not config.tie_embeddings else hf[_embed_name(architecture)]
+    if architecture == "llama":
+        table = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+        if name in table:
+            return hf[table[name]]
+        layer, rest = _split_block(name)
+        theirs = f"model.layers.{layer}."
+        if rest.startswith("attn.qkv."):
+            kind = rest.rsplit(".", 1)[1]
+            return torch.cat([hf[theirs + f"self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
+        simple = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight"}
+        if rest in simple:
+            return hf[theirs + simple[rest]]
+        module, kind = rest.rsplit(".", 1)
+        their = {"attn.proj": "self_attn.o_proj", "ffn.gate": "mlp.gate_proj", "ffn.up": "mlp.up_proj",
+                 "ffn.down": "mlp.down_proj"}[module]
+        return hf[theirs + f"{their}.{kind}"]
+    table = {"embed.weight": "transformer.wte.weight", "positions.table.weight": "transformer.wpe.weight",
+             "norm.weight": "transformer.ln_f.weight", "norm.bias": "transformer.ln_f.bias"}
+    if name in table:
+        return hf[table[name]]
+    layer, rest = _split_block(name)
+    module, kind = rest.rsplit(".", 1)
+    their = {"attn_norm": "ln_1", "ffn_norm": "ln_2", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj",
+             "ffn.up": "mlp.c_fc", "ffn.down": "mlp.c_proj"}[module]
+    tensor = hf[f"transformer.h.{layer}.{their}.{kind}"]
+    return tensor.t() if kind == "weight" and "norm" not in module else tensor
+
+
+def _embed_name(architecture: str) -> str:
+    return "model.embed_tokens.weight" if architecture == "llama" else "transformer.wte.weight"
+
+
+def _split_block(name: str) -> tuple[int, str]:
+    _, layer, rest = name.split(".", 2)
+    return int(layer), rest
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders
+
+
+def write_tokenizer_files(tokenizer_json: str, out_dir: str, model_max_length: int) -> None:
+    """`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` (raylm.data.tokenizer's)."""
+    from raylm.data.tokenizer import save_tokenizer, tokenizer_from_json
+
+    save_tokenizer(tokenizer_from_json(tokenizer_json), out_dir, model_max_length)
+
+
+def export_hf(model: nn.Module, model_config: TransformerConfig | dict[str, Any], tokenizer_json: str | None,
+              out_dir: str) -> str:
+    """Write `out_dir` as a `transformers` model folder; return its path. Raises ExportError first,
+    before writing anything, for a model that neither Llama nor GPT-2 can express."""
+    from safetensors.torch import save_file
+
+    from raylm.model import as_config
+
+    config = as_config(model_config)
+    hf = hf_config(config, tokenizer_json)
+    state = to_hf_state_dict(model, config)
+    os.makedirs(out_dir, exist_ok=True)
+    hf.save_pretrained(out_dir)
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer_json is not None:
+        write_tokenizer_files(tokenizer_json, out_dir, config.seq_len)
+    return out_dir
+
+
+def _read_safetensors(folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as handle:
+            files = sorted(set(json.load(handle)["weight_map"].values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder} has no model.safetensors (raylm reads safetensors only, never pickles)")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(os.path.join(folder, name)))
+    return state
+
+
+def import_hf(folder: str) -> tuple[nn.Module, TransformerConfig]:
+    """A raylm decoder (eval mode, float32) and its config from a Llama or GPT-2 model folder."""
+    from raylm.model.transformer import Transformer
+
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{folder} has no config.json")
+    with open(config_path) as handle:
+        hf = json.load(handle)
+    config = config_from_hf(hf)
+    architecture = hf["model_type"]
+    state = from_hf_state_dict({k: v.float() for k, v in _read_safetensors(folder).items()}, config, architecture)
+    model = Transformer(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), config

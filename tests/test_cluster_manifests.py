@@ -1,0 +1,265 @@
+"""The cluster files are checked, not just written: every KubeRay object validates against the KubeRay
+v1.7.0 CRDs' openAPIV3Schema (with unknown fields rejected, as the API server's strict field
+validation does), every core object against Kubernetes' own schemas (`kubernetes-validate --strict`),
+the Ray launcher YAMLs against Ray's cluster schema, and the settings that must agree (GPU group size
+and the trainer's elastic range, security defaults, job entrypoints) agree."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from raylm.config import load_config
+from tests.conftest import CONFIGS, REPO
+
+KUBERAY = REPO / "cluster" / "kuberay"
+RAY_UP = REPO / "cluster" / "ray-up"
+JOBS = REPO / "jobs"
+K8S_VERSION = "1.33.0"
+CUSTOM_KINDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+STAGE_JOBS = ("curate", "tokenize", "pretrain", "tune", "finetune", "eval", "pipeline")
+
+
+def manifests() -> list[tuple[str, dict]]:
+    found = []
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                found.append((f"{path.name}:{doc['kind']}/{doc['metadata']['name']}", doc))
+    return found
+
+
+def strict_schema(schema: dict) -> dict:
+    """A CRD schema where objects with declared properties reject any other field (structural
+    pruning + strict field validation in the API server), unless marked preserve-unknown-fields."""
+    out = {}
+    for key, value in schema.items():
+        if key == "properties":
+            out[key] = {name: strict_schema(sub) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties", "not") and isinstance(value, dict):
+            out[key] = strict_schema(value)
+        elif key in ("allOf", "anyOf", "oneOf"):
+            out[key] = [strict_schema(sub) for sub in value]
+        else:
+            out[key] = value
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    if out.get("nullable") and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def crd_validator(crd_dir: Path, kind: str, version: str) -> jsonschema.Draft7Validator:
+    crd = yaml.load((crd_dir / CUSTOM_KINDS[kind]).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    assert crd["spec"]["names"]["kind"] == kind
+    served = {v["name"]: v for v in crd["spec"]["versions"]}
+    assert version in served, f"{kind} {version} not in the CRD (has {sorted(served)})"
+    return jsonschema.Draft7Validator(strict_schema(served[version]["schema"]["openAPIV3Schema"]))
+
+
+def validate_manifest(doc: dict, crd_dir: Path) -> None:
+    """Raise when `doc` does not validate: CRD schema for KubeRay kinds, Kubernetes' for the rest."""
+    kind = doc["kind"]
+    if kind in CUSTOM_KINDS:
+        group, _, version = doc["apiVersion"].partition("/")
+        assert group == "ray.io", doc["apiVersion"]
+        errors = sorted(crd_validator(crd_dir, kind, version).iter_errors(doc), key=lambda e: list(e.path))
+        if errors:
+            raise jsonschema.ValidationError(
+                "; ".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:5]))
+        meta = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]}
+        kubernetes_validate.validate(meta, K8S_VERSION, strict=True)  # the CRD leaves metadata open
+    else:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.fixture(scope="module")
+def crd_dir(shared_data) -> Path:
+    return shared_data / "kuberay" / "crd"
+
+
+@pytest.mark.parametrize("name,doc", manifests(), ids=[name for name, _ in manifests()])
+def test_manifest_validates(name, doc, crd_dir):
+    validate_manifest(doc, crd_dir)
+
+
+def _docs_by_kind() -> dict[str, dict]:
+    return {doc["kind"]: doc for _, doc in manifests() if doc["kind"] in ("RayCluster", "RayJob", "Deployment")}
+
+
+@pytest.mark.parametrize("kind,path", [
+    ("RayCluster", ["spec", "headGroupSpec", "template", "spec", "containers", 0, "resourcez"]),
+    ("RayCluster", ["spec", "workerGroupSpecs", 1, "maxReplica"]),
+    ("RayCluster", ["spec", "autoscalerOptions", "idleTimeout"]),
+    ("RayJob", ["spec", "entryPoint"]),
+    ("Deployment", ["spec", "template", "spec", "containers", 0, "securityContex"]),
+])
+def test_unknown_field_is_rejected(kind, path, crd_dir):
+    doc = copy.deepcopy(_docs_by_kind()[kind])
+    node = doc
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = 1
+    with pytest.raises((jsonschema.ValidationError, kubernetes_validate.ValidationError)):
+        validate_manifest(doc, crd_dir)
+
+
+def test_wrong_type_is_rejected(crd_dir):
+    doc = copy.deepcopy(_docs_by_kind()["RayCluster"])
+    doc["spec"]["workerGroupSpecs"][1]["minReplicas"] = "two"
+    with pytest.raises(jsonschema.ValidationError, match="minReplicas"):
+        validate_manifest(doc, crd_dir)
+
+
+def _pod_specs(doc: dict) -> list[tuple[str, dict]]:
+    spec = doc.get("spec", {})
+    if doc["kind"] == "RayCluster":
+        pods = [("head", spec["headGroupSpec"]["template"]["spec"])]
+        pods += [(g["groupName"], g["template"]["spec"]) for g in spec["workerGroupSpecs"]]
+        return pods
+    if doc["kind"] == "RayJob":
+        return [("submitter", spec["submitterPodTemplate"]["spec"])]
+    if doc["kind"] == "Deployment":
+        return [(doc["metadata"]["name"], spec["template"]["spec"])]
+    return []
+
+
+def test_security_defaults():
+    containers = []
+    for name, doc in manifests():
+        assert doc["kind"] != "Secret", f"{name}: credentials come from Secrets created outside the manifests"
+        if doc["kind"] == "Service":
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", name
+        if doc["kind"] == "RayCluster":
+            assert doc["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
+            assert doc["spec"]["authOptions"]["mode"] == "token"
+            containers.append((f"{name} autoscaler", doc["spec"]["autoscalerOptions"]))
+        for pod, spec in _pod_specs(doc):
+            assert not spec.get("hostNetwork") and not spec.get("hostPID"), f"{name} {pod}"
+            assert spec["securityContext"]["runAsNonRoot"] is True, f"{name} {pod}"
+            assert not any("hostPath" in volume for volume in spec.get("volumes", [])), f"{name} {pod}"
+            containers += [(f"{name} {pod} {c['name']}", c) for c in spec["containers"] + spec.get("initContainers", [])]
+    assert len(containers) >= 6
+    secret_like = re.compile(r"(^|_)(KEY|SECRET|TOKEN|PASSWORD|CREDENTIALS?)(_|$)", re.I)
+    for label, container in containers:
+        resources = container["resources"]
+        for bound in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(resources.get(bound, {})), f"{label}: {bound} for cpu and memory"
+        security = container["securityContext"]
+        assert security.get("privileged", False) is False, label
+        assert security["allowPrivilegeEscalation"] is False, label
+        assert security["capabilities"]["drop"] == ["ALL"], label
+        for env in container.get("env", []):
+            if secret_like.search(env["name"]):
+                assert "valueFrom" in env and "secretKeyRef" in env["valueFrom"], f"{label}: {env['name']} inline"
+
+
+def test_gpu_workers_match_the_elastic_trainer_range():
+    config = load_config(CONFIGS / "cluster.yaml")
+    cluster = _docs_by_kind()["RayCluster"]
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    gpu = groups["gpu-workers"]
+    assert (gpu["minReplicas"], gpu["maxReplicas"]) == (config.train.min_workers, config.train.max_workers)
+    assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in groups["cpu-workers"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert config.train.use_gpu is True
+    for cloud in ("aws", "gcp"):
+        launcher = yaml.safe_load((RAY_UP / f"{cloud}.yaml").read_text())
+        node = launcher["available_node_types"]["gpu_worker"]
+        assert (node["min_workers"], node["max_workers"]) == (config.train.min_workers, config.train.max_workers)
+
+
+def test_every_pod_mounts_the_shared_workspace_and_reaches_mlflow():
+    cluster = _docs_by_kind()["RayCluster"]
+    claims = {d["metadata"]["name"]: d for _, d in manifests() if d["kind"] == "PersistentVolumeClaim"}
+    assert claims["raylm-workspace"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    services = {d["metadata"]["name"] for _, d in manifests() if d["kind"] == "Service"}
+    for pod, spec in _pod_specs(cluster):
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["workspace"]["persistentVolumeClaim"]["claimName"] == "raylm-workspace", pod
+        container = spec["containers"][0]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["RAYLM_WORKSPACE"].startswith(mounts["workspace"] + "/"), pod
+        host = env["MLFLOW_TRACKING_URI"].removeprefix("http://").split(":")[0]
+        assert host in services, pod
+
+
+def test_rayjob_runs_the_pipeline_entrypoint_with_the_job_runtime_env():
+    job = _docs_by_kind()["RayJob"]
+    cluster = _docs_by_kind()["RayCluster"]
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    command = job["spec"]["entrypoint"].split()
+    assert command[0] == "python"
+    image_root = "/home/ray/raylm/"
+    assert command[1] == image_root + "jobs/pipeline.py"
+    assert (REPO / command[1].removeprefix(image_root)).exists()
+    config = command[command.index("--config") + 1]
+    load_config(REPO / config.removeprefix(image_root))
+    job_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert job_env["env_vars"] == yaml.safe_load((JOBS / "runtime_env.yaml").read_text())["env_vars"]
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    assert f"WORKDIR {image_root.rstrip('/')}" in dockerfile
+    assert f"rayproject/ray:{cluster['spec']['rayVersion']}-" in dockerfile
+
+
+def test_kustomization_applies_everything_but_the_job_in_order():
+    kustomization = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())
+    resources = kustomization["resources"]
+    assert resources[0] == "namespace.yaml"
+    assert resources.index("storage.yaml") < resources.index("raycluster.yaml")
+    assert resources.index("mlflow.yaml") < resources.index("raycluster.yaml")
+    on_disk = {p.name for p in KUBERAY.glob("*.yaml")} - {"kustomization.yaml", "rayjob.yaml"}
+    assert set(resources) == on_disk
+    assert kustomization["namespace"] == "raylm"
+    script = (KUBERAY / "apply.sh").read_text()
+    assert "kubectl apply -k" in script and "rayjob.yaml" in script
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp"])
+def test_ray_up_config_validates_against_rays_schema(cloud):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((RAY_UP / f"{cloud}.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))
+    assert config["provider"]["type"] == cloud
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu_worker"]["min_wrkers"] = 1
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(broken))
+
+
+def test_every_stage_has_a_thin_job_entrypoint():
+    from raylm.cli import build_parser
+
+    commands = set(build_parser()._subparsers._group_actions[0].choices)  # noqa: SLF001
+    for stage in STAGE_JOBS:
+        source = (JOBS / f"{stage}.py").read_text()
+        assert f'run("{stage}")' in source, stage
+    runtime_env = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
+    from ray.runtime_env import RuntimeEnv
+
+    RuntimeEnv(**runtime_env)  # Ray's own validation of the runtime_env fields
+    present = [stage for stage in STAGE_JOBS if stage in commands]
+    assert {"curate", "tokenize", "pretrain", "eval", "pipeline"} <= set(present)
+    for stage in present:
+        shown = subprocess.run([sys.executable, str(JOBS / f"{stage}.py"), "--help"],
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert f"usage: raylm {stage}" in shown.stdout

@@ -1,0 +1,122 @@
+"""The HumanEval sandbox: refuses without consent, stops runaway programs, passes canonical solutions."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import threading
+
+import pytest
+
+from raylm.eval.sandbox import (CodeExecutionRefused, SandboxLimits, allow_code_execution, estimate_pass_at_k,
+                                pass_at_k, run_program)
+
+LIMITS = SandboxLimits(timeout_s=3.0, memory_mb=512)
+
+
+@pytest.fixture()
+def allowed():
+    allow_code_execution(True, LIMITS)
+    yield
+    allow_code_execution(False)
+
+
+def test_refused_without_consent(monkeypatch):
+    monkeypatch.delenv("RAYLM_ALLOW_CODE_EXECUTION", raising=False)
+    allow_code_execution(False)
+    with pytest.raises(CodeExecutionRefused, match="allow-code-execution"):
+        run_program("print(1)")
+
+
+def test_runs_plain_code_and_reports_failures(allowed):
+    assert run_program("assert sum([1, 2]) == 3\nprint('ok')").passed
+    failed = run_program("assert 1 == 2")
+    assert not failed.passed and failed.status == "failed" and "AssertionError" in failed.output
+
+
+def test_infinite_loop_is_stopped(allowed):
+    result = run_program("while True:\n    pass\n")
+    assert result.status == "timeout" and not result.passed
+
+
+def test_fork_bomb_is_stopped(allowed):
+    result = run_program("import os\nwhile True:\n    os.fork()\n")
+    assert not result.passed and result.status == "failed"
+    result = run_program("import subprocess\nsubprocess.Popen(['true'])\n")
+    assert not result.passed
+
+
+def test_memory_bomb_is_stopped(allowed):
+    result = run_program("blocks = []\nwhile True:\n    blocks.append(bytearray(50_000_000))\n")
+    assert not result.passed and "MemoryError" in result.output
+
+
+def test_network_is_unreachable(allowed):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(2)
+    port = server.getsockname()[1]
+    connected = []
+
+    def accept():
+        try:
+            connected.append(server.accept())
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    result = run_program(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+                         f"s.sendall(b'hello')\n")
+    thread.join()
+    server.close()
+    assert not result.passed and not connected
+    raw = run_program(f"import _socket\ns = _socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))\n")
+    if result.isolation.startswith("namespaces"):
+        assert not raw.passed  # even below the Python guard, the namespace has no route out
+
+
+def test_write_outside_folder_is_refused(allowed, tmp_path):
+    target = tmp_path / "outside.txt"
+    result = run_program(f"open({str(target)!r}, 'w').write('x')\n")
+    assert not result.passed and not target.exists()
+    result = run_program(f"import os\nos.remove({str(tmp_path)!r})\n")
+    assert not result.passed and tmp_path.exists()
+    inside = run_program("open('scratch.txt', 'w').write('fine')\nassert open('scratch.txt').read() == 'fine'\n")
+    assert inside.passed
+
+
+def test_pass_at_k_estimator():
+    assert estimate_pass_at_k(1, 1, 1) == 1.0
+    assert estimate_pass_at_k(1, 0, 1) == 0.0
+    assert estimate_pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert estimate_pass_at_k(5, 1, 2) == pytest.approx(1 - (4 * 3) / (5 * 4))
+
+
+def _humaneval(shared_data):
+    path = shared_data / "benchmarks" / "humaneval" / "HumanEval.jsonl.gz"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    with gzip.open(path, "rt") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def test_canonical_solutions_pass_sample(allowed, shared_data):
+    problems = _humaneval(shared_data)[:12]
+    for problem in problems:
+        reference = f"{problem['test']}\ncheck({problem['entry_point']})"
+        assert pass_at_k([reference], [[problem["prompt"] + problem["canonical_solution"]]], k=[1]) == 1.0, problem["task_id"]
+        assert pass_at_k([reference], [[problem["prompt"] + "    return None\n"]], k=[1]) == 0.0
+
+
+@pytest.mark.slow
+def test_all_canonical_solutions_pass(allowed, shared_data):
+    from raylm.eval.sandbox import check_programs
+
+    problems = _humaneval(shared_data)
+    results = check_programs([f"{p['prompt']}{p['canonical_solution']}\n\n{p['test']}\ncheck({p['entry_point']})\n"
+                              for p in problems])
+    failed = [(p["task_id"], r.output[-300:]) for p, r in zip(problems, results) if not r.passed]
+    assert not failed
