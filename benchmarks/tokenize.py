@@ -54,7 +54,8 @@ def ray_stage(source: Path, target: Path, tokenizer_json: str, seq_len: int, pac
               batch_size: int) -> tuple[float, int]:
     started = time.perf_counter()
     packed = ray.data.read_parquet(str(source)).map_batches(
-        encode_and_pack, batch_format="pandas", batch_size=batch_size, concurrency=workers,
+        encode_and_pack, batch_format="pandas", batch_size=batch_size,
+        compute=ray.data.TaskPoolStrategy(size=workers),
         fn_kwargs={"tokenizer_json": tokenizer_json, "seq_len": seq_len, "packing": packing, "threads": 1})
     packed.write_parquet(str(target))
     seconds = time.perf_counter() - started

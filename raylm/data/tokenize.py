@@ -118,7 +118,8 @@ def save_stage_tokenizer(tokenizer: Tokenizer, stage: StageDir, seq_len: int) ->
 def pack_split(source_uri: str, tokenizer_json: str, seq_len: int, config: TokenizerConfig,
                stage: StageDir, split: str) -> dict[str, int]:
     packed = ray.data.read_parquet(source_uri, columns=["text"]).map_batches(
-        encode_and_pack, batch_format="pandas", batch_size=config.batch_size, concurrency=config.concurrency,
+        encode_and_pack, batch_format="pandas", batch_size=config.batch_size,
+        compute=ray.data.TaskPoolStrategy(size=config.concurrency),
         fn_kwargs={"tokenizer_json": tokenizer_json, "seq_len": seq_len, "packing": config.packing, "threads": 1})
     packed.write_parquet(stage.fs_path(split), filesystem=stage.fs,
                          min_rows_per_file=max(1, SHARD_BYTES // (4 * (seq_len + 1))))
