@@ -195,7 +195,7 @@ class TokenizerConfig(Section):
     @field_validator("path")
     @classmethod
     def _path_exists(cls, path: str | None) -> str | None:
-        if path is None or path.startswith("runs:/"):
+        if path is None or path.startswith("runs:/") or not _is_local_path(path):
             return path
         _check_local_path_exists(path)
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
