@@ -26,6 +26,7 @@ STAGE_HELP = {
     "eval": "held-out bits-per-byte and the benchmark suite (lm-eval on evaluation actors)",
     "finetune": "fine-tune a checkpoint (full, frozen layers or LoRA) on text or chat data",
     "pipeline": "run every stage in order, reusing finished ones",
+    "tune": "search hyperparameters with Ray Tune: each trial a Ray Train run, ASHA, nested MLflow runs",
 }
 
 
@@ -61,10 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         sub = commands.add_parser(name, help=text, description=text)
         _common(sub)
+        if name in ("tokenize", "pipeline"):
+            sub.add_argument("--tokenizer", metavar="PATH",
+                             help="reuse this tokenizer (tokenizer.json, its folder, or runs:/RUN_ID/tokenizer) "
+                                  "instead of training one; same as --set tokenizer.path=PATH")
         if name == "pretrain":
             sub.add_argument("--from", dest="init_checkpoint", help="start from this checkpoint's weights")
             sub.add_argument("--resume", action="store_true",
                              help="continue the latest pretrain run from its newest good checkpoint")
+            sub.add_argument("--from-sweep", metavar="RUN_OR_PATH",
+                             help="train with a sweep's best values (its MLflow run id, stage folder or best_params.json)")
         if name == "finetune":
             sub.add_argument("--from", dest="base", required=True, metavar="CHECKPOINT_OR_RUN",
                              help="base model: a checkpoint or stage folder, an MLflow run id, or a Hugging Face folder")
@@ -157,11 +164,27 @@ def _run_eval(config, args: argparse.Namespace) -> int:
 def _run_stage(name: str, args: argparse.Namespace) -> int:
     from raylm.pipeline import Pipeline
 
-    config = load_config(args.config, args.overrides, args.workspace)
+    overrides = list(args.overrides)
+    if getattr(args, "tokenizer", None):
+        overrides.append(f"tokenizer.path={args.tokenizer}")
+    config = load_config(args.config, overrides, args.workspace)
     if name == "eval" and args.checkpoint:
         return _run_eval(config, args)
+    if name == "pretrain" and args.from_sweep:
+        config = _config_from_sweep(args, config)
+    if name == "tune":
+        from raylm.tune import check_sweep
+
+        check_sweep(config)
     force = tuple(name if f == "__self__" else f for f in args.force)
     pipeline = Pipeline(config, force=force)
+    if name == "tune":
+        from raylm.tune import run_sweep, summary_lines
+
+        manifest = run_sweep(config, pipeline.workspace, pipeline.tracker, pipeline._require("tokenize"),
+                             pipeline.plan.tokenize.fingerprint, force="tune" in pipeline.force)
+        print("\n".join([pipeline.summary({name: manifest}), *summary_lines(manifest)]))
+        return 0
     if name == "pipeline":
         manifests = pipeline.run_all()
     elif name == "pretrain":
@@ -172,6 +195,18 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         manifests = {name: getattr(pipeline, name)()}
     print(pipeline.summary(manifests))
     return 0
+
+
+def _config_from_sweep(args: argparse.Namespace, config):
+    """The config with a sweep's best values applied; explicit `--set`s still win."""
+    from raylm.tracking import resolve_tracking_uri
+    from raylm.tune import from_sweep_overrides
+    from raylm.workspace import Workspace
+
+    uri = resolve_tracking_uri(config.tracking, Workspace(config.workspace.root))
+    overrides = from_sweep_overrides(args.from_sweep, uri)
+    log.info("pretrain: with the sweep's best values %s", overrides)
+    return load_config(args.config, [*overrides, *args.overrides], args.workspace)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +220,15 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         return _run_stage(args.command, args)
     except ConfigError as error:
+        print(f"raylm: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # bad fine-tuning input: chat rows, base model, method settings
+        from raylm.data.chat import ChatDataError
+        from raylm.finetune import FinetuneError
+        from raylm.train.finetune import BaseModelError
+
+        if not isinstance(error, (ChatDataError, FinetuneError, BaseModelError)):
+            raise
         print(f"raylm: {error}", file=sys.stderr)
         return 2
 

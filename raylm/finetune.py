@@ -5,12 +5,14 @@ weights and before DDP/FSDP wrapping; `spec` is the JSON-able `finetune` config 
 
 - `full`: every weight trains.
 - `frozen`: transfer learning. `frozen.first_blocks = N` freezes the token embedding (and so a head
-  tied to it) and blocks `0..N-1`; `frozen.last_blocks = N` freezes everything but the last N blocks,
-  the final norm and the head. With tied embeddings the head *is* the embedding matrix, so in
-  `last_blocks` mode that shared matrix trains with the head.
+  tied to it), learned positions, the encoder of an encoder-decoder, and decoder blocks `0..N-1`;
+  `frozen.last_blocks = N` freezes everything but the last N decoder blocks, the final norm and the
+  head. With tied embeddings the head *is* the embedding matrix, so in `last_blocks` mode that shared
+  matrix trains with the head.
 - `lora`: `peft` wraps the named Linear modules (`lora.target_modules`, matched as module-name
-  suffixes) with low-rank adapters; only the adapters train. `merge_lora` folds them into the base
-  weights and returns a plain `Transformer` for export and evaluation.
+  suffixes; default: every attention and feed-forward Linear the model has) with low-rank adapters;
+  only the adapters train. `merge_lora` folds them into the base weights and returns the plain model
+  (`Transformer` or `EncoderDecoder`) for export and evaluation.
 
 Nothing here imports Ray or MLflow: the same functions run in a worker, on the driver and in tests.
 """
@@ -22,6 +24,7 @@ from typing import Any
 import torch.nn as nn
 
 METHODS = ("full", "frozen", "lora")
+BLOCK_LINEARS = ("qkv", "q", "kv", "proj", "gate", "up", "down")  # attention and feed-forward Linears
 
 
 class FinetuneError(ValueError):
@@ -47,7 +50,8 @@ def freeze_layers(model: nn.Module, first_blocks: int | None = None, last_blocks
     if first_blocks is not None:
         for param in model.parameters():
             param.requires_grad_(True)
-        frozen_modules = [model.embed, *blocks[:first_blocks]]
+        bottom = [getattr(model, name) for name in ("embed", "positions", "encoder", "encoder_norm") if hasattr(model, name)]
+        frozen_modules = [*bottom, *blocks[:first_blocks]]
         for module in frozen_modules:
             for param in module.parameters():
                 param.requires_grad_(False)
@@ -68,16 +72,24 @@ def lora_config(settings: dict[str, Any]):
                       target_modules=list(settings["target_modules"]), bias="none")
 
 
+def lora_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
+    """The Linear module names to adapt: the given ones (each must exist), else every block Linear."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    if targets is None:
+        return sorted(names & set(BLOCK_LINEARS))
+    unknown = [target for target in targets if target not in names]
+    if unknown:
+        raise FinetuneError(f"finetune.lora.target_modules = {list(targets)}: no Linear module named {unknown}; "
+                            f"the model's Linear modules are {sorted(names)}")
+    return list(targets)
+
+
 def add_lora(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
     """Wrap the target Linear modules with LoRA adapters (peft); only adapters require grad."""
     from peft import get_peft_model
 
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    unknown = [target for target in settings["target_modules"] if target not in names]
-    if unknown:
-        raise FinetuneError(f"finetune.lora.target_modules = {list(settings['target_modules'])}: no Linear module "
-                            f"named {unknown}; the model's Linear modules are {sorted(names)}")
-    return get_peft_model(model, lora_config(settings))
+    targets = lora_targets(model, settings.get("target_modules"))
+    return get_peft_model(model, lora_config({**settings, "target_modules": targets}))
 
 
 def prepare_for_finetune(model: nn.Module, spec: dict[str, Any]) -> nn.Module:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from raylm.config import TokenizerConfig
-from raylm.data.chat import (CHAT_TOKENS, ChatDataError, chat_token_ids, conversation_of, looks_like_chat,
+from raylm.data.chat import (TEMPLATE_TOKENS, ChatDataError, chat_token_ids, conversation_of, looks_like_chat,
                              pack_chat_batch, pack_conversations, read_chat_jsonl, render)
 from raylm.data.tokenizer import train_tokenizer
 from raylm.model import Transformer, TransformerConfig
@@ -25,7 +25,7 @@ TEXTS = ["What is the capital of France? The capital of France is Paris.",
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer(TEXTS, TokenizerConfig(vocab_size=300, min_frequency=1,
-                                                  special_tokens=list(CHAT_TOKENS.values())))
+                                                  special_tokens=list(TEMPLATE_TOKENS.values())))
 
 
 def write_jsonl(path, rows):
@@ -75,7 +75,8 @@ def test_looks_like_chat(tmp_path):
 
 
 def test_tokenizer_without_chat_tokens_names_the_missing_ones():
-    plain = train_tokenizer(TEXTS, TokenizerConfig(vocab_size=300, min_frequency=1))
+    plain = train_tokenizer(TEXTS, TokenizerConfig(vocab_size=300, min_frequency=1,
+                                                   special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"]))
     with pytest.raises(ChatDataError, match=r"<\|system\|>.*<\|user\|>.*<\|assistant\|>.*<\|end\|>"):
         chat_token_ids(plain)
 

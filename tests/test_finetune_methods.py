@@ -138,3 +138,25 @@ def test_resolve_base_and_architecture_mismatch_names_the_key(tmp_path):
         resolve_base(str(tmp_path), Workspace(str(tmp_path / "ws")))
     with pytest.raises(ValueError, match=r"not a directory or an MLflow run id"):
         resolve_base(os.path.join(tmp_path, "missing"), Workspace(str(tmp_path / "ws")))
+
+
+def test_lora_and_frozen_on_the_encoder_decoder():
+    from raylm.model import build_model
+
+    config = TransformerConfig(**{**CONFIG.to_dict(), "arch": "encoder-decoder", "n_layers": 2})
+    torch.manual_seed(0)
+    model = prepare_for_finetune(build_model(config), spec(method="lora", lora={"rank": 2}))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    targets = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert targets >= {"proj", "up", "down"}
+    source, tokens = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
+    model.eval()
+    with torch.no_grad():
+        adapted = model(source, tokens)
+        assert torch.allclose(merge_lora(model)(source, tokens), adapted, atol=1e-5, rtol=0)
+
+    frozen = prepare_for_finetune(build_model(config), spec(method="frozen", frozen={"first_blocks": 1}))
+    trainable = {name for name, p in frozen.named_parameters() if p.requires_grad}
+    assert trainable and not any(name.startswith(("encoder.", "embed.", "blocks.0.")) for name in trainable)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raylm.config import ConfigError, TokenizerConfig, validate_config
-from raylm.data.chat import CHAT_TOKENS, ChatDataError
+from raylm.data.chat import TEMPLATE_TOKENS, ChatDataError
 from raylm.data.tokenizer import train_tokenizer
 from raylm.model import Transformer, TransformerConfig
 from raylm.train.checkpoint import load_model
@@ -37,12 +37,25 @@ def chat_rows(count: int, seed: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
+def ray_light():
+    """The session's Ray when one is running; else a lighter one (no dashboard) for this module only."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def base_checkpoint(tmp_path_factory):
     """A base model (random init: the SFT must teach it the format) with a tokenizer that has the chat tokens."""
     folder = tmp_path_factory.mktemp("base")
     texts = [json.dumps(row) for row in chat_rows(200, seed=1)]
     tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=320, min_frequency=1,
-                                                       special_tokens=list(CHAT_TOKENS.values())))
+                                                       special_tokens=list(TEMPLATE_TOKENS.values())))
     config = TransformerConfig(vocab_size=tokenizer.get_vocab_size(), d_model=64, n_layers=2, n_heads=2, seq_len=64)
     torch.manual_seed(0)
     return write_plain_checkpoint(str(folder / "checkpoint"), Transformer(config), config.to_dict(),
@@ -68,7 +81,7 @@ def write_chat(tmp_path, rows) -> str:
 
 
 @pytest.mark.slow
-def test_sft_lowers_held_out_val_loss_and_logs_lineage(ray_session, tmp_path, base_checkpoint):
+def test_sft_lowers_held_out_val_loss_and_logs_lineage(ray_light, tmp_path, base_checkpoint):
     from raylm.pipeline import Pipeline
 
     pipeline = Pipeline(make_config(tmp_path, write_chat(tmp_path, chat_rows(240, seed=2)), "full"))
@@ -86,14 +99,14 @@ def test_sft_lowers_held_out_val_loss_and_logs_lineage(ray_session, tmp_path, ba
 
 
 @pytest.mark.slow
-def test_lora_run_changes_only_adapters_and_exports_merged(ray_session, tmp_path, base_checkpoint):
+def test_lora_run_changes_only_adapters_and_exports_merged(ray_light, tmp_path, base_checkpoint):
     from raylm.pipeline import Pipeline
 
     config = make_config(tmp_path, write_chat(tmp_path, chat_rows(120, seed=3)), "lora",
                          lora={"rank": 4, "alpha": 8, "target_modules": ["qkv", "proj"]}, max_steps=10)
     manifest = Pipeline(config).finetune(base_checkpoint)
     figures = manifest["metrics"]
-    assert figures["params_trainable"] == 2 * 2 * 4 * (64 + 3 * 64) + 2 * 2 * 4 * (64 + 64)
+    assert figures["params_trainable"] == 2 * 4 * (64 + 3 * 64) + 2 * 4 * (64 + 64)  # 2 layers, rank 4, qkv + proj
     assert figures["val_loss_after"] < figures["val_loss_before"]
 
     base = load_model(base_checkpoint)
@@ -122,7 +135,8 @@ def test_lora_run_changes_only_adapters_and_exports_merged(ray_session, tmp_path
     assert changed == []
 
 
-def test_bad_chat_rows_fail_before_training(ray_session, tmp_path, base_checkpoint):
+@pytest.mark.slow  # starts Ray (the pipeline does), although it fails before training
+def test_bad_chat_rows_fail_before_training(ray_light, tmp_path, base_checkpoint):
     from raylm.pipeline import Pipeline
 
     rows = chat_rows(20, seed=4) + [{"messages": [{"role": "user", "content": "hi"}]}]
@@ -130,10 +144,30 @@ def test_bad_chat_rows_fail_before_training(ray_session, tmp_path, base_checkpoi
         Pipeline(make_config(tmp_path, write_chat(tmp_path, rows), "full")).finetune(base_checkpoint)
 
 
-def test_architecture_mismatch_names_the_key(ray_session, tmp_path, base_checkpoint):
+@pytest.mark.slow
+def test_architecture_mismatch_names_the_key(ray_light, tmp_path, base_checkpoint):
     from raylm.pipeline import Pipeline
 
     config = make_config(tmp_path, write_chat(tmp_path, chat_rows(20, seed=5)), "full")
     config.model.n_layers = 4
     with pytest.raises(ConfigError, match=r"model.n_layers = 4 but the base checkpoint .* has n_layers = 2"):
         Pipeline(config).finetune(base_checkpoint)
+
+
+@pytest.mark.slow
+def test_continued_pretraining_on_plain_text_goes_through_curation_and_packing(ray_light, tmp_path, base_checkpoint):
+    from raylm.pipeline import Pipeline
+
+    folder = tmp_path / "domain"
+    folder.mkdir()
+    for index, row in enumerate(chat_rows(40, seed=6)):
+        text = row["response"] if "response" in row else row["messages"][-1]["content"]
+        (folder / f"doc{index:02d}.txt").write_text(f"Note {index}. {text} " * 6)
+    config = make_config(tmp_path, str(folder), "frozen", frozen={"last_blocks": 1}, max_steps=15, val_fraction=0.25)
+    pipeline = Pipeline(config)
+    manifest = pipeline.finetune(base_checkpoint)
+    figures = manifest["metrics"]
+    assert figures["val_loss_after"] < figures["val_loss_before"]
+    assert 0 < figures["params_trainable"] < figures["params_total"]
+    assert [stage.name for stage in pipeline.workspace.finished_runs("finetune-tokenize")] == ["finetune-tokenize"]
+    assert pipeline.workspace.finished_runs("finetune-curate")

@@ -26,12 +26,10 @@ import pandas as pd
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from raylm.data.tokenizer import token_byte_lengths, tokenizer_from_json
+from raylm.data.tokenizer import (ASSISTANT, BOS, END, EOS, PAD, SYSTEM, USER, token_byte_lengths,
+                                  tokenizer_from_json)
 
-CHAT_TOKENS = {
-    "bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>", "system": "<|system|>",
-    "user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>",
-}
+TEMPLATE_TOKENS = {"bos": BOS, "eos": EOS, "pad": PAD, "system": SYSTEM, "user": USER, "assistant": ASSISTANT, "end": END}
 ROLES = ("system", "user", "assistant")
 
 
@@ -41,11 +39,11 @@ class ChatDataError(ValueError):
 
 def chat_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     """Ids of the chat template's special tokens; a clear error lists the ones the tokenizer lacks."""
-    ids = {name: tokenizer.token_to_id(token) for name, token in CHAT_TOKENS.items()}
-    missing = [CHAT_TOKENS[name] for name, index in ids.items() if index is None]
+    ids = {name: tokenizer.token_to_id(token) for name, token in TEMPLATE_TOKENS.items()}
+    missing = [TEMPLATE_TOKENS[name] for name, index in ids.items() if index is None]
     if missing:
         raise ChatDataError(f"the tokenizer lacks the chat special tokens {missing}: train it with "
-                            f"tokenizer.special_tokens including {list(CHAT_TOKENS.values())}")
+                            f"tokenizer.special_tokens including {list(TEMPLATE_TOKENS.values())}")
     return ids
 
 

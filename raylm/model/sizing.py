@@ -89,3 +89,27 @@ def flops_per_token(config: TransformerConfig, seq_len: int | None = None) -> in
     decoder = (6 * target * config.n_layers * (m["block"] + m["cross_q_out"]) + 6 * source * config.n_layers * m["cross_kv"]
                + 6 * target * m["head"] + 12 * config.n_layers * target * (target + source) * d)
     return (encoder + decoder) // context
+
+
+def activation_elements_per_token(config: TransformerConfig, checkpointing: bool = False) -> dict[str, int]:
+    """Tensors autograd keeps for the backward pass, in elements per token of a micro-batch, by part.
+
+    Counted from what each op of a block saves: the norms' inputs and outputs, the fused q/k/v output
+    (k and v live on through views), the rotated q and k, the attention output and the input of the
+    output projection; in the feed-forward the up / gate outputs, the activation output and the
+    product that feeds the down projection. The loss side holds the logits, their log-softmax and,
+    at the start of the backward pass, the gradient of both. With activation checkpointing only each
+    block's input is kept, plus one block's tensors while it is recomputed.
+    """
+    d, h = config.d_model, config.hidden
+    attention = 2 * d + 3 * d + (2 * d if config.position == "rope" else 0) + 2 * d
+    feed_forward = 2 * d + (4 * h if config.activation == "swiglu" else 2 * h)
+    block = attention + feed_forward
+    layers = config.n_layers
+    if config.arch == "encoder-decoder":  # decoder blocks also hold a cross-attention (norm, q, k/v, out)
+        block_count = layers + config.encoder_layers
+        extra = layers * (2 * d + d + 2 * d + 2 * d)
+    else:
+        block_count, extra = layers, 0
+    kept = block_count * d + block if checkpointing else block_count * block + extra
+    return {"blocks": kept, "final_norm": 2 * d, "loss": 4 * config.vocab_size}

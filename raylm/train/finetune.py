@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from raylm.config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig
 from raylm.finetune import is_lora, merge_lora, parameter_counts, prepare_for_finetune
-from raylm.model import Transformer, TransformerConfig
+from raylm.model import TransformerConfig, build_model
 from raylm.train.checkpoint import (MODEL_CONFIG, TOKENIZER, TRAINER_STATE, check_complete, load_tokenizer_json,
                                     load_training_state, local_checkpoint, save_checkpoint)
 from raylm.workspace import StageDir, Workspace, content_hash
@@ -35,7 +35,11 @@ log = logging.getLogger("raylm")
 
 RUN_NAME = "train"
 # Keys that may differ between the base and the fine-tuning config (they change no weight shape).
-NON_ARCHITECTURE_KEYS = ("dropout",)
+NON_ARCHITECTURE_KEYS = ("dropout", "activation_checkpointing", "init_std", "preset")
+
+
+class BaseModelError(ValueError):
+    """`--from` names nothing usable as a base model."""
 
 
 @dataclass
@@ -92,7 +96,7 @@ def _from_checkpoint(directory: str, kind: str, source: str, run_id: str | None 
     check_complete(directory)
     tokenizer_json = load_tokenizer_json(directory)
     if tokenizer_json is None:
-        raise ValueError(f"--from {source}: checkpoint {directory} has no {TOKENIZER}")
+        raise BaseModelError(f"--from {source}: checkpoint {directory} has no {TOKENIZER}")
     return Base(checkpoint=directory, kind=kind, source=source, model_config=_read_json(os.path.join(directory, MODEL_CONFIG)),
                 tokenizer_json=tokenizer_json, tokenizer_path=os.path.join(directory, TOKENIZER),
                 mlflow_run_id=run_id or _stage_run_id(directory))
@@ -102,10 +106,10 @@ def _from_hf(folder: str, workspace: Workspace) -> Base:
     try:
         from raylm.model.hf import import_hf
     except ImportError as error:
-        raise ValueError(f"--from {folder}: a Hugging Face folder needs raylm.model.hf.import_hf ({error})") from None
+        raise BaseModelError(f"--from {folder}: a Hugging Face folder needs raylm.model.hf.import_hf ({error})") from None
     tokenizer_file = os.path.join(folder, "tokenizer.json")
     if not os.path.exists(tokenizer_file):
-        raise ValueError(f"--from {folder}: the Hugging Face folder has no tokenizer.json")
+        raise BaseModelError(f"--from {folder}: the Hugging Face folder has no tokenizer.json")
     files = sorted(name for name in os.listdir(folder) if not name.startswith("."))
     stamp = {name: os.stat(os.path.join(folder, name)).st_size for name in files}
     stage = workspace.stage("finetune-base", {"hf_folder": os.path.abspath(folder), "files": stamp})
@@ -132,11 +136,11 @@ def resolve_base(source: str, workspace: Workspace, tracking_uri: str | None = N
             manifest = _read_json(manifest_file)
             checkpoint = manifest.get("merged_checkpoint") or manifest.get("checkpoint")
             if not checkpoint:
-                raise ValueError(f"--from {source}: the stage folder's manifest names no checkpoint")
+                raise BaseModelError(f"--from {source}: the stage folder's manifest names no checkpoint")
             return _from_checkpoint(checkpoint, "stage", source, manifest.get("mlflow_run_id"))
         if os.path.exists(os.path.join(path, "config.json")):
             return _from_hf(path, workspace)
-        raise ValueError(f"--from {source}: folder is neither a raylm checkpoint ({MODEL_CONFIG}), a stage folder "
+        raise BaseModelError(f"--from {source}: folder is neither a raylm checkpoint ({MODEL_CONFIG}), a stage folder "
                          "(manifest.json) nor a Hugging Face model folder (config.json)")
     if tracking_uri and len(source) == 32 and all(c in "0123456789abcdef" for c in source):
         from mlflow.tracking import MlflowClient
@@ -144,14 +148,14 @@ def resolve_base(source: str, workspace: Workspace, tracking_uri: str | None = N
         try:
             run = MlflowClient(tracking_uri).get_run(source)
         except mlflow.exceptions.MlflowException as error:
-            raise ValueError(f"--from {source}: no such MLflow run in {tracking_uri} ({error})") from None
+            raise BaseModelError(f"--from {source}: no such MLflow run in {tracking_uri} ({error})") from None
         checkpoint = run.data.tags.get("raylm.merged_checkpoint") or run.data.tags.get("raylm.checkpoint")
         if not checkpoint:
-            raise ValueError(f"--from {source}: MLflow run {source} has no raylm.checkpoint tag")
+            raise BaseModelError(f"--from {source}: MLflow run {source} has no raylm.checkpoint tag")
         if "://" in checkpoint and not checkpoint.startswith("file://"):
-            raise ValueError(f"--from {source}: checkpoint {checkpoint} is remote; pass a local copy")
+            raise BaseModelError(f"--from {source}: checkpoint {checkpoint} is remote; pass a local copy")
         return _from_checkpoint(checkpoint.removeprefix("file://"), "run", source, source)
-    raise ValueError(f"--from {source}: not a directory or an MLflow run id")
+    raise BaseModelError(f"--from {source}: not a directory or an MLflow run id")
 
 
 def check_architecture(model: ModelConfig, base: Base) -> ModelConfig:
@@ -197,7 +201,7 @@ def finetune_spec(finetune: FinetuneConfig) -> dict[str, Any]:
 
 def count_parameters(model_config: dict[str, Any], spec: dict[str, Any]) -> dict[str, int]:
     with torch.device("meta"):
-        model = prepare_for_finetune(Transformer(TransformerConfig.from_dict(model_config)), spec)
+        model = prepare_for_finetune(build_model(model_config), spec)
     return parameter_counts(model)
 
 
@@ -209,7 +213,7 @@ def load_finetuned(checkpoint: str, spec: dict[str, Any]) -> nn.Module:
     """A fine-tuned checkpoint as a plain model: LoRA adapters merged into the weights."""
     with local_checkpoint(checkpoint) as directory:
         config = TransformerConfig.from_dict(_read_json(os.path.join(directory, MODEL_CONFIG)))
-        model = prepare_for_finetune(Transformer(config), spec)
+        model = prepare_for_finetune(build_model(config), spec)
         load_training_state(directory, model, None, rank=0)
     return merge_lora(model).eval()
 
