@@ -245,7 +245,10 @@ def init_weights(model: nn.Module, config: TransformerConfig) -> None:
     residual_std = config.init_std / math.sqrt(2 * layers)
     for name, param in model.named_parameters():
         if param.dim() < 2:
-            nn.init.zeros_(param) if name.endswith("bias") else nn.init.ones_(param)
+            if name.endswith("bias"):
+                nn.init.zeros_(param)
+            else:
+                nn.init.ones_(param)
             continue
         std = residual_std if name.endswith(("proj.weight", "ffn.down.weight")) else config.init_std
         nn.init.normal_(param, mean=0.0, std=std)
