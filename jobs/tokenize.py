@@ -3,10 +3,21 @@
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml -- \
         python jobs/tokenize.py --config configs/cluster.yaml
 
-Takes exactly the flags of `raylm tokenize` (see `raylm tokenize --help`); jobs/_entry.py says how it runs.
+It is `raylm tokenize` and nothing else: the same flags (`--config`, `--set`, `--workspace`, `--force`; see
+`raylm tokenize --help`), the same code. Inside a job Ray is already there (the job supervisor sets
+RAY_ADDRESS), so the stages attach to the cluster; the workspace and the MLflow server come from the
+config or from RAYLM_WORKSPACE / MLFLOW_TRACKING_URI (jobs/runtime_env.yaml). A bad config exits with
+status 2 and the problems in the job's logs before anything runs.
 """
 
-from _entry import run
+import os
+import sys
+
+# The repository (the uploaded working dir) replaces jobs/ at the head of sys.path: the job runs the
+# raylm code it was submitted with, and jobs/tokenize.py cannot shadow the standard library's tokenize.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from raylm.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    run("tokenize")
+    sys.exit(main(["tokenize", *sys.argv[1:]]))

@@ -2,6 +2,9 @@
 
     raylm pipeline --config configs/laptop.yaml [--set train.lr=1e-3 ...] [--workspace DIR] [--force STAGE]
     raylm curate|tokenize|pretrain|eval --config FILE ...
+    raylm generate --checkpoint PATH --prompt TEXT [--temperature 0.8 --top-k 50 --top-p 0.95 --stop TEXT]
+    raylm export --checkpoint PATH --out DIR        (a `transformers` model folder)
+    raylm finetune --from CHECKPOINT_OR_RUN --config FILE
 
 Every command validates the whole config before it starts Ray or touches the workspace, and exits
 with status 2 and the list of problems when it is invalid.
@@ -20,7 +23,8 @@ STAGE_HELP = {
     "curate": "read, clean, deduplicate and split the corpus (Ray Data)",
     "tokenize": "train a BPE tokenizer on the train split and pack both splits",
     "pretrain": "pretrain the transformer (Ray Train)",
-    "eval": "held-out loss and bits-per-byte of the trained checkpoint",
+    "eval": "held-out bits-per-byte and the benchmark suite (lm-eval on evaluation actors)",
+    "finetune": "fine-tune a checkpoint (full, frozen layers or LoRA) on text or chat data",
     "pipeline": "run every stage in order, reusing finished ones",
     "tune": "search hyperparameters with Ray Tune: each trial a Ray Train run, ASHA, nested MLflow runs",
 }
@@ -36,25 +40,136 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", "-v", action="store_true")
 
 
+def _eval_flags(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--checkpoint", help="checkpoint path/URI or the MLflow run id that made it "
+                                          "(default: this config's pretrain stage, val bits-per-byte only)")
+    sub.add_argument("--tasks", help="comma-separated: bpb, arc_easy, arc_challenge, hellaswag, mmlu, truthfulqa_mc1, "
+                                     "truthfulqa_mc2, gsm8k, humaneval, mt_bench, domain, groups arc|truthfulqa|standard")
+    sub.add_argument("--limit", type=int, help="evaluate the first N items of each task")
+    sub.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    sub.add_argument("--benchmark-data", help="local benchmark folder (the layout of shared/data/benchmarks)")
+    sub.add_argument("--actors", type=int, help="evaluation actors")
+    sub.add_argument("--contamination-index", help="decontamination index: report scores on clean items too")
+    sub.add_argument("--allow-code-execution", action="store_true", default=None,
+                     help="let HumanEval run model-written code in the sandbox")
+    sub.add_argument("--judge-url", help="OpenAI-compatible URL of an MT-Bench judge")
+    sub.add_argument("--text-file", dest="text_files", action="append", help="also report bits-per-byte of this file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylm", description="Build a language model from scratch on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in STAGE_HELP.items():
         sub = commands.add_parser(name, help=text, description=text)
         _common(sub)
+        if name in ("tokenize", "pipeline"):
+            sub.add_argument("--tokenizer", metavar="PATH",
+                             help="reuse this tokenizer (tokenizer.json, its folder, or runs:/RUN_ID/tokenizer) "
+                                  "instead of training one; same as --set tokenizer.path=PATH")
         if name == "pretrain":
             sub.add_argument("--from", dest="init_checkpoint", help="start from this checkpoint's weights")
             sub.add_argument("--resume", action="store_true",
                              help="continue the latest pretrain run from its newest good checkpoint")
             sub.add_argument("--from-sweep", metavar="RUN_OR_PATH",
                              help="train with a sweep's best values (its MLflow run id, stage folder or best_params.json)")
+        if name == "finetune":
+            sub.add_argument("--from", dest="base", required=True, metavar="CHECKPOINT_OR_RUN",
+                             help="base model: a checkpoint or stage folder, an MLflow run id, or a Hugging Face folder")
+        if name == "eval":
+            _eval_flags(sub)
+    _model_commands(commands)
     return parser
+
+
+def _model_commands(commands) -> None:
+    generate = commands.add_parser("generate", help="continue a prompt with a trained checkpoint",
+                                   description="Continue prompts with a checkpoint (or an exported model folder).")
+    generate.add_argument("--checkpoint", required=True, help="checkpoint directory or URI, or a transformers folder")
+    generate.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--no-cache", action="store_true", help="recompute every step instead of using the KV cache")
+    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face transformers model folder",
+                                 description="Export a decoder checkpoint as a transformers folder (Llama or GPT-2).")
+    export.add_argument("--checkpoint", required=True, help="checkpoint directory or URI")
+    export.add_argument("--out", required=True, help="output folder")
+
+
+def _load_for_generation(path: str):
+    """(model, tokenizer JSON) from a raylm checkpoint or an exported transformers folder."""
+    import os
+
+    from raylm.train.checkpoint import load_model, load_tokenizer_json, local_checkpoint
+
+    if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(os.path.join(path, "model_config.json")):
+        from raylm.model.hf import import_hf
+
+        model, _ = import_hf(path)
+        return model, load_tokenizer_json(path)
+    with local_checkpoint(path) as directory:
+        return load_model(directory), load_tokenizer_json(directory)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from raylm.data.tokenizer import tokenizer_from_json
+    from raylm.model.generate import generate_text
+
+    model, tokenizer_json = _load_for_generation(args.checkpoint)
+    if tokenizer_json is None:
+        print(f"raylm: {args.checkpoint} has no tokenizer.json", file=sys.stderr)
+        return 2
+    texts = generate_text(model, tokenizer_from_json(tokenizer_json), args.prompt, args.max_new_tokens,
+                          stop=args.stop, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          use_cache=not args.no_cache, generator=torch.Generator().manual_seed(args.seed))
+    for prompt, text in zip(args.prompt, texts):
+        print(prompt + text)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from raylm.model.hf import ExportError, export_hf
+    from raylm.train.checkpoint import load_model, load_model_config, load_tokenizer_json, local_checkpoint
+
+    with local_checkpoint(args.checkpoint) as directory:
+        config = load_model_config(directory)
+        model, tokenizer_json = load_model(directory), load_tokenizer_json(directory)
+    try:
+        export_hf(model, config, tokenizer_json, args.out)
+    except ExportError as error:
+        print(f"raylm: cannot export {args.checkpoint}: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} to {args.out}")
+    return 0
+
+
+def _run_eval(config, args: argparse.Namespace) -> int:
+    from raylm.eval.command import run_eval_command
+
+    overrides = {"tasks": args.tasks.split(",") if args.tasks else None, "limit": args.limit,
+                 "num_fewshot": args.num_fewshot, "benchmark_data": args.benchmark_data, "actors": args.actors,
+                 "contamination_index": args.contamination_index, "allow_code_execution": args.allow_code_execution,
+                 "judge_url": args.judge_url, "text_files": args.text_files}
+    manifest = run_eval_command(config, args.checkpoint, overrides)
+    print(manifest["table"])
+    print(f"results: {manifest['uri']}  MLflow run: {manifest['mlflow_run_id']}")
+    return 0
 
 
 def _run_stage(name: str, args: argparse.Namespace) -> int:
     from raylm.pipeline import Pipeline
 
-    config = load_config(args.config, args.overrides, args.workspace)
+    overrides = list(args.overrides)
+    if getattr(args, "tokenizer", None):
+        overrides.append(f"tokenizer.path={args.tokenizer}")
+    config = load_config(args.config, overrides, args.workspace)
+    if name == "eval" and args.checkpoint:
+        return _run_eval(config, args)
     if name == "pretrain" and args.from_sweep:
         config = _config_from_sweep(args, config)
     if name == "tune":
@@ -74,6 +189,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         manifests = pipeline.run_all()
     elif name == "pretrain":
         manifests = {name: pipeline.pretrain(args.init_checkpoint, args.resume)}
+    elif name == "finetune":
+        manifests = {name: pipeline.finetune(args.base)}
     else:
         manifests = {name: getattr(pipeline, name)()}
     print(pipeline.summary(manifests))
@@ -94,11 +211,24 @@ def _config_from_sweep(args: argparse.Namespace, config):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "export":
+            return _export(args)
         return _run_stage(args.command, args)
     except ConfigError as error:
+        print(f"raylm: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # bad fine-tuning input: chat rows, base model, method settings
+        from raylm.data.chat import ChatDataError
+        from raylm.finetune import FinetuneError
+        from raylm.train.finetune import BaseModelError
+
+        if not isinstance(error, (ChatDataError, FinetuneError, BaseModelError)):
+            raise
         print(f"raylm: {error}", file=sys.stderr)
         return 2
 

@@ -66,6 +66,7 @@ class SourceConfig(Section):
     weight: float = Field(1.0, gt=0)
     max_bytes: int | None = Field(None, gt=0, description="sample the source down to about this many bytes")
     name: str | None = None
+    split: str = Field("train", description="split of a Hugging Face dataset (hf://org/name)")
 
     _exists = field_validator("path")(_check_local_path_exists)
 
@@ -74,12 +75,97 @@ class SourceConfig(Section):
         return self.name or self.path
 
 
+class CleanConfig(Section):
+    """Cleaning steps, each switchable; each reports how many documents and bytes it changed."""
+
+    unicode: Literal["NFC", "NFKC", "none"] = "NFC"
+    html: Literal["auto", "always", "never"] = Field("auto", description="auto: parse documents that look like HTML")
+    boilerplate: bool = Field(True, description="drop cookie/policy notices, navigation lines, lorem ipsum")
+    terminal_punctuation: bool = Field(False, description="C4 rule: drop lines not ending in . ! ? or a quote")
+    gutenberg: bool = Field(True, description="cut Project Gutenberg headers and footers")
+    symbols: bool = Field(True, description="drop control characters, emoji and other non-text symbols")
+    whitespace: bool = True
+
+
+class QualityConfig(Section):
+    """Gopher-style document filters; each rejects with `quality:<rule>`. `null` turns a rule off."""
+
+    enabled: bool = True
+    min_words: int | None = Field(None, ge=0)
+    max_words: int | None = Field(1_000_000, gt=0)
+    min_mean_word_length: float | None = Field(None, ge=0)
+    max_mean_word_length: float | None = Field(None, gt=0)
+    max_symbol_word_ratio: float | None = Field(None, ge=0)
+    max_bullet_lines: float | None = Field(None, ge=0, le=1)
+    max_ellipsis_lines: float | None = Field(None, ge=0, le=1)
+    min_alpha_words: float | None = Field(None, ge=0, le=1)
+    max_duplicate_lines: float | None = Field(None, ge=0, le=1)
+    max_duplicate_paragraphs: float | None = Field(None, ge=0, le=1)
+    max_duplicate_line_chars: float | None = Field(None, ge=0, le=1)
+    max_top_ngram: dict[int, float] = Field(default_factory=dict, description="{n: max share of chars in the top n-gram}, e.g. {2: 0.2, 3: 0.18, 4: 0.16}")
+    max_duplicate_ngram: dict[int, float] = Field(default_factory=dict, description="{n: max share of chars in duplicated n-grams}, e.g. {5: 0.15, ..., 10: 0.10}")
+    min_stop_words: int | None = Field(None, ge=0, description="Gopher: at least this many English stop words")
+    languages: list[str] | None = Field(None, description="keep only these languages (langid); null: no language id")
+    min_language_score: float = Field(0.5, ge=0, le=1)
+
+    @classmethod
+    def gopher(cls) -> "QualityConfig":
+        """The thresholds of the Gopher paper (Rae et al. 2021), for web text."""
+        return cls(min_words=50, max_words=100_000, min_mean_word_length=3, max_mean_word_length=10,
+                   max_symbol_word_ratio=0.1, max_bullet_lines=0.9, max_ellipsis_lines=0.3, min_alpha_words=0.8,
+                   max_duplicate_lines=0.3, max_duplicate_paragraphs=0.3, max_duplicate_line_chars=0.2,
+                   max_top_ngram={2: 0.2, 3: 0.18, 4: 0.16},
+                   max_duplicate_ngram={5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}, min_stop_words=2)
+
+
+class PIIConfig(Section):
+    """Redaction of private data and secrets with typed placeholders such as `<EMAIL>`."""
+
+    enabled: bool = True
+    types: list[Literal["email", "phone", "ip", "credit_card", "ssn", "iban", "secret"]] = Field(
+        default_factory=lambda: ["email", "phone", "ip", "credit_card", "ssn", "iban", "secret"])
+
+
+class DedupConfig(Section):
+    """Exact dedup on normalised text and MinHash LSH near dedup (the smallest id of a cluster stays)."""
+
+    exact: bool = True
+    near: bool = True
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle_size: int = Field(5, ge=1, description="words per shingle")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity that makes a near duplicate")
+    false_negative_weight: float = Field(0.9, gt=0, lt=1, description="datasketch optimal-parameter weight of misses (the rest: false positives)")
+    verify: bool = Field(True, description="check each candidate pair's signature similarity against the threshold")
+    max_bucket: int = Field(200, gt=1, description="compare all pairs in buckets up to this size, beyond it only pairs with the smallest ids")
+    seed: int = 1
+
+
+class DecontamConfig(Section):
+    """Benchmark decontamination by shared word n-grams (off unless `benchmarks` is set)."""
+
+    benchmarks: str | None = Field(None, description="folder of benchmark files, e.g. ../shared/data/benchmarks")
+    tasks: list[str] | None = Field(None, description="benchmark tasks to check (default: all found)")
+    ngram: int = Field(13, ge=3)
+    mode: Literal["drop", "flag"] = Field("drop", description="drop: reject as `contaminated`; flag: keep and note in meta")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _benchmarks_exist(cls, path: str | None) -> str | None:
+        return None if path is None else _check_local_path_exists(path)
+
+
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(max_bytes=4_000_000)])
     val_fraction: float = Field(0.05, gt=0, lt=1)
     min_chars: int = Field(1, ge=1, description="documents shorter than this after cleaning are rejected as empty")
+    max_doc_bytes: int = Field(20_000_000, gt=0, description="longer documents are rejected as `too_large`")
     seed: int = 0
     num_blocks: int | None = Field(None, gt=0, description="Ray Data blocks to read into (default: Ray decides)")
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    pii: PIIConfig = Field(default_factory=PIIConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    decontam: DecontamConfig = Field(default_factory=DecontamConfig)
 
     @field_validator("sources")
     @classmethod
@@ -111,7 +197,17 @@ class TokenizerConfig(Section):
     def _path_exists(cls, path: str | None) -> str | None:
         if path is None or path.startswith("runs:/"):
             return path
-        return _check_local_path_exists(path)
+        _check_local_path_exists(path)
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise ValueError(f"no tokenizer.json in the folder {os.path.abspath(path)}")
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(file)
+        except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception on bad files
+            raise ValueError(f"{file} is not a tokenizer.json that `tokenizers` can parse ({error})") from None
+        return path
 
     @field_validator("special_tokens")
     @classmethod
@@ -133,22 +229,53 @@ class TokenizerConfig(Section):
 
 
 class ModelConfig(Section):
-    arch: Literal["decoder"] = "decoder"
+    """The transformer (raylm/model). `preset` fills in the sizes of a named model; keys given here win.
+    The vocabulary size comes from the tokenizer. Components: `position` (rope | learned | sinusoidal),
+    `activation` (swiglu | gelu | relu), `norm` (rmsnorm | layernorm), `norm_position` (pre | post)."""
+
+    preset: str | None = Field(None, description="named size: tiny, laptop, gpt2-124m, 350m, 1b")
+    arch: Literal["decoder", "encoder-decoder"] = "decoder"
     d_model: int = Field(256, gt=0)
-    n_layers: int = Field(4, gt=0)
+    n_layers: int = Field(4, gt=0, description="decoder layers (and encoder layers unless n_encoder_layers is set)")
     n_heads: int = Field(4, gt=0)
-    ffn_hidden: int | None = Field(None, gt=0, description="feed-forward width (default: 8/3 d_model for SwiGLU)")
+    n_kv_heads: int | None = Field(None, gt=0, description="key/value heads for grouped-query attention (default: n_heads)")
+    n_encoder_layers: int | None = Field(None, gt=0, description="encoder-decoder: encoder layers (default: n_layers)")
+    ffn_hidden: int | None = Field(None, gt=0, description="feed-forward width (default: 8/3 d_model for SwiGLU, 4 d_model otherwise)")
     seq_len: int = Field(256, ge=2, description="context length; packed sequences hold seq_len + 1 tokens")
     dropout: float = Field(0.0, ge=0, lt=1)
     tie_embeddings: bool = True
     rope_theta: float = Field(10000.0, gt=0)
+    position: Literal["rope", "learned", "sinusoidal"] = "rope"
+    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_position: Literal["pre", "post"] = "pre"
+    norm_eps: float = Field(1e-5, gt=0)
+    bias: bool = Field(False, description="biases in linear layers and LayerNorm")
+    init_std: float = Field(0.02, gt=0, description="std of the normal init; residual projections get / sqrt(2 * layers)")
+    activation_checkpointing: bool = Field(False, description="recompute each block in the backward pass to save memory")
+    source_fraction: float = Field(0.5, gt=0, lt=1, description="encoder-decoder: share of each packed row used as the source")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            from raylm.model.config import PRESETS
+
+            name = data["preset"]
+            if name not in PRESETS:
+                raise ValueError(f"model.preset = {name!r}: expected one of {', '.join(PRESETS)}")
+            sizes = {k: v for k, v in PRESETS[name].items() if k != "vocab_size"}
+            return {**sizes, **data}
+        return data
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if (self.d_model // self.n_heads) % 2:
+        if self.position == "rope" and (self.d_model // self.n_heads) % 2:
             raise ValueError(f"head size d_model / n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         return self
 
 
@@ -327,30 +454,97 @@ class TuneConfig(Section):
         return self
 
 
+class FrozenConfig(Section):
+    """Transfer learning: set exactly one of the two (for `finetune.method: frozen`)."""
+
+    first_blocks: int | None = Field(None, ge=0, description="freeze the embeddings and the first N blocks")
+    last_blocks: int | None = Field(None, ge=0, description="train only the last N blocks, the final norm and the head")
+
+
+class LoraSettings(Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="names of the Linear modules to adapt, e.g. "
+                                             "[qkv, proj] (default: every attention and feed-forward Linear)")
+
+
 class FinetuneConfig(Section):
     method: Literal["full", "frozen", "lora"] = "full"
-    data: str | None = None
+    data: str | None = Field(None, description="plain text (any data source) or chat jsonl")
+    format: Literal["auto", "text", "chat"] = Field("auto", description="auto: chat for .jsonl/.json rows with messages or prompt/response")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the fine-tuning data held out for val loss")
+    system_prompt: str | None = Field(None, description="system message for prompt/response rows")
     lr: float = Field(1e-4, gt=0)
     max_steps: int = Field(100, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    global_batch_size: int | None = Field(None, gt=0, description="default: train.global_batch_size")
+    micro_batch_size: int | None = Field(None, gt=0, description="default: train.micro_batch_size")
+    eval_every: int | None = Field(None, gt=0, description="default: train.eval_every")
+    seed: int = 0
+    frozen: FrozenConfig = Field(default_factory=FrozenConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
 
     @field_validator("data")
     @classmethod
     def _data_exists(cls, path: str | None) -> str | None:
         return None if path is None else _check_local_path_exists(path)
 
+    @model_validator(mode="after")
+    def _method_settings(self) -> "FinetuneConfig":
+        if self.method == "frozen" and (self.frozen.first_blocks is None) == (self.frozen.last_blocks is None):
+            raise ValueError("finetune.method = 'frozen' needs exactly one of finetune.frozen.first_blocks "
+                             f"or finetune.frozen.last_blocks (got {self.frozen.model_dump()})")
+        return self
+
+
+class EvalExtraTask(Section):
+    """A multiple-choice benchmark in a known layout, added by configuration alone."""
+
+    name: str
+    layout: Literal["arc", "mmlu", "hellaswag"]
+    path: str
+    fewshot_path: str | None = None
+    description: str | None = None
+
+    _exists = field_validator("path", "fewshot_path")(lambda path: None if path is None else _check_local_path_exists(path))
+
 
 class EvalConfig(Section):
-    tasks: list[str] = Field(default_factory=lambda: ["bpb"])
+    tasks: list[str] = Field(default_factory=lambda: ["bpb"],
+                             description="bpb, arc_easy, arc_challenge, hellaswag, mmlu, mmlu_<subject>, truthfulqa_mc1, "
+                                         "truthfulqa_mc2, gsm8k, humaneval, mt_bench, domain, an extra task, or a group "
+                                         "(arc, truthfulqa, standard)")
     limit: int | None = Field(None, gt=0)
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(16, gt=0)
-    actors: int = Field(1, gt=0)
-    benchmark_data: str | None = None
+    actors: int = Field(1, gt=0, description="evaluation actors (each loads the checkpoint once)")
+    actor_gpus: float | Literal["auto"] = Field("auto", description="GPUs per actor; auto: 1 when the cluster has GPUs")
+    actor_cpus: float = Field(1, gt=0)
+    benchmark_data: str | None = Field(None, description="local benchmark folder (layout of shared/data/benchmarks); "
+                                                         "unset: lm-eval downloads the standard datasets")
+    allow_code_execution: bool = Field(False, description="run model-written code (HumanEval) in the sandbox")
+    sandbox_timeout_s: float = Field(10.0, gt=0)
+    sandbox_memory_mb: int = Field(1024, gt=0)
+    contamination_index: str | None = Field(None, description="curation's decontamination index: scores on clean items too")
+    domain_data: str | None = Field(None, description="held-out text for the domain task (default: the curated val split)")
+    domain_items: int = Field(200, gt=0)
+    text_files: list[str] = Field(default_factory=list, description="text files to report bits-per-byte on")
+    judge_url: str | None = Field(None, description="OpenAI-compatible URL of the MT-Bench judge; unset: MT-Bench unscored")
+    judge_model: str = "gpt-4"
+    max_gen_toks: int = Field(256, gt=0)
+    extra_tasks: list[EvalExtraTask] = Field(default_factory=list)
+    seed: int = 0
 
-    @field_validator("benchmark_data")
+    @field_validator("benchmark_data", "contamination_index", "domain_data")
     @classmethod
-    def _benchmarks_exist(cls, path: str | None) -> str | None:
+    def _paths_exist(cls, path: str | None) -> str | None:
         return None if path is None else _check_local_path_exists(path)
+
+    @field_validator("text_files")
+    @classmethod
+    def _files_exist(cls, paths: list[str]) -> list[str]:
+        return [_check_local_path_exists(path) for path in paths]
 
 
 class ClusterConfig(Section):

@@ -17,7 +17,7 @@ from typing import Any
 from raylm.config import RaylmConfig
 from raylm.stage import execute
 from raylm.tracking import Tracker, flatten, ui_command
-from raylm.workspace import StageDir, Workspace
+from raylm.workspace import StageDir, Workspace, content_hash
 
 log = logging.getLogger("raylm")
 
@@ -44,6 +44,14 @@ def source_fingerprint(config: RaylmConfig) -> str:
     return digest.hexdigest()[:16]
 
 
+def tokenizer_fingerprint(path: str | None) -> str | None:
+    """`tokenizer.path` as a stage input: the hash of tokenizer.json (also inside a folder); an MLflow
+    `runs:/` URI names immutable artifacts, so it is its own fingerprint."""
+    if path is None or path.startswith("runs:/"):
+        return path
+    return file_fingerprint(os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path)
+
+
 def file_fingerprint(path: str | None) -> str | None:
     if path is None:
         return None
@@ -63,7 +71,7 @@ def plan_stages(config: RaylmConfig, workspace: Workspace) -> StagePlan:
     curate = workspace.stage("curate", {"data": config.section("data"), "files": source_fingerprint(config)})
     tokenize = workspace.stage(
         "tokenize",
-        {"tokenizer": config.section("tokenizer"), "tokenizer_file": file_fingerprint(config.tokenizer.path),
+        {"tokenizer": config.section("tokenizer"), "tokenizer_file": tokenizer_fingerprint(config.tokenizer.path),
          "seq_len": config.model.seq_len},
         {"curated": curate.fingerprint},
     )
@@ -133,6 +141,62 @@ class Pipeline:
                                                     self.config.eval.limit),
                        force="eval" in self.force)
 
+    def finetune(self, base_source: str) -> dict[str, Any]:
+        """Fine-tune the base named by `--from` on `finetune.data` (see raylm/train/finetune.py)."""
+        from raylm.config import ConfigError
+        from raylm.train.finetune import check_architecture, finetune, finetune_train_config, resolve_base
+
+        settings = self.config.finetune
+        if settings.data is None:
+            raise ConfigError(["finetune.data = None: set the fine-tuning data (plain text or chat jsonl)"])
+        base = resolve_base(base_source, self.workspace, self.tracker.uri)
+        model = check_architecture(self.config.model, base)
+        train = finetune_train_config(self.config.train, settings)
+        packed_stage, packed = self._finetune_data(base, model.seq_len)
+        section = {"finetune": self.config.section("finetune"), "train": train.model_dump(mode="json"),
+                   "model": model.model_dump(mode="json")}
+        stage = self.workspace.stage("finetune", section, {"base": base.fingerprint, "data": packed_stage.fingerprint})
+        return execute(stage, section, self.tracker,
+                       lambda st: finetune(model, train, settings, base, packed, st, self.tracker.uri),
+                       force="finetune" in self.force, resumable=True)
+
+    def _finetune_data(self, base, seq_len: int) -> tuple[StageDir, dict[str, Any]]:
+        """Chat jsonl -> `sft-data`; plain text -> `finetune-curate` and `finetune-tokenize` with the base's tokenizer."""
+        from raylm.config import DataConfig, SourceConfig, TokenizerConfig
+        from raylm.data.chat import looks_like_chat
+
+        settings = self.config.finetune
+        chat = settings.format == "chat" or (settings.format == "auto" and looks_like_chat(settings.data))
+        if chat:
+            from raylm.data.sft import sft_data
+
+            section = {"data": settings.data, "val_fraction": settings.val_fraction, "seed": settings.seed,
+                       "system_prompt": settings.system_prompt, "seq_len": seq_len}
+            stage = self.workspace.stage("sft-data", section, {"file": file_fingerprint(settings.data),
+                                                               "tokenizer": content_hash(base.tokenizer_json)})
+            manifest = execute(stage, section, self.tracker,
+                               lambda st: sft_data(settings.data, base.tokenizer_json, seq_len, settings.val_fraction,
+                                                   settings.seed, settings.system_prompt, st),
+                               force="finetune" in self.force)
+            return stage, manifest
+        from raylm.data.curate import curate
+        from raylm.data.tokenize import tokenize
+
+        data = DataConfig(sources=[SourceConfig(path=settings.data)], val_fraction=settings.val_fraction,
+                          seed=settings.seed, min_chars=self.config.data.min_chars)
+        data_config = self.config.model_copy(update={"data": data})
+        curate_stage = self.workspace.stage("finetune-curate", {"data": data.model_dump(mode="json"),
+                                                                "files": source_fingerprint(data_config)})
+        curated = execute(curate_stage, data.model_dump(mode="json"), self.tracker,
+                          lambda st: curate(data, st), force="finetune" in self.force)
+        tokenizer = TokenizerConfig(path=base.tokenizer_path)
+        section = {"tokenizer": tokenizer.model_dump(mode="json"), "seq_len": seq_len}
+        stage = self.workspace.stage("finetune-tokenize", section,
+                                     {"curated": curate_stage.fingerprint, "tokenizer": content_hash(base.tokenizer_json)})
+        manifest = execute(stage, section, self.tracker,
+                           lambda st: tokenize(tokenizer, seq_len, curated, st), force="finetune" in self.force)
+        return stage, manifest
+
     def run_all(self) -> dict[str, dict[str, Any]]:
         manifests = {}
         params = flatten(self.config.model_dump(mode="json"))
@@ -149,6 +213,12 @@ class Pipeline:
         trained = manifests.get("pretrain")
         if trained:
             lines.append(f"  checkpoint {trained['checkpoint']}")
+        tuned = manifests.get("finetune")
+        if tuned:
+            figures = tuned["metrics"]
+            lines.append(f"  checkpoint {tuned['checkpoint']} ({tuned['method']}, base {tuned['base']['checkpoint']})")
+            lines.append(f"  trainable parameters {figures['params_trainable']:,} of {figures['params_total']:,}; "
+                         f"val loss {figures['val_loss_before']:.4f} -> {figures['val_loss_after']:.4f}")
         evaluation = manifests.get("eval")
         if evaluation:
             figures = evaluation["metrics"]

@@ -1,24 +1,34 @@
-"""The `curate` stage: sources -> cleaned, deduplicated, split documents, with every row accounted for.
+"""The `curate` stage: sources -> cleaned, filtered, redacted, deduplicated, decontaminated, split
+documents, with every row accounted for.
 
-Ray Data reads every source, cleans each batch, removes exact duplicates through a hash shuffle and
-splits train / val by a hash of the document id. Nothing is dropped: kept rows go to `kept/train` and
-`kept/val`, every other row to `rejected/` with its reason, and `input = kept + rejected` is checked
-on the written files before the stage is marked finished.
+The plan, all on Ray Data (the driver lists files and handles small tables only):
+
+    read sources -> screen (too_large, sampled_out by source weight) -> clean -> redact PII
+    -> quality filters -> decontaminate -> exact dedup (hash shuffle) -> near dedup (MinHash LSH,
+    shuffles on band keys) -> train/val split by a hash of the id
+
+Nothing is dropped: every step marks a row with a `reason` ('' while kept) and a `detail`. Kept
+rows go to `kept/train` and `kept/val` (columns id, text, source, meta, n_bytes), every other row to
+`rejected/` with its reason, and `input = kept + rejected` is checked on the written files before
+the stage is marked finished. Rows and bytes per reason, cleaning and PII counts, cluster sizes and
+contamination go to `stats.json`, `stats.png` and MLflow.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 from typing import Any
 
 import pandas as pd
+import ray
 import ray.data
 import xxhash
-from ray.data.aggregate import Count, Sum
+from ray.data.aggregate import Sum
 
 from raylm.config import DataConfig
-from raylm.data.clean import clean_batch
-from raylm.data.dedup import DEDUP_KEY, add_dedup_key, mark_exact_duplicates
+from raylm.data import clean, decontam, dedup, pii, quality
 from raylm.data.sources import DOC_COLUMNS, read_source
 from raylm.workspace import StageDir
 
@@ -27,6 +37,7 @@ log = logging.getLogger("raylm")
 KEPT_COLUMNS = ["id", "text", "source", "meta", "n_bytes"]
 REJECTED_COLUMNS = ["id", "text", "source", "meta", "reason", "detail", "n_bytes"]
 SPLITS = ("train", "val")
+STAT_COLUMNS = clean.stat_columns() + pii.stat_columns()
 
 
 class AccountingError(RuntimeError):
@@ -44,36 +55,81 @@ def assign_split(batch: pd.DataFrame, val_fraction: float, seed: int) -> pd.Data
     return batch
 
 
+def screen_batch(batch: pd.DataFrame, max_doc_bytes: int, weights: dict[str, float], seed: int) -> pd.DataFrame:
+    """Reject documents over `max_doc_bytes` (their text is not kept) and sample sources whose weight
+    is below 1 down to that share, by a stable hash of the id; a weight above 1 goes into `meta`."""
+    live = batch["reason"] == ""
+    large = live & (batch["n_bytes"] > max_doc_bytes)
+    if large.any():
+        batch.loc[large, "detail"] = batch.loc[large, "n_bytes"].map(lambda n: f"{n} bytes > data.max_doc_bytes = {max_doc_bytes}")
+        batch.loc[large, "reason"] = "too_large"
+        batch.loc[large, "text"] = ""
+    for label, weight in weights.items():
+        if weight == 1.0:
+            continue
+        mine = (batch["reason"] == "") & (batch["source"] == label)
+        if weight < 1.0:
+            drawn = batch.loc[mine, "id"].map(lambda i: xxhash.xxh64_intdigest(f"w{seed}:{i}".encode()) / 2**64)
+            out = drawn.index[drawn >= weight]
+            batch.loc[out, "reason"] = "sampled_out"
+            batch.loc[out, "detail"] = f"source {label!r} has weight {weight}"
+        else:
+            batch.loc[mine, "meta"] = batch.loc[mine, "meta"].map(
+                lambda m: json.dumps({**json.loads(m), "weight": weight}, sort_keys=True))
+    return batch
+
+
 def select_rows(batch: pd.DataFrame, kept: bool, split: str | None = None) -> pd.DataFrame:
     mask = (batch["reason"] == "") if kept else (batch["reason"] != "")
     if split is not None:
         mask &= batch["split"] == split
-    return batch.loc[mask, KEPT_COLUMNS if kept else REJECTED_COLUMNS]
+    rows = batch.loc[mask, KEPT_COLUMNS if kept else REJECTED_COLUMNS].copy()
+    if kept:  # kept rows carry the size of the text they hold; rejects keep their input size
+        rows["n_bytes"] = rows["text"].map(lambda t: len(t.encode("utf-8", "surrogatepass"))).astype("int64")
+    return rows
 
 
 def read_all_sources(config: DataConfig) -> ray.data.Dataset:
-    parts = [read_source(source, config.num_blocks) for source in config.sources]
+    parts = [read_source(source, config.num_blocks).select_columns(list(DOC_COLUMNS)) for source in config.sources]
     dataset = parts[0]
     for extra in parts[1:]:
         dataset = dataset.union(extra)
-    return dataset.select_columns(list(DOC_COLUMNS))
-
-
-def mark_documents(config: DataConfig) -> ray.data.Dataset:
-    """Every input row with its `reason` ('' when kept) and `split`, materialised in the object store."""
-    docs = read_all_sources(config)
-    docs = docs.map_batches(clean_batch, batch_format="pandas", fn_kwargs={"min_chars": config.min_chars})
-    docs = docs.map_batches(add_dedup_key, batch_format="pandas")
-    docs = docs.groupby(DEDUP_KEY, num_partitions=shuffle_partitions()).map_groups(
-        mark_exact_duplicates, batch_format="pandas")
-    docs = docs.map_batches(assign_split, batch_format="pandas",
-                            fn_kwargs={"val_fraction": config.val_fraction, "seed": config.seed})
-    return docs.materialize()
+    return dataset
 
 
 def shuffle_partitions() -> int:
     """Partitions for shuffles: two per CPU of the cluster (the kept set does not depend on it)."""
     return max(2, min(200, 2 * int(ray.cluster_resources().get("CPU", 1))))
+
+
+def mark_documents(config: DataConfig) -> tuple[ray.data.Dataset, dict[str, Any]]:
+    """Every input row with its `reason` ('' when kept) and `split`, materialised; and step statistics."""
+    partitions = shuffle_partitions()
+    docs = read_all_sources(config)
+    weights = {source.label: source.weight for source in config.sources}
+    docs = docs.map_batches(screen_batch, batch_format="pandas",
+                            fn_kwargs={"max_doc_bytes": config.max_doc_bytes, "weights": weights, "seed": config.seed})
+    docs = docs.map_batches(clean.clean_batch, batch_format="pandas",
+                            fn_kwargs={"min_chars": config.min_chars, "config": config.clean})
+    docs = docs.map_batches(pii.pii_batch, batch_format="pandas",
+                            fn_kwargs={"types": list(config.pii.types), "enabled": config.pii.enabled})
+    docs = docs.map_batches(quality.quality_batch, batch_format="pandas", fn_kwargs={"config": config.quality})
+    stats: dict[str, Any] = {}
+    if config.decontam.benchmarks:
+        index = decontam.build_benchmark_ngrams(config.decontam.benchmarks, config.decontam.ngram, config.decontam.tasks)
+        stats["decontam"] = {"tasks": index.tasks, "benchmark_ngrams": int(len(index.hashes)), "ngram": index.ngram}
+        docs = docs.map_batches(decontam.decontam_batch, batch_format="pandas",
+                                fn_kwargs={"index_ref": [ray.put(index)], "mode": config.decontam.mode})
+    if config.dedup.exact:
+        docs = docs.map_batches(dedup.add_dedup_key, batch_format="pandas")
+        docs = docs.groupby(dedup.DEDUP_KEY, num_partitions=partitions).map_groups(
+            dedup.mark_exact_duplicates, batch_format="pandas").drop_columns([dedup.DEDUP_KEY])
+    docs = docs.materialize()
+    if config.dedup.near:
+        docs, stats["near_dedup"] = dedup.near_dedup(docs, config.dedup, partitions)
+    docs = docs.map_batches(assign_split, batch_format="pandas",
+                            fn_kwargs={"val_fraction": config.val_fraction, "seed": config.seed})
+    return docs.materialize(), stats
 
 
 def count_parquet_rows(stage: StageDir, relpath: str) -> int:
@@ -85,15 +141,75 @@ def count_parquet_rows(stage: StageDir, relpath: str) -> int:
     return pads.dataset(stage.fs_path(relpath), filesystem=stage.fs, format="parquet").count_rows()
 
 
+def count_reasons(batch: pd.DataFrame) -> pd.DataFrame:
+    """Rows and input bytes per reason in one block."""
+    grouped = batch.groupby("reason", sort=True)["n_bytes"].agg(["count", "sum"]).reset_index()
+    return pd.DataFrame({"reason": grouped["reason"].astype(str), "rows": grouped["count"].astype("int64"),
+                         "bytes": grouped["sum"].astype("int64")})
+
+
 def reason_table(marked: ray.data.Dataset) -> list[dict[str, Any]]:
-    """Rows and bytes per rejection reason ('' = kept): a few rows, safe to bring to the driver."""
-    rows = marked.groupby("reason").aggregate(Count(), Sum("n_bytes")).take_all()
-    return sorted(({"reason": r["reason"], "rows": int(r["count()"]), "bytes": int(r["sum(n_bytes)"] or 0)}
-                   for r in rows), key=lambda r: r["reason"])
+    """Rows and bytes per rejection reason ('' = kept), summed over per-block counts: a few rows per
+    block reach the driver, and no shuffle is needed."""
+    totals: dict[str, list[int]] = {}
+    for batch in marked.map_batches(count_reasons, batch_format="pandas").iter_batches(batch_format="pandas"):
+        for reason, rows, size in zip(batch["reason"], batch["rows"], batch["bytes"]):
+            entry = totals.setdefault(reason, [0, 0])
+            entry[0] += int(rows)
+            entry[1] += int(size)
+    return [{"reason": reason, "rows": rows, "bytes": size} for reason, (rows, size) in sorted(totals.items())]
+
+
+def step_totals(marked: ray.data.Dataset) -> dict[str, int]:
+    """Sums of the per-row cleaning and PII counters (one small row on the driver)."""
+    present = [c for c in STAT_COLUMNS if c in marked.columns()]
+    totals = marked.aggregate(*[Sum(c) for c in present])
+    return {c: int(totals.get(f"sum({c})") or 0) for c in present}
+
+
+def contamination_index(marked: ray.data.Dataset, stats: dict[str, Any], stage: StageDir) -> str:
+    """Write `contamination.json` (task -> contaminated item ids) and return its path."""
+    info = stats["decontam"]
+    items: set[str] = set()
+    flagged = marked.filter(expr="contam_items != ''").select_columns(["contam_items"]).materialize()
+    for batch in flagged.map_batches(decontam.contaminated_item_rows, batch_format="pandas").iter_batches(
+            batch_format="pandas"):  # (document, item) rows of contaminated documents only
+        items.update(batch["item_id"])
+    documents = flagged.count()
+    index = decontam.write_index(sorted(items), info["tasks"], info["ngram"], documents)
+    stage.write_json("contamination.json", index)
+    info["contaminated_documents"] = documents
+    info["contaminated_items"] = {task: len(ids) for task, ids in index["tasks"].items() if ids}
+    return stage.path("contamination.json")
+
+
+def metric_name(name: str) -> str:
+    return name.replace(":", ".")
+
+
+def plot_stats(reasons: list[dict[str, Any]], pii_counts: dict[str, int]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["reason"] or "kept" for r in reasons]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].barh(labels, [r["rows"] for r in reasons])
+    axes[0].set_title("rows per outcome")
+    axes[1].barh(labels, [r["bytes"] / 1e6 for r in reasons])
+    axes[1].set_title("input MB per outcome")
+    axes[2].barh(list(pii_counts) or ["none"], list(pii_counts.values()) or [0])
+    axes[2].set_title("PII redactions per type")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    plt.close(figure)
+    return buffer.getvalue()
 
 
 def curate(config: DataConfig, stage: StageDir) -> dict[str, Any]:
-    marked = mark_documents(config)
+    marked, stats = mark_documents(config)
     rows_input = marked.count()
 
     for split in SPLITS:
@@ -105,12 +221,20 @@ def curate(config: DataConfig, stage: StageDir) -> dict[str, Any]:
     written = {split: count_parquet_rows(stage, f"kept/{split}") for split in SPLITS}
     rejected = count_parquet_rows(stage, "rejected")
     kept = sum(written.values())
+    log.info("curate: accounting: input %d = kept %d + rejected %d: %s", rows_input, kept, rejected,
+             "holds" if rows_input == kept + rejected else "BROKEN")
     if rows_input != kept + rejected:
         raise AccountingError(f"input rows {rows_input} != kept {kept} + rejected {rejected}")
     if written["train"] == 0:
         raise AccountingError("no document survived curation into the train split; see rejected/ for reasons")
 
     reasons = reason_table(marked)
+    totals = step_totals(marked)
+    outputs = {"train": stage.path("kept", "train"), "val": stage.path("kept", "val"),
+               "rejected": stage.path("rejected")}
+    if "decontam" in stats:
+        outputs["contamination"] = contamination_index(marked, stats, stage)
+
     metrics: dict[str, float] = {
         "rows_input": rows_input,
         "rows_kept": kept,
@@ -118,17 +242,51 @@ def curate(config: DataConfig, stage: StageDir) -> dict[str, Any]:
         "rows_kept_train": written["train"],
         "rows_kept_val": written["val"],
         "bytes_input": sum(r["bytes"] for r in reasons),
+        "accounting_ok": 1,
     }
     for row in reasons:
-        name = row["reason"] or "kept"
+        name = metric_name(row["reason"] or "kept")
         metrics[f"rows.{name}"] = row["rows"]
         metrics[f"bytes.{name}"] = row["bytes"]
-    stage.write_json("stats.json", {"reasons": reasons, "splits": written})
-    log.info("curate: %d input rows -> %d kept (%d train, %d val), %d rejected",
-             rows_input, kept, written["train"], written["val"], rejected)
+    pii_counts = {c.removeprefix("stat_pii_"): v for c, v in totals.items() if c.startswith("stat_pii_")}
+    cleaning = {c.removeprefix("stat_clean_"): v for c, v in totals.items() if c.startswith("stat_clean_")}
+    metrics.update({f"pii.{kind}": count for kind, count in pii_counts.items()})
+    metrics.update({f"clean.{name}": count for name, count in cleaning.items()})
+    near = stats.get("near_dedup")
+    if near:
+        metrics.update({"near_dup.pairs": near["pairs"], "near_dup.clusters": near["clusters"],
+                        "near_dup.bands": near["bands"], "near_dup.rows_per_band": near["rows_per_band"]})
+    if "decontam" in stats:
+        metrics["contaminated_documents"] = stats["decontam"]["contaminated_documents"]
+
+    summary = {"accounting": {"input": rows_input, "kept": kept, "rejected": rejected,
+                              "holds": rows_input == kept + rejected},
+               "reasons": reasons, "splits": written, "pii": pii_counts, "cleaning": cleaning, **stats}
+    stage.write_json("stats.json", summary)
+    png = plot_stats(reasons, pii_counts)
+    with stage.fs.open_output_stream(stage.fs_path("stats.png")) as out:
+        out.write(png)
+    _log_artifacts(summary, png)
+    log.info("curate: %d input rows -> %d kept (%d train, %d val), %d rejected; reasons %s",
+             rows_input, kept, written["train"], written["val"], rejected,
+             {r["reason"] or "kept": r["rows"] for r in reasons})
     return {
         "metrics": metrics,
-        "outputs": {"train": stage.path("kept", "train"), "val": stage.path("kept", "val"),
-                    "rejected": stage.path("rejected")},
+        "outputs": outputs,
         "counts": {"input": rows_input, "kept": kept, "rejected": rejected, **written},
     }
+
+
+def _log_artifacts(summary: dict[str, Any], png: bytes) -> None:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    mlflow.log_dict(summary, "curate/stats.json")
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "stats.png"
+        path.write_bytes(png)
+        mlflow.log_artifact(str(path), "curate")

@@ -205,13 +205,25 @@ def _need(files: dict[str, Any], task: str, root: Path) -> Path:
     return files[task][0]
 
 
+def _head(items: Iterator[bm.BenchmarkItem], limit: int | None) -> Iterator[bm.BenchmarkItem]:
+    for count, item in enumerate(items):
+        if limit is not None and count >= limit:
+            return
+        yield item
+
+
 def build_local_suite(benchmark_dir: str | os.PathLike, out_dir: str | os.PathLike, tasks: list[str],
-                      extra_tasks: list[ExtraTask] = ()) -> LocalSuite:
+                      extra_tasks: list[ExtraTask] = (), limit: int | None = None,
+                      num_fewshot: int | None = None) -> LocalSuite:
     """Convert the requested tasks' local files and write lm-eval task YAMLs that read them.
 
     `tasks` are lm-eval names (arc_easy, hellaswag, mmlu, mmlu_<subject>, truthfulqa_mc1, ...);
     raylm's own tasks (mt_bench, domain, bpb) are not lm-eval tasks and are skipped here.
+    With a `limit` (lm-eval evaluates the first `limit` documents) only those are converted, unless
+    few-shot examples are drawn from the same split (gsm8k, or any task with `num_fewshot` > 0 and
+    no separate few-shot file), where the whole split is the pool.
     """
+    head = limit if not num_fewshot else None
     root, out = Path(benchmark_dir), Path(out_dir)
     files = bm.benchmark_files(root)
     lm_tasks = lm_eval_task_dir()
@@ -224,14 +236,14 @@ def build_local_suite(benchmark_dir: str | os.PathLike, out_dir: str | os.PathLi
             suite.source_task[task] = task
         elif task in ("arc_easy", "arc_challenge"):
             data = str(out / "data" / f"{task}.jsonl")
-            _write_jsonl(Path(data), (arc_doc(i) for i in bm.read_arc(_need(files, task, root), task)))
+            _write_jsonl(Path(data), (arc_doc(i) for i in _head(bm.read_arc(_need(files, task, root), task), head)))
             _write_yaml(out / f"{task}.yaml", _local(lm_tasks / "arc" / f"{task}.yaml", task, {"test": data},
                                                      training_split=None, validation_split=None))
             suite.tasks.append(task)
             suite.source_task[task] = task
         elif task == "hellaswag":
             data = str(out / "data" / "hellaswag.jsonl")
-            _write_jsonl(Path(data), (hellaswag_doc(i) for i in bm.read_hellaswag(_need(files, task, root))))
+            _write_jsonl(Path(data), (hellaswag_doc(i) for i in _head(bm.read_hellaswag(_need(files, task, root)), head)))
             _write_yaml(out / "hellaswag.yaml", _local(lm_tasks / "hellaswag" / "hellaswag.yaml", task,
                                                        {"validation": data}, training_split=None))
             suite.tasks.append(task)
@@ -244,7 +256,7 @@ def build_local_suite(benchmark_dir: str | os.PathLike, out_dir: str | os.PathLi
                 subject = subject_task.removeprefix(MMLU_SUBJECT_PREFIX)
                 test = str(out / "data" / f"{subject_task}.jsonl")
                 dev = str(out / "data" / f"{subject_task}.dev.jsonl")
-                _write_jsonl(Path(test), (mmlu_doc(i, subject) for i in bm.read_mmlu(_need(files, subject_task, root), subject_task)))
+                _write_jsonl(Path(test), (mmlu_doc(i, subject) for i in _head(bm.read_mmlu(_need(files, subject_task, root), subject_task), limit)))
                 dev_file = bm.mmlu_dev_file(root, subject)
                 data = {"test": test}
                 if dev_file.exists():
@@ -262,7 +274,7 @@ def build_local_suite(benchmark_dir: str | os.PathLike, out_dir: str | os.PathLi
         elif task in ("truthfulqa_mc1", "truthfulqa_mc2"):
             data = str(out / "data" / "truthfulqa_mc.jsonl")
             if not Path(data).exists():
-                _write_jsonl(Path(data), (truthfulqa_doc(i) for i in bm.read_truthfulqa(_need(files, "truthfulqa_mc", root))))
+                _write_jsonl(Path(data), (truthfulqa_doc(i) for i in _head(bm.read_truthfulqa(_need(files, "truthfulqa_mc", root)), limit)))
             _write_yaml(out / f"{task}.yaml", _local(lm_tasks / "truthfulqa" / f"{task}.yaml", task,
                                                      {"validation": data}))
             suite.tasks.append(task)
@@ -277,7 +289,7 @@ def build_local_suite(benchmark_dir: str | os.PathLike, out_dir: str | os.PathLi
             suite.source_task[task] = task
         elif task == "humaneval":
             data = str(out / "data" / "humaneval.jsonl")
-            _write_jsonl(Path(data), (humaneval_doc(i) for i in bm.read_humaneval(_need(files, task, root))))
+            _write_jsonl(Path(data), (humaneval_doc(i) for i in _head(bm.read_humaneval(_need(files, task, root)), limit)))
             _write_humaneval(out, {"test": data})
             suite.tasks.append(task)
             suite.source_task[task] = task

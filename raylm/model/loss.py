@@ -39,3 +39,28 @@ def loss_and_bytes(logits: torch.Tensor, targets: torch.Tensor, pad_id: int,
 
 def bits_per_byte(nll_sum_nats: float, n_bytes: int) -> float:
     return nll_sum_nats / (math.log(2) * n_bytes) if n_bytes else math.nan
+
+
+def seq2seq_split(rows: torch.Tensor, source_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefix-to-continuation over packed rows of seq_len + 1 tokens: (source, decoder inputs, targets).
+    The source is `rows[:, :source_len]`; the decoder predicts `rows[:, source_len:]`, reading the
+    target shifted right by one with the source's last token as its start token."""
+    return rows[:, :source_len], rows[:, source_len - 1:-1], rows[:, source_len:]
+
+
+def lm_batch(rows: torch.Tensor, config, loss_mask: torch.Tensor | None = None,
+             ignore_id: int = -100) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(keyword inputs of the model's forward, targets) for a batch of packed rows, for either
+    architecture: `logits = model(**inputs)`, then `summed_loss(logits, targets, ignore_id)`.
+    `loss_mask` (aligned with the full rows; 1 = train on this token) sets the other targets to `ignore_id`."""
+    if getattr(config, "arch", "decoder") == "encoder-decoder":
+        start = config.source_len
+        source, tokens, targets = seq2seq_split(rows, start)
+        inputs = {"source": source, "tokens": tokens}
+    else:
+        start = 1
+        tokens, targets = split_inputs_targets(rows)
+        inputs = {"tokens": tokens}
+    if loss_mask is not None:
+        targets = targets.masked_fill(loss_mask[:, start:] != 1, ignore_id)
+    return inputs, targets

@@ -3,7 +3,8 @@
 The trainer uses `flops_per_token` for MFU and `raylm plan` for sizing, so both share one formula:
 6 FLOPs per matmul parameter per token (forward + backward) plus the attention score and value
 products, 12 * layers * context * width (PaLM's convention, no causal halving). Embedding lookups
-cost no FLOPs; the output head is a matmul and counts.
+cost no FLOPs; the output head is a matmul and counts (tied or not). The tests check these counts
+against the built modules for every preset and every component choice.
 """
 
 from __future__ import annotations
@@ -16,26 +17,99 @@ from raylm.model.config import TransformerConfig
 @dataclass(frozen=True)
 class ParameterCount:
     total: int
-    embedding: int
+    embedding: int  # token embedding, untied output head, learned position table
 
     @property
     def non_embedding(self) -> int:
         return self.total - self.embedding
 
 
+def _norm(config: TransformerConfig) -> int:
+    return config.d_model * (2 if config.norm == "layernorm" and config.bias else 1)
+
+
+def _linear(n_in: int, n_out: int, bias: bool) -> int:
+    return n_in * n_out + (n_out if bias else 0)
+
+
+def _self_attention(config: TransformerConfig) -> int:
+    d, kv = config.d_model, config.kv_heads * config.head_dim
+    return _linear(d, d + 2 * kv, config.bias) + _linear(d, d, config.bias)
+
+
+def _cross_attention(config: TransformerConfig) -> int:
+    d, kv = config.d_model, config.kv_heads * config.head_dim
+    return _linear(d, d, config.bias) + _linear(d, 2 * kv, config.bias) + _linear(d, d, config.bias)
+
+
+def _feed_forward(config: TransformerConfig) -> int:
+    d, h = config.d_model, config.hidden
+    inputs = 2 if config.activation == "swiglu" else 1
+    return inputs * _linear(d, h, config.bias) + _linear(h, d, config.bias)
+
+
+def block_parameters(config: TransformerConfig, cross_attention: bool = False) -> int:
+    norms = 3 if cross_attention else 2
+    return (_self_attention(config) + _feed_forward(config) + norms * _norm(config)
+            + (_cross_attention(config) if cross_attention else 0))
+
+
 def parameter_count(config: TransformerConfig) -> ParameterCount:
     d, vocab = config.d_model, config.vocab_size
-    attention = 4 * d * d
-    feed_forward = 3 * d * config.hidden
-    norms = 2 * d
-    blocks = config.n_layers * (attention + feed_forward + norms)
+    encoder_decoder = config.arch == "encoder-decoder"
+    final_norms = (2 if encoder_decoder else 1) * _norm(config) if config.norm_position == "pre" else 0
+    blocks = config.n_layers * block_parameters(config, cross_attention=encoder_decoder)
+    if encoder_decoder:
+        blocks += config.encoder_layers * block_parameters(config)
     embedding = vocab * d * (1 if config.tie_embeddings else 2)
-    return ParameterCount(total=blocks + d + embedding, embedding=embedding)
+    if config.position == "learned":
+        embedding += config.seq_len * d
+    return ParameterCount(total=blocks + final_norms + embedding, embedding=embedding)
+
+
+def matmul_parameters(config: TransformerConfig) -> dict[str, int]:
+    """Weights of the matmuls one token goes through, per part (biases and norms excluded)."""
+    d, kv, h = config.d_model, config.kv_heads * config.head_dim, config.hidden
+    attention = d * (d + 2 * kv) + d * d
+    ffn = (3 if config.activation == "swiglu" else 2) * d * h
+    return {"block": attention + ffn, "cross_q_out": 2 * d * d, "cross_kv": 2 * d * kv, "head": config.vocab_size * d}
 
 
 def flops_per_token(config: TransformerConfig, seq_len: int | None = None) -> int:
-    """Training FLOPs per token (forward and backward) at context `seq_len` (default: the model's)."""
+    """Training FLOPs per token (forward and backward) at context `seq_len` (default: the model's).
+    For the encoder-decoder, the FLOPs of one packed row (source through the encoder, continuation
+    through the decoder) divided by its `seq_len` tokens."""
     d, context = config.d_model, seq_len or config.seq_len
-    counts = parameter_count(config)
-    matmul_params = counts.non_embedding - config.n_layers * 2 * d - d + config.vocab_size * d
-    return 6 * matmul_params + 12 * config.n_layers * context * d
+    m = matmul_parameters(config)
+    if config.arch != "encoder-decoder":
+        return 6 * (config.n_layers * m["block"] + m["head"]) + 12 * config.n_layers * context * d
+    source = max(1, min(context - 1, round(context * config.source_fraction)))
+    target = context + 1 - source
+    encoder = 6 * source * config.encoder_layers * m["block"] + 12 * config.encoder_layers * source * source * d
+    decoder = (6 * target * config.n_layers * (m["block"] + m["cross_q_out"]) + 6 * source * config.n_layers * m["cross_kv"]
+               + 6 * target * m["head"] + 12 * config.n_layers * target * (target + source) * d)
+    return (encoder + decoder) // context
+
+
+def activation_elements_per_token(config: TransformerConfig, checkpointing: bool = False) -> dict[str, int]:
+    """Tensors autograd keeps for the backward pass, in elements per token of a micro-batch, by part.
+
+    Counted from what each op of a block saves: the norms' inputs and outputs, the fused q/k/v output
+    (k and v live on through views), the rotated q and k, the attention output and the input of the
+    output projection; in the feed-forward the up / gate outputs, the activation output and the
+    product that feeds the down projection. The loss side holds the logits, their log-softmax and,
+    at the start of the backward pass, the gradient of both. With activation checkpointing only each
+    block's input is kept, plus one block's tensors while it is recomputed.
+    """
+    d, h = config.d_model, config.hidden
+    attention = 2 * d + 3 * d + (2 * d if config.position == "rope" else 0) + 2 * d
+    feed_forward = 2 * d + (4 * h if config.activation == "swiglu" else 2 * h)
+    block = attention + feed_forward
+    layers = config.n_layers
+    if config.arch == "encoder-decoder":  # decoder blocks also hold a cross-attention (norm, q, k/v, out)
+        block_count = layers + config.encoder_layers
+        extra = layers * (2 * d + d + 2 * d + 2 * d)
+    else:
+        block_count, extra = layers, 0
+    kept = block_count * d + block if checkpointing else block_count * block + extra
+    return {"blocks": kept, "final_norm": 2 * d, "loss": 4 * config.vocab_size}

@@ -48,9 +48,11 @@ class Transformer(nn.Module):
         covers the cached tokens too; `cache` is filled and advanced."""
         time = tokens.shape[1]
         offset = cache.pos if cache is not None else 0
-        if offset + time > self.config.seq_len:
-            raise ValueError(f"sequence of {offset + time} tokens is longer than the model's seq_len {self.config.seq_len}")
         positions = positions_for(attention_mask, offset, time, tokens.device)
+        # Left padding may make a batch wider than seq_len; what must fit is each sequence's positions.
+        length = offset + time if attention_mask is None else int(positions[:, -1].max()) + 1
+        if length > self.config.seq_len:
+            raise ValueError(f"sequence of {length} tokens is longer than the model's seq_len {self.config.seq_len}")
         mask = None
         if attention_mask is not None or offset:  # else one fused causal attention (flash on GPUs)
             mask = build_attention_mask(attention_mask, time, offset + time, offset, causal=True, device=tokens.device)

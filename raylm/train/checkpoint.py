@@ -27,7 +27,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from raylm.model import Transformer, TransformerConfig
+from raylm.model import TransformerConfig, build_model
 
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
@@ -208,10 +208,10 @@ def load_tokenizer_json(directory: str) -> str | None:
         return handle.read()
 
 
-def load_model(directory: str, device: str | torch.device = "cpu") -> Transformer:
+def load_model(directory: str, device: str | torch.device = "cpu") -> nn.Module:
     """A plain (unsharded) model from a checkpoint, in eval mode, with no process group needed."""
     verify_checkpoint(directory)
-    model = Transformer(load_model_config(directory))
+    model = build_model(load_model_config(directory))
     state = {"model": model.state_dict()}
     try:
         dcp.load(state, checkpoint_id=directory)

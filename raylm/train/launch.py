@@ -31,10 +31,25 @@ log = logging.getLogger("raylm")
 
 RUN_NAME = "train"
 BEST_DIR = "best"
+STOP_FILE = "STOP"  # create it in the run folder to make the run checkpoint and finish at its next report
 
 
-def model_config_for(model: ModelConfig, vocab_size: int) -> TransformerConfig:
-    return TransformerConfig.from_dict({**model.model_dump(mode="json"), "vocab_size": vocab_size})
+def model_config_for(model: ModelConfig | TransformerConfig, vocab_size: int,
+                     activation_checkpointing: bool = False) -> TransformerConfig:
+    """The model's config for a tokenizer of `vocab_size` tokens.
+
+    From the `model` config section the vocabulary is the tokenizer's; a ready `TransformerConfig`
+    (a preset, say) keeps a larger vocabulary (e.g. GPT-2's 50257, rows the tokenizer never uses).
+    """
+    if isinstance(model, TransformerConfig):
+        if model.vocab_size < vocab_size:
+            raise ValueError(f"model vocab_size {model.vocab_size} is smaller than the tokenizer's {vocab_size}")
+        data = model.to_dict()
+    else:
+        data = {**model.model_dump(mode="json"), "vocab_size": vocab_size}
+    if activation_checkpointing:
+        data["activation_checkpointing"] = True
+    return TransformerConfig.from_dict(data)
 
 
 def scaling_config(train: TrainConfig) -> ScalingConfig:
@@ -66,8 +81,8 @@ class KeepBestCheckpoint(ray.train.UserCallback):
         return self.best
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if checkpoint is None or not metrics or "val_loss" not in metrics[0]:
-            return
+        if checkpoint is None or not metrics or not metrics[0].get("evaluated") or "val_loss" not in metrics[0]:
+            return  # only checkpoints whose val loss was measured at that step
         val_loss = float(metrics[0]["val_loss"])
         if not val_loss < self._best_so_far():
             return
@@ -86,7 +101,7 @@ class KeepBestCheckpoint(ray.train.UserCallback):
         self.best = val_loss
 
 
-def build_trainer(model: ModelConfig, train: TrainConfig, packed: dict[str, Any], storage_path: str, name: str,
+def build_trainer(model: ModelConfig | TransformerConfig, train: TrainConfig, packed: dict[str, Any], storage_path: str, name: str,
                   tracking_uri: str, run_id: str | None, init_checkpoint: str | None = None,
                   extra_loop_config: dict[str, Any] | None = None, callbacks: list | None = None) -> TorchTrainer:
     """A `TorchTrainer` for the packed shards `packed` (the tokenize stage's manifest).
@@ -99,7 +114,9 @@ def build_trainer(model: ModelConfig, train: TrainConfig, packed: dict[str, Any]
     if "val" not in packed["outputs"]:
         raise ValueError("the packed val split is empty: raise data.val_fraction or add data")
     tokenizer_json = read_text_uri(packed["tokenizer"]["path"])
-    transformer = model_config_for(model, packed["tokenizer"]["vocab_size"])
+    transformer = model_config_for(model, packed["tokenizer"]["vocab_size"], train.activation_checkpointing)
+    if transformer.arch != "decoder":
+        raise ValueError(f"model.arch = {transformer.arch!r}: pretraining trains decoder-only models")
     if transformer.seq_len != packed["seq_len"]:
         raise ValueError(f"model.seq_len {transformer.seq_len} differs from the packed seq_len {packed['seq_len']}")
     loop_config = {
@@ -114,6 +131,7 @@ def build_trainer(model: ModelConfig, train: TrainConfig, packed: dict[str, Any]
         "tracking_uri": tracking_uri,
         "run_id": run_id,
         "init_checkpoint": init_checkpoint,
+        "stop_uri": storage_path.rstrip("/") + "/" + name + "/" + STOP_FILE,
         **(extra_loop_config or {}),
     }
     run_uri = storage_path.rstrip("/") + "/" + name
@@ -157,17 +175,54 @@ def latest_run_stage(workspace: Workspace, planned: StageDir) -> StageDir:
     return stage
 
 
-def pretrain(model: ModelConfig, train: TrainConfig, packed: dict[str, Any], stage: StageDir,
+def plot_loss_curve(tracking_uri: str, run_id: str):
+    """A matplotlib figure of the run's per-step train loss and its val loss (None if nothing logged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    curves = {}
+    for metric in ("step_loss", "val_loss"):
+        latest = {}
+        for point in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.timestamp):
+            latest[point.step] = point.value  # a step redone after a restart keeps its last value
+        curves[metric] = sorted(latest.items())
+    if not curves["step_loss"]:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for metric, label, style in (("step_loss", "train loss", "-"), ("val_loss", "val loss", "o-")):
+        if curves[metric]:
+            axis.plot(*zip(*curves[metric]), style, label=label, markersize=3)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss (nats per token)")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def pretrain(model: ModelConfig | TransformerConfig, train: TrainConfig, packed: dict[str, Any], stage: StageDir,
              tracking_uri: str, init_checkpoint: str | None = None) -> dict[str, Any]:
     run = mlflow.active_run()
     trainer = build_trainer(model, train, packed, stage.path(), RUN_NAME, tracking_uri,
                             run.info.run_id if run else None, init_checkpoint)
+    fs, stop = pafs.FileSystem.from_uri(stage.path(RUN_NAME, STOP_FILE) if "://" in stage.path() else
+                                        "file://" + stage.path(RUN_NAME, STOP_FILE))
+    if fs.get_file_info(stop).type == pafs.FileType.File:
+        fs.delete_file(stop)  # a stop request of an earlier run does not stop this one
     result = trainer.fit()
     if result.error:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint under {stage.path(RUN_NAME)}")
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    if run is not None:
+        figure = plot_loss_curve(tracking_uri, run.info.run_id)
+        if figure is not None:
+            mlflow.log_figure(figure, "loss_curve.png")
     best = best_checkpoint(stage.path(RUN_NAME))
     mlflow.set_tag("raylm.checkpoint", best or result.checkpoint.path)
     mlflow.set_tag("raylm.last_checkpoint", result.checkpoint.path)
@@ -178,6 +233,6 @@ def pretrain(model: ModelConfig, train: TrainConfig, packed: dict[str, Any], sta
         "checkpoint": best or result.checkpoint.path,
         "last_checkpoint": result.checkpoint.path,
         "run_path": stage.path(RUN_NAME),
-        "model": model_config_for(model, packed["tokenizer"]["vocab_size"]).to_dict(),
+        "model": model_config_for(model, packed["tokenizer"]["vocab_size"], train.activation_checkpointing).to_dict(),
         "tokenizer": packed["tokenizer"],
     }

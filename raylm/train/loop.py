@@ -29,14 +29,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raylm.model import Transformer, TransformerConfig
+from raylm.model import TransformerConfig, build_model
 from raylm.model.loss import bits_per_byte, loss_and_bytes, split_inputs_targets, summed_loss
 from raylm.model.sizing import flops_per_token
 from raylm.train.checkpoint import CheckpointError, load_training_state, newest_good_checkpoint, save_checkpoint
 from raylm.train.data import PackedSequences, masked_targets
 from raylm.train.mfu import mfu, peak_flops
 from raylm.train.optim import build_optimizer, learning_rate
-from raylm.train.parallel import clip_gradients, enable_activation_checkpointing, gradient_sync, wrap_model
+from raylm.train.parallel import clip_gradients, gradient_sync, wrap_model
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
@@ -76,6 +76,17 @@ def evaluate(model: torch.nn.Module, rows: np.ndarray, mask: np.ndarray | None, 
     return {"val_loss": nll / max(count, 1), "val_bpb": bits_per_byte(nll_bytes, int(n_bytes))}
 
 
+def stop_requested(stop_uri: str | None, device: torch.device) -> bool:
+    """True on every worker once the run's STOP file exists (agreed through an all-reduce)."""
+    if not stop_uri:
+        return False
+    import pyarrow.fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(stop_uri if "://" in stop_uri else "file://" + stop_uri)
+    exists = float(filesystem.get_file_info(path).type == pafs.FileType.File)
+    return _all_reduce([exists], device)[0] > 0
+
+
 def resume_checkpoint() -> tuple[str | None, list[str]]:
     """The newest verified checkpoint of this run (skipping corrupted newer ones), and what was refused."""
     checkpoint = ray.train.get_checkpoint()
@@ -97,21 +108,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(train_cfg["seed"])  # identical initial weights on every worker
     if train_cfg.get("deterministic"):
         torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     model_config = TransformerConfig.from_dict(config["model"])
-    model = Transformer(model_config)
+    model = build_model(model_config)
     resume_path, refusals = resume_checkpoint()
     if resume_path is None and config.get("init_checkpoint"):
         from raylm.train.checkpoint import local_checkpoint
 
         with local_checkpoint(config["init_checkpoint"]) as directory:
-            load_training_state(directory, model, None, rank)
+            source = load_training_state(directory, model, None, rank)
+        expected = config.get("tokenizer_fingerprint")
+        if expected and source.get("tokenizer_fingerprint") not in (None, expected):
+            raise ValueError(f"--from {config['init_checkpoint']}: trained with tokenizer {source['tokenizer_fingerprint']}, "
+                             f"but this run's data is tokenized by {expected}")
     if config.get("finetune") is not None:
         from raylm.finetune import prepare_for_finetune
 
         model = prepare_for_finetune(model, config["finetune"])
-    if train_cfg.get("activation_checkpointing"):
-        enable_activation_checkpointing(model)
     model = wrap_model(model, train_cfg.get("strategy", "ddp"), device, bf16, bool(train_cfg.get("compile")))
     optimizer = build_optimizer(model, train_cfg["lr"], train_cfg["weight_decay"], tuple(train_cfg["betas"]))
 
@@ -141,10 +157,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     peak = peak_flops(device, bf16)
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
-        metrics = {**metrics, "val_loss": state["val_loss"], "val_bpb": state["val_bpb"]}
-        if logger:
+        if logger:  # MLflow gets val figures when they are measured; Ray (Tune) gets the latest every time
             logger.log({k: v for k, v in metrics.items() if k != "step"}, step=state["step"])
             logger.flush()
+        metrics = {**metrics, "val_loss": state["val_loss"], "val_bpb": state["val_bpb"]}
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -156,9 +172,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    def run_evaluation() -> None:
+    def run_evaluation(track: bool = True) -> None:
         figures = evaluate(model, val_rows, val_mask, micro, pad_id, token_bytes, device, bf16)
         state.update(figures)
+        if not track:  # the untrained baseline neither counts as best nor against patience
+            return
         if figures["val_loss"] < state["best_val_loss"]:
             state["best_val_loss"], state["evals_without_improvement"] = figures["val_loss"], 0
         else:
@@ -167,9 +185,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     base = {"workers": world, "grad_accum_steps": accumulation, "restarts": state["restarts"],
             "checkpoints_refused": len(refusals), "resumed_from_step": state["step"] if resume_path else -1}
     if state["step"] == 0 and resume_path is None:
-        run_evaluation()
+        run_evaluation(track=False)
         state["val_loss_initial"] = state["val_loss"]
-        report({"step": 0, "loss": math.nan, "lr": 0.0, "tokens_seen": 0, **base}, with_checkpoint=False)
+        report({"step": 0, "loss": math.nan, "lr": 0.0, "tokens_seen": 0, "val_loss": state["val_loss"],
+                "val_bpb": state["val_bpb"], **base}, with_checkpoint=False)
 
     window = {"loss": 0.0, "tokens": 0, "steps": 0, "started": time.perf_counter()}
     model.train()
@@ -187,13 +206,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if mask is not None:
             targets = masked_targets(targets, torch.from_numpy(mask).to(device), pad_id)
         global_targets = max(_all_reduce([float((targets != pad_id).sum())], device)[0], 1.0)
-        step_loss = 0.0
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: one sync per step
         for index, start in enumerate(range(0, len(inputs), micro)):
             with gradient_sync(model, sync=index == accumulation - 1), autocast_context(device, bf16):
                 logits = model(inputs[start:start + micro])
                 loss_sum, _ = summed_loss(logits, targets[start:start + micro], pad_id)
                 (loss_sum * world / global_targets).backward()
-            step_loss += float(loss_sum.detach())
+            step_loss += loss_sum.detach().double()
         grad_norm = clip_gradients(model, train_cfg["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -201,11 +220,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["step"] += 1
         state["data_position"] += global_batch
         state["tokens_seen"] += global_batch * seq_len
-        window["loss"] += _all_reduce([step_loss], device)[0] / global_targets
+        step_mean_loss = _all_reduce([float(step_loss)], device)[0] / global_targets
+        window["loss"] += step_mean_loss
+        if logger:
+            logger.log({"step_loss": step_mean_loss}, step=state["step"])
         window["tokens"] += global_batch * seq_len
         window["steps"] += 1
 
         step = state["step"]
+        if config.get("fail_at_step") == step and state["restarts"] == 0:  # fault injection (tests, drills)
+            raise RuntimeError(f"injected failure at step {step} (loop config fail_at_step)")
         done = step >= max_steps
         evaluate_now = step % train_cfg["eval_every"] == 0 or done
         checkpoint_now = step % train_cfg["checkpoint_every"] == 0 or done
@@ -218,9 +242,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "tokens_per_s": tokens_per_s, "step_time_s": elapsed / window["steps"],
                    "mfu": mfu(flops, tokens_per_s / world, peak), "tokens_seen": state["tokens_seen"],
                    "val_loss_initial": state.get("val_loss_initial", math.nan), **base}
+        if stop_requested(config.get("stop_uri"), device):
+            metrics["stopped"] = 1
+            done = evaluate_now = checkpoint_now = True
         if evaluate_now:
             run_evaluation()
-            metrics["evaluated"] = 1
+            metrics.update(evaluated=1, val_loss=state["val_loss"], val_bpb=state["val_bpb"])
             patience = train_cfg.get("early_stopping_patience")
             if patience and state["evals_without_improvement"] >= patience:
                 metrics["early_stopped"] = 1
@@ -232,4 +259,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # resumed an already finished run: evaluate and checkpoint again (e.g. on a new worker count)
         run_evaluation()
         report({"step": state["step"], "loss": math.nan, "lr": lr, "tokens_seen": state["tokens_seen"],
-                "evaluated": 1, **base}, with_checkpoint=True)
+                "evaluated": 1, "val_loss": state["val_loss"], "val_bpb": state["val_bpb"], **base},
+               with_checkpoint=True)

@@ -3,8 +3,9 @@
 `ddp`: every worker holds the whole model; gradients are averaged after the last micro-batch.
 `fsdp`: FSDP2 `fully_shard` on each transformer block, then on the root, over a 1-D device mesh of
 all workers; on GPU parameters compute in bf16 and gradients reduce in fp32. Both run on CPU with
-gloo. Activation checkpointing recomputes each block in backward without renaming parameters (so
-checkpoints stay interchangeable), and `torch.compile` compiles in place for the same reason.
+gloo. `torch.compile` compiles modules in place (`Module.compile`), so parameter names, and with
+them checkpoints, stay the same with or without it. (Activation checkpointing is the model's own
+`activation_checkpointing` switch, which `train.activation_checkpointing` turns on.)
 """
 
 from __future__ import annotations
@@ -16,25 +17,14 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise ValueError(f"{type(model).__name__} has no `blocks` list to shard or checkpoint")
-    return list(blocks)
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Each block's forward runs under `torch.utils.checkpoint` (non-reentrant)."""
-    for block in blocks_of(model):
-        forward = block.forward
-
-        def checkpointed(*args, _forward=forward, **kwargs):
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        block.forward = checkpointed
+    """The residual blocks (every module of class `Block`): the units FSDP2 shards one by one."""
+    blocks = [m for m in model.modules() if type(m).__name__ == "Block"]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no `Block` modules to shard")
+    return blocks
 
 
 def world_size() -> int:

@@ -1,0 +1,204 @@
+"""Instruction (chat) data: reading jsonl, the chat template, the loss mask, and whole-conversation packing.
+
+Rows are `{"prompt": ..., "response": ...}` or `{"messages": [{"role": ..., "content": ...}, ...]}`.
+Roles: an optional `system` first, then `user` and `assistant` strictly alternating, starting with
+`user` and ending with `assistant`. A row that breaks this is an error naming the file and line.
+
+The template is built on the tokenizer's special tokens:
+
+    <|bos|> <|system|> .. <|end|> <|user|> .. <|end|> <|assistant|> .. <|end|> ... <|eos|>
+
+The loss mask is aligned with the tokens: `loss_mask[i] == 1` iff token `i` is a target that counts,
+which is exactly the assistant's content tokens and the `<|end|>` closing each assistant turn (so the
+model learns to stop). Packing puts whole conversations into rows of `seq_len + 1` tokens, never
+splitting one across rows; a conversation longer than a row is a counted rejection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from tokenizers import Tokenizer
+
+from raylm.data.tokenizer import (ASSISTANT, BOS, END, EOS, PAD, SYSTEM, USER, token_byte_lengths,
+                                  tokenizer_from_json)
+
+TEMPLATE_TOKENS = {"bos": BOS, "eos": EOS, "pad": PAD, "system": SYSTEM, "user": USER, "assistant": ASSISTANT, "end": END}
+ROLES = ("system", "user", "assistant")
+
+
+class ChatDataError(ValueError):
+    """Chat rows that cannot be used; the message names the file and line of each."""
+
+
+def chat_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """Ids of the chat template's special tokens; a clear error lists the ones the tokenizer lacks."""
+    ids = {name: tokenizer.token_to_id(token) for name, token in TEMPLATE_TOKENS.items()}
+    missing = [TEMPLATE_TOKENS[name] for name, index in ids.items() if index is None]
+    if missing:
+        raise ChatDataError(f"the tokenizer lacks the chat special tokens {missing}: train it with "
+                            f"tokenizer.special_tokens including {list(TEMPLATE_TOKENS.values())}")
+    return ids
+
+
+def conversation_of(row: Any, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """A validated list of {role, content} turns from one row (ValueError says what is wrong)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list):
+            raise ValueError(f"`messages` must be a list, got {type(messages).__name__}")
+        turns = []
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"messages[{index}] must be an object with `role` and `content`")
+            if message["role"] not in ROLES:
+                raise ValueError(f"messages[{index}].role = {message['role']!r}: expected one of {list(ROLES)}")
+            if not isinstance(message["content"], str):
+                raise ValueError(f"messages[{index}].content must be a string")
+            turns.append({"role": message["role"], "content": message["content"]})
+    elif "prompt" in row or "response" in row:
+        if not isinstance(row.get("prompt"), str):
+            raise ValueError("`prompt` must be a string")
+        if not isinstance(row.get("response"), str):
+            raise ValueError("row has no assistant turn: `response` is missing or not a string")
+        turns = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+        if system_prompt:
+            turns.insert(0, {"role": "system", "content": system_prompt})
+    else:
+        raise ValueError(f"expected `messages` or `prompt`/`response`, got keys {sorted(row)}")
+    check_roles(turns)
+    return turns
+
+
+def check_roles(turns: list[dict[str, str]]) -> None:
+    if not any(turn["role"] == "assistant" for turn in turns):
+        raise ValueError("row has no assistant turn")
+    start = 1 if turns[0]["role"] == "system" else 0
+    for index, turn in enumerate(turns[start:], start):
+        expected = "user" if (index - start) % 2 == 0 else "assistant"
+        if turn["role"] != expected:
+            order = " -> ".join(t["role"] for t in turns)
+            raise ValueError(f"roles out of order at messages[{index}] ({order}): expected {expected!r} "
+                             f"(an optional system turn first, then user and assistant alternating)")
+    if turns[-1]["role"] != "assistant":
+        raise ValueError("roles out of order: the last turn must be the assistant's")
+
+
+@dataclass
+class ChatRow:
+    line: int
+    turns: list[dict[str, str]]
+
+
+def read_chat_jsonl(path: str, system_prompt: str | None = None, max_errors: int = 10) -> Iterator[ChatRow]:
+    """Validated conversations of a jsonl file; raises ChatDataError naming file:line of each bad row."""
+    problems, bad = [], 0
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                yield ChatRow(number, conversation_of(json.loads(line), system_prompt))
+            except (ValueError, json.JSONDecodeError) as error:
+                bad += 1
+                if len(problems) < max_errors:
+                    problems.append(f"{path}:{number}: {error}")
+    if problems:
+        more = f"\n  ... and {bad - len(problems)} more" if bad > len(problems) else ""
+        raise ChatDataError(f"{bad} bad chat row(s):\n  " + "\n  ".join(problems) + more)
+
+
+def looks_like_chat(path: str) -> bool:
+    """True for a .jsonl/.json file whose first row has `messages` or `prompt`."""
+    if not os.path.isfile(path) or not path.endswith((".jsonl", ".json")):
+        return False
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(row, dict) and ("messages" in row or "prompt" in row)
+    return False
+
+
+def render(turns: list[dict[str, str]], tokenizer: Tokenizer, ids: dict[str, int]) -> tuple[list[int], list[int]]:
+    """(tokens, loss_mask) of one conversation under the chat template."""
+    tokens, mask = [ids["bos"]], [0]
+    contents = tokenizer.encode_batch([turn["content"] for turn in turns], add_special_tokens=False)
+    for turn, encoding in zip(turns, contents):
+        body = encoding.ids
+        tokens += [ids[turn["role"]], *body, ids["end"]]
+        counted = 1 if turn["role"] == "assistant" else 0
+        mask += [0, *([counted] * len(body)), counted]
+    tokens.append(ids["eos"])
+    mask.append(0)
+    return tokens, mask
+
+
+def pack_conversations(rendered: list[tuple[list[int], list[int]]], seq_len: int,
+                       pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Whole conversations, in order, into rows of seq_len + 1; returns (tokens, mask, too_long)."""
+    width = seq_len + 1
+    rows_tokens, rows_mask, current_tokens, current_mask, too_long = [], [], [], [], 0
+    for tokens, mask in rendered:
+        if len(tokens) > width:
+            too_long += 1
+            continue
+        if len(current_tokens) + len(tokens) > width:
+            rows_tokens.append(current_tokens)
+            rows_mask.append(current_mask)
+            current_tokens, current_mask = [], []
+        current_tokens = current_tokens + tokens
+        current_mask = current_mask + mask
+    if current_tokens:
+        rows_tokens.append(current_tokens)
+        rows_mask.append(current_mask)
+    packed = np.full((len(rows_tokens), width), pad_id, dtype=np.int32)
+    masks = np.zeros((len(rows_tokens), width), dtype=np.int8)
+    for index, (tokens, mask) in enumerate(zip(rows_tokens, rows_mask)):
+        packed[index, :len(tokens)] = tokens
+        masks[index, :len(mask)] = mask
+    return packed, masks, too_long
+
+
+def pack_chat_batch(batch: pd.DataFrame, tokenizer_json: str, seq_len: int) -> pa.Table:
+    """Ray Data batch function: rendered conversations (`tokens`, `loss_mask` lists, each at most
+    seq_len + 1 long) -> packed rows with `tokens`, `loss_mask` and counts."""
+    tokenizer = tokenizer_from_json(tokenizer_json)
+    ids = chat_token_ids(tokenizer)
+    rendered = [(list(tokens), list(mask)) for tokens, mask in zip(batch["tokens"], batch["loss_mask"])]
+    packed, masks, too_long = pack_conversations(rendered, seq_len, ids["pad"])
+    if too_long:
+        raise ChatDataError(f"{too_long} conversation(s) longer than seq_len + 1 = {seq_len + 1} reached packing")
+    width = seq_len + 1
+    return pa.table({
+        "tokens": pa.FixedSizeListArray.from_arrays(pa.array(packed.reshape(-1), pa.int32()), width),
+        "loss_mask": pa.FixedSizeListArray.from_arrays(pa.array(masks.reshape(-1), pa.int8()), width),
+        "n_tokens": pa.array((packed != ids["pad"]).sum(axis=1), pa.int64()),
+        "n_bytes": pa.array(_byte_lengths(tokenizer_json)[packed].sum(axis=1), pa.int64()),
+        "n_targets": pa.array(masks[:, 1:].sum(axis=1).astype(np.int64), pa.int64()),
+        "n_conversations": pa.array((packed == ids["bos"]).sum(axis=1).astype(np.int64), pa.int64()),
+    })
+
+
+_BYTE_LENGTHS: dict[str, np.ndarray] = {}
+
+
+def _byte_lengths(tokenizer_json: str) -> np.ndarray:
+    from raylm.data.tokenizer import fingerprint
+
+    key = fingerprint(tokenizer_json)
+    if key not in _BYTE_LENGTHS:
+        _BYTE_LENGTHS[key] = token_byte_lengths(tokenizer_from_json(tokenizer_json))
+    return _BYTE_LENGTHS[key]
+

@@ -1,0 +1,80 @@
+"""`raylm eval --checkpoint PATH_OR_RUN --tasks ...`: evaluate any checkpoint and log it to MLflow.
+
+The checkpoint is a path or URI, or the MLflow run id of the training run that made it (its
+`raylm.checkpoint` tag). Results go to a workspace folder `benchmarks/<hash of settings and
+checkpoint>` (manifest, per-sample jsonl, summary) and to an MLflow run that is a child of the
+checkpoint's run. `bpb` is the bits-per-byte of the curated val split's text (tokenizer-independent,
+through `loglikelihood_rolling`); `domain` defaults to that split too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+from raylm.config import RaylmConfig
+from raylm.eval.suite import EvalSettings, evaluate_checkpoint, format_table, log_to_mlflow, resolve_checkpoint
+
+log = logging.getLogger("raylm")
+
+
+def curated_val_split(config: RaylmConfig) -> str | None:
+    """The curated val split of this config's pipeline, when its curate stage has finished locally."""
+    from raylm.pipeline import plan_stages
+    from raylm.workspace import Workspace
+
+    try:
+        stage = plan_stages(config, Workspace(config.workspace.root)).curate
+        if stage.is_complete():
+            return stage.manifest()["outputs"]["val"]
+    except Exception as error:  # noqa: BLE001 - no pipeline for this config: the caller says what is missing
+        log.debug("no curated val split: %s", error)
+    return None
+
+
+def val_text_file(val_split: str, limit: int | None, directory: str) -> str:
+    from raylm.eval.domain import read_texts
+
+    path = os.path.join(directory, "val.txt")
+    with open(path, "w", encoding="utf-8") as handle:
+        for count, text in enumerate(read_texts(val_split)):
+            if limit is not None and count >= limit:
+                break
+            handle.write(text + "\n\n")
+    return path
+
+
+def run_eval_command(config: RaylmConfig, checkpoint_ref: str, overrides: dict[str, Any],
+                     force: bool = True) -> dict[str, Any]:
+    from raylm.runtime import init_ray
+    from raylm.tracking import Tracker
+    from raylm.workspace import Workspace, content_hash
+
+    workspace = Workspace(config.workspace.root)
+    tracker = Tracker(config.tracking, workspace)
+    checkpoint, source_run = resolve_checkpoint(checkpoint_ref, tracker.client)
+    settings = EvalSettings.from_config(config.eval, **overrides)
+    val_split = curated_val_split(config) if ({"bpb", "domain"} & set(settings.tasks)) else None
+    if "domain" in settings.tasks and not settings.domain_data:
+        if val_split is None:
+            raise ValueError("the domain task needs held-out text: set eval.domain_data or run `raylm curate` first")
+        settings.domain_data = val_split
+    stage = workspace.stage("benchmarks", settings.__dict__, {"checkpoint": content_hash(checkpoint)})
+    stage.prepare(force=True)
+    init_ray(config.cluster)
+    with tempfile.TemporaryDirectory(prefix="raylm-eval-") as scratch:
+        out_dir = stage.fs_path() if workspace.is_local else scratch
+        settings.tasks = [t for t in settings.tasks if t != "bpb"] if val_split is None and "bpb" in settings.tasks else settings.tasks
+        if "bpb" in settings.tasks:
+            settings.text_files = [*settings.text_files, val_text_file(val_split, settings.limit, scratch)]
+            settings.tasks = [t for t in settings.tasks if t != "bpb"]
+        results = evaluate_checkpoint(checkpoint, settings, out_dir)
+        if val_split is not None and "bpb/val.txt" in results["metrics"]:
+            results["metrics"]["bpb/val"] = results["metrics"].pop("bpb/val.txt")
+        run_id = log_to_mlflow(results, settings, tracker, source_run, out_dir)
+    manifest = stage.finish({"metrics": results["metrics"], "summary": results["summary"], "checkpoint": checkpoint,
+                             "source_run": source_run, "mlflow_run_id": run_id, "tasks": results["tasks"]})
+    manifest["table"] = format_table(results["summary"])
+    return manifest

@@ -1,0 +1,282 @@
+"""`raylm eval --checkpoint ...`: the benchmark suite, domain task, MT-Bench and bits-per-byte of one checkpoint.
+
+One call evaluates a checkpoint on the requested tasks, on evaluation actors (or in this process),
+and returns per-task metrics on all items and on clean items, the per-sample records, and a summary
+table. `log_to_mlflow` writes them to an MLflow run linked to the run that produced the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("raylm")
+
+RAYLM_TASKS = {"mt_bench", "domain", "bpb"}
+MAIN_METRIC = ("acc_norm,none", "acc,none", "exact_match,strict-match", "exact_match,flexible-extract",
+               "pass_at_k,create_test")
+
+
+@dataclass
+class EvalSettings:
+    tasks: list[str]
+    limit: int | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 16
+    actors: int = 1
+    actor_gpus: float | str = "auto"
+    actor_cpus: float = 1
+    benchmark_data: str | None = None
+    allow_code_execution: bool = False
+    sandbox_timeout_s: float = 10.0
+    sandbox_memory_mb: int = 1024
+    contamination_index: str | None = None
+    domain_data: str | None = None
+    domain_items: int = 200
+    text_files: list[str] = field(default_factory=list)
+    judge_url: str | None = None
+    judge_model: str = "gpt-4"
+    max_gen_toks: int = 256
+    extra_tasks: list[dict[str, Any]] = field(default_factory=list)
+    seed: int = 0
+    gen_kwargs: dict[str, Any] | None = None  # overrides every generation task's own (e.g. max_gen_toks)
+
+    @classmethod
+    def from_config(cls, section: Any, **overrides: Any) -> "EvalSettings":
+        known = set(cls.__dataclass_fields__)
+        values = {k: v for k, v in section.model_dump().items() if k in known}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def metric_name(task: str, key: str, clean: bool = False) -> str:
+    metric, _, filt = key.partition(",")
+    name = f"{task}/{metric}" + (f".{filt}" if filt and filt != "none" else "")
+    return name + (".clean" if clean else "")
+
+
+def bits_per_byte_of_files(lm: Any, paths: list[str]) -> dict[str, float]:
+    from lm_eval.api.instance import Instance
+
+    out = {}
+    for path in paths:
+        text = Path(path).read_text(encoding="utf-8")
+        (logprob,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+        out[f"bpb/{Path(path).name}"] = -logprob / math.log(2) / max(1, len(text.encode("utf-8")))
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def make_model(checkpoint: str, settings: EvalSettings, in_process: bool = False) -> Any:
+    if in_process:
+        from raylm.eval.lm import RaylmLM
+
+        return RaylmLM(checkpoint=checkpoint, batch_size=settings.batch_size, max_gen_toks=settings.max_gen_toks)
+    from raylm.eval.actors import ActorPoolLM
+
+    return ActorPoolLM(checkpoint, actors=settings.actors, num_gpus=settings.actor_gpus, num_cpus=settings.actor_cpus,
+                       batch_size=settings.batch_size, max_gen_toks=settings.max_gen_toks)
+
+
+def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, lm: Any = None,
+                        in_process: bool = False) -> dict[str, Any]:
+    """Run every requested task; write per-sample jsonl files under `out_dir`; return the results."""
+    import lm_eval
+
+    from raylm.eval.contamination import load_index, split_scores
+    from raylm.eval.sandbox import SandboxLimits, allow_code_execution, require_code_execution
+    from raylm.eval.tasks import ExtraTask, build_local_suite, expand_tasks
+
+    out = Path(out_dir)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    tasks = expand_tasks(settings.tasks)
+    allow_code_execution(settings.allow_code_execution,
+                         SandboxLimits(timeout_s=settings.sandbox_timeout_s, memory_mb=settings.sandbox_memory_mb))
+    if "humaneval" in tasks:
+        require_code_execution("the humaneval task")
+    extras = [ExtraTask.from_dict(raw, f"eval.extra_tasks[{i}]") for i, raw in enumerate(settings.extra_tasks)]
+    index = load_index(settings.contamination_index) if settings.contamination_index else None
+    lm_tasks = [t for t in tasks if t not in RAYLM_TASKS]
+    started = time.perf_counter()
+    lm = lm if lm is not None else make_model(checkpoint, settings, in_process)
+    results: dict[str, Any] = {"checkpoint": checkpoint, "tasks": {}, "metrics": {}, "files": {}}
+
+    task_manager, groups = None, {}
+    if settings.benchmark_data or "domain" in tasks or extras:
+        if lm_tasks and not settings.benchmark_data and not all(t in {e.name for e in extras} for t in lm_tasks):
+            raise ValueError("eval.benchmark_data is needed to run standard tasks together with local ones")
+        suite = build_local_suite(settings.benchmark_data or ".", out / "tasks", lm_tasks, extras,
+                                  settings.limit, settings.num_fewshot)
+        if "domain" in tasks:
+            from raylm.eval.domain import build_items, read_texts, write_domain_task
+
+            if not settings.domain_data:
+                raise ValueError("eval.domain_data: the domain task needs held-out text (the curated val split)")
+            items = build_items(read_texts(settings.domain_data), n_items=settings.domain_items, seed=settings.seed)
+            suite.tasks.append(write_domain_task(items, out / "tasks"))
+        lm_tasks = suite.tasks
+        task_manager = suite.task_manager()
+        if "mmlu" in lm_tasks:
+            groups["mmlu"] = sorted(t for t in suite.source_task if t.startswith("mmlu_"))
+    if lm_tasks:
+        evaluated = lm_eval.simple_evaluate(
+            model=lm, tasks=lm_tasks, task_manager=task_manager, limit=settings.limit, num_fewshot=settings.num_fewshot,
+            log_samples=True, confirm_run_unsafe_code=settings.allow_code_execution, bootstrap_iters=0,
+            gen_kwargs=settings.gen_kwargs,
+            random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
+            fewshot_random_seed=settings.seed)
+        samples = evaluated.get("samples", {})
+        for task, samples_of_task in samples.items():
+            path = out / "samples" / f"{task}.jsonl"
+            with open(path, "w", encoding="utf-8") as handle:
+                for sample in samples_of_task:
+                    handle.write(json.dumps(sample, default=_json_default, ensure_ascii=False) + "\n")
+            results["files"][task] = str(path)
+        for group, members in groups.items():
+            samples[group] = [s for m in members for s in samples.get(m, [])]
+        for task in list(evaluated["results"]):
+            reported = {k: v for k, v in evaluated["results"][task].items()
+                        if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+            split = split_scores(samples.get(task, []), index)
+            entry = {"reported": reported, "n_items": split["n_items"], "n_clean": split["n_clean"],
+                     "n_contaminated": split["n_contaminated"], "all": {}, "clean": {}}
+            for key, value in split["metrics"].items():
+                entry["all"][key], entry["clean"][key] = value["all"], value["clean"]
+            if not split["metrics"]:  # a group without samples of its own: lm-eval's aggregate
+                entry["all"] = dict(reported)
+            results["tasks"][task] = entry
+    if "mt_bench" in tasks:
+        from raylm.eval.mtbench import run_mt_bench
+
+        if not settings.benchmark_data:
+            raise ValueError("eval.benchmark_data: MT-Bench needs the local question file")
+        summary = run_mt_bench(lm, settings.benchmark_data, str(out / "samples" / "mt_bench.jsonl"), settings.limit,
+                               settings.judge_url, settings.judge_model, settings.max_gen_toks)
+        results["files"]["mt_bench"] = summary["answers"]
+        results["tasks"]["mt_bench"] = {"n_items": summary["n_items"], "scored": summary["scored"],
+                                        "note": summary.get("note"),
+                                        "all": {"score,none": summary["score"]} if summary["scored"] else {},
+                                        "clean": {}}
+    if settings.text_files:
+        results["bpb"] = bits_per_byte_of_files(lm, settings.text_files)
+        results["metrics"].update(results["bpb"])
+    for task, entry in results["tasks"].items():
+        for key, value in entry["all"].items():
+            results["metrics"][metric_name(task, key)] = value
+        if index is not None:
+            for key, value in entry["clean"].items():
+                results["metrics"][metric_name(task, key, clean=True)] = value
+            if entry.get("n_contaminated") is not None:
+                results["metrics"][f"{task}/n_contaminated"] = entry["n_contaminated"]
+        results["metrics"][f"{task}/n_items"] = entry.get("n_items", 0)
+    results["summary"] = summary_rows(results, index is not None)
+    results["metrics"]["eval_seconds"] = time.perf_counter() - started
+    if hasattr(lm, "shutdown"):
+        lm.shutdown()
+    return results
+
+
+def main_metric(entry: dict[str, Any]) -> str | None:
+    for key in MAIN_METRIC:
+        if key in entry.get("all", {}):
+            return key
+    return next(iter(entry.get("all", {})), None)
+
+
+def summary_rows(results: dict[str, Any], with_index: bool) -> list[dict[str, Any]]:
+    rows = []
+    for task, entry in results["tasks"].items():
+        key = main_metric(entry)
+        row = {"task": task, "metric": key.replace(",none", "") if key else "", "n_items": entry.get("n_items", 0),
+               "score": entry["all"].get(key) if key else None}
+        if with_index:
+            row.update(clean=entry["clean"].get(key) if key else None, n_clean=entry.get("n_clean"))
+        if task == "mt_bench" and not entry.get("scored"):
+            row["metric"], row["score"] = "UNSCORED (no judge configured)", None
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def cell(value: Any) -> str:
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else (
+            f"{value:.4f}" if isinstance(value, float) else str(value))
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def bar_chart(rows: list[dict[str, Any]], path: str) -> str | None:
+    scored = [r for r in rows if isinstance(r.get("score"), (int, float))]
+    if not scored:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(scored) + 1.5))
+    names = [f"{r['task']} ({r['metric']})" for r in scored]
+    y = range(len(scored))
+    ax.barh([i + 0.2 for i in y], [r["score"] for r in scored], height=0.4, label="all items")
+    if any("clean" in r for r in scored):
+        ax.barh([i - 0.2 for i in y], [r.get("clean") or 0 for r in scored], height=0.4, label="clean items")
+    ax.set_yticks(list(y), names)
+    ax.set_xlabel("score")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def resolve_checkpoint(reference: str, client: Any) -> tuple[str, str | None]:
+    """A checkpoint path or URI, or an MLflow run id whose run holds one -> (checkpoint, producing run id)."""
+    if os.path.exists(reference) or "://" in reference:
+        runs = client.search_runs(experiment_ids=[e.experiment_id for e in client.search_experiments()],
+                                  filter_string=f"tags.`raylm.checkpoint` = '{reference}'", max_results=1)
+        return reference, (runs[0].info.run_id if runs else None)
+    try:
+        run = client.get_run(reference)
+    except Exception as error:  # noqa: BLE001 - MLflow raises several kinds for an unknown id
+        raise FileNotFoundError(f"--checkpoint {reference!r} is neither an existing path nor an MLflow run id") from error
+    checkpoint = run.data.tags.get("raylm.checkpoint")
+    if not checkpoint:
+        raise FileNotFoundError(f"MLflow run {reference} has no raylm.checkpoint tag (not a training run?)")
+    return checkpoint, reference
+
+
+def log_to_mlflow(results: dict[str, Any], settings: EvalSettings, tracker: Any, source_run: str | None,
+                  out_dir: str) -> str:
+    import mlflow
+
+    tags = {"raylm.stage": "eval", "raylm.checkpoint": results["checkpoint"]}
+    if source_run:
+        tags.update({"raylm.source_run": source_run, "mlflow.parentRunId": source_run})
+    params = {f"eval.{k}": v for k, v in settings.__dict__.items()}
+    with tracker.run("eval", params=params, tags=tags) as run:
+        tracker.log_metrics(results["metrics"])
+        for task, path in results["files"].items():
+            mlflow.log_artifact(path, "samples")
+        table = format_table(results["summary"])
+        mlflow.log_text(table + "\n", "summary.md")
+        mlflow.log_table(data={k: [r.get(k) for r in results["summary"]] for k in
+                               dict.fromkeys(k for r in results["summary"] for k in r)}, artifact_file="summary.json")
+        chart = bar_chart(results["summary"], os.path.join(out_dir, "scores.png"))
+        if chart:
+            mlflow.log_artifact(chart)
+        mlflow.log_dict({k: v for k, v in results.items() if k != "files"}, "results.json")
+        return run.info.run_id

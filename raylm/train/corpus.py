@@ -1,0 +1,73 @@
+"""Packed shards from the built-in python-stdlib corpus in one process, without the curate and
+tokenize stages: for benchmarks, GPU smoke checks and tests that need real token data in seconds.
+
+The result is a dict shaped like the tokenize stage's manifest (`outputs.train`, `outputs.val`,
+`seq_len`, `tokenizer.{path, vocab_size, pad_id, fingerprint}`), so `build_trainer` takes it as is.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raylm.config import TokenizerConfig
+from raylm.data.pack import encode_and_pack
+from raylm.data.tokenizer import PAD, fingerprint, special_id, train_tokenizer
+
+
+def stdlib_texts(limit_bytes: int) -> list[str]:
+    """Source files of the running interpreter's standard library, in a fixed order, about `limit_bytes`."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, total = [], 0
+    for directory, subdirs, files in os.walk(root):
+        subdirs.sort()
+        if "site-packages" in directory or "test" in Path(directory).parts:
+            continue
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            text = (Path(directory) / name).read_text(errors="replace")
+            texts.append(text)
+            total += len(text)
+            if total >= limit_bytes:
+                return texts
+    return texts
+
+
+def stdlib_packed(folder: str | Path, seq_len: int, vocab_size: int = 512, corpus_bytes: int = 150_000,
+                  val_fraction: float = 0.1, train_shards: int = 2, loss_mask: bool = False) -> dict:
+    """Train a BPE tokenizer on the stdlib sample and pack it into train/val parquet shards under `folder`.
+
+    `loss_mask=True` adds a `loss_mask` column that masks out the first half of every row (as chat
+    data masks its prompts), for exercising masked training.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = stdlib_texts(corpus_bytes)
+    tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=vocab_size, sample_bytes=corpus_bytes))
+    tokenizer_json = tokenizer.to_str()
+    (folder / "tokenizer.json").write_text(tokenizer_json)
+    split = max(1, int(len(texts) * (1 - val_fraction)))
+    outputs = {}
+    for name, chunk in (("train", texts[:split]), ("val", texts[split:])):
+        (folder / name).mkdir(exist_ok=True)
+        parts = train_shards if name == "train" else 1
+        for part in range(parts):
+            docs = chunk[part::parts]
+            table = encode_and_pack(pd.DataFrame({"text": docs}), tokenizer_json, seq_len)
+            if loss_mask:
+                width = seq_len + 1
+                mask = np.ones((table.num_rows, width), dtype=np.int8)
+                mask[:, : width // 2] = 0
+                table = table.append_column("loss_mask", pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), width))
+            pq.write_table(table, folder / name / f"part-{part}.parquet")
+        outputs[name] = str(folder / name)
+    return {"outputs": outputs, "seq_len": seq_len,
+            "tokenizer": {"path": str(folder / "tokenizer.json"), "vocab_size": tokenizer.get_vocab_size(),
+                          "pad_id": special_id(tokenizer, PAD), "fingerprint": fingerprint(tokenizer_json)}}

@@ -1,0 +1,285 @@
+"""The `finetune` stage: continue training a base model with `full`, `frozen` or `lora` on new data.
+
+The base is what `raylm finetune --from` names: a checkpoint directory, a finished `pretrain` (or
+`finetune`) stage folder, an MLflow run id whose run carries a `raylm.checkpoint` tag, or a Hugging
+Face model folder (converted once through `raylm.model.hf.import_hf` into a raylm checkpoint). The
+run is the pretraining trainer (`build_trainer`, same strategies, DCP checkpoints, elasticity and
+MLflow logging) started from the base weights, with `extra_loop_config["finetune"]` telling every
+worker to call `raylm.finetune.prepare_for_finetune` before wrapping the model. After training a
+LoRA run's adapters are folded into the weights and written as a plain checkpoint (`merged/`), which
+is what export and evaluation read. Logged: trainable and total parameters, val loss on the
+fine-tuning data before and after, the method, and the base's lineage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+import torch
+import torch.nn as nn
+
+from raylm.config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig
+from raylm.finetune import is_lora, merge_lora, parameter_counts, prepare_for_finetune
+from raylm.model import TransformerConfig, build_model
+from raylm.train.checkpoint import (MODEL_CONFIG, TOKENIZER, TRAINER_STATE, check_complete, load_tokenizer_json,
+                                    load_training_state, local_checkpoint, save_checkpoint)
+from raylm.workspace import StageDir, Workspace, content_hash
+
+log = logging.getLogger("raylm")
+
+RUN_NAME = "train"
+# Keys that may differ between the base and the fine-tuning config (they change no weight shape).
+NON_ARCHITECTURE_KEYS = ("dropout", "activation_checkpointing", "init_std", "preset")
+
+
+class BaseModelError(ValueError):
+    """`--from` names nothing usable as a base model."""
+
+
+@dataclass
+class Base:
+    """A resolved base model: a local raylm checkpoint directory and where it came from."""
+
+    checkpoint: str
+    kind: str  # checkpoint | stage | run | hf
+    source: str
+    model_config: dict[str, Any]
+    tokenizer_json: str
+    tokenizer_path: str
+    mlflow_run_id: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        state = os.path.join(self.checkpoint, TRAINER_STATE)
+        stamp = os.stat(state).st_mtime_ns if os.path.exists(state) else 0
+        return content_hash(os.path.abspath(self.checkpoint), stamp)
+
+    def lineage_tags(self) -> dict[str, str]:
+        tags = {"raylm.base.checkpoint": self.checkpoint, "raylm.base.kind": self.kind,
+                "raylm.base.source": self.source}
+        if self.mlflow_run_id:
+            tags["raylm.base.run_id"] = self.mlflow_run_id
+        return tags
+
+
+def write_plain_checkpoint(directory: str, model: nn.Module, model_config: dict[str, Any], tokenizer_json: str | None,
+                           trainer_state: dict[str, Any]) -> str:
+    """A checkpoint of a plain, unsharded model (no optimizer state), written without a process group in
+    the trainer's own format (file lists and all), so `init_checkpoint` and `load_model` read it."""
+    save_checkpoint(directory, model, [], trainer_state, model_config, tokenizer_json, rank=0)  # [] = no optimizer
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolving `--from`
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _stage_run_id(checkpoint: str) -> str | None:
+    """The MLflow run of the stage folder a checkpoint lives in (<stage>/train/checkpoint_N)."""
+    stage_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    manifest = os.path.join(stage_dir, "manifest.json")
+    return _read_json(manifest).get("mlflow_run_id") if os.path.exists(manifest) else None
+
+
+def _from_checkpoint(directory: str, kind: str, source: str, run_id: str | None = None) -> Base:
+    check_complete(directory)
+    tokenizer_json = load_tokenizer_json(directory)
+    if tokenizer_json is None:
+        raise BaseModelError(f"--from {source}: checkpoint {directory} has no {TOKENIZER}")
+    return Base(checkpoint=directory, kind=kind, source=source, model_config=_read_json(os.path.join(directory, MODEL_CONFIG)),
+                tokenizer_json=tokenizer_json, tokenizer_path=os.path.join(directory, TOKENIZER),
+                mlflow_run_id=run_id or _stage_run_id(directory))
+
+
+def _from_hf(folder: str, workspace: Workspace) -> Base:
+    try:
+        from raylm.model.hf import import_hf
+    except ImportError as error:
+        raise BaseModelError(f"--from {folder}: a Hugging Face folder needs raylm.model.hf.import_hf ({error})") from None
+    tokenizer_file = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(tokenizer_file):
+        raise BaseModelError(f"--from {folder}: the Hugging Face folder has no tokenizer.json")
+    files = sorted(name for name in os.listdir(folder) if not name.startswith("."))
+    stamp = {name: os.stat(os.path.join(folder, name)).st_size for name in files}
+    stage = workspace.stage("finetune-base", {"hf_folder": os.path.abspath(folder), "files": stamp})
+    directory = stage.path("checkpoint")
+    if not stage.is_complete():
+        stage.prepare(force=True)
+        model, config = import_hf(folder)
+        config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        with open(tokenizer_file) as handle:
+            tokenizer_json = handle.read()
+        write_plain_checkpoint(directory, model, config_dict, tokenizer_json, {"step": 0, "imported_from": folder})
+        stage.finish({"checkpoint": directory, "hf_folder": folder})
+    return _from_checkpoint(directory, "hf", folder)
+
+
+def resolve_base(source: str, workspace: Workspace, tracking_uri: str | None = None) -> Base:
+    """A checkpoint dir, a stage folder, an HF model folder, or an MLflow run id -> Base."""
+    path = os.path.abspath(os.path.expanduser(source.removeprefix("file://")))
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, MODEL_CONFIG)):
+            return _from_checkpoint(path, "checkpoint", source)
+        manifest_file = os.path.join(path, "manifest.json")
+        if os.path.exists(manifest_file):
+            manifest = _read_json(manifest_file)
+            checkpoint = manifest.get("merged_checkpoint") or manifest.get("checkpoint")
+            if not checkpoint:
+                raise BaseModelError(f"--from {source}: the stage folder's manifest names no checkpoint")
+            return _from_checkpoint(checkpoint, "stage", source, manifest.get("mlflow_run_id"))
+        if os.path.exists(os.path.join(path, "config.json")):
+            return _from_hf(path, workspace)
+        raise BaseModelError(f"--from {source}: folder is neither a raylm checkpoint ({MODEL_CONFIG}), a stage folder "
+                         "(manifest.json) nor a Hugging Face model folder (config.json)")
+    if tracking_uri and len(source) == 32 and all(c in "0123456789abcdef" for c in source):
+        from mlflow.tracking import MlflowClient
+
+        try:
+            run = MlflowClient(tracking_uri).get_run(source)
+        except mlflow.exceptions.MlflowException as error:
+            raise BaseModelError(f"--from {source}: no such MLflow run in {tracking_uri} ({error})") from None
+        checkpoint = run.data.tags.get("raylm.merged_checkpoint") or run.data.tags.get("raylm.checkpoint")
+        if not checkpoint:
+            raise BaseModelError(f"--from {source}: MLflow run {source} has no raylm.checkpoint tag")
+        if "://" in checkpoint and not checkpoint.startswith("file://"):
+            raise BaseModelError(f"--from {source}: checkpoint {checkpoint} is remote; pass a local copy")
+        return _from_checkpoint(checkpoint.removeprefix("file://"), "run", source, source)
+    raise BaseModelError(f"--from {source}: not a directory or an MLflow run id")
+
+
+def check_architecture(model: ModelConfig, base: Base) -> ModelConfig:
+    """The model section for fine-tuning: the base's architecture. Keys the config sets explicitly must
+    match the base; a mismatch is an error naming `model.<key>`."""
+    problems = []
+    for key in sorted(model.model_fields_set):
+        if key in NON_ARCHITECTURE_KEYS or key not in base.model_config:
+            continue
+        mine, theirs = getattr(model, key), base.model_config[key]
+        if mine != theirs:
+            problems.append(f"model.{key} = {mine!r} but the base checkpoint {base.checkpoint} has {key} = {theirs!r}")
+    if problems:
+        raise ConfigError(problems + ["fine-tuning keeps the base architecture: drop these keys or match the base"])
+    merged = {k: v for k, v in base.model_config.items() if k in ModelConfig.model_fields}
+    for key in NON_ARCHITECTURE_KEYS:
+        if key in model.model_fields_set:
+            merged[key] = getattr(model, key)
+    return ModelConfig.model_validate(merged)
+
+
+def finetune_train_config(train: TrainConfig, finetune: FinetuneConfig) -> TrainConfig:
+    updates: dict[str, Any] = {"lr": finetune.lr, "max_steps": finetune.max_steps, "seed": finetune.seed,
+                               "warmup_steps": min(finetune.warmup_steps, finetune.max_steps)}
+    for key in ("global_batch_size", "micro_batch_size", "eval_every"):
+        if getattr(finetune, key) is not None:
+            updates[key] = getattr(finetune, key)
+    if finetune.global_batch_size is not None:
+        updates["global_batch_tokens"] = None
+    updates["checkpoint_every"] = min(train.checkpoint_every, finetune.max_steps)
+    updates["eval_every"] = min(updates.get("eval_every", train.eval_every), finetune.max_steps)
+    try:
+        return TrainConfig.model_validate({**train.model_dump(), **updates})
+    except Exception as error:  # noqa: BLE001 - pydantic's message names the field
+        raise ConfigError([f"finetune: the train settings it derives are invalid: {error}"]) from None
+
+
+def finetune_spec(finetune: FinetuneConfig) -> dict[str, Any]:
+    """What every worker's `prepare_for_finetune` needs (JSON-able)."""
+    return {"method": finetune.method, "frozen": finetune.frozen.model_dump(mode="json"),
+            "lora": finetune.lora.model_dump(mode="json")}
+
+
+def count_parameters(model_config: dict[str, Any], spec: dict[str, Any]) -> dict[str, int]:
+    with torch.device("meta"):
+        model = prepare_for_finetune(build_model(model_config), spec)
+    return parameter_counts(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def load_finetuned(checkpoint: str, spec: dict[str, Any]) -> nn.Module:
+    """A fine-tuned checkpoint as a plain model: LoRA adapters merged into the weights."""
+    with local_checkpoint(checkpoint) as directory:
+        config = TransformerConfig.from_dict(_read_json(os.path.join(directory, MODEL_CONFIG)))
+        model = prepare_for_finetune(build_model(config), spec)
+        load_training_state(directory, model, None, rank=0)
+    return merge_lora(model).eval()
+
+
+def export_merged(checkpoint: str, spec: dict[str, Any], stage: StageDir, tokenizer_json: str,
+                  trainer_state: dict[str, Any]) -> str:
+    model = load_finetuned(checkpoint, spec)
+    if stage.workspace.is_local:
+        return write_plain_checkpoint(stage.path("merged"), model, model.config.to_dict(), tokenizer_json, trainer_state)
+    import pyarrow.fs as pafs
+
+    with tempfile.TemporaryDirectory(prefix="raylm-merged-") as local:
+        write_plain_checkpoint(local, model, model.config.to_dict(), tokenizer_json, trainer_state)
+        pafs.copy_files(local, stage.fs_path("merged"), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=stage.fs)
+    return stage.path("merged")
+
+
+def finetune(model: ModelConfig, train: TrainConfig, finetune_config: FinetuneConfig, base: Base,
+             packed: dict[str, Any], stage: StageDir, tracking_uri: str) -> dict[str, Any]:
+    from raylm.train.launch import best_checkpoint, build_trainer
+
+    if "val" not in packed["outputs"]:
+        raise ValueError("the fine-tuning data has no val split: raise finetune.val_fraction or add data")
+    if packed["tokenizer"]["vocab_size"] != base.model_config["vocab_size"]:
+        raise ValueError(f"the fine-tuning tokenizer has {packed['tokenizer']['vocab_size']} tokens but the base "
+                         f"model {base.checkpoint} has vocab_size {base.model_config['vocab_size']}")
+    spec = finetune_spec(finetune_config)
+    counts = count_parameters(base.model_config, spec)
+    run = mlflow.active_run()
+    mlflow.set_tags({**base.lineage_tags(), "raylm.finetune.method": finetune_config.method})
+    log.info("finetune: %s from %s, %d of %d parameters trainable (%.2f%%)", finetune_config.method, base.checkpoint,
+             counts["params_trainable"], counts["params_total"], 100 * counts["params_trainable"] / counts["params_total"])
+    trainer = build_trainer(model, train, packed, stage.path(), RUN_NAME, tracking_uri,
+                            run.info.run_id if run else None, init_checkpoint=base.checkpoint,
+                            extra_loop_config={"finetune": spec})
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"fine-tuning finished without a checkpoint under {stage.path(RUN_NAME)}")
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    before, after = metrics.get("val_loss_initial", float("nan")), metrics.get("val_loss", float("nan"))
+    metrics.update(counts, params_trainable_fraction=counts["params_trainable"] / counts["params_total"],
+                   val_loss_before=before, val_loss_after=after, val_loss_delta=after - before)
+    checkpoint = best_checkpoint(stage.path(RUN_NAME)) or result.checkpoint.path
+    outputs: dict[str, Any] = {"adapter_checkpoint": None, "merged_checkpoint": None,
+                               "last_checkpoint": result.checkpoint.path}
+    if spec["method"] == "lora":
+        trainer_state = {"step": int(metrics.get("step", 0)), "merged_from": checkpoint}
+        merged = export_merged(checkpoint, spec, stage, base.tokenizer_json, trainer_state)
+        outputs.update(adapter_checkpoint=checkpoint, merged_checkpoint=merged)
+        checkpoint = merged
+        mlflow.set_tag("raylm.adapter_checkpoint", outputs["adapter_checkpoint"])
+        mlflow.set_tag("raylm.merged_checkpoint", merged)
+    mlflow.set_tag("raylm.checkpoint", checkpoint)
+    log.info("finetune: val loss %.4f -> %.4f, checkpoint %s", before, after, checkpoint)
+    return {
+        "metrics": metrics,
+        "checkpoint": checkpoint,
+        **outputs,
+        "run_path": stage.path(RUN_NAME),
+        "method": spec["method"],
+        "finetune": spec,
+        "base": {"checkpoint": base.checkpoint, "kind": base.kind, "source": base.source,
+                 "mlflow_run_id": base.mlflow_run_id},
+        "model": {**model.model_dump(mode="json"), "vocab_size": base.model_config["vocab_size"]},
+        "tokenizer": packed["tokenizer"],
+    }

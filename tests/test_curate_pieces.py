@@ -1,0 +1,360 @@
+"""Curation pieces without Ray: cleaners, quality rules, PII detectors, MinHash / LSH, decontamination."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raylm.config import CleanConfig, QualityConfig, SourceConfig
+from raylm.data import clean, dedup, decontam, pii, quality
+from raylm.data.curate import screen_batch
+from raylm.data.ngrams import jaccard, ngram_hashes, shingle_set
+from raylm.data.sources import decode_file, document
+
+
+def frame(texts: list[str], reasons: list[str] | None = None, source: str = "src") -> pd.DataFrame:
+    batch = pd.DataFrame([document(source, f"doc{i}", t) for i, t in enumerate(texts)])
+    if reasons:
+        batch["reason"] = reasons
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------- cleaning
+
+
+def test_html_goes_through_the_parser_and_plain_text_does_not():
+    page = ("<!DOCTYPE html><html><head><title>T</title><style>p{color:red}</style></head><body>"
+            "<nav><a href='/'>Home</a></nav><p>Fish &amp; chips are <b>good</b>.</p><div>Second</div>"
+            "<script>var tracking = 1;</script></body></html>")
+    assert clean.looks_like_html(page)
+    text = clean.html_to_text(page)
+    assert "Fish & chips are good." in text and "Second" in text
+    assert "tracking" not in text and "color" not in text and "Home" not in text
+    assert not clean.looks_like_html("if a < b and c > d: print('<b>') # one tag in code")
+
+
+def test_boilerplate_lines_are_dropped_and_prose_is_kept():
+    text = ("We use cookies to improve your experience on our site.\nHome | About us | Contact | Blog\n"
+            "The river flooded the valley in 1953, displacing hundreds of families.\n"
+            "Lorem ipsum dolor sit amet, consectetur adipiscing elit.\nRead our Privacy Policy\n"
+            "Cookies are a traditional baked treat in many countries.")
+    kept = clean.drop_boilerplate_lines(text).split("\n")
+    assert kept == ["The river flooded the valley in 1953, displacing hundreds of families.",
+                    "Cookies are a traditional baked treat in many countries."]
+
+
+def test_terminal_punctuation_rule_of_c4():
+    text = "A full sentence.\nmenu item\nAnother one!\n\n\"Quoted.\""
+    assert clean.drop_unterminated_lines(text) == "A full sentence.\nAnother one!\n\n\"Quoted.\""
+
+
+def test_gutenberg_header_and_footer_are_cut_and_other_text_is_untouched():
+    book = ("The Project Gutenberg eBook of Moby Dick\nThis eBook is for the use of anyone\n"
+            "*** START OF THE PROJECT GUTENBERG EBOOK 2701 ***\nCall me Ishmael.\n"
+            "*** END OF THE PROJECT GUTENBERG EBOOK 2701 ***\nSection 1. General Terms of Use")
+    assert clean.strip_gutenberg(book).strip() == "Call me Ishmael."
+    plain = "A story that mentions no archive at all.\nThe end."
+    assert clean.strip_gutenberg(plain) == plain
+
+
+def test_symbols_control_characters_and_emoji_go_letters_and_maths_stay():
+    text = "caf\u00e9 \u4e2d\u6587 \u2211 \u2192 \u20ac 5\u00b0C \u00a9 ok\x07\u200b \U0001F600\u2764\ufe0f \ue000 \u2713 tab\there"
+    assert clean.strip_symbols(text) == "caf\u00e9 \u4e2d\u6587 \u2211 \u2192 \u20ac 5\u00b0C \u00a9 ok    tab\there"
+
+
+def test_unicode_normalisation_step_is_switchable_and_reported():
+    decomposed = "cafe\u0301 " * 3
+    batch = clean.clean_batch(frame([decomposed]), config=CleanConfig(unicode="NFC"))
+    assert batch["text"][0] == ("caf\u00e9 " * 3).strip()
+    assert batch["stat_clean_unicode_docs"][0] == 1 and batch["stat_clean_unicode_bytes"][0] == 3
+    off = clean.clean_batch(frame([decomposed]), config=CleanConfig(unicode="none"))
+    assert off["text"][0] == decomposed.strip() and off["stat_clean_unicode_docs"][0] == 0
+
+
+def test_cleaning_that_empties_a_document_rejects_it_with_the_step():
+    batch = clean.clean_batch(frame(["We use cookies to improve your experience.", "\U0001F600\U0001F600", "fine text",
+                                     "x"], ["", "", "", "parse_error"]))
+    assert batch["reason"].tolist() == ["empty", "empty", "", "parse_error"]
+    assert "emptied by boilerplate" in batch["detail"][0] and "emptied by symbols" in batch["detail"][1]
+
+
+def test_normalize_whitespace_keeps_indentation():
+    assert clean.normalize_whitespace("def f():\r\n    return 1   \n\n\n\n\tx = 2\t\n\n") == "def f():\n    return 1\n\n\tx = 2"
+
+
+# ---------------------------------------------------------------------------------------------- quality
+
+PROSE = ("The committee met on Tuesday to discuss the budget for the coming year, and the members agreed "
+         "that the library should have longer opening hours. They also voted to repair the roof of the town "
+         "hall before winter, because the old tiles had started to leak during the storms of last spring. ")
+PROSE_MORE = ("Meanwhile the school announced a new science program for older students, with weekly visits "
+              "to the observatory on the hill and a small prize for the best essay about the night sky.")
+
+
+@pytest.mark.parametrize("rule, bad_text, settings_", [
+    ("min_words", "too short a text", {"min_words": 50}),
+    ("max_words", PROSE * 3, {"max_words": 100}),
+    ("mean_word_length", "a b c d e f g h i j " * 10, {"min_mean_word_length": 3}),
+    ("mean_word_length", "supercalifragilistic " * 60, {"max_mean_word_length": 10}),
+    ("symbol_word_ratio", "# heading # more # tags ... " * 20, {"max_symbol_word_ratio": 0.1}),
+    ("bullet_lines", "\n".join(["- item one here", "* item two here", "\u2022 third"] * 10), {"max_bullet_lines": 0.9}),
+    ("ellipsis_lines", "\n".join(["and then it went on..."] * 5 + ["A whole sentence."]), {"max_ellipsis_lines": 0.3}),
+    ("alpha_words", "12 34 56 78 90 11 22 33 word " * 10, {"min_alpha_words": 0.8}),
+    ("duplicate_lines", "\n".join(["same line here"] * 8 + ["other"]), {"max_duplicate_lines": 0.3}),
+    ("duplicate_line_chars", "\n".join(["a much longer repeated line of text"] * 3 + ["x", "y", "z", "w"]),
+     {"max_duplicate_line_chars": 0.2}),
+    ("duplicate_paragraphs", "\n\n".join(["same paragraph"] * 5 + ["other"]), {"max_duplicate_paragraphs": 0.3}),
+    ("top_2gram", "new york " * 40 + PROSE, {"max_top_ngram": {2: 0.2}}),
+    ("duplicate_5gram", ("one two three four five six " * 30) + PROSE, {"max_duplicate_ngram": {5: 0.15}}),
+    ("stop_words", "Quarterly revenue grew strongly across regions " * 10, {"min_stop_words": 2}),
+])
+def test_each_quality_rule_rejects_its_case_and_passes_prose(rule, bad_text, settings_):
+    config = QualityConfig(**{"max_words": None, **settings_})
+    failure = quality.quality_failure(bad_text, config)
+    assert failure is not None and failure[0] == rule, failure
+    assert quality.quality_failure(PROSE, config) is None
+
+
+def test_gopher_thresholds_pass_real_prose_and_reject_lists():
+    config = QualityConfig.gopher()
+    assert quality.quality_failure(PROSE + PROSE_MORE, config) is None
+    menu = "\n".join(f"- Item {i} | price {i}.99 #{i}" for i in range(80))
+    assert quality.quality_failure(menu, config) is not None
+
+
+def test_quality_batch_marks_reason_and_detail():
+    batch = quality.quality_batch(frame([PROSE, "few words"], ["", ""]), QualityConfig(min_words=10))
+    assert batch["reason"].tolist() == ["", "quality:min_words"]
+    assert batch["detail"][1] == "min_words = 2 < 10"
+
+
+# ---------------------------------------------------------------------------------------------- PII
+
+
+@pytest.mark.parametrize("kind, positive, negative", [
+    ("email", "write to jane.doe+news@mail.example.co.uk today", "use the @property decorator; x = a @ b.T"),
+    ("phone", "call (555) 123-4567 or +44 20 7946 0958", "on 2021-05-12 pi was 3.14159, version 1.2.3"),
+    ("ip", "server 192.168.10.1 and 2001:db8::8a2e:370:7334", "slice a[::2], time 12:30:45, 999.1.1.1"),
+    ("credit_card", "card 4111 1111 1111 1111 expires", "order 4111 1111 1111 1112 (Luhn fails) 1234567890123"),
+    ("ssn", "SSN 123-45-6789 on file", "ids 000-12-3456 and 666-12-3456 are never issued"),
+    ("iban", "IBAN GB82 WEST 1234 5698 7654 32", "GB82WEST12345698765433 fails mod 97"),
+    ("secret", "key AKIAIOSFODNN7EXAMPLE", "AKIA is a prefix, AKIAshort is not a key"),
+    ("secret", "token ghp_" + "A1b2" * 9, "ghp_tooshort"),
+    ("secret", "slack xoxb-1234567890-abcdefghij", "xox is not a token"),
+    ("secret", "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----",
+     "-----BEGIN PUBLIC KEY----- is fine"),
+    ("secret", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+     "eyJ alone"),
+    ("secret", 'password = "hunter22" and API_KEY=abcd1234efgh', "password = getpass() or token = None"),
+])
+def test_pii_detectors_positive_and_negative(kind, positive, negative):
+    redacted, counts = pii.redact(positive)
+    assert counts.get(kind, 0) >= 1, (redacted, counts)
+    assert pii.PLACEHOLDERS[kind] in redacted
+    unchanged, counts = pii.redact(negative)
+    assert unchanged == negative and not counts.get(kind)
+
+
+def test_email_in_url_path_is_redacted_but_the_url_is_kept():
+    redacted, counts = pii.redact("see https://example.org/users/jane@example.org/profile?x=1 now")
+    assert redacted == "see https://example.org/users/<EMAIL>/profile?x=1 now" and counts == {"email": 1}
+
+
+def test_password_assignment_keeps_the_key():
+    assert pii.redact('password = "hunter22"')[0] == 'password = "<SECRET>"'
+    assert pii.redact("db_password: s3cr3t!x")[0] == "db_password: <SECRET>"
+
+
+def test_luhn_and_iban_checks():
+    assert pii.luhn_valid("4111111111111111") and not pii.luhn_valid("4111111111111112")
+    assert pii.iban_valid("DE89 3704 0044 0532 0130 00") and not pii.iban_valid("DE89 3704 0044 0532 0130 01")
+
+
+def test_pii_batch_counts_per_type_and_redacts_rejected_rows_too():
+    batch = pii.pii_batch(frame(["a@b.org and c@d.org", "no pii", "reject me at x@y.com"], ["", "", "quality:min_words"]))
+    assert batch["stat_pii_email"].tolist() == [2, 0, 1]
+    assert "x@y.com" not in " ".join(batch["text"])
+
+
+# ---------------------------------------------------------------------------------------------- sources, screen
+
+
+def test_empty_jsonl_file_and_empty_json_list_are_rejected_rows():
+    source = SourceConfig(path="python-stdlib")
+    for name, raw in (("e.jsonl", b""), ("f.json", b"[]"), ("g.jsonl", b"\n\n")):
+        rows = list(decode_file({"path": f"/c/{name}", "bytes": raw}, source, "/c"))
+        assert [r["reason"] for r in rows] == ["empty"]
+
+
+def test_screen_rejects_large_documents_without_their_text_and_samples_by_weight():
+    big = "x" * 5000
+    batch = frame([big, "small"])
+    screened = screen_batch(batch, max_doc_bytes=1000, weights={"src": 1.0}, seed=0)
+    assert screened["reason"].tolist() == ["too_large", ""] and screened["text"][0] == ""
+    sampled = screen_batch(pd.DataFrame([document("web", f"d{i}", f"doc {i}") for i in range(400)]),
+                           max_doc_bytes=10**6, weights={"web": 0.25}, seed=0)
+    share = (sampled["reason"] == "").mean()
+    assert 0.15 < share < 0.35 and set(sampled["reason"]) == {"", "sampled_out"}
+    heavy = screen_batch(frame(["a"], source="web"), 10**6, {"web": 2.0}, 0)
+    assert json.loads(heavy["meta"][0])["weight"] == 2.0
+
+
+# ---------------------------------------------------------------------------------------------- dedup
+
+
+def _words(rng: random.Random, n: int) -> list[str]:
+    return [f"w{rng.randrange(20000)}" for _ in range(n)]
+
+
+def test_ngram_hashes_offsets_and_short_documents():
+    hashes, offsets = ngram_hashes(["a b c d e f", "x y", "", "A B C D E F g"], 5)
+    assert offsets.tolist() == [0, 2, 3, 3, 6]
+    assert hashes[0] == hashes[3] and hashes[1] == hashes[4]  # case-insensitive words
+    _, none = ngram_hashes(["x y"], 5, short_docs=False)
+    assert none.tolist() == [0, 0]
+
+
+def test_signatures_estimate_jaccard():
+    rng = random.Random(0)
+    errors = []
+    for _ in range(60):
+        words = _words(rng, 300)
+        other = list(words)
+        for _ in range(rng.randrange(60)):
+            other[rng.randrange(len(other))] = f"z{rng.randrange(10**6)}"
+        a, b = " ".join(words), " ".join(other)
+        sigs = dedup.signatures([a, b], num_perm=256)
+        errors.append(dedup.signature_similarity(sigs[0], sigs[1]) - jaccard(shingle_set(a, 5), shingle_set(b, 5)))
+    assert float(np.sqrt(np.mean(np.square(errors)))) < 0.05
+    assert abs(float(np.mean(errors))) < 0.02
+
+
+def test_signatures_do_not_depend_on_batching_and_long_documents_are_chunked():
+    rng = random.Random(1)
+    texts = [" ".join(_words(rng, n)) for n in (3, 0, 50, dedup.CHUNK_SHINGLES + 500, 200, 7)]
+    together = dedup.signatures(texts)
+    alone = np.vstack([dedup.signatures([t]) for t in texts])
+    assert np.array_equal(together, alone)
+    assert (together[1] == 0xFFFFFFFF).all() and not (together[3] == 0xFFFFFFFF).any()
+
+
+def test_lsh_parameters_come_from_datasketch():
+    from datasketch.lsh import _optimal_param
+
+    assert dedup.lsh_parameters(0.8, 128, 0.5) == _optimal_param(0.8, 128, 0.5, 0.5)
+
+
+def test_bucket_pairs_are_sorted_and_capped():
+    group = pd.DataFrame({"band_key": [1] * 4, "id": ["d", "b", "a", "c"]})
+    pairs = dedup.bucket_pairs(group, max_bucket=200)
+    assert list(zip(pairs["a"], pairs["b"])) == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")]
+    capped = dedup.bucket_pairs(group, max_bucket=1)
+    assert list(zip(capped["a"], capped["b"])) == [("a", "b"), ("a", "c"), ("a", "d")]
+
+
+def test_components_keep_the_smallest_id_whatever_the_edge_order():
+    edges = [("e", "d"), ("b", "c"), ("d", "c"), ("x", "y")]
+    for order in (edges, edges[::-1], [(b, a) for a, b in edges]):
+        components = dedup.Components()
+        for a, b in order:
+            components.union(a, b)
+        assert components.duplicates() == {"c": "b", "d": "b", "e": "b", "y": "x"}
+        assert components.sizes() == [4, 2]
+
+
+def test_exact_dedup_key_ignores_case_and_spacing():
+    assert dedup.text_key("Hello   World\n") == dedup.text_key("hello world")
+    assert dedup.text_key("hello world") != dedup.text_key("hello worlds")
+
+
+def test_exact_dedup_keeps_smallest_id_whatever_the_order():
+    batch = dedup.add_dedup_key(frame(["same", "Same ", "other", "same"], ["", "", "", "parse_error"]))
+    results = []
+    for shuffled in (batch, batch.iloc[::-1]):
+        marked = pd.concat(dedup.mark_exact_duplicates(g.copy()) for _, g in shuffled.groupby("dedup_key"))
+        results.append(dict(zip(marked["id"], marked["reason"])))
+    assert results[0] == results[1]
+    keeper = min(batch.loc[[0, 1], "id"])
+    assert results[0][keeper] == "" and sorted(results[0].values()) == ["", "", "exact_dup", "parse_error"]
+
+
+def test_bucket_pairs_verify_by_signature_similarity():
+    sigs = dedup.signatures(["a b c d e f g h i j", "a b c d e f g h i j", "k l m n o p q r s t"])
+    group = pd.DataFrame({"band_key": [7, 7, 7], "id": ["z", "y", "x"], "signature": [s.tobytes() for s in sigs]})
+    verified = dedup.bucket_pairs(group, 200, num_perm=128, threshold=0.8, verify=True)
+    assert list(zip(verified["a"], verified["b"])) == [("y", "z")] and verified["similarity"][0] == 1.0
+    assert len(dedup.bucket_pairs(group, 200, num_perm=128, threshold=0.8, verify=False)) == 3
+
+
+# ---------------------------------------------------------------------------------------------- decontamination
+
+
+def test_decontam_matches_long_ngrams_only(tmp_path):
+    bench = tmp_path / "gsm8k"
+    bench.mkdir()
+    question = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                "How many clips did Natalia sell altogether in April and May?")
+    with open(bench / "test.jsonl", "w") as handle:
+        handle.write(json.dumps({"question": question, "answer": "72 #### 72"}) + "\n")
+        handle.write(json.dumps({"question": "Short one?", "answer": "1 #### 1"}) + "\n")
+    index = decontam.build_benchmark_ngrams(str(tmp_path), 13)
+    assert index.tasks == ["gsm8k"]
+    leaked = "Homework help: " + question.upper() + " Thanks!"
+    near_miss = "Natalia sold clips to 48 of her friends in April and went home."
+    batch = decontam.decontam_batch(frame([leaked, near_miss, PROSE]), [index], "drop")
+    assert batch["reason"].tolist() == ["contaminated", "", ""]
+    assert "gsm8k/0" in batch["detail"][0]
+    flagged = decontam.decontam_batch(frame([leaked]), [index], "flag")
+    assert flagged["reason"][0] == "" and json.loads(flagged["meta"][0])["contaminated_with"] == ["gsm8k/0"]
+    rows = decontam.contaminated_item_rows(batch)
+    path = tmp_path / "contamination.json"
+    path.write_text(json.dumps(decontam.write_index(rows["item_id"].tolist(), index.tasks, 13, 1)))
+    assert decontam.load_contamination_index(str(path)) == {"gsm8k": {"gsm8k/0"}}
+
+
+# ---------------------------------------------------------------------------------------------- accounting
+
+
+def run_pieces(batch: pd.DataFrame) -> pd.DataFrame:
+    """The per-batch chain of the stage without Ray (exact dedup by pandas groupby)."""
+    batch = screen_batch(batch, 1000, {"p": 1.0}, 0)
+    batch = clean.clean_batch(batch, 1, CleanConfig(terminal_punctuation=True))
+    batch = pii.pii_batch(batch)
+    batch = quality.quality_batch(batch, QualityConfig.gopher())
+    batch = dedup.add_dedup_key(batch)
+    return pd.concat([dedup.mark_exact_duplicates(g.copy()) for _, g in batch.groupby("dedup_key")])
+
+
+hostile_lines = st.one_of(
+    st.binary(max_size=40),
+    st.text(max_size=60).map(lambda t: json.dumps({"text": t}).encode()),
+    st.text(max_size=20).map(lambda t: json.dumps({"other": t}).encode()),
+    st.sampled_from([b'{"text": 3}', b"[1,2]", b"null", b'{"text": "<p>We use cookies</p>"}', b"\xff\xfe",
+                     b'{"text": "' + b"A" * 1200 + b'"}']),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(files=st.lists(st.lists(hostile_lines, max_size=8), min_size=1, max_size=4))
+def test_every_hostile_input_row_is_kept_or_rejected_with_a_reason(files):
+    source = SourceConfig(path="python-stdlib", name="p")
+    rows = []
+    for number, lines in enumerate(files):
+        raw = b"\n".join(lines)
+        produced = list(decode_file({"path": f"/c/f{number}.jsonl", "bytes": raw}, source, "/c"))
+        assert produced, "a file produced no row"
+        non_blank = sum(1 for line in raw.split(b"\n") if line.strip())
+        assert len(produced) == max(non_blank, 1)
+        rows.extend(produced)
+    marked = run_pieces(pd.DataFrame(rows))
+    assert len(marked) == len(rows)
+    assert set(marked["id"]) == {r["id"] for r in rows} or len({r["id"] for r in rows}) < len(rows)
+    rejected = marked[marked["reason"] != ""]
+    assert (rejected["reason"].str.len() > 0).all()
+    assert (marked.loc[marked["reason"] == "parse_error", "detail"].str.contains(r"f\d+\.jsonl")).all()

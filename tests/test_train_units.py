@@ -1,0 +1,141 @@
+"""Fast checks of the training pieces added for distributed training (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from raylm.config import ConfigError, load_config
+from raylm.model import Transformer, TransformerConfig
+from raylm.model.loss import split_inputs_targets, summed_loss
+from raylm.train.checkpoint import CheckpointError, newest_good_checkpoint, save_checkpoint, verify_checkpoint
+from raylm.train.data import PackedSequences, masked_targets
+from raylm.train.mfu import measure_matmul_flops, mfu, peak_flops
+from raylm.train.optim import build_optimizer
+from tests.train_helpers import SEQ_LEN, make_packed
+
+
+def tiny(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(TransformerConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, seq_len=8))
+
+
+@pytest.fixture(scope="module")
+def masked_packed(tmp_path_factory):
+    return make_packed(tmp_path_factory.mktemp("masked"), loss_mask=True)
+
+
+def test_reader_returns_the_loss_mask_aligned_with_tokens(masked_packed):
+    data = PackedSequences(masked_packed["outputs"]["train"])
+    assert data.mask is not None and data.mask.shape == data.rows.shape
+    rows, mask = data.worker_batch(0, 6, seed=0, rank=1, world=2)
+    assert len(rows) == 3 and (mask == data.mask[data.worker_indices(0, 6, 0, 1, 2)]).all()
+    assert (data.rows[data.worker_indices(0, 6, 0, 1, 2)] == rows).all()
+
+
+def test_masked_targets_only_count_where_the_mask_is_one(masked_packed):
+    data = PackedSequences(masked_packed["outputs"]["train"])
+    pad = masked_packed["tokenizer"]["pad_id"]
+    rows, mask = data.worker_batch(0, 4, seed=0, rank=0, world=1)
+    rows_t = torch.from_numpy(rows).long()
+    _, targets = split_inputs_targets(rows_t)
+    masked = masked_targets(targets, torch.from_numpy(mask), pad)
+    width = SEQ_LEN + 1
+    # target j is token j+1: it counts iff loss_mask[j+1] == 1, i.e. j + 1 >= width // 2
+    assert (masked[:, : width // 2 - 1] == pad).all()
+    assert (masked[:, width // 2 - 1:] == targets[:, width // 2 - 1:]).all()
+    model = Transformer(TransformerConfig(vocab_size=masked_packed["tokenizer"]["vocab_size"], d_model=16,
+                                          n_layers=1, n_heads=2, seq_len=SEQ_LEN))
+    _, count = summed_loss(model(rows_t[:, :-1]), masked, pad)
+    assert int(count) == int(((mask[:, 1:] == 1) & (rows[:, 1:] != pad)).sum())
+
+
+def test_mask_of_the_wrong_shape_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokens = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(10, dtype=np.int32)), 5)
+    mask = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(8, dtype=np.int8)), 4)
+    pq.write_table(pa.table({"tokens": tokens, "loss_mask": mask}), tmp_path / "part.parquet")
+    with pytest.raises(ValueError, match="loss_mask"):
+        PackedSequences(str(tmp_path))
+
+
+def _save(directory, step: int, model=None) -> None:
+    model = model or tiny()
+    optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
+    model(torch.randint(0, 40, (2, 8))).sum().backward()
+    optimizer.step()
+    save_checkpoint(str(directory), model, optimizer, {"step": step}, model.config.to_dict(), None, rank=0)
+
+
+def test_truncated_shard_is_refused_and_the_previous_checkpoint_chosen(tmp_path):
+    for step in (10, 20):
+        _save(tmp_path / f"checkpoint_{step:07d}_r000", step)
+    newest = tmp_path / "checkpoint_0000020_r000"
+    assert verify_checkpoint(str(newest))["step"] == 20
+    shard = newest / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: os.path.getsize(shard) // 2])
+    with pytest.raises(CheckpointError, match="corrupted: __0_0.distcp has .* bytes, expected .*truncated"):
+        verify_checkpoint(str(newest))
+    chosen, refusals = newest_good_checkpoint(str(newest))
+    assert chosen.endswith("checkpoint_0000010_r000") and len(refusals) == 1
+
+
+def test_flipped_byte_fails_the_hash_and_no_good_checkpoint_is_an_error(tmp_path):
+    only = tmp_path / "checkpoint_0000010_r000"
+    _save(only, 10)
+    data = bytearray((only / "__0_0.distcp").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (only / "__0_0.distcp").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        verify_checkpoint(str(only))
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        newest_good_checkpoint(str(only))
+
+
+def test_activation_checkpointing_is_the_model_switch_and_keeps_gradients():
+    from raylm.config import ModelConfig
+    from raylm.train.launch import model_config_for
+
+    config = model_config_for(ModelConfig(d_model=16, n_layers=2, n_heads=2, seq_len=8), 40, activation_checkpointing=True)
+    assert config.activation_checkpointing and config.vocab_size == 40
+    plain = tiny()
+    torch.manual_seed(0)
+    checkpointed = Transformer(TransformerConfig(**{**plain.config.to_dict(), "activation_checkpointing": True}))
+    tokens = torch.randint(0, 40, (2, 8))
+    plain(tokens).sum().backward()
+    checkpointed(tokens).sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_frozen_parameters_stay_out_of_the_optimizer():
+    model = tiny()
+    for param in model.blocks[0].parameters():
+        param.requires_grad_(False)
+    optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in in_optimizer for p in model.blocks[0].parameters())
+    assert all(id(p) in in_optimizer for p in model.blocks[1].parameters())
+
+
+def test_cpu_peak_is_measured_and_mfu_is_a_fraction():
+    measured = measure_matmul_flops(torch.device("cpu"), size=256, repeats=2)
+    assert 1e8 < measured < 1e14
+    peak = peak_flops(torch.device("cpu"), bf16=False)
+    assert peak == peak_flops(torch.device("cpu"), bf16=False)  # measured once, then cached
+    assert 0 < mfu(1e6, 1e3, peak) < 1
+
+
+def test_global_batch_in_tokens_must_be_a_multiple_of_the_context():
+    config = load_config(None, ["train.global_batch_tokens=4096", "model.seq_len=256"])
+    assert config.train.global_batch_sequences(config.model.seq_len) == 16
+    config = load_config(None, ["train.global_batch_tokens=1000", "model.seq_len=256"])
+    with pytest.raises(ValueError, match="train.global_batch_tokens = 1000: expected a multiple of model.seq_len"):
+        config.train.global_batch_sequences(config.model.seq_len)
+    with pytest.raises(ConfigError, match="train.strategy"):
+        load_config(None, ["train.strategy=zero3"])
