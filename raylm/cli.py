@@ -220,7 +220,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     if name == "eval" and args.checkpoint:
         return _run_eval(config, args)
     if name == "pretrain" and args.from_sweep:
-        config = _config_from_sweep(args, config)
+        config = _config_from_sweep(args, config, overrides)
     if name == "tune":
         from raylm.tune import check_sweep
 
@@ -246,16 +246,16 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_from_sweep(args: argparse.Namespace, config):
+def _config_from_sweep(args: argparse.Namespace, config, overrides: list[str] | None = None):
     """The config with a sweep's best values applied; explicit `--set`s still win."""
     from raylm.tracking import resolve_tracking_uri
     from raylm.tune import from_sweep_overrides
     from raylm.workspace import Workspace
 
     uri = resolve_tracking_uri(config.tracking, Workspace(config.workspace.root))
-    overrides = from_sweep_overrides(args.from_sweep, uri)
-    log.info("pretrain: with the sweep's best values %s", overrides)
-    return load_config(args.config, [*overrides, *args.overrides], args.workspace)
+    best = from_sweep_overrides(args.from_sweep, uri)
+    log.info("pretrain: with the sweep's best values %s", best)
+    return load_config(args.config, [*best, *(args.overrides if overrides is None else overrides)], args.workspace)
 
 
 def main(argv: list[str] | None = None) -> int:
