@@ -115,11 +115,16 @@ def datasketch_pairs(ids: list[str], minhashes: list) -> set[tuple[str, str]]:
     return pairs
 
 
+def split_frame(frame: pd.DataFrame, parts: int) -> list[pd.DataFrame]:
+    size = -(-len(frame) // parts)
+    return [frame.iloc[start:start + size] for start in range(0, len(frame), size)]
+
+
 def raylm_pairs(ids: list[str], texts: list[str], blocks: int) -> set[tuple[str, str]]:
     import ray.data
 
     frame = pd.DataFrame({"id": ids, "text": texts})
-    dataset = ray.data.from_pandas(np.array_split(frame, blocks))
+    dataset = ray.data.from_pandas(split_frame(frame, blocks))
     pairs, _ = dedup.near_duplicate_pairs(dataset, NUM_PERM, SHINGLE, THRESHOLD, seed=1,
                                           false_negative_weight=0.9, verify=True, max_bucket=200,
                                           num_partitions=blocks)
@@ -129,7 +134,7 @@ def raylm_pairs(ids: list[str], texts: list[str], blocks: int) -> set[tuple[str,
 def raylm_signature_time(ids: list[str], texts: list[str], blocks: int) -> float:
     import ray.data
 
-    dataset = ray.data.from_pandas(np.array_split(pd.DataFrame({"id": ids, "text": texts}), blocks)).materialize()
+    dataset = ray.data.from_pandas(split_frame(pd.DataFrame({"id": ids, "text": texts}), blocks)).materialize()
     started = time.perf_counter()
     dataset.map_batches(dedup.signature_batch, batch_format="pandas",
                         fn_kwargs={"num_perm": NUM_PERM, "shingle_size": SHINGLE, "seed": 1}).materialize()

@@ -192,6 +192,19 @@ def test_empty_jsonl_file_and_empty_json_list_are_rejected_rows():
         assert [r["reason"] for r in rows] == ["empty"]
 
 
+def test_compressed_files_decode_whether_or_not_already_decompressed():
+    import gzip
+
+    import zstandard
+
+    source = SourceConfig(path="python-stdlib")
+    line = b'{"text": "hello there"}\n'
+    for name, raw in (("a.jsonl.gz", gzip.compress(line)), ("a.jsonl.gz", line),
+                      ("b.jsonl.zst", zstandard.ZstdCompressor().compress(line)), ("b.jsonl.zst", line)):
+        rows = list(decode_file({"path": f"/c/{name}", "bytes": raw}, source, "/c"))
+        assert [(r["reason"], r["text"]) for r in rows] == [("", "hello there")], name
+
+
 def test_screen_rejects_large_documents_without_their_text_and_samples_by_weight():
     big = "x" * 5000
     batch = frame([big, "small"])

@@ -106,7 +106,15 @@ def decode_file(row: dict[str, Any], source: SourceConfig, root: str | None = No
         yield document(label, locator, text)
 
 
+_MAGIC = {".gz": b"\x1f\x8b", ".zst": b"\x28\xb5\x2f\xfd", ".bz2": b"BZh"}
+
+
 def _decompress(path: str, raw: bytes) -> bytes | str:
+    """Decompress by extension; bytes without the codec's magic number are taken as already
+    decompressed (Ray Data's `read_binary_files` infers the codec from the extension and may have)."""
+    suffix = next((s for s in _MAGIC if path.endswith(s)), None)
+    if suffix is None or not raw.startswith(_MAGIC[suffix]):
+        return raw
     try:
         if path.endswith(".gz"):
             import gzip
