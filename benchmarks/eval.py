@@ -7,18 +7,22 @@ per second each backend answers (time inside the model calls only), whether ever
 prediction and score is identical, and the time of the same requests on a pool of 1 and 2 Ray
 actors.
 
-    PYTHONPATH=. python benchmarks/eval.py [--tasks arc_easy,hellaswag] [--limit 40] [--batch-size 16]
+    python benchmarks/eval.py [--tasks arc_easy,hellaswag] [--limit 40] [--batch-size 16]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import tempfile
-import time
-from pathlib import Path
+
+# The repository, not benchmarks/, heads sys.path: benchmarks/tokenize.py must not shadow the stdlib.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

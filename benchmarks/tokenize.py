@@ -14,14 +14,17 @@ on the held-out part. Goal (issue 4): 2 workers >= 1.5x the single-process basel
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The repository replaces benchmarks/ at the head of sys.path, so this file cannot shadow the
+# standard library's `tokenize` (which linecache, inspect and others import).
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -51,7 +54,8 @@ def ray_stage(source: Path, target: Path, tokenizer_json: str, seq_len: int, pac
               batch_size: int) -> tuple[float, int]:
     started = time.perf_counter()
     packed = ray.data.read_parquet(str(source)).map_batches(
-        encode_and_pack, batch_format="pandas", batch_size=batch_size, concurrency=workers,
+        encode_and_pack, batch_format="pandas", batch_size=batch_size,
+        compute=ray.data.TaskPoolStrategy(size=workers),
         fn_kwargs={"tokenizer_json": tokenizer_json, "seq_len": seq_len, "packing": packing, "threads": 1})
     packed.write_parquet(str(target))
     seconds = time.perf_counter() - started

@@ -195,7 +195,7 @@ class TokenizerConfig(Section):
     @field_validator("path")
     @classmethod
     def _path_exists(cls, path: str | None) -> str | None:
-        if path is None or path.startswith("runs:/"):
+        if path is None or path.startswith("runs:/") or not _is_local_path(path):
             return path
         _check_local_path_exists(path)
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
@@ -556,6 +556,27 @@ class ClusterConfig(Section):
         True, description="on a multi-node cluster, check that a local workspace / SQLite MLflow store is seen by every node")
 
 
+class GpuTypeConfig(Section):
+    peak_bf16_tflops: float = Field(gt=0, description="dense bf16 peak, TFLOP/s")
+    memory_gib: float = Field(gt=0)
+
+
+class PlanConfig(Section):
+    """`raylm plan`: sizing before training. A budget is `gpu` x `gpus` for `hours`."""
+
+    gpu: str | None = Field(None, description="GPU type (a key of the built-in table or of gpu_types)")
+    gpus: int = Field(8, gt=0, description="number of GPUs (one per Ray Train worker)")
+    hours: float | None = Field(None, gt=0, description="budget in wall-clock hours on those GPUs")
+    choose_model: bool = Field(False, description="pick the largest preset the budget trains compute-optimally")
+    mfu: float = Field(0.4, gt=0, le=1, description="assumed model FLOPs utilisation")
+    tokens_per_parameter: float = Field(20.0, gt=0, description="compute-optimal training tokens per parameter")
+    bytes_per_token: float | None = Field(None, gt=0, description="default: measured by this config's tokenizer, else assumed_bytes_per_token")
+    assumed_bytes_per_token: float = Field(4.0, gt=0)
+    device_memory_gib: float | None = Field(None, gt=0, description="device memory when no GPU type is given (e.g. a CPU worker's RAM)")
+    memory_headroom: float = Field(0.9, gt=0, le=1, description="usable share of device memory (context, fragmentation)")
+    gpu_types: dict[str, GpuTypeConfig] = Field(default_factory=dict, description="extra GPU types, or overrides of built-in ones")
+
+
 class WorkspaceConfig(Section):
     root: str = Field("./raylm-workspace", description="local folder, s3:// or gs:// URI; RAYLM_WORKSPACE overrides")
 
@@ -574,6 +595,7 @@ class RaylmConfig(Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
     workspace: WorkspaceConfig = Field(default_factory=WorkspaceConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

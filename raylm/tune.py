@@ -195,6 +195,66 @@ def _evaluation_report_callback():
     return EvaluationReportCallback()
 
 
+PLACEMENT_GROUP_FILE = "placement_group.json"
+
+
+def _placement_group_recorder(trial_dir: str):
+    """A controller callback that writes the trainer's placement group id into the trial's folder.
+
+    When ASHA stops a trial, Tune ends the trial actor and with it the trainer's controller; Ray
+    Train's own cleaner should then remove the workers' placement group, but in Ray 2.60 it asks the
+    state API without an address and dies when the host runs several Ray instances (CI, shared
+    machines), leaving the CPUs reserved and the next trials waiting for ever. The driver removes
+    the recorded group when the trial ends (`ReleaseTrialResources`).
+    """
+    import pyarrow.fs as pafs
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class RecordPlacementGroup(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group) -> None:
+            group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+            fs, base = pafs.FileSystem.from_uri(trial_dir) if is_remote(trial_dir) else (
+                pafs.LocalFileSystem(), os.path.abspath(trial_dir))
+            fs.create_dir(base, recursive=True)
+            with fs.open_output_stream(f"{base}/{PLACEMENT_GROUP_FILE}") as out:
+                out.write(json.dumps({"id": group.id.hex()}).encode())
+
+    return RecordPlacementGroup()
+
+
+def _release_trial_resources_callback(trials_path: str):
+    import pyarrow.fs as pafs
+    import ray
+    from ray.tune import Callback
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    class ReleaseTrialResources(Callback):
+        def _release(self, trial) -> None:
+            path = f"{trials_path.rstrip('/')}/{trial.trial_id}/{PLACEMENT_GROUP_FILE}"
+            fs, inner = pafs.FileSystem.from_uri(path) if is_remote(path) else (pafs.LocalFileSystem(), path)
+            try:
+                with fs.open_input_stream(inner) as stream:
+                    group_id = json.loads(stream.read())["id"]
+            except (FileNotFoundError, OSError, ValueError):
+                return
+            state = ray.util.placement_group_table().get(group_id, {}).get("state")
+            if state in (None, "REMOVED"):
+                return
+            log.info("tune: releasing placement group %s left by trial %s", group_id, trial.trial_id)
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+            except Exception as error:  # noqa: BLE001 - already gone, or the cluster is shutting down
+                log.warning("tune: could not remove placement group %s: %s", group_id, error)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+    return ReleaseTrialResources()
+
+
 def trial_run_id(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str,
                  params: dict[str, Any]) -> str:
     """The trial's nested MLflow run: reopened when a restored sweep reruns the trial."""
@@ -229,7 +289,9 @@ def run_trial(sample: dict[str, Any], setup: dict[str, Any]) -> None:
                           {**params, **flatten(config.section("train"), "train."), "train.max_steps": train.max_steps,
                            **flatten(config.section("model"), "model.")})
     trainer = build_trainer(config.model, train, setup["packed"], setup["trials_path"], trial_id,
-                            setup["tracking_uri"], run_id, callbacks=[_evaluation_report_callback()])
+                            setup["tracking_uri"], run_id, callbacks=[
+                                _evaluation_report_callback(),
+                                _placement_group_recorder(f"{setup['trials_path'].rstrip('/')}/{trial_id}")])
     try:
         result = trainer.fit()
     except BaseException:
@@ -301,11 +363,12 @@ def run_sweep(config: RaylmConfig, workspace: Workspace, tracker: Tracker, packe
                  "tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
                  "parent_run_id": parent_run_id}
         trainable = _trainable(setup)
-        mlflow.log_params({"tune.concurrency": concurrency})
+        release = _release_trial_resources_callback(setup["trials_path"])
+        mlflow.set_tag(f"{TAG_PREFIX}tune.concurrency", str(concurrency))
         if tune.Tuner.can_restore(experiment_path) and not force:
             log.info("tune: restoring the interrupted sweep at %s", experiment_path)
             tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
+                                       resume_errored=True)  # the run config (with `release`) comes back from tuner.pkl
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -314,7 +377,8 @@ def run_sweep(config: RaylmConfig, workspace: Workspace, tracker: Tracker, packe
                                             scheduler=scheduler(config),
                                             search_alg=search_algorithm(config, concurrency)),
                 run_config=tune.RunConfig(name=SWEEP_DIR, storage_path=stage.path(),
-                                          failure_config=tune.FailureConfig(max_failures=0)),
+                                          failure_config=tune.FailureConfig(max_failures=0),
+                                          callbacks=[release]),
             )
         grid = tuner.fit()
         outputs = summarize(config, grid, stage, tracker)
@@ -332,7 +396,6 @@ def run_sweep(config: RaylmConfig, workspace: Workspace, tracker: Tracker, packe
 def trial_rows(config: RaylmConfig, grid) -> list[dict[str, Any]]:
     """One row per trial: its params, final metric, steps run and whether ASHA stopped it early."""
     rows = []
-    time_attr, _, _ = budget_unit(config)
     for result in grid:
         params = sampled_params(result.config)
         metrics = result.metrics or {}

@@ -160,9 +160,10 @@ def test_continued_pretraining_on_plain_text_goes_through_curation_and_packing(r
 
     folder = tmp_path / "domain"
     folder.mkdir()
-    for index, row in enumerate(chat_rows(40, seed=6)):
-        text = row["response"] if "response" in row else row["messages"][-1]["content"]
-        (folder / f"doc{index:02d}.txt").write_text(f"Note {index}. {text} " * 6)
+    rng = random.Random(6)
+    for index in range(40):  # distinct documents (no near-duplicates for curation to drop)
+        sums = [(rng.randint(1, 99), rng.randint(1, 99)) for _ in range(8)]
+        (folder / f"doc{index:02d}.txt").write_text(" ".join(f"{a} plus {b} is {a + b}." for a, b in sums))
     config = make_config(tmp_path, str(folder), "frozen", frozen={"last_blocks": 1}, max_steps=15, val_fraction=0.25)
     pipeline = Pipeline(config)
     manifest = pipeline.finetune(base_checkpoint)

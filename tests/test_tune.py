@@ -22,6 +22,10 @@ from raylm.config import ConfigError, load_config, validate_config
 from tests.conftest import REPO
 from tests.tune_helpers import run_tiny_sweep, sweep_config
 
+# Trials start trainers side by side, and on a loaded 2-core machine a worker process can take more
+# than Ray Train's default 60 s to start; set before the session's Ray starts (at collection).
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+
 
 def refusal(space: dict, **tune) -> str:
     with pytest.raises(ConfigError) as caught:

@@ -28,7 +28,7 @@ from raylm.data.pack import encode_and_pack
 from raylm.data.tokenizer import (BOS, BYTE_ALPHABET_SIZE, EOS, PAD, REQUIRED_SPECIAL_TOKENS, fingerprint,
                                   hf_tokenizer_files, load_tokenizer, special_id, special_token_ids,
                                   take_sample, train_tokenizer)
-from raylm.workspace import StageDir
+from raylm.workspace import StageDir, is_remote, read_text_uri
 
 log = logging.getLogger("raylm")
 
@@ -39,7 +39,8 @@ SHARD_BYTES = 16 * 2**20  # about this much token data per parquet file
 
 
 def fetch_tokenizer(path: str) -> Tokenizer:
-    """Load a tokenizer from a file, a folder, or an MLflow artifact URI (`runs:/RUN_ID/tokenizer`)."""
+    """Load a tokenizer from a file, a folder (local or s3://, gs://) or an MLflow artifact URI
+    (`runs:/RUN_ID/tokenizer`)."""
     if path.startswith("runs:/"):
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=path, dst_path=tempfile.mkdtemp(prefix="raylm-tok-"))
@@ -47,8 +48,10 @@ def fetch_tokenizer(path: str) -> Tokenizer:
             raise ValueError(f"tokenizer.path = {path!r}: cannot fetch it from MLflow ({error})") from None
         return load_tokenizer(local)
     try:
+        if is_remote(path):
+            return Tokenizer.from_str(read_text_uri(path if path.endswith(".json") else f"{path}/tokenizer.json"))
         return load_tokenizer(path)
-    except (FileNotFoundError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - missing files, unreadable URIs, bad JSON: all the user's to fix
         raise ValueError(f"tokenizer.path = {path!r}: {error}") from None
 
 
@@ -115,7 +118,8 @@ def save_stage_tokenizer(tokenizer: Tokenizer, stage: StageDir, seq_len: int) ->
 def pack_split(source_uri: str, tokenizer_json: str, seq_len: int, config: TokenizerConfig,
                stage: StageDir, split: str) -> dict[str, int]:
     packed = ray.data.read_parquet(source_uri, columns=["text"]).map_batches(
-        encode_and_pack, batch_format="pandas", batch_size=config.batch_size, concurrency=config.concurrency,
+        encode_and_pack, batch_format="pandas", batch_size=config.batch_size,
+        compute=ray.data.TaskPoolStrategy(size=config.concurrency),
         fn_kwargs={"tokenizer_json": tokenizer_json, "seq_len": seq_len, "packing": config.packing, "threads": 1})
     packed.write_parquet(stage.fs_path(split), filesystem=stage.fs,
                          min_rows_per_file=max(1, SHARD_BYTES // (4 * (seq_len + 1))))

@@ -92,24 +92,29 @@ def flops_per_token(config: TransformerConfig, seq_len: int | None = None) -> in
 
 
 def activation_elements_per_token(config: TransformerConfig, checkpointing: bool = False) -> dict[str, int]:
-    """Tensors autograd keeps for the backward pass, in elements per token of a micro-batch, by part.
+    """Elements per token of a micro-batch held at the peak of a training step, by part.
 
-    Counted from what each op of a block saves: the norms' inputs and outputs, the fused q/k/v output
-    (k and v live on through views), the rotated q and k, the attention output and the input of the
-    output projection; in the feed-forward the up / gate outputs, the activation output and the
-    product that feeds the down projection. The loss side holds the logits, their log-softmax and,
-    at the start of the backward pass, the gradient of both. With activation checkpointing only each
-    block's input is kept, plus one block's tensors while it is recomputed.
+    From what each op of a block saves for the backward pass (checked against
+    `torch.autograd.graph.saved_tensors_hooks` on the built model): an RMSNorm keeps its input, the
+    normalised tensor and its output (3 d; LayerNorm 2 d), attention the fused q/k/v output (3 d, k and
+    v live on through views), the rotated q and k (2 d with RoPE), its output and the output
+    projection's input (2 d); the SwiGLU feed-forward the gate, its activation, the up projection and
+    their product (4 h; GELU / ReLU 2 h). The loss keeps the log-softmax (V); the peak comes at the
+    start of the backward pass, when its gradient and the logits' gradient exist too (3 V, fp32).
+    With activation checkpointing only each block's input (d) is kept; one block's tensors come back
+    while it is recomputed, after the loss's tensors are gone (`recompute`: what that adds to the peak).
     """
     d, h = config.d_model, config.hidden
-    attention = 2 * d + 3 * d + (2 * d if config.position == "rope" else 0) + 2 * d
-    feed_forward = 2 * d + (4 * h if config.activation == "swiglu" else 2 * h)
+    norm = 3 * d if config.norm == "rmsnorm" else 2 * d
+    attention = norm + 3 * d + (2 * d if config.position == "rope" else 0) + 2 * d
+    feed_forward = norm + (4 * h if config.activation == "swiglu" else 2 * h)
     block = attention + feed_forward
-    layers = config.n_layers
+    blocks = config.n_layers
+    extra = 0
     if config.arch == "encoder-decoder":  # decoder blocks also hold a cross-attention (norm, q, k/v, out)
-        block_count = layers + config.encoder_layers
-        extra = layers * (2 * d + d + 2 * d + 2 * d)
-    else:
-        block_count, extra = layers, 0
-    kept = block_count * d + block if checkpointing else block_count * block + extra
-    return {"blocks": kept, "final_norm": 2 * d, "loss": 4 * config.vocab_size}
+        blocks += config.encoder_layers
+        extra = config.n_layers * (norm + 3 * d + 2 * d)
+    loss = 3 * config.vocab_size
+    if checkpointing:
+        return {"blocks": blocks * d, "final_norm": norm, "loss": loss, "recompute": max(0, block - loss)}
+    return {"blocks": blocks * block + extra, "final_norm": norm, "loss": loss, "recompute": 0}
