@@ -13,15 +13,18 @@ Ends with one line: `model: key=value ...` (ratios > 1 mean raylm is faster).
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import tempfile
-import time
-from dataclasses import replace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root instead of this folder, whose tokenize.py would shadow the standard library's.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -87,7 +90,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--gen-batch", type=int, default=4)
     parser.add_argument("--gen-prompt", type=int, default=32)
-    parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--gen-tokens", type=int, default=64)
     args = parser.parse_args()
 
     modern = preset(args.preset, seq_len=max(args.seq, 2))
