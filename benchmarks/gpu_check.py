@@ -86,7 +86,7 @@ def main() -> None:
           f"seq {seq_len}; batch {batch} x {seq_len} tokens, micro {micro}; compile={compile_model}; "
           f"attention={attention}; data prep {data_s:.0f} s")
     print("tokens/s per report window: " + " ".join(f"{r:.0f}" for r in rates))
-    print(f"gpu_check: tokens_per_s={rate:.0f} mfu={utilisation:.3f} peak_tflops={peak / 1e12:.1f} "
+    print(f"gpu_check: tokens_per_s={rate:.0f} mfu={utilisation:.3f} peak_tflops={peak / 1e12:.4g} "
           f"steps={steps} smoke={int(smoke)} goal_mfu=0.45 meets_goal={int(utilisation >= 0.45)}")
 
 

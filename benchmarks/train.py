@@ -6,7 +6,7 @@ tokens/s of each (steady state: the first report window, which includes start-up
 dropped), their ratio (goal >= 0.95), 2 workers on 2 cores against 1 worker (no goal), and MFU on
 this CPU (peak measured by a matmul).
 
-    PYTHONPATH=. python benchmarks/train.py [--steps 120] [--d-model 128] [--layers 4] [--seq-len 128]
+    PYTHONPATH=. python benchmarks/train.py [--steps 60] [--d-model 128] [--layers 2] [--seq-len 128]
 
 Ends with one line: `train: plain_tok_s=... raylm_1w_tok_s=... ratio_1w_vs_plain=... ...`.
 """
@@ -88,10 +88,10 @@ def steady(rates: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--report-every", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--report-every", type=int, default=10)
     parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--micro", type=int, default=8)

@@ -4,7 +4,8 @@
         python jobs/eval.py --config configs/cluster.yaml
 
 It is `raylm eval` and nothing else: the same flags (`--config`, `--set`, `--workspace`, `--force`; see
-`raylm eval --help`), the same code. Inside a job Ray is already there (the job supervisor sets
+`raylm eval --help`, including `--checkpoint RUN_OR_PATH --tasks ... --benchmark-data DIR --actors N` for the
+benchmark suite on evaluation actors), the same code. Inside a job Ray is already there (the job supervisor sets
 RAY_ADDRESS), so the stages attach to the cluster; the workspace and the MLflow server come from the
 config or from RAYLM_WORKSPACE / MLFLOW_TRACKING_URI (jobs/runtime_env.yaml). A bad config exits with
 status 2 and the problems in the job's logs before anything runs.

@@ -5,6 +5,7 @@
     raylm generate --checkpoint PATH --prompt TEXT [--temperature 0.8 --top-k 50 --top-p 0.95 --stop TEXT]
     raylm export --checkpoint PATH --out DIR        (a `transformers` model folder)
     raylm finetune --from CHECKPOINT_OR_RUN --config FILE
+    raylm plan [--config FILE] [--preset 1b] [--gpu H100 --gpus 8 --hours 24] [--json] [--write FILE] [--log]
 
 Every command validates the whole config before it starts Ray or touches the workspace, and exits
 with status 2 and the list of problems when it is invalid.
@@ -26,6 +27,7 @@ STAGE_HELP = {
     "eval": "held-out bits-per-byte and the benchmark suite (lm-eval on evaluation actors)",
     "finetune": "fine-tune a checkpoint (full, frozen layers or LoRA) on text or chat data",
     "pipeline": "run every stage in order, reusing finished ones",
+    "tune": "search hyperparameters with Ray Tune: each trial a Ray Train run, ASHA, nested MLflow runs",
 }
 
 
@@ -61,17 +63,71 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         sub = commands.add_parser(name, help=text, description=text)
         _common(sub)
+        if name in ("tokenize", "pipeline"):
+            sub.add_argument("--tokenizer", metavar="PATH",
+                             help="reuse this tokenizer (tokenizer.json, its folder, or runs:/RUN_ID/tokenizer) "
+                                  "instead of training one; same as --set tokenizer.path=PATH")
         if name == "pretrain":
             sub.add_argument("--from", dest="init_checkpoint", help="start from this checkpoint's weights")
             sub.add_argument("--resume", action="store_true",
                              help="continue the latest pretrain run from its newest good checkpoint")
+            sub.add_argument("--from-sweep", metavar="RUN_OR_PATH",
+                             help="train with a sweep's best values (its MLflow run id, stage folder or best_params.json)")
         if name == "finetune":
             sub.add_argument("--from", dest="base", required=True, metavar="CHECKPOINT_OR_RUN",
                              help="base model: a checkpoint or stage folder, an MLflow run id, or a Hugging Face folder")
         if name == "eval":
             _eval_flags(sub)
     _model_commands(commands)
+    _plan_command(commands)
     return parser
+
+
+def _plan_command(commands) -> None:
+    text = "estimate parameters, tokens, memory, cluster and time before training (no Ray, no GPU)"
+    plan = commands.add_parser("plan", help=text, description=text)
+    plan.add_argument("--config", "-c", help="experiment YAML (default: configs/laptop.yaml)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set plan.mfu=0.35 (repeatable)")
+    plan.add_argument("--workspace", "-w", help="workspace (for the trained tokenizer's bytes per token, MLflow)")
+    plan.add_argument("--preset", help="size this preset instead of the config's model section")
+    plan.add_argument("--gpu", help="GPU type (plan.gpu), e.g. H100, A100, L4")
+    plan.add_argument("--gpus", type=int, help="number of GPUs (plan.gpus)")
+    plan.add_argument("--hours", type=float, help="budget in hours (plan.hours)")
+    plan.add_argument("--mfu", type=float, help="assumed MFU (plan.mfu)")
+    plan.add_argument("--choose-model", action="store_true",
+                      help="pick the largest preset the budget trains compute-optimally")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    plan.add_argument("--write", metavar="FILE", help="write the config with the recommended settings to FILE")
+    plan.add_argument("--log", action="store_true", help="log the plan to MLflow (params, metrics, table)")
+    plan.add_argument("--verbose", "-v", action="store_true")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from raylm.config import dump_config
+    from raylm.plan import format_table, log_plan, make_plan, recommended_config
+
+    overrides = list(args.overrides)
+    if args.preset:
+        overrides.append(f"model={{preset: {args.preset}}}")
+    for flag, key in (("gpu", "gpu"), ("gpus", "gpus"), ("hours", "hours"), ("mfu", "mfu")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"plan.{key}={getattr(args, flag)}")
+    if args.choose_model:
+        overrides.append("plan.choose_model=true")
+    config = load_config(args.config, overrides, args.workspace)
+    plan = make_plan(config)
+    table = format_table(plan)
+    print(plan.to_json() if args.json else table)
+    if args.write:
+        with open(args.write, "w") as handle:
+            handle.write(f"# written by raylm plan from {args.config or 'the default config'}\n")
+            handle.write(dump_config(recommended_config(config, plan)))
+        print(f"raylm plan: wrote {args.write}", file=sys.stderr)
+    if args.log:
+        run_id = log_plan(config, plan, table)
+        print(f"raylm plan: logged to MLflow run {run_id}", file=sys.stderr)
+    return 0 if plan.feasible else 1
 
 
 def _model_commands(commands) -> None:
@@ -157,11 +213,27 @@ def _run_eval(config, args: argparse.Namespace) -> int:
 def _run_stage(name: str, args: argparse.Namespace) -> int:
     from raylm.pipeline import Pipeline
 
-    config = load_config(args.config, args.overrides, args.workspace)
+    overrides = list(args.overrides)
+    if getattr(args, "tokenizer", None):
+        overrides.append(f"tokenizer.path={args.tokenizer}")
+    config = load_config(args.config, overrides, args.workspace)
     if name == "eval" and args.checkpoint:
         return _run_eval(config, args)
+    if name == "pretrain" and args.from_sweep:
+        config = _config_from_sweep(args, config, overrides)
+    if name == "tune":
+        from raylm.tune import check_sweep
+
+        check_sweep(config)
     force = tuple(name if f == "__self__" else f for f in args.force)
     pipeline = Pipeline(config, force=force)
+    if name == "tune":
+        from raylm.tune import run_sweep, summary_lines
+
+        manifest = run_sweep(config, pipeline.workspace, pipeline.tracker, pipeline._require("tokenize"),
+                             pipeline.plan.tokenize.fingerprint, force="tune" in pipeline.force)
+        print("\n".join([pipeline.summary({name: manifest}), *summary_lines(manifest)]))
+        return 0
     if name == "pipeline":
         manifests = pipeline.run_all()
     elif name == "pretrain":
@@ -174,6 +246,18 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_from_sweep(args: argparse.Namespace, config, overrides: list[str] | None = None):
+    """The config with a sweep's best values applied; explicit `--set`s still win."""
+    from raylm.tracking import resolve_tracking_uri
+    from raylm.tune import from_sweep_overrides
+    from raylm.workspace import Workspace
+
+    uri = resolve_tracking_uri(config.tracking, Workspace(config.workspace.root))
+    best = from_sweep_overrides(args.from_sweep, uri)
+    log.info("pretrain: with the sweep's best values %s", best)
+    return load_config(args.config, [*best, *(args.overrides if overrides is None else overrides)], args.workspace)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -183,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "plan":
+            return _plan(args)
         return _run_stage(args.command, args)
     except ConfigError as error:
         print(f"raylm: {error}", file=sys.stderr)

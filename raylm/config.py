@@ -195,9 +195,19 @@ class TokenizerConfig(Section):
     @field_validator("path")
     @classmethod
     def _path_exists(cls, path: str | None) -> str | None:
-        if path is None or path.startswith("runs:/"):
+        if path is None or path.startswith("runs:/") or not _is_local_path(path):
             return path
-        return _check_local_path_exists(path)
+        _check_local_path_exists(path)
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise ValueError(f"no tokenizer.json in the folder {os.path.abspath(path)}")
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(file)
+        except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception on bad files
+            raise ValueError(f"{file} is not a tokenizer.json that `tokenizers` can parse ({error})") from None
+        return path
 
     @field_validator("special_tokens")
     @classmethod
@@ -344,19 +354,104 @@ class TrainConfig(Section):
         return self
 
 
+SEARCH_KINDS = ("loguniform", "uniform", "choice", "grid")
+TUNABLE_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+
+
+def search_space_problems(space: dict[str, Any]) -> list[str]:
+    """Shape errors of a `tune.search_space`, each naming `tune.search_space.<key>`.
+
+    Each entry is `section.key: {kind: values}`: `loguniform`/`uniform` take `[low, high]` with
+    low < high (loguniform: low > 0), `choice`/`grid` a non-empty list. Keys must name a field of a
+    section a trial runs (`model`, `train`); each value must be valid for that field on its own.
+    """
+    problems = []
+    for key, spec in space.items():
+        where = f"tune.search_space.{key}"
+        section, _, field = key.partition(".")
+        owner = TUNABLE_SECTIONS.get(section)
+        if owner is None or not field or "." in field:
+            problems.append(f"{where}: unknown key; expected `model.<key>` or `train.<key>` (a trial runs pretraining)")
+            continue
+        if field not in owner.model_fields:
+            problems.append(f"{where}: unknown key {field!r} in {section!r}; valid keys: {', '.join(sorted(owner.model_fields))}")
+            continue
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
+            problems.append(f"{where} = {spec!r}: expected exactly one of {', '.join(SEARCH_KINDS)} with a list of values")
+            continue
+        kind, values = next(iter(spec.items()))
+        if kind in ("loguniform", "uniform"):
+            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                problems.append(f"{where}.{kind} = {values!r}: expected [low, high], two numbers")
+                continue
+            low, high = values
+            if not low < high:
+                problems.append(f"{where}.{kind} = {values!r}: empty range (low must be < high)")
+                continue
+            if kind == "loguniform" and low <= 0:
+                problems.append(f"{where}.{kind} = {values!r}: loguniform needs low > 0")
+                continue
+        elif not values:
+            problems.append(f"{where}.{kind} = []: empty list of values")
+            continue
+        for value in values:
+            try:
+                owner.model_validate({field: value})
+            except ValidationError as error:
+                for item in error.errors():
+                    if item["loc"][:1] == (field,):
+                        problems.append(f"{where}.{kind}: value {value!r}: {item['msg'].removeprefix('Value error, ')}")
+    return problems
+
+
 class TuneConfig(Section):
-    num_samples: int = Field(4, gt=0)
-    max_concurrent: int | None = Field(None, gt=0)
+    """A Ray Tune sweep: each trial is a pretraining run (its own TorchTrainer and workers)."""
+
+    num_samples: int = Field(4, gt=0, description="samples of the space (a grid is repeated this many times)")
+    max_concurrent: int | None = Field(None, gt=0, description="at most this many trials at once (default: what the cluster fits)")
     metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
     scheduler: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, gt=0)
+    search_algorithm: Literal["random", "optuna", "hyperopt"] = Field(
+        "random", description="random (Tune's variant generator, grids too); optuna or hyperopt when installed")
+    budget_steps: int | None = Field(None, gt=0, description="optimizer steps per trial (default: train.max_steps)")
+    budget_tokens: int | None = Field(None, gt=0, description="training tokens per trial instead of steps (fair across batch sizes)")
+    grace_period: int | None = Field(None, gt=0, description="ASHA: steps (or tokens) before a trial can be stopped (default: train.eval_every steps)")
     reduction_factor: float = Field(2.0, gt=1)
+    seed: int = Field(0, description="seed of the search algorithm")
     search_space: dict[str, dict[str, list[Any]]] = Field(
         default_factory=lambda: {
             "train.lr": {"loguniform": [1e-4, 1e-2]},
             "train.global_batch_size": {"choice": [8, 16, 32]},
         }
     )
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _numbers_from_yaml(cls, space: Any) -> Any:
+        """YAML 1.1 reads `1e-4` as a string; read such values as numbers, as `--set` does."""
+        if not isinstance(space, dict):
+            return space
+        return {key: ({kind: [_typed_value(v) if isinstance(v, str) else v for v in values]
+                       for kind, values in spec.items()} if isinstance(spec, dict) and all(
+                           isinstance(v, list) for v in spec.values()) else spec)
+                for key, spec in space.items()}
+
+    @field_validator("search_space")
+    @classmethod
+    def _valid_space(cls, space: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        if not space:
+            raise ValueError("empty search space: name at least one key, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
+        problems = search_space_problems(space)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return space
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TuneConfig":
+        if self.budget_steps is not None and self.budget_tokens is not None:
+            raise ValueError("set tune.budget_steps or tune.budget_tokens, not both")
+        return self
 
 
 class FrozenConfig(Section):
@@ -461,6 +556,27 @@ class ClusterConfig(Section):
         True, description="on a multi-node cluster, check that a local workspace / SQLite MLflow store is seen by every node")
 
 
+class GpuTypeConfig(Section):
+    peak_bf16_tflops: float = Field(gt=0, description="dense bf16 peak, TFLOP/s")
+    memory_gib: float = Field(gt=0)
+
+
+class PlanConfig(Section):
+    """`raylm plan`: sizing before training. A budget is `gpu` x `gpus` for `hours`."""
+
+    gpu: str | None = Field(None, description="GPU type (a key of the built-in table or of gpu_types)")
+    gpus: int = Field(8, gt=0, description="number of GPUs (one per Ray Train worker)")
+    hours: float | None = Field(None, gt=0, description="budget in wall-clock hours on those GPUs")
+    choose_model: bool = Field(False, description="pick the largest preset the budget trains compute-optimally")
+    mfu: float = Field(0.4, gt=0, le=1, description="assumed model FLOPs utilisation")
+    tokens_per_parameter: float = Field(20.0, gt=0, description="compute-optimal training tokens per parameter")
+    bytes_per_token: float | None = Field(None, gt=0, description="default: measured by this config's tokenizer, else assumed_bytes_per_token")
+    assumed_bytes_per_token: float = Field(4.0, gt=0)
+    device_memory_gib: float | None = Field(None, gt=0, description="device memory when no GPU type is given (e.g. a CPU worker's RAM)")
+    memory_headroom: float = Field(0.9, gt=0, le=1, description="usable share of device memory (context, fragmentation)")
+    gpu_types: dict[str, GpuTypeConfig] = Field(default_factory=dict, description="extra GPU types, or overrides of built-in ones")
+
+
 class WorkspaceConfig(Section):
     root: str = Field("./raylm-workspace", description="local folder, s3:// or gs:// URI; RAYLM_WORKSPACE overrides")
 
@@ -479,6 +595,7 @@ class RaylmConfig(Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
     workspace: WorkspaceConfig = Field(default_factory=WorkspaceConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -44,6 +44,14 @@ def source_fingerprint(config: RaylmConfig) -> str:
     return digest.hexdigest()[:16]
 
 
+def tokenizer_fingerprint(path: str | None) -> str | None:
+    """`tokenizer.path` as a stage input: the hash of tokenizer.json (also inside a folder); an MLflow
+    `runs:/` URI names immutable artifacts, so it is its own fingerprint."""
+    if path is None or path.startswith("runs:/"):
+        return path
+    return file_fingerprint(os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path)
+
+
 def file_fingerprint(path: str | None) -> str | None:
     if path is None:
         return None
@@ -63,7 +71,7 @@ def plan_stages(config: RaylmConfig, workspace: Workspace) -> StagePlan:
     curate = workspace.stage("curate", {"data": config.section("data"), "files": source_fingerprint(config)})
     tokenize = workspace.stage(
         "tokenize",
-        {"tokenizer": config.section("tokenizer"), "tokenizer_file": file_fingerprint(config.tokenizer.path),
+        {"tokenizer": config.section("tokenizer"), "tokenizer_file": tokenizer_fingerprint(config.tokenizer.path),
          "seq_len": config.model.seq_len},
         {"curated": curate.fingerprint},
     )

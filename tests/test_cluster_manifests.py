@@ -251,7 +251,7 @@ def test_every_stage_has_a_thin_job_entrypoint():
     commands = set(build_parser()._subparsers._group_actions[0].choices)  # noqa: SLF001
     for stage in STAGE_JOBS:
         source = (JOBS / f"{stage}.py").read_text()
-        assert f'run("{stage}")' in source, stage
+        assert f'main(["{stage}", *sys.argv[1:]])' in source, stage
     runtime_env = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
     from ray.runtime_env import RuntimeEnv
 

@@ -284,13 +284,12 @@ def test_exact_dedup_keeps_smallest_id_whatever_the_order():
     assert results[0][keeper] == "" and sorted(results[0].values()) == ["", "", "exact_dup", "parse_error"]
 
 
-def test_verify_pairs_filters_by_signature_similarity():
+def test_bucket_pairs_verify_by_signature_similarity():
     sigs = dedup.signatures(["a b c d e f g h i j", "a b c d e f g h i j", "k l m n o p q r s t"])
-    batch = pd.DataFrame({"a": ["x", "x"], "b": ["y", "z"], "signature_a": [sigs[0].tobytes()] * 2,
-                          "signature_b": [sigs[1].tobytes(), sigs[2].tobytes()]})
-    kept = dedup.verify_pairs(batch, 128, 0.8, verify=True)
-    assert kept["b"].tolist() == ["y"]
-    assert len(dedup.verify_pairs(batch, 128, 0.8, verify=False)) == 2
+    group = pd.DataFrame({"band_key": [7, 7, 7], "id": ["z", "y", "x"], "signature": [s.tobytes() for s in sigs]})
+    verified = dedup.bucket_pairs(group, 200, num_perm=128, threshold=0.8, verify=True)
+    assert list(zip(verified["a"], verified["b"])) == [("y", "z")] and verified["similarity"][0] == 1.0
+    assert len(dedup.bucket_pairs(group, 200, num_perm=128, threshold=0.8, verify=False)) == 3
 
 
 # ---------------------------------------------------------------------------------------------- decontamination

@@ -15,7 +15,7 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     text = tmp_path / "notes.txt"
     text.write_text("The cat sat on the mat. Water boils at 100 degrees.\n" * 5)
     index = tmp_path / "index.json"
-    index.write_text('{"arc_easy": ["arc_easy/1"]}')
+    index.write_text('{"ngram": 13, "contaminated_documents": 1, "tasks": {"arc_easy": ["arc_easy/1"]}}')
     code = main(["eval", "--workspace", str(workspace_dir), "--checkpoint", str(checkpoint), "--tasks", "arc_easy",
                  "--limit", "2", "--benchmark-data", str(shared_data / "benchmarks"), "--contamination-index",
                  str(index), "--text-file", str(text), "--set", "eval.batch_size=4"])

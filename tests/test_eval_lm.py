@@ -115,3 +115,21 @@ def test_generate_until_stops_at_stop_sequence_and_is_batch_invariant(lm):
         best = int(lm.model(torch.tensor([ids]))[0, -1].argmax())
     free = lm.generate_until([Instance("generate_until", {}, ("Water", {"until": [], "max_gen_toks": 3}), 0)])[0]
     assert lm.tok_encode("Water" + free)[len(ids)] == best or free.startswith(lm.tok_decode([best]))
+
+
+@pytest.mark.slow
+def test_lm_eval_own_cli_runs_the_raylm_model(tmp_path, shared_data):
+    import os
+    import subprocess
+    import sys
+
+    from raylm.eval.tasks import build_local_suite
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    build_local_suite(shared_data / "benchmarks", tmp_path / "suite", ["arc_easy"], limit=2)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "raylm.eval", "--model", "raylm", "--model_args",
+                           f"checkpoint={checkpoint}", "--batch_size", "4", "--tasks", "arc_easy", "--include_path",
+                           str(tmp_path / "suite"), "--limit", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "arc_easy" in done.stdout and "acc_norm" in done.stdout

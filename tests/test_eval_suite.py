@@ -77,7 +77,8 @@ def test_humaneval_is_refused_without_opt_in(shared_data, checkpoint, lm, tmp_pa
 
 def test_contamination_split_scores(shared_data, checkpoint, lm, tmp_path):
     index_file = tmp_path / "index.json"
-    index_file.write_text(json.dumps({"arc_easy": ["arc_easy/0", "arc_easy/2"], "hellaswag": []}))
+    index_file.write_text(json.dumps({"ngram": 13, "contaminated_documents": 2,  # curation's layout
+                                      "tasks": {"arc_easy": ["arc_easy/0", "arc_easy/2"], "hellaswag": []}}))
     settings = EvalSettings(tasks=["arc_easy"], limit=4, benchmark_data=_bench(shared_data),
                             contamination_index=str(index_file))
     results = evaluate_checkpoint(checkpoint, settings, str(tmp_path / "out"), lm=lm)
@@ -100,6 +101,11 @@ def test_index_reader_is_tolerant(tmp_path):
                {"doc": {"raylm_id": "arc_easy/2"}, "acc": 0.0, "filter": "none"}]
     split = split_scores(samples, load_index(nested))
     assert split["metrics"]["acc,none"] == {"all": 0.5, "clean": 0.0}
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"gsm8k": ["gsm8k/1"]}))
+    assert load_index(plain) == {"gsm8k": {"gsm8k/1"}}
+    unchecked = split_scores(samples, {"gsm8k": {"gsm8k/1"}})  # arc_easy not in the index: clean unknown
+    assert unchecked["n_clean"] is None and unchecked["metrics"]["acc,none"]["clean"] != unchecked["metrics"]["acc,none"]["clean"]
 
 
 def test_domain_task_from_held_out_text(checkpoint, lm, tmp_path):
@@ -129,14 +135,29 @@ def test_extra_multiple_choice_task_by_configuration(shared_data, checkpoint, lm
 
 @pytest.mark.slow
 def test_two_actors_equal_one(shared_data, checkpoint, ray_session, tmp_path):
-    base = dict(tasks=["arc_easy", "hellaswag"], limit=4, benchmark_data=_bench(shared_data), batch_size=4)
-    one = evaluate_checkpoint(checkpoint, EvalSettings(actors=1, **base), str(tmp_path / "one"))
-    two = evaluate_checkpoint(checkpoint, EvalSettings(actors=2, **base), str(tmp_path / "two"))
-    for task in ("arc_easy", "hellaswag"):
-        assert one["tasks"][task]["all"] == two["tasks"][task]["all"]
-        a = [json.loads(line) for line in open(one["files"][task])]
-        b = [json.loads(line) for line in open(two["files"][task])]
-        for x, y in zip(a, b):
-            assert [bool(v[1]) for v in x["filtered_resps"]] == [bool(v[1]) for v in y["filtered_resps"]]
-            assert [float(v[0]) for v in x["filtered_resps"]] == pytest.approx([float(v[0]) for v in y["filtered_resps"]], abs=1e-5)
-            assert (x["acc"], x["acc_norm"]) == (y["acc"], y["acc_norm"])
+    from raylm.eval.actors import ActorPoolLM
+    from raylm.eval.lm import RaylmLM
+
+    base = dict(tasks=["arc_easy", "hellaswag", "gsm8k"], limit=4, num_fewshot=0, batch_size=2,
+                benchmark_data=_bench(shared_data), gen_kwargs={"max_gen_toks": 8})
+    results = {}
+    for n in (1, 2):
+        pool = ActorPoolLM(checkpoint, actors=n, num_gpus=0, num_cpus=1, batch_size=2)
+        results[n] = evaluate_checkpoint(checkpoint, EvalSettings(actors=n, **base), str(tmp_path / str(n)), lm=pool)
+    for task in ("arc_easy", "hellaswag", "gsm8k"):
+        assert results[1]["tasks"][task]["all"] == results[2]["tasks"][task]["all"]
+        one = [json.loads(line) for line in open(results[1]["files"][task])]
+        two = [json.loads(line) for line in open(results[2]["files"][task])]
+        assert [r["resps"] for r in one] == [r["resps"] for r in two]  # every number, bit for bit
+    # and the same batches as RaylmLM in this process, with the actors' one thread
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = evaluate_checkpoint(checkpoint, EvalSettings(**base), str(tmp_path / "local"),
+                                    lm=RaylmLM(checkpoint=checkpoint, batch_size=2))
+    finally:
+        torch.set_num_threads(threads)
+    for task in ("arc_easy", "hellaswag", "gsm8k"):
+        assert local["tasks"][task]["all"] == results[1]["tasks"][task]["all"]

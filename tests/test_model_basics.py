@@ -9,6 +9,15 @@ from raylm.model import Transformer, TransformerConfig
 from raylm.model.loss import bits_per_byte, loss_and_bytes, summed_loss
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread; on a busy shared machine it costs several times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(**overrides) -> Transformer:
     torch.manual_seed(0)
     return Transformer(TransformerConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, seq_len=16, **overrides))

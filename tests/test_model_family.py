@@ -11,6 +11,16 @@ from raylm.model.generate import generate, generate_tokens, left_pad, sample_nex
 from raylm.model.loss import lm_batch, summed_loss
 from raylm.model.sizing import flops_per_token, parameter_count
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared, busy machine two spinning
+    threads per process make these tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 BASE = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, seq_len=24)
 VARIANTS = {
     "modern": {},
@@ -144,7 +154,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_torch_compile_forward_and_backward(arch):
-    model, config = make(arch, "modern", activation_checkpointing=True)
+    model, config = make(arch, "modern", activation_checkpointing=True, n_layers=1)
     model.train()
     inputs, targets = lm_batch(torch.randint(0, 61, (2, 17)), config)
     eager = model(**inputs)
@@ -163,6 +173,11 @@ def test_seq2seq_batch_predicts_the_continuation():
     assert inputs["source"].tolist() == [[0, 1, 2, 3]]
     assert inputs["tokens"].tolist() == [[3, 4, 5, 6, 7]]
     assert targets.tolist() == [[4, 5, 6, 7, 8]]
+    loss_mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 1, 1]])
+    assert lm_batch(rows, config, loss_mask, ignore_id=-1)[1].tolist() == [[4, -1, -1, 7, 8]]
+    decoder = TransformerConfig(**{**BASE, "seq_len": 8})
+    inputs, targets = lm_batch(rows, decoder, loss_mask, ignore_id=-1)
+    assert inputs["tokens"].tolist() == [list(range(8))] and targets.tolist() == [[1, 2, 3, 4, -1, -1, 7, 8]]
 
 
 def test_encoder_decoder_learns_a_batch():  # (the decoder's twin is in test_model_basics.py)

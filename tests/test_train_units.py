@@ -139,3 +139,41 @@ def test_global_batch_in_tokens_must_be_a_multiple_of_the_context():
         config.train.global_batch_sequences(config.model.seq_len)
     with pytest.raises(ConfigError, match="train.strategy"):
         load_config(None, ["train.strategy=zero3"])
+
+
+def test_loss_curve_plot_uses_the_last_value_of_redone_steps(tmp_path):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from raylm.train.launch import plot_loss_curve
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("plot")).info.run_id
+    points = [Metric("step_loss", 5.0 - 0.1 * s, 1000 + s, s) for s in range(1, 11)]
+    points += [Metric("step_loss", 9.0, 2000 + s, s) for s in (9, 10)]  # redone after a restart
+    points += [Metric("val_loss", 4.5, 1005, 5), Metric("val_loss", 4.2, 2010, 10)]
+    client.log_batch(run_id, metrics=points)
+    figure = plot_loss_curve(uri, run_id)
+    train_line, val_line = figure.axes[0].get_lines()
+    assert list(train_line.get_xdata()) == list(range(1, 11)) and list(train_line.get_ydata())[-2:] == [9.0, 9.0]
+    assert list(val_line.get_xdata()) == [5, 10]
+    assert plot_loss_curve(uri, client.create_run(client.get_experiment_by_name("plot").experiment_id).info.run_id) is None
+
+
+def test_resume_picks_the_most_recently_written_pretrain_run_and_reopens_it(tmp_path):
+    from raylm.train.launch import RUN_NAME, latest_run_stage
+    from raylm.workspace import SUCCESS_MARKER, Workspace
+
+    workspace = Workspace(str(tmp_path))
+    planned = workspace.stage("pretrain", {"train": {"max_steps": 50}})
+    for key, stamp in (("older", 1_000_000_000), ("newer", 2_000_000_000)):
+        run = tmp_path / "pretrain" / key / RUN_NAME
+        run.mkdir(parents=True)
+        (tmp_path / "pretrain" / key / SUCCESS_MARKER).write_text("done\n")
+        os.utime(run, (stamp, stamp))
+    stage = latest_run_stage(workspace, planned)
+    assert stage.key == "newer" and not stage.is_complete()
+    assert (tmp_path / "pretrain" / "older" / SUCCESS_MARKER).exists()
+    with pytest.raises(FileNotFoundError, match="--resume: no pretrain run"):
+        latest_run_stage(Workspace(str(tmp_path / "empty")), planned)

@@ -49,9 +49,12 @@ _DROPPED_ELEMENTS = ["script", "style", "noscript", "nav", "iframe", "svg", "for
 
 
 def looks_like_html(text: str) -> bool:
-    """A full HTML page, or text where markup tags are at least 5 and a tenth of the characters."""
+    """A full HTML page, or a text that opens with a tag and where markup tags are at least 5 and a
+    tenth of the characters (source code that merely contains markup in strings does not open with one)."""
     if _HTML_START.match(text):
         return True
+    if not text.lstrip().startswith("<"):
+        return False
     tags = _TAG.findall(text[:200_000])
     return len(tags) >= 5 and sum(map(len, tags)) >= 0.1 * min(len(text), 200_000)
 

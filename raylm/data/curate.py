@@ -25,7 +25,7 @@ import pandas as pd
 import ray
 import ray.data
 import xxhash
-from ray.data.aggregate import Count, Sum
+from ray.data.aggregate import Sum
 
 from raylm.config import DataConfig
 from raylm.data import clean, decontam, dedup, pii, quality
@@ -141,11 +141,23 @@ def count_parquet_rows(stage: StageDir, relpath: str) -> int:
     return pads.dataset(stage.fs_path(relpath), filesystem=stage.fs, format="parquet").count_rows()
 
 
+def count_reasons(batch: pd.DataFrame) -> pd.DataFrame:
+    """Rows and input bytes per reason in one block."""
+    grouped = batch.groupby("reason", sort=True)["n_bytes"].agg(["count", "sum"]).reset_index()
+    return pd.DataFrame({"reason": grouped["reason"].astype(str), "rows": grouped["count"].astype("int64"),
+                         "bytes": grouped["sum"].astype("int64")})
+
+
 def reason_table(marked: ray.data.Dataset) -> list[dict[str, Any]]:
-    """Rows and bytes per rejection reason ('' = kept): a few rows, safe to bring to the driver."""
-    rows = marked.groupby("reason").aggregate(Count(), Sum("n_bytes")).take_all()
-    return sorted(({"reason": r["reason"], "rows": int(r["count()"]), "bytes": int(r["sum(n_bytes)"] or 0)}
-                   for r in rows), key=lambda r: r["reason"])
+    """Rows and bytes per rejection reason ('' = kept), summed over per-block counts: a few rows per
+    block reach the driver, and no shuffle is needed."""
+    totals: dict[str, list[int]] = {}
+    for batch in marked.map_batches(count_reasons, batch_format="pandas").iter_batches(batch_format="pandas"):
+        for reason, rows, size in zip(batch["reason"], batch["rows"], batch["bytes"]):
+            entry = totals.setdefault(reason, [0, 0])
+            entry[0] += int(rows)
+            entry[1] += int(size)
+    return [{"reason": reason, "rows": rows, "bytes": size} for reason, (rows, size) in sorted(totals.items())]
 
 
 def step_totals(marked: ray.data.Dataset) -> dict[str, int]:
@@ -158,10 +170,13 @@ def step_totals(marked: ray.data.Dataset) -> dict[str, int]:
 def contamination_index(marked: ray.data.Dataset, stats: dict[str, Any], stage: StageDir) -> str:
     """Write `contamination.json` (task -> contaminated item ids) and return its path."""
     info = stats["decontam"]
-    items_ds = marked.map_batches(decontam.contaminated_item_rows, batch_format="pandas")
-    per_item = items_ds.groupby("item_id").count().take_all()  # at most one row per benchmark item
-    documents = marked.filter(expr="contam_items != ''").count()
-    index = decontam.write_index([r["item_id"] for r in per_item], info["tasks"], info["ngram"], documents)
+    items: set[str] = set()
+    flagged = marked.filter(expr="contam_items != ''").select_columns(["contam_items"]).materialize()
+    for batch in flagged.map_batches(decontam.contaminated_item_rows, batch_format="pandas").iter_batches(
+            batch_format="pandas"):  # (document, item) rows of contaminated documents only
+        items.update(batch["item_id"])
+    documents = flagged.count()
+    index = decontam.write_index(sorted(items), info["tasks"], info["ngram"], documents)
     stage.write_json("contamination.json", index)
     info["contaminated_documents"] = documents
     info["contaminated_items"] = {task: len(ids) for task, ids in index["tasks"].items() if ids}

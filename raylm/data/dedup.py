@@ -7,27 +7,30 @@ shuffle, and each group keeps the row with the smallest id.
 Near: MinHash signatures over word n-gram shingles, computed for a whole batch with numpy (every
 shingle of the batch against every permutation at once; the permutations are multiply-shift hashes
 `(a*x + b) >> 32` of 64-bit shingle hashes), then locality-sensitive hashing with the band count and
-rows per band from `datasketch`'s optimal-parameter rule. Ray Data does the rest with shuffles, so
-no step holds the corpus or its signatures on the driver:
+rows per band from `datasketch`'s optimal-parameter rule. Ray Data does the rest, so no step holds
+the corpus or its signatures on the driver:
 
 1. `map_batches(signature_batch)`: `id, signature` (num_perm uint32, 4*num_perm bytes per document);
-2. `map_batches(band_rows)`: one `band_key, id` row per band;
-3. `groupby(band_key).map_groups(bucket_pairs)`: candidate pairs `(a, b)`, a < b, from each bucket;
-4. `groupby(a, b)`: each pair once; `join` with the signatures twice and keep the pairs whose
-   signature similarity reaches the threshold (`dedup.verify`);
-5. connected components of the verified pairs on the driver (union-find over duplicate pairs only;
-   its memory grows with the number of near-duplicate pairs, not with the corpus), the smallest id of
-   each component kept;
-6. `join` of the corpus with the `id -> kept id` table: the other members become `near_dup`.
+2. `map_batches(band_rows)`: one `band_key, id, signature` row per band;
+3. `groupby(band_key).map_groups(bucket_pairs)` (a hash shuffle on the band key): the pairs of each
+   bucket, a < b, with their signature similarity; below the threshold dropped (`dedup.verify`);
+4. connected components of those pairs on the driver (union-find over near-duplicate pairs only: its
+   memory grows with the number of near duplicates, not with the corpus), the smallest id of each
+   component kept;
+5. `map_batches(mark_near_duplicates)` with the `duplicate id -> kept id` table in the object store.
+
+Signatures travel with the band rows so that verification needs no join: one shuffle instead of
+four (each Ray Data shuffle starts its own aggregator actors, which dominates small runs).
 
 The kept set is a function of the documents alone: signatures depend only on a document's text,
 buckets are sorted by id, and components keep their smallest id, so neither the number of blocks
 nor the number of workers changes it.
 
-Memory per worker, per GB of text (documents of ~2 KB, 128 permutations, b bands): signatures
-~0.26 GB (512 B/doc), band rows ~b * 40 B/doc (0.3 GB at b=14), text itself ~1 GB in the corpus
-join; Ray Data streams and spills these through the object store, so a worker needs roughly one
-block (128 MiB by default) of each at a time plus the shuffle buffers of its partitions.
+Memory per GB of text (documents of ~2 KB, so ~500k of them; 128 permutations; b bands, b=14 by
+default): signatures 512 B/doc = 0.26 GB; band rows b * ~550 B/doc = 3.6 GB streamed through the
+band-key shuffle (Ray Data spills it to disk; each worker holds one block, 128 MiB by default, plus
+its shuffle partitions' buffers); the pairs and the `id -> kept id` table, ~60 B per near duplicate,
+are what the driver and each marking task hold.
 """
 
 from __future__ import annotations
@@ -164,39 +167,41 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 def band_rows(batch: pd.DataFrame, num_perm: int, bands: int, rows: int) -> pd.DataFrame:
-    """`band_key, id` for every band of every document that has shingles."""
+    """`band_key, id, signature` for every band of every document that has shingles."""
     if not len(batch):
-        return pd.DataFrame({"band_key": np.zeros(0, np.int64), "id": np.zeros(0, object)})
+        return pd.DataFrame({"band_key": np.zeros(0, np.int64), "id": np.zeros(0, object),
+                             "signature": np.zeros(0, object)})
     sigs = np.frombuffer(b"".join(batch["signature"]), dtype=np.uint32).reshape(len(batch), num_perm)
     has_shingles = ~(sigs == _EMPTY).all(axis=1)
     keys = band_keys(sigs[has_shingles], bands, rows)
     ids = batch["id"].to_numpy()[has_shingles]
-    return pd.DataFrame({"band_key": keys.reshape(-1), "id": np.repeat(ids, bands)})
+    signature_bytes = batch["signature"].to_numpy()[has_shingles]
+    return pd.DataFrame({"band_key": keys.reshape(-1), "id": np.repeat(ids, bands),
+                         "signature": np.repeat(signature_bytes, bands)})
 
 
-def bucket_pairs(group: pd.DataFrame, max_bucket: int) -> pd.DataFrame:
-    """Candidate pairs `(a, b)`, a < b, of one bucket; in a bucket larger than `max_bucket`, every
-    member is paired only with the `max_bucket` smallest ids (deterministic, bounded work)."""
-    ids = sorted(set(group["id"]))
-    left, right = [], []
-    for i, first in enumerate(ids[:max_bucket]):
-        for second in ids[i + 1:]:
-            left.append(first)
-            right.append(second)
-    return pd.DataFrame({"a": pd.Series(left, dtype=object), "b": pd.Series(right, dtype=object)})
-
-
-def verify_pairs(batch: pd.DataFrame, num_perm: int, threshold: float, verify: bool) -> pd.DataFrame:
-    """Keep the candidate pairs whose signature similarity reaches the threshold (all when not verifying)."""
-    if not len(batch):
-        return pd.DataFrame({"a": pd.Series([], dtype=object), "b": pd.Series([], dtype=object),
-                             "similarity": pd.Series([], dtype=float)})
-    left = np.frombuffer(b"".join(batch["signature_a"]), dtype=np.uint32).reshape(len(batch), num_perm)
-    right = np.frombuffer(b"".join(batch["signature_b"]), dtype=np.uint32).reshape(len(batch), num_perm)
-    similarity = signature_similarity(left, right)
-    keep = similarity >= threshold if verify else np.ones(len(batch), dtype=bool)
-    return pd.DataFrame({"a": batch["a"].to_numpy()[keep], "b": batch["b"].to_numpy()[keep],
-                         "similarity": similarity[keep]})
+def bucket_pairs(group: pd.DataFrame, max_bucket: int, num_perm: int | None = None,
+                 threshold: float = 0.0, verify: bool = False) -> pd.DataFrame:
+    """Candidate pairs `(a, b, similarity)`, a < b, of one bucket, those below the threshold dropped
+    when verifying. In a bucket larger than `max_bucket`, every member is paired only with the
+    `max_bucket` smallest ids (deterministic, bounded work)."""
+    members = group.drop_duplicates("id").sort_values("id", kind="stable")
+    ids = members["id"].tolist()
+    count = len(ids)
+    firsts, seconds = [], []
+    for i in range(min(count, max_bucket)):
+        firsts.extend([i] * (count - i - 1))
+        seconds.extend(range(i + 1, count))
+    firsts_arr, seconds_arr = np.asarray(firsts, dtype=np.int64), np.asarray(seconds, dtype=np.int64)
+    similarity = np.ones(len(firsts_arr))
+    if num_perm is not None and len(firsts_arr) and "signature" in members:
+        sigs = np.frombuffer(b"".join(members["signature"]), dtype=np.uint32).reshape(count, num_perm)
+        similarity = signature_similarity(sigs[firsts_arr], sigs[seconds_arr])
+    keep = similarity >= threshold if verify else np.ones(len(firsts_arr), dtype=bool)
+    id_array = np.asarray(ids, dtype=object)
+    return pd.DataFrame({"a": pd.Series(id_array[firsts_arr[keep]], dtype=object),
+                         "b": pd.Series(id_array[seconds_arr[keep]], dtype=object),
+                         "similarity": similarity[keep].astype(float)})
 
 
 class Components:
@@ -231,13 +236,18 @@ class Components:
         return sorted(counts.values(), reverse=True)
 
 
-def mark_near_duplicates(batch: pd.DataFrame) -> pd.DataFrame:
-    """After the join with the `id -> near_keeper` table: mark live members `near_dup` of their keeper."""
-    keeper = batch["near_keeper"].fillna("").astype(str)
+def mark_near_duplicates(batch: pd.DataFrame, keepers_ref: list[Any]) -> pd.DataFrame:
+    """Mark live rows found in the `id -> kept id` table (`[ObjectRef]` or `[dict]`) as `near_dup`."""
+    keepers = keepers_ref[0]
+    if not isinstance(keepers, dict):
+        import ray
+
+        keepers = ray.get(keepers)
+    keeper = batch["id"].map(lambda i: keepers.get(i, ""))
     hit = (batch["reason"] == "") & (keeper != "")
     batch.loc[hit, "reason"] = "near_dup"
     batch.loc[hit, "detail"] = "near duplicate of " + keeper[hit]
-    return batch.drop(columns=["near_keeper"])
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,49 +257,41 @@ def mark_near_duplicates(batch: pd.DataFrame) -> pd.DataFrame:
 def near_duplicate_pairs(live: Any, num_perm: int, shingle_size: int, threshold: float, seed: int,
                          false_negative_weight: float, verify: bool, max_bucket: int,
                          num_partitions: int) -> tuple[Any, dict[str, Any]]:
-    """Verified near-duplicate pairs `(a, b, similarity)` of a Ray Dataset with `id, text` columns."""
+    """Near-duplicate pairs `(a, b, similarity)` of a Ray Dataset with `id, text` columns (a pair found
+    in several bands appears several times; the union-find does not mind)."""
     bands, rows = lsh_parameters(threshold, num_perm, false_negative_weight)
     sigs = live.map_batches(signature_batch, batch_format="pandas",
-                            fn_kwargs={"num_perm": num_perm, "shingle_size": shingle_size, "seed": seed}).materialize()
+                            fn_kwargs={"num_perm": num_perm, "shingle_size": shingle_size, "seed": seed})
     keyed = sigs.map_batches(band_rows, batch_format="pandas",
                              fn_kwargs={"num_perm": num_perm, "bands": bands, "rows": rows})
-    candidates = keyed.groupby("band_key", num_partitions=num_partitions).map_groups(
-        bucket_pairs, batch_format="pandas", fn_kwargs={"max_bucket": max_bucket})
-    unique = candidates.groupby(["a", "b"], num_partitions=num_partitions).count().select_columns(["a", "b"])
-    with_a = unique.join(sigs.rename_columns({"id": "a", "signature": "signature_a"}), join_type="inner",
-                         num_partitions=num_partitions, on=("a",))
-    with_both = with_a.join(sigs.rename_columns({"id": "b", "signature": "signature_b"}), join_type="inner",
-                            num_partitions=num_partitions, on=("b",))
-    verified = with_both.map_batches(verify_pairs, batch_format="pandas",
-                                     fn_kwargs={"num_perm": num_perm, "threshold": threshold, "verify": verify})
-    return verified, {"bands": bands, "rows_per_band": rows}
+    pairs = keyed.groupby("band_key", num_partitions=num_partitions).map_groups(
+        bucket_pairs, batch_format="pandas",
+        fn_kwargs={"max_bucket": max_bucket, "num_perm": num_perm, "threshold": threshold, "verify": verify})
+    return pairs, {"bands": bands, "rows_per_band": rows}
 
 
 def near_dedup(docs: Any, config: Any, num_partitions: int) -> tuple[Any, dict[str, Any]]:
     """Mark near duplicates in `docs` (all rows, with `reason`); return the dataset and statistics."""
-    import ray.data
+    import ray
 
     live = docs.filter(expr="reason == ''").select_columns(["id", "text"])
     pairs, stats = near_duplicate_pairs(live, config.num_perm, config.shingle_size, config.threshold,
                                         config.seed, config.false_negative_weight, config.verify,
                                         config.max_bucket, num_partitions)
     components = Components()
-    n_pairs = 0
+    seen: set[tuple[str, str]] = set()
     for batch in pairs.iter_batches(batch_format="pandas", batch_size=65536):
         for a, b in zip(batch["a"], batch["b"]):
             components.union(a, b)
-            n_pairs += 1
+            seen.add((a, b))
     duplicates = components.duplicates()
     sizes = components.sizes()
-    stats.update({"pairs": n_pairs, "clusters": len(sizes), "duplicates": len(duplicates),
+    stats.update({"pairs": len(seen), "clusters": len(sizes), "duplicates": len(duplicates),
                   "cluster_sizes": _histogram(sizes)})
     if not duplicates:
         return docs, stats
-    table = pd.DataFrame({"id": list(duplicates), "near_keeper": list(duplicates.values())})
-    chunks = [table.iloc[i:i + 100_000] for i in range(0, len(table), 100_000)]
-    mapping = ray.data.from_pandas(chunks)
-    joined = docs.join(mapping, join_type="left_outer", num_partitions=num_partitions, on=("id",))
-    return joined.map_batches(mark_near_duplicates, batch_format="pandas"), stats
+    return docs.map_batches(mark_near_duplicates, batch_format="pandas",
+                            fn_kwargs={"keepers_ref": [ray.put(duplicates)]}), stats
 
 
 def _histogram(sizes: list[int]) -> dict[str, int]:

@@ -1,86 +1,184 @@
 """The `tokenize` stage: train (or reuse) a tokenizer on the curated train split, then pack both splits.
 
-The tokenizer sees a streamed sample of the train split only; the val split is held out from it.
-Packing runs in Ray Data `map_batches` and writes parquet shards per split, plus a manifest with the
+The tokenizer sees a random sample (about `tokenizer.sample_bytes`) of the train split, streamed from
+Ray Data into the trainer batch by batch; the val split is held out from it. Reuse instead of training:
+`tokenizer.path` (a tokenizer.json, a folder holding one, or `runs:/RUN_ID/tokenizer` of an earlier
+tokenize run in MLflow). Encoding and packing run in Ray Data `map_batches` (batched encoding, then
+greedy or best-fit packing per batch) and write parquet shards per split, plus a manifest with the
 tokenizer fingerprint, the sequence length and, per split, the sequences, tokens and bytes behind them.
+The tokenizer folder (loadable by `transformers`) is saved in the stage and logged to MLflow.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+import os
+import tempfile
+from typing import Any, Iterator
 
+import mlflow
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import ray.data
-from ray.data.aggregate import Count, Sum
 from tokenizers import Tokenizer
 
 from raylm.config import TokenizerConfig
 from raylm.data.pack import encode_and_pack
-from raylm.data.tokenizer import EOS, PAD, fingerprint, special_id, take_sample, train_tokenizer
-from raylm.workspace import StageDir
+from raylm.data.tokenizer import (BOS, BYTE_ALPHABET_SIZE, EOS, PAD, REQUIRED_SPECIAL_TOKENS, fingerprint,
+                                  hf_tokenizer_files, load_tokenizer, special_id, special_token_ids,
+                                  take_sample, train_tokenizer)
+from raylm.workspace import StageDir, is_remote, read_text_uri
 
 log = logging.getLogger("raylm")
 
 SPLITS = ("train", "val")
+TOKENIZER_DIR = "tokenizer"
+SAMPLE_SEED = 0
+SHARD_BYTES = 16 * 2**20  # about this much token data per parquet file
 
 
-def load_or_train_tokenizer(config: TokenizerConfig, train_uri: str) -> Tokenizer:
-    if config.path:
+def fetch_tokenizer(path: str) -> Tokenizer:
+    """Load a tokenizer from a file, a folder (local or s3://, gs://) or an MLflow artifact URI
+    (`runs:/RUN_ID/tokenizer`)."""
+    if path.startswith("runs:/"):
         try:
-            tokenizer = Tokenizer.from_file(config.path)
-        except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception on bad files
-            raise ValueError(f"tokenizer.path = {config.path!r}: not a tokenizer.json file ({error})") from None
-    else:
-        texts = ray.data.read_parquet(train_uri, columns=["text"])
-        batches = (batch["text"] for batch in texts.iter_batches(batch_size=256, batch_format="numpy"))
-        tokenizer = train_tokenizer(take_sample(batches, config.sample_bytes), config)
-    for token in (EOS, PAD):
-        special_id(tokenizer, token)
-    return tokenizer
+            local = mlflow.artifacts.download_artifacts(artifact_uri=path, dst_path=tempfile.mkdtemp(prefix="raylm-tok-"))
+        except Exception as error:  # noqa: BLE001 - MLflow raises several types for a missing run/artifact
+            raise ValueError(f"tokenizer.path = {path!r}: cannot fetch it from MLflow ({error})") from None
+        return load_tokenizer(local)
+    try:
+        if is_remote(path):
+            return Tokenizer.from_str(read_text_uri(path if path.endswith(".json") else f"{path}/tokenizer.json"))
+        return load_tokenizer(path)
+    except Exception as error:  # noqa: BLE001 - missing files, unreadable URIs, bad JSON: all the user's to fix
+        raise ValueError(f"tokenizer.path = {path!r}: {error}") from None
 
 
-def pack_split(source_uri: str, tokenizer_json: str, seq_len: int, stage: StageDir, split: str) -> dict[str, int]:
+def check_tokenizer(tokenizer: Tokenizer, origin: str) -> None:
+    for token in REQUIRED_SPECIAL_TOKENS:
+        if tokenizer.token_to_id(token) is None:
+            raise ValueError(f"{origin}: the tokenizer has no {token!r} token (packing needs {REQUIRED_SPECIAL_TOKENS})")
+
+
+def train_sample(train_uri: str, sample_bytes: int, train_bytes: int | None = None) -> Iterator[str]:
+    """About `sample_bytes` of train text, a random sample of the whole split, streamed in batches.
+
+    `train_bytes` (the split's size, when the caller knows it) saves a pass over the data.
+    """
+    texts = ray.data.read_parquet(train_uri, columns=["text"])
+    if train_bytes is None:
+        train_bytes = int(ray.data.read_parquet(train_uri, columns=["n_bytes"]).sum("n_bytes") or 0)
+    if train_bytes > sample_bytes:
+        # a little over the share needed, so that the stream still holds ~sample_bytes after cleaning
+        texts = texts.random_sample(min(1.0, 1.2 * sample_bytes / train_bytes), seed=SAMPLE_SEED)
+    batches = (batch["text"] for batch in texts.iter_batches(batch_size=256, batch_format="numpy"))
+    return take_sample(batches, sample_bytes)
+
+
+def curated_train_bytes(curated: dict[str, Any]) -> int | None:
+    """The train split's bytes from the curate manifest (kept bytes shared out by rows), if it has them."""
+    kept_bytes = curated.get("metrics", {}).get("bytes.kept")
+    counts = curated["counts"]
+    rows = counts.get("train", 0) + counts.get("val", 0)
+    if kept_bytes is None or not rows:
+        return None
+    return int(kept_bytes * counts["train"] / rows)
+
+
+def load_or_train_tokenizer(config: TokenizerConfig, train_uri: str,
+                            train_bytes: int | None = None) -> tuple[Tokenizer, str]:
+    """The tokenizer and where it came from ('trained' or the reused path)."""
+    if config.path:
+        tokenizer = fetch_tokenizer(config.path)
+        check_tokenizer(tokenizer, f"tokenizer.path = {config.path!r}")
+        return tokenizer, config.path
+    tokenizer = train_tokenizer(train_sample(train_uri, config.sample_bytes, train_bytes), config)
+    if tokenizer.get_vocab_size() <= BYTE_ALPHABET_SIZE + len(config.special_tokens):
+        log.warning("tokenize: the train sample learned no merges (vocab %d); is the train split tiny?",
+                    tokenizer.get_vocab_size())
+    check_tokenizer(tokenizer, "trained tokenizer")
+    return tokenizer, "trained"
+
+
+def save_stage_tokenizer(tokenizer: Tokenizer, stage: StageDir, seq_len: int) -> str:
+    """Write the transformers-loadable tokenizer folder into the stage and log it to MLflow."""
+    files = hf_tokenizer_files(tokenizer, model_max_length=seq_len)
+    for name, text in files.items():
+        stage.write_text(f"{TOKENIZER_DIR}/{name}", text)
+    if mlflow.active_run() is not None:
+        with tempfile.TemporaryDirectory(prefix="raylm-tok-") as local:
+            for name, text in files.items():
+                with open(os.path.join(local, name), "w", encoding="utf-8") as handle:
+                    handle.write(text)
+            mlflow.log_artifacts(local, TOKENIZER_DIR)
+    return stage.path(TOKENIZER_DIR, "tokenizer.json")
+
+
+def pack_split(source_uri: str, tokenizer_json: str, seq_len: int, config: TokenizerConfig,
+               stage: StageDir, split: str) -> dict[str, int]:
     packed = ray.data.read_parquet(source_uri, columns=["text"]).map_batches(
-        encode_and_pack, batch_format="pandas", fn_kwargs={"tokenizer_json": tokenizer_json, "seq_len": seq_len})
-    packed.write_parquet(stage.fs_path(split), filesystem=stage.fs)
-    written = ray.data.read_parquet(stage.path(split), columns=["n_tokens", "n_bytes"])
-    totals = written.aggregate(Count(), Sum("n_tokens"), Sum("n_bytes"))
-    return {"sequences": int(totals["count()"]), "tokens": int(totals["sum(n_tokens)"] or 0),
-            "bytes": int(totals["sum(n_bytes)"] or 0)}
+        encode_and_pack, batch_format="pandas", batch_size=config.batch_size,
+        compute=ray.data.TaskPoolStrategy(size=config.concurrency),
+        fn_kwargs={"tokenizer_json": tokenizer_json, "seq_len": seq_len, "packing": config.packing, "threads": 1})
+    packed.write_parquet(stage.fs_path(split), filesystem=stage.fs,
+                         min_rows_per_file=max(1, SHARD_BYTES // (4 * (seq_len + 1))))
+    return count_packed(stage, split)
+
+
+def count_packed(stage: StageDir, split: str) -> dict[str, int]:
+    """Sequences, real tokens and text bytes of written shards, from the two small count columns
+    (16 bytes per sequence: cheap to sum here, and one Ray Data pass fewer)."""
+    table = pads.dataset(stage.fs_path(split), filesystem=stage.fs, format="parquet").to_table(
+        columns=["n_tokens", "n_bytes"])
+    return {"sequences": table.num_rows, "tokens": int(pc.sum(table["n_tokens"]).as_py() or 0),
+            "bytes": int(pc.sum(table["n_bytes"]).as_py() or 0)}
 
 
 def tokenize(config: TokenizerConfig, seq_len: int, curated: dict[str, Any], stage: StageDir) -> dict[str, Any]:
     outputs = curated["outputs"]
-    if curated["counts"]["train"] == 0:
+    if curated["counts"].get("train", 0) == 0:
         raise ValueError(f"the curated train split at {outputs['train']} is empty: nothing to train on")
-    tokenizer = load_or_train_tokenizer(config, outputs["train"])
+    tokenizer, source = load_or_train_tokenizer(config, outputs["train"], curated_train_bytes(curated))
     tokenizer_json = tokenizer.to_str()
-    stage.write_text("tokenizer.json", tokenizer_json)
+    tokenizer_path = save_stage_tokenizer(tokenizer, stage, seq_len)
+    tokenizer_fingerprint = fingerprint(tokenizer_json)
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({"raylm.tokenizer.fingerprint": tokenizer_fingerprint, "raylm.tokenizer.source": source})
 
     splits = {}
     for split in SPLITS:
-        if curated["counts"].get(split, 0) == 0:
-            splits[split] = {"sequences": 0, "tokens": 0, "bytes": 0}
+        documents = int(curated["counts"].get(split, 0))
+        if documents == 0:
+            splits[split] = {"documents": 0, "sequences": 0, "tokens": 0, "bytes": 0}
             continue
-        splits[split] = pack_split(outputs[split], tokenizer_json, seq_len, stage, split)
+        splits[split] = {"documents": documents,
+                         **pack_split(outputs[split], tokenizer_json, seq_len, config, stage, split)}
     if splits["train"]["sequences"] == 0:
         raise ValueError("packing produced no train sequences")
 
     val = splits["val"]
     bytes_per_token = val["bytes"] / val["tokens"] if val["tokens"] else math.nan
+    width = seq_len + 1
     metrics = {"vocab_size": tokenizer.get_vocab_size(), "val_bytes_per_token": bytes_per_token}
     for split, counts in splits.items():
         for name, value in counts.items():
             metrics[f"{split}_{name}"] = value
-    log.info("tokenize: vocab %d, %.2f bytes/token on val, %d train sequences of %d tokens",
-             tokenizer.get_vocab_size(), bytes_per_token, splits["train"]["sequences"], seq_len + 1)
+        if counts["sequences"]:
+            metrics[f"{split}_fill"] = counts["tokens"] / (counts["sequences"] * width)
+    log.info("tokenize: vocab %d (%s), %.2f bytes/token on val, %d train sequences of %d tokens (%s packing, "
+             "%.1f%% filled)", tokenizer.get_vocab_size(), source, bytes_per_token, splits["train"]["sequences"],
+             width, config.packing, 100 * metrics["train_fill"])
+    specials = special_token_ids(tokenizer)
     return {
         "metrics": metrics,
-        "tokenizer": {"path": stage.path("tokenizer.json"), "fingerprint": fingerprint(tokenizer_json),
+        "tokenizer": {"path": tokenizer_path, "folder": stage.path(TOKENIZER_DIR),
+                      "fingerprint": tokenizer_fingerprint, "source": source,
                       "vocab_size": tokenizer.get_vocab_size(),
-                      "eos_id": special_id(tokenizer, EOS), "pad_id": special_id(tokenizer, PAD)},
+                      "eos_id": special_id(tokenizer, EOS), "pad_id": special_id(tokenizer, PAD),
+                      "bos_id": specials.get(BOS), "special_tokens": specials},
         "seq_len": seq_len,
+        "packing": config.packing,
         "splits": splits,
         "outputs": {split: stage.path(split) for split in SPLITS if splits[split]["sequences"]},
     }

@@ -1,20 +1,18 @@
 """Evaluation actors: a pool of Ray actors, each holding the checkpoint, answering lm-eval's requests.
 
 lm-eval runs once, on the driver: it builds the documents, prompts and few-shot contexts, and
-computes the metrics. `ActorPoolLM` is the model lm-eval talks to; it splits each batch of requests
-between the actors (one GPU each when the cluster has GPUs, CPU otherwise), every actor having
-loaded the checkpoint once, and puts the answers back in request order. The split keeps all the
-choices of a question on one actor, so the shared-context path still computes each context once,
-and balances the actors by the text each has to score (largest first to the least loaded actor).
-
-Each request's answer is computed the same way whichever actor gets it, so the scores and
-predictions equal those of one actor, or of `RaylmLM` in one process.
+computes the metrics. `ActorPoolLM` is the model lm-eval talks to. It tokenizes the requests and
+plans the batches on the driver with `RaylmLM`'s own planning code (no weights needed), then hands
+whole batches to the actors (one GPU each when the cluster has GPUs, CPU otherwise; each loaded the
+checkpoint once), the longest batch first to the least-loaded actor, and puts the answers back in
+request order. A batch is computed the same way whichever actor gets it, and the batches are those
+a single process would form, so scores and per-request numbers equal one actor's, and one
+`RaylmLM`'s in one process with the same number of threads.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
 from typing import Any
 
 import ray
@@ -34,12 +32,16 @@ class EvalActor:
             torch.set_num_threads(threads)
         self.lm = RaylmLM(checkpoint=checkpoint, **lm_kwargs)
 
-    def answer(self, request_type: str, arguments: list[tuple]) -> list[Any]:
-        requests = [Instance(request_type, {}, args, i) for i, args in enumerate(arguments)]
-        return getattr(self.lm, request_type)(requests)
+    def info(self) -> dict[str, Any]:
+        return {"shared_context": self.lm.shared_context, "device": str(self.lm.device_), **self.lm.stats}
 
-    def stats(self) -> dict[str, int]:
-        return dict(self.lm.stats)
+    def run_loglikelihood(self, requests: list[tuple], batches: list) -> dict[int, tuple[float, bool]]:
+        return self.lm.run_loglikelihood(requests, batches)
+
+    def run_generation(self, jobs: list[tuple], encoded: list[list[int]], batches: list) -> dict[int, str]:
+        from raylm.eval.generation import run_generation
+
+        return run_generation(self.lm, jobs, encoded, batches)
 
 
 def actor_resources(num_gpus: float | str, num_cpus: float) -> dict[str, float]:
@@ -48,18 +50,19 @@ def actor_resources(num_gpus: float | str, num_cpus: float) -> dict[str, float]:
     return {"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)}
 
 
-def split_work(keys: list[Any], costs: list[float], n: int) -> list[list[int]]:
-    """Indices of `keys` for each of `n` workers; equal keys go to one worker; longest-first balancing."""
-    groups: OrderedDict[Any, list[int]] = OrderedDict()
-    for i, key in enumerate(keys):
-        groups.setdefault(key, []).append(i)
+def assign(costs: list[float], n: int) -> list[list[int]]:
+    """Indices of work items for each of `n` workers: largest first to the least-loaded worker."""
     heap = [(0.0, w) for w in range(n)]
     shares: list[list[int]] = [[] for _ in range(n)]
-    for members in sorted(groups.values(), key=lambda m: -sum(costs[i] for i in m)):
+    for item in sorted(range(len(costs)), key=lambda i: -costs[i]):
         load, worker = heapq.heappop(heap)
-        shares[worker].extend(members)
-        heapq.heappush(heap, (load + sum(costs[i] for i in members), worker))
+        shares[worker].append(item)
+        heapq.heappush(heap, (load + costs[item], worker))
     return [sorted(share) for share in shares]
+
+
+def _flat(members: list) -> list[int]:
+    return [i for m in members for i in (m if isinstance(m, list) else [m])]
 
 
 class ActorPoolLM(LM):
@@ -68,43 +71,64 @@ class ActorPoolLM(LM):
     def __init__(self, checkpoint: str, actors: int = 1, num_gpus: float | str = "auto", num_cpus: float = 1,
                  batch_size: int = 16, max_gen_toks: int = 256, device: str | None = None):
         super().__init__()
+        from raylm.eval.lm import RaylmLM
+
         resources = actor_resources(num_gpus, num_cpus)
         remote = ray.remote(**resources)(EvalActor)
         lm_kwargs = {"batch_size": batch_size, "max_gen_toks": max_gen_toks, "device": device}
         threads = max(1, int(num_cpus)) if not resources["num_gpus"] else None
         self.actors = [remote.remote(checkpoint, lm_kwargs, threads) for _ in range(actors)]
-        self.checkpoint = checkpoint
-        self.resources = resources
+        shared = all(info["shared_context"] for info in ray.get([a.info.remote() for a in self.actors]))
+        self.planner = RaylmLM.planner(checkpoint, batch_size, max_gen_toks, shared)
+        self.checkpoint, self.resources = checkpoint, resources
 
-    def _dispatch(self, request_type: str, requests: list[Instance]) -> list[Any]:
-        arguments = [tuple(req.args) for req in requests]
-        if request_type == "loglikelihood":
-            keys: list[Any] = [args[0] for args in arguments]  # a question's choices stay together
-        else:
-            keys = list(range(len(arguments)))
-        costs = [float(sum(len(a) for a in args if isinstance(a, str))) for args in arguments]
-        shares = [s for s in split_work(keys, costs, len(self.actors))]
-        futures = [(share, actor.answer.remote(request_type, [arguments[i] for i in share]))
+    def _spread(self, method: str, batches: list, cost, *arguments: Any) -> dict[int, Any]:
+        refs = [ray.put(argument) for argument in arguments]
+        shares = assign([float(cost(b)) for b in batches], len(self.actors))
+        futures = [getattr(actor, method).remote(*refs, [batches[i] for i in share])
                    for actor, share in zip(self.actors, shares) if share]
-        results: list[Any] = [None] * len(arguments)
-        for share, future in futures:
-            for i, value in zip(share, ray.get(future)):
-                results[i] = value
-        for req, value in zip(requests, results):
-            self.cache_hook.add_partial(request_type, req.args, value)
+        results: dict[int, Any] = {}
+        for part in ray.get(futures):
+            results.update(part)
         return results
 
+    def _loglikelihood(self, encoded: list[tuple], shared: bool | None = None) -> dict[int, tuple[float, bool]]:
+        batches = self.planner.plan_loglikelihood(encoded, shared)
+        tokens = lambda batch: sum(len(encoded[i][1]) + len(encoded[i][2]) for i in _flat(batch[1]))  # noqa: E731
+        return self._spread("run_loglikelihood", batches, tokens, encoded)
+
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        return [tuple(v) for v in self._dispatch("loglikelihood", requests)]
+        encoded = self.planner.encode_loglikelihood([tuple(req.args) for req in requests])
+        results = self._loglikelihood(encoded)
+        out = [tuple(results[i]) for i in range(len(requests))]
+        for req, value in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood", req.args, value)
+        return out
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
-        return self._dispatch("loglikelihood_rolling", requests)
+        windows, owners = self.planner.rolling_windows([req.args[0] for req in requests])
+        scored = self._loglikelihood(windows, shared=False)
+        totals = [0.0] * len(requests)
+        for i, owner in enumerate(owners):
+            totals[owner] += scored[i][0]
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        return self._dispatch("generate_until", requests)
+        from raylm.eval.generation import plan_generation
 
-    def stats(self) -> list[dict[str, int]]:
-        return ray.get([actor.stats.remote() for actor in self.actors])
+        jobs = self.planner.generation_jobs([tuple(req.args) for req in requests], self.planner.max_gen_toks)
+        encoded, batches = plan_generation(self.planner, jobs)
+        cost = lambda batch: sum(len(encoded[i]) + jobs[i][2] for i in batch)  # noqa: E731
+        results = self._spread("run_generation", batches, cost, jobs, encoded)
+        out = [results[i] for i in range(len(requests))]
+        for req, text in zip(requests, out):
+            self.cache_hook.add_partial("generate_until", req.args, text)
+        return out
+
+    def stats(self) -> list[dict[str, Any]]:
+        return ray.get([actor.info.remote() for actor in self.actors])
 
     def shutdown(self) -> None:
         for actor in self.actors:

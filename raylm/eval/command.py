@@ -66,7 +66,9 @@ def run_eval_command(config: RaylmConfig, checkpoint_ref: str, overrides: dict[s
     init_ray(config.cluster)
     with tempfile.TemporaryDirectory(prefix="raylm-eval-") as scratch:
         out_dir = stage.fs_path() if workspace.is_local else scratch
-        settings.tasks = [t for t in settings.tasks if t != "bpb"] if val_split is None and "bpb" in settings.tasks else settings.tasks
+        if val_split is None and "bpb" in settings.tasks:
+            log.warning("eval: no curated val split for this config (run `raylm curate`): skipping bpb")
+            settings.tasks = [t for t in settings.tasks if t != "bpb"]
         if "bpb" in settings.tasks:
             settings.text_files = [*settings.text_files, val_text_file(val_split, settings.limit, scratch)]
             settings.tasks = [t for t in settings.tasks if t != "bpb"]

@@ -22,7 +22,8 @@ SAMPLE_SKIP = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps"
 def load_index(path: str | os.PathLike) -> dict[str, set[str]]:
     """The decontamination index: curation's loader when present, else a tolerant reader of its format.
 
-    Accepted here: a JSON object `{task: [item ids]}` (optionally under a `"tasks"` or `"contaminated"`
+    curation writes `{"ngram", "contaminated_documents", "tasks": {task: [item ids]}}`; a task it
+    does not list was not checked. Also accepted: a JSON object `{task: [item ids]}` (optionally under a `"tasks"` or `"contaminated"`
     key), a JSON list of item ids, or JSON lines `{"task", "item_id"}` / `{"item_id"}`; an item id's
     task is the part before its last `/` when no task is given.
     """
@@ -31,7 +32,10 @@ def load_index(path: str | os.PathLike) -> dict[str, set[str]]:
     except ImportError:
         load_contamination_index = None
     if load_contamination_index is not None:
-        return {task: set(ids) for task, ids in load_contamination_index(str(path)).items()}
+        try:
+            return {task: set(ids) for task, ids in load_contamination_index(str(path)).items()}
+        except (KeyError, TypeError, AttributeError, ValueError):
+            pass  # another layout of the same information: read it below
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     try:
@@ -98,9 +102,12 @@ def split_scores(samples: Iterable[dict[str, Any]], index: dict[str, set[str]] |
             if not dirty:
                 acc[2] += value
                 acc[3] += 1
-    out: dict[str, Any] = {"n_items": len(ids_all), "n_contaminated": len(ids_dirty),
-                           "n_clean": len(ids_all) - len(ids_dirty), "metrics": {}}
+    # A task the index does not list was not checked: its clean score is unknown, not "all items".
+    checked = bool(index) and any(isinstance(i, str) and i.rsplit("/", 1)[0] in index for i in ids_all)
+    out: dict[str, Any] = {"n_items": len(ids_all), "n_contaminated": len(ids_dirty) if checked else None,
+                           "n_clean": len(ids_all) - len(ids_dirty) if checked else None, "checked": checked,
+                           "metrics": {}}
     for key, (total, count, clean_total, clean_count) in sums.items():
         out["metrics"][key] = {"all": total / count if count else math.nan,
-                               "clean": clean_total / clean_count if clean_count else math.nan}
+                               "clean": clean_total / clean_count if clean_count and checked else math.nan}
     return out

@@ -61,23 +61,33 @@ def _greedy_cached(lm: "RaylmLM", contexts: list[list[int]], budgets: list[int],
     return greedy(lm.model, contexts, max_new_tokens=budgets, stop=stop, pad_id=lm.eot_token_id)
 
 
-def generate_texts(lm: "RaylmLM", jobs: list[tuple[str, list[str], int]]) -> list[str]:
-    """jobs: (context, stop sequences, max new tokens) -> generated text, cut at the first stop."""
-    outputs: list[str] = [""] * len(jobs)
+def plan_generation(lm: "RaylmLM", jobs: list[tuple[str, list[str], int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Each job's (left-truncated) context ids, and batches of job indices, longest contexts first."""
     encoded = []
     for context, _, max_new in jobs:
         room = max(1, lm.max_length - max_new)
-        tokens = lm.tok_encode(context)[-room:] or [lm.prefix_token_id]
-        encoded.append(tokens)
+        encoded.append(lm.tok_encode(context)[-room:] or [lm.prefix_token_id])
     order = sorted(range(len(jobs)), key=lambda i: -len(encoded[i]))
-    for start in range(0, len(order), lm.batch_size):
-        chunk = order[start:start + lm.batch_size]
+    return encoded, [order[s:s + lm.batch_size] for s in range(0, len(order), lm.batch_size)]
+
+
+def run_generation(lm: "RaylmLM", jobs: list[tuple[str, list[str], int]], encoded: list[list[int]],
+                   batches: list[list[int]]) -> dict[int, str]:
+    outputs: dict[int, str] = {}
+    for chunk in batches:
         contexts = [encoded[i] for i in chunk]
         budgets = [min(jobs[i][2], lm.max_length - len(encoded[i])) for i in chunk]
         until = [jobs[i][1] + [lm.tok_decode([lm.eot_token_id])] for i in chunk]  # like lm-eval's hf model
         generated = _greedy_cached(lm, contexts, budgets, until)
         if generated is None:
             generated = _greedy_recompute(lm, contexts, budgets, until)
-        for i, tokens in zip(chunk, generated):
-            outputs[i] = cut_at_stop(lm.tok_decode(tokens), until[chunk.index(i)])[0]
+        for i, stops, tokens in zip(chunk, until, generated):
+            outputs[i] = cut_at_stop(lm.tok_decode(tokens), stops)[0]
     return outputs
+
+
+def generate_texts(lm: "RaylmLM", jobs: list[tuple[str, list[str], int]]) -> list[str]:
+    """jobs: (context, stop sequences, max new tokens) -> generated text, cut at the first stop."""
+    encoded, batches = plan_generation(lm, jobs)
+    outputs = run_generation(lm, jobs, encoded, batches)
+    return [outputs[i] for i in range(len(jobs))]

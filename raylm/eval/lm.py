@@ -16,8 +16,8 @@ conversion step. It implements lm-eval's three request types:
   sequence (or `max_gen_toks`).
 
 lm-eval has no plugin hook for models, so its own CLI sees `raylm` after this module is imported:
-`python -m raylm.eval.lm --model raylm --model_args checkpoint=DIR --tasks ...` runs lm-eval's CLI
-with the model registered.
+`python -m raylm.eval --model raylm --model_args checkpoint=DIR --tasks ...` (or the `raylm-lm-eval`
+script) runs lm-eval's own CLI with the model registered.
 """
 
 from __future__ import annotations
@@ -34,11 +34,15 @@ from lm_eval.api.registry import register_model
 log = logging.getLogger("raylm")
 
 EOS = "<|eos|>"
+Batch = tuple[str, list]  # ("shared", [[request indices of one context], ...]) | ("plain", [request indices])
 
 
 def pick_device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %s requested (lm-eval's default) but CUDA is not available: using the CPU", device)
+        return torch.device("cpu")
     return torch.device(device)
 
 
@@ -80,7 +84,6 @@ class RaylmLM(TemplateLM):
                  max_gen_toks: int = 256, shared_context: bool = True, model: torch.nn.Module | None = None,
                  tokenizer_json: str | None = None, **_: Any):
         super().__init__()
-        from raylm.data.tokenizer import tokenizer_from_json
         from raylm.train.checkpoint import load_model, load_tokenizer_json, local_checkpoint
 
         self.device_ = pick_device(device)
@@ -94,15 +97,34 @@ class RaylmLM(TemplateLM):
             raise FileNotFoundError(f"checkpoint {checkpoint} has no tokenizer.json")
         self.checkpoint = checkpoint
         self.model = model.to(self.device_).eval()
+        self._setup(tokenizer_json, int(self.model.config.seq_len), batch_size, max_gen_toks)
+        self.shared_context = bool(shared_context) and str(shared_context).lower() != "false" \
+            and shared_context_supported(self.model)
+
+    def _setup(self, tokenizer_json: str, max_length: int, batch_size: int | str, max_gen_toks: int) -> None:
+        from raylm.data.tokenizer import tokenizer_from_json
+
         self.tokenizer = tokenizer_from_json(tokenizer_json)
         eos = self.tokenizer.token_to_id(EOS)
         self._eot = eos if eos is not None else 0
-        self.max_length = int(self.model.config.seq_len)
+        self.max_length = max_length
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_gen_toks = int(max_gen_toks)
-        self.shared_context = bool(shared_context) and str(shared_context).lower() != "false" \
-            and shared_context_supported(self.model)
         self.stats = {"forward_rows": 0, "forward_tokens": 0}
+
+    @classmethod
+    def planner(cls, checkpoint: str, batch_size: int, max_gen_toks: int, shared_context: bool) -> "RaylmLM":
+        """Tokenizer and batching only, no weights: the actor pool plans batches on the driver with it."""
+        from raylm.train.checkpoint import load_model_config, load_tokenizer_json, local_checkpoint
+
+        self = cls.__new__(cls)
+        TemplateLM.__init__(self)
+        with local_checkpoint(str(checkpoint)) as directory:
+            config, tokenizer_json = load_model_config(directory), load_tokenizer_json(directory)
+        self.checkpoint, self.model, self.device_ = checkpoint, None, torch.device("cpu")
+        self._setup(tokenizer_json, int(config.seq_len), batch_size, max_gen_toks)
+        self.shared_context = shared_context
+        return self
 
     # ---- tokenization -------------------------------------------------------------------------
     @property
@@ -181,70 +203,99 @@ class RaylmLM(TemplateLM):
             out.append(results)
         return out
 
-    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
-                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
+    # Every request type is planned into batches first (pure tokenizer work), then the batches run.
+    # The actor pool plans on the driver with the same code and sends whole batches to its actors,
+    # so every batch, hence every number, is the same as in one process.
+    def plan_loglikelihood(self, requests: list[tuple[Any, list[int], list[int]]],
+                           shared: bool | None = None) -> list[Batch]:
+        """Batches of request indices: ("shared", [[choices of one context], ...]) or ("plain", [i, ...])."""
+        shared = self.shared_context if shared is None else shared
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        plain: list[int] = []
-        for i, (_, context, continuation) in enumerate(requests):
+        for i, (_, context, _) in enumerate(requests):
             groups[tuple(context)].append(i)
-        shared = []
+        together, plain = [], []
         for context, members in groups.items():
             longest = max(len(requests[i][2]) for i in members)
-            if self.shared_context and len(context) + longest <= self.max_length + 1 and len(context) >= 1:
-                shared.append((list(context), members))
+            if shared and len(context) >= 1 and len(context) + longest <= self.max_length + 1:
+                together.append(members)
             else:
                 plain.extend(members)
-        shared.sort(key=lambda g: -(len(g[0]) + sum(len(requests[i][2]) for i in g[1])))
-        for start in range(0, len(shared), self.batch_size):
-            chunk = shared[start:start + self.batch_size]
-            scored = self._shared_rows([(context, [requests[i][2] for i in members]) for context, members in chunk])
-            for (_, members), values in zip(chunk, scored):
-                for i, value in zip(members, values):
-                    results[i] = value
+        together.sort(key=lambda m: -(len(requests[m[0]][1]) + sum(len(requests[i][2]) for i in m)))
         plain.sort(key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
-        for start in range(0, len(plain), self.batch_size):
-            chunk = plain[start:start + self.batch_size]
-            for i, value in zip(chunk, self._plain_rows([(requests[i][1], requests[i][2]) for i in chunk])):
-                results[i] = value
-        for i, value in enumerate(results):
-            if value is not None and requests[i][0] is not None:
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], value)
-        return results  # type: ignore[return-value]
+        return ([("shared", together[s:s + self.batch_size]) for s in range(0, len(together), self.batch_size)]
+                + [("plain", plain[s:s + self.batch_size]) for s in range(0, len(plain), self.batch_size)])
 
-    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+    def run_loglikelihood(self, requests: list[tuple[Any, list[int], list[int]]],
+                          batches: list[Batch]) -> dict[int, tuple[float, bool]]:
+        results: dict[int, tuple[float, bool]] = {}
+        for kind, members in batches:
+            if kind == "shared":
+                scored = self._shared_rows([(requests[m[0]][1], [requests[i][2] for i in m]) for m in members])
+                for group, values in zip(members, scored):
+                    results.update(zip(group, values))
+            else:
+                results.update(zip(members, self._plain_rows([(requests[i][1], requests[i][2]) for i in members])))
+        return results
+
+    def encode_loglikelihood(self, arguments: list[tuple[str, str]]) -> list[tuple[Any, list[int], list[int]]]:
+        """lm-eval's own context/continuation tokenization (TemplateLM.loglikelihood), without the scoring."""
+        encoded = []
+        for context, continuation in arguments:
+            if context == "":
+                ids = self.tok_encode(continuation)
+                pair = ([self.prefix_token_id], ids) if self.prefix_token_id != ids[0] else (ids[:1], ids[1:])
+            else:
+                pair = self._encode_pair(context, continuation)
+            encoded.append(((context, continuation), *pair))
+        return encoded
+
+    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
+                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        results = self.run_loglikelihood(requests, self.plan_loglikelihood(requests))
+        for i, request in enumerate(requests):
+            if request[0] is not None:
+                self.cache_hook.add_partial("loglikelihood", request[0], results[i])
+        return [results[i] for i in range(len(requests))]
+
+    def rolling_windows(self, texts: list[str]) -> tuple[list[tuple[None, list[int], list[int]]], list[int]]:
+        """lm-eval's disjoint rolling windows of every text, and the text each window belongs to."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
         windows, owners = [], []
-        for owner, (text,) in enumerate(req.args for req in requests):
+        for owner, text in enumerate(texts):
             for window in map(make_disjoint_window, get_rolling_token_windows(
                     token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
                     max_seq_len=self.max_length, context_len=1)):
                 windows.append((None, window[0], window[1]))
                 owners.append(owner)
+        return windows, owners
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        windows, owners = self.rolling_windows([req.args[0] for req in requests])
+        # Rolling windows never share a context: they all go the plain path.
+        scored = self.run_loglikelihood(windows, self.plan_loglikelihood(windows, shared=False))
         totals = [0.0] * len(requests)
-        # Rolling windows never share a context: score them on the plain path.
-        order = sorted(range(len(windows)), key=lambda i: -(len(windows[i][1]) + len(windows[i][2])))
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            for i, (logprob, _) in zip(chunk, self._plain_rows([(windows[i][1], windows[i][2]) for i in chunk])):
-                totals[owners[i]] += logprob
+        for i, owner in enumerate(owners):
+            totals[owner] += scored[i][0]
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
 
     # ---- generation -----------------------------------------------------------------------------
-    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        from raylm.eval.generation import generate_texts
-
+    @staticmethod
+    def generation_jobs(arguments: list[tuple[str, dict]], default_max: int) -> list[tuple[str, list[str], int]]:
         jobs = []
-        for req in requests:
-            context, kwargs = req.args
+        for context, kwargs in arguments:
             kwargs = dict(kwargs or {})
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            jobs.append((context, until, int(kwargs.get("max_gen_toks", self.max_gen_toks))))
-        outputs = generate_texts(self, jobs)
+            jobs.append((context, until, int(kwargs.get("max_gen_toks", default_max))))
+        return jobs
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        from raylm.eval.generation import generate_texts
+
+        outputs = generate_texts(self, self.generation_jobs([req.args for req in requests], self.max_gen_toks))
         for req, text in zip(requests, outputs):
             self.cache_hook.add_partial("generate_until", req.args, text)
         return outputs
@@ -256,7 +307,3 @@ def main() -> None:
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()

@@ -45,6 +45,7 @@ class EvalSettings:
     max_gen_toks: int = 256
     extra_tasks: list[dict[str, Any]] = field(default_factory=list)
     seed: int = 0
+    gen_kwargs: dict[str, Any] | None = None  # overrides every generation task's own (e.g. max_gen_toks)
 
     @classmethod
     def from_config(cls, section: Any, **overrides: Any) -> "EvalSettings":
@@ -132,6 +133,7 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
         evaluated = lm_eval.simple_evaluate(
             model=lm, tasks=lm_tasks, task_manager=task_manager, limit=settings.limit, num_fewshot=settings.num_fewshot,
             log_samples=True, confirm_run_unsafe_code=settings.allow_code_execution, bootstrap_iters=0,
+            gen_kwargs=settings.gen_kwargs,
             random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
             fewshot_random_seed=settings.seed)
         samples = evaluated.get("samples", {})
@@ -175,7 +177,8 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
         if index is not None:
             for key, value in entry["clean"].items():
                 results["metrics"][metric_name(task, key, clean=True)] = value
-            results["metrics"][f"{task}/n_contaminated"] = entry.get("n_contaminated", 0)
+            if entry.get("n_contaminated") is not None:
+                results["metrics"][f"{task}/n_contaminated"] = entry["n_contaminated"]
         results["metrics"][f"{task}/n_items"] = entry.get("n_items", 0)
     results["summary"] = summary_rows(results, index is not None)
     results["metrics"]["eval_seconds"] = time.perf_counter() - started

@@ -230,19 +230,10 @@ def _split_block(name: str) -> tuple[int, str]:
 
 
 def write_tokenizer_files(tokenizer_json: str, out_dir: str, model_max_length: int) -> None:
-    """`tokenizer.json` plus a `tokenizer_config.json` naming the fast tokenizer and its special tokens."""
-    from tokenizers import Tokenizer
+    """`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` (raylm.data.tokenizer's)."""
+    from raylm.data.tokenizer import save_tokenizer, tokenizer_from_json
 
-    tokenizer = Tokenizer.from_str(tokenizer_json)
-    with open(os.path.join(out_dir, "tokenizer.json"), "w") as handle:
-        handle.write(tokenizer_json)
-    specials = {key: token for key, token in SPECIAL_TOKENS.items() if tokenizer.token_to_id(token) is not None}
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
-                        "clean_up_tokenization_spaces": False, **specials}
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as handle:
-        json.dump(tokenizer_config, handle, indent=2)
-    with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as handle:
-        json.dump(specials, handle, indent=2)
+    save_tokenizer(tokenizer_from_json(tokenizer_json), out_dir, model_max_length)
 
 
 def export_hf(model: nn.Module, model_config: TransformerConfig | dict[str, Any], tokenizer_json: str | None,

@@ -107,21 +107,25 @@ def build_attention_mask(key_valid: torch.Tensor | None, q_len: int, k_len: int,
 
 
 class KVCache:
-    """Keys and values of every decoder layer, preallocated to `max_len`, plus the encoder-decoder's
-    cross-attention keys and values (computed once from the encoder output)."""
+    """Keys and values of every decoder layer, allocated at the first write to `max_len` positions
+    (in the dtype the layer produces, so autocast works), plus the encoder-decoder's cross-attention
+    keys and values (computed once from the encoder output)."""
 
     def __init__(self, n_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                  device=None, dtype=torch.float32):
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.shape = (batch, kv_heads, max_len, head_dim)
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.pos = 0
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is None:
+            self.keys[layer] = k.new_zeros(self.shape)
+            self.values[layer] = v.new_zeros(self.shape)
         end = self.pos + k.shape[2]
-        if end > self.keys[layer].shape[2]:
-            raise ValueError(f"KV cache of {self.keys[layer].shape[2]} positions is full")
+        if end > self.shape[2]:
+            raise ValueError(f"KV cache of {self.shape[2]} positions is full")
         self.keys[layer][:, :, self.pos:end] = k
         self.values[layer][:, :, self.pos:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
@@ -241,7 +245,10 @@ def init_weights(model: nn.Module, config: TransformerConfig) -> None:
     residual_std = config.init_std / math.sqrt(2 * layers)
     for name, param in model.named_parameters():
         if param.dim() < 2:
-            nn.init.zeros_(param) if name.endswith("bias") else nn.init.ones_(param)
+            if name.endswith("bias"):
+                nn.init.zeros_(param)
+            else:
+                nn.init.ones_(param)
             continue
         std = residual_std if name.endswith(("proj.weight", "ffn.down.weight")) else config.init_std
         nn.init.normal_(param, mean=0.0, std=std)

@@ -48,11 +48,19 @@ def seq2seq_split(rows: torch.Tensor, source_len: int) -> tuple[torch.Tensor, to
     return rows[:, :source_len], rows[:, source_len - 1:-1], rows[:, source_len:]
 
 
-def lm_batch(rows: torch.Tensor, config) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def lm_batch(rows: torch.Tensor, config, loss_mask: torch.Tensor | None = None,
+             ignore_id: int = -100) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(keyword inputs of the model's forward, targets) for a batch of packed rows, for either
-    architecture: `logits = model(**inputs)`, then `summed_loss(logits, targets, pad_id)`."""
+    architecture: `logits = model(**inputs)`, then `summed_loss(logits, targets, ignore_id)`.
+    `loss_mask` (aligned with the full rows; 1 = train on this token) sets the other targets to `ignore_id`."""
     if getattr(config, "arch", "decoder") == "encoder-decoder":
-        source, tokens, targets = seq2seq_split(rows, config.source_len)
-        return {"source": source, "tokens": tokens}, targets
-    inputs, targets = split_inputs_targets(rows)
-    return {"tokens": inputs}, targets
+        start = config.source_len
+        source, tokens, targets = seq2seq_split(rows, start)
+        inputs = {"source": source, "tokens": tokens}
+    else:
+        start = 1
+        tokens, targets = split_inputs_targets(rows)
+        inputs = {"tokens": tokens}
+    if loss_mask is not None:
+        targets = targets.masked_fill(loss_mask[:, start:] != 1, ignore_id)
+    return inputs, targets

@@ -89,3 +89,32 @@ def flops_per_token(config: TransformerConfig, seq_len: int | None = None) -> in
     decoder = (6 * target * config.n_layers * (m["block"] + m["cross_q_out"]) + 6 * source * config.n_layers * m["cross_kv"]
                + 6 * target * m["head"] + 12 * config.n_layers * target * (target + source) * d)
     return (encoder + decoder) // context
+
+
+def activation_elements_per_token(config: TransformerConfig, checkpointing: bool = False) -> dict[str, int]:
+    """Elements per token of a micro-batch held at the peak of a training step, by part.
+
+    From what each op of a block saves for the backward pass (checked against
+    `torch.autograd.graph.saved_tensors_hooks` on the built model): an RMSNorm keeps its input, the
+    normalised tensor and its output (3 d; LayerNorm 2 d), attention the fused q/k/v output (3 d, k and
+    v live on through views), the rotated q and k (2 d with RoPE), its output and the output
+    projection's input (2 d); the SwiGLU feed-forward the gate, its activation, the up projection and
+    their product (4 h; GELU / ReLU 2 h). The loss keeps the log-softmax (V); the peak comes at the
+    start of the backward pass, when its gradient and the logits' gradient exist too (3 V, fp32).
+    With activation checkpointing only each block's input (d) is kept; one block's tensors come back
+    while it is recomputed, after the loss's tensors are gone (`recompute`: what that adds to the peak).
+    """
+    d, h = config.d_model, config.hidden
+    norm = 3 * d if config.norm == "rmsnorm" else 2 * d
+    attention = norm + 3 * d + (2 * d if config.position == "rope" else 0) + 2 * d
+    feed_forward = norm + (4 * h if config.activation == "swiglu" else 2 * h)
+    block = attention + feed_forward
+    blocks = config.n_layers
+    extra = 0
+    if config.arch == "encoder-decoder":  # decoder blocks also hold a cross-attention (norm, q, k/v, out)
+        blocks += config.encoder_layers
+        extra = config.n_layers * (norm + 3 * d + 2 * d)
+    loss = 3 * config.vocab_size
+    if checkpointing:
+        return {"blocks": blocks * d, "final_norm": norm, "loss": loss, "recompute": max(0, block - loss)}
+    return {"blocks": blocks * block + extra, "final_norm": norm, "loss": loss, "recompute": 0}

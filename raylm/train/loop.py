@@ -119,7 +119,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from raylm.train.checkpoint import local_checkpoint
 
         with local_checkpoint(config["init_checkpoint"]) as directory:
-            load_training_state(directory, model, None, rank)
+            source = load_training_state(directory, model, None, rank)
+        expected = config.get("tokenizer_fingerprint")
+        if expected and source.get("tokenizer_fingerprint") not in (None, expected):
+            raise ValueError(f"--from {config['init_checkpoint']}: trained with tokenizer {source['tokenizer_fingerprint']}, "
+                             f"but this run's data is tokenized by {expected}")
     if config.get("finetune") is not None:
         from raylm.finetune import prepare_for_finetune
 
@@ -202,13 +206,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if mask is not None:
             targets = masked_targets(targets, torch.from_numpy(mask).to(device), pad_id)
         global_targets = max(_all_reduce([float((targets != pad_id).sum())], device)[0], 1.0)
-        step_loss = 0.0
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: one sync per step
         for index, start in enumerate(range(0, len(inputs), micro)):
             with gradient_sync(model, sync=index == accumulation - 1), autocast_context(device, bf16):
                 logits = model(inputs[start:start + micro])
                 loss_sum, _ = summed_loss(logits, targets[start:start + micro], pad_id)
                 (loss_sum * world / global_targets).backward()
-            step_loss += float(loss_sum.detach())
+            step_loss += loss_sum.detach().double()
         grad_norm = clip_gradients(model, train_cfg["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -216,7 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["step"] += 1
         state["data_position"] += global_batch
         state["tokens_seen"] += global_batch * seq_len
-        step_mean_loss = _all_reduce([step_loss], device)[0] / global_targets
+        step_mean_loss = _all_reduce([float(step_loss)], device)[0] / global_targets
         window["loss"] += step_mean_loss
         if logger:
             logger.log({"step_loss": step_mean_loss}, step=state["step"])
