@@ -182,8 +182,9 @@ class Pipeline:
         from raylm.data.curate import curate
         from raylm.data.tokenize import tokenize
 
-        data = DataConfig(sources=[SourceConfig(path=settings.data)], val_fraction=settings.val_fraction,
-                          seed=settings.seed, min_chars=self.config.data.min_chars)
+        # the experiment's curation settings (cleaning, quality, dedup, ...) on the fine-tuning source
+        data = DataConfig.model_validate({**self.config.data.model_dump(), "sources": [SourceConfig(path=settings.data)],
+                                          "val_fraction": settings.val_fraction, "seed": settings.seed})
         data_config = self.config.model_copy(update={"data": data})
         curate_stage = self.workspace.stage("finetune-curate", {"data": data.model_dump(mode="json"),
                                                                 "files": source_fingerprint(data_config)})
