@@ -11,10 +11,7 @@ and threshold (0.8). Reported, side by side:
    near-dedup (signatures, band shuffles, verification) against `MinHash` + `MinHashLSH`;
 3. raylm's near-dedup time at 1x, 2x, 4x and 8x the synthetic corpus.
 
-    PYTHONPATH=. python -m benchmarks.dedup [--docs 2000] [--cpus 2] [--no-gutenberg]
-
-(`-m`: run as a file, `benchmarks/` comes first on the path and its `tokenize.py` shadows the
-standard library module of that name.)
+    python benchmarks/dedup.py [--docs 2000] [--cpus 2] [--no-gutenberg]
 
 Ends with one line `dedup: key=value ...`.
 """

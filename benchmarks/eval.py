@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-# The repository, not benchmarks/, heads sys.path: benchmarks/tokenize.py must not shadow the stdlib.
+# The repository root first on sys.path, so `import raylm` works without an install.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
-# The repository root instead of this folder, whose tokenize.py would shadow the standard library's.
+# The repository root first on sys.path, so `import raylm` works without an install.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 

@@ -9,7 +9,7 @@ On the same documents (the Python standard library, or --corpus files):
 The tokenizer is trained (as the stage does) on the train part only; bytes per token are measured
 on the held-out part. Goal (issue 4): 2 workers >= 1.5x the single-process baseline on 2 cores.
 
-    python benchmarks/tokenize.py [--mb 6] [--vocab 4096] [--seq-len 256] [--packing greedy]
+    python benchmarks/tokenization.py [--mb 6] [--vocab 4096] [--seq-len 256] [--packing greedy]
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from __future__ import annotations
 import os
 import sys
 
-# The repository replaces benchmarks/ at the head of sys.path, so this file cannot shadow the
-# standard library's `tokenize` (which linecache, inspect and others import).
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository first on sys.path, so `import raylm` needs no install or PYTHONPATH.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
