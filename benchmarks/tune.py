@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+_HERE = os.path.dirname(os.path.abspath(__file__))  # keep benchmarks/ off sys.path: its tokenize.py shadows the stdlib
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 from raylm.config import validate_config  # noqa: E402
 from raylm.runtime import init_ray  # noqa: E402
