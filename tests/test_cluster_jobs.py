@@ -171,9 +171,13 @@ def cluster():
 
 def submit(cluster, submission_id: str, *args: str) -> tuple[str, str]:
     """`ray job submit` as the README writes it; returns (final status, logs)."""
-    submitted = cluster["ray"]("job", "submit", "--address", cluster["address"], "--submission-id", submission_id,
-                               "--working-dir", ".", "--runtime-env", str(cluster["runtime_env"]), "--",
-                               "python", *args, timeout=1200)
+    for _ in range(20):  # the head's job agent can come up after the node is alive
+        submitted = cluster["ray"]("job", "submit", "--address", cluster["address"], "--submission-id",
+                                   submission_id, "--working-dir", ".", "--runtime-env", str(cluster["runtime_env"]),
+                                   "--", "python", *args, timeout=1200)
+        if "No available agent to submit job" not in submitted.stdout + submitted.stderr:
+            break
+        time.sleep(6)
     shown = cluster["ray"]("job", "status", "--address", cluster["address"], submission_id)
     logs = cluster["ray"]("job", "logs", "--address", cluster["address"], submission_id)
     return shown.stdout + shown.stderr, submitted.stdout + submitted.stderr + logs.stdout + logs.stderr
