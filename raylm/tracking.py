@@ -73,7 +73,13 @@ class Tracker:
             os.environ["MLFLOW_TRACKING_URI"] = user_setting
         self.client = MlflowClient(self.uri)
         self.experiment_id = self._ensure_experiment()
+        user_experiment = os.environ.get("MLFLOW_EXPERIMENT_ID")
         mlflow.set_experiment(experiment_id=self.experiment_id)
+        # ...and the experiment id too, which would point a later store at an experiment it may lack.
+        if user_experiment is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = user_experiment
 
     def _ensure_experiment(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment_name)

@@ -25,6 +25,32 @@ CONFIGS = REPO / "configs"
 SHARED_DATA = Path(os.environ.get("RAYLM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+MLFLOW_ENV_AT_START = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow_state():
+    """Each test starts with MLflow's process-wide state as the session began: `mlflow.set_experiment`
+    and `set_tracking_uri` export MLFLOW_EXPERIMENT_ID / MLFLOW_TRACKING_URI and keep an active
+    experiment id, which would otherwise point a later test's fresh store at an experiment it lacks."""
+    import mlflow
+    import mlflow.tracking.fluent as fluent
+
+    saved = MLFLOW_ENV_AT_START
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    fluent._active_experiment_id = None  # noqa: SLF001 (no public reset exists)
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        if key not in saved:
+            del os.environ[key]
+    os.environ.update(saved)
+    mlflow.set_tracking_uri(None)
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:  # set_tracking_uri exports it again
+        if key not in saved:
+            del os.environ[key]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

@@ -16,7 +16,7 @@ from raylm.data.chat import (TEMPLATE_TOKENS, ChatDataError, chat_token_ids, con
                              pack_chat_batch, pack_conversations, read_chat_jsonl, render)
 from raylm.data.tokenizer import train_tokenizer
 from raylm.model import Transformer, TransformerConfig
-from raylm.train.data import masked_targets
+from raylm.model.loss import lm_batch
 
 TEXTS = ["What is the capital of France? The capital of France is Paris.",
          "Add two and three. Two plus three is five.", "Say hello. Hello there!"] * 20
@@ -136,7 +136,8 @@ def test_prompt_tokens_contribute_nothing_to_loss_or_gradient(tokenizer):
     tokens, mask = render(turns, tokenizer, ids)
     packed, masks, _ = pack_conversations([(tokens, mask)] * 2, seq_len=2 * len(tokens) + 4, pad_id=ids["pad"])
     rows, row_masks = torch.from_numpy(packed).long(), torch.from_numpy(masks)
-    labels = masked_targets(rows[:, 1:], row_masks, -100).numpy()  # what the training loop computes
+    _, labels = lm_batch(rows, None, loss_mask=row_masks, ignore_id=-100)  # what the training loop computes
+    labels = labels.numpy()
     counted = labels[labels != -100]
     assert tokenizer.decode(counted.tolist(), skip_special_tokens=False) == "Paris.<|end|>Paris.<|end|>"
 

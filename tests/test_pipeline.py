@@ -73,6 +73,20 @@ def test_checkpoint_exists_and_training_lowered_val_loss(finished_pipeline):
     assert metrics["val_loss"] < metrics["val_loss_initial"] - 0.5
 
 
+def test_encoder_decoder_trains_and_evaluates_through_the_same_stages(finished_pipeline):
+    """The guide's encoder-decoder learns prefix-to-continuation over the same packed data."""
+    overrides = ["--set", "model.arch=encoder-decoder", "--set", "model.n_layers=1", "--set", "train.max_steps=20"]
+    for stage in ("pretrain", "eval"):
+        assert main([stage, "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(finished_pipeline),
+                     *overrides]) == 0
+    _, runs = runs_by_name(finished_pipeline)
+    pretrain = [r for r in runs if r.info.run_name == "pretrain"][-1]
+    assert pretrain.data.params.get("model.arch", "encoder-decoder") == "encoder-decoder"
+    assert pretrain.data.metrics["val_loss"] < pretrain.data.metrics["val_loss_initial"] - 0.3
+    evaluation = [r for r in runs if r.info.run_name == "eval"][-1]
+    assert 0 < evaluation.data.metrics["val_bpb"] < 8
+
+
 def test_rerun_reuses_every_stage(finished_pipeline):
     assert main(["pipeline", "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(finished_pipeline)]) == 0
     _, runs = runs_by_name(finished_pipeline)

@@ -48,7 +48,10 @@ print(json.dumps({"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxr
 def measured_peak(model: TransformerConfig, micro_batch: int) -> int:
     """Peak resident memory a CPU training step adds to a fresh process. Large tensors are mmapped
     (MALLOC_MMAP_THRESHOLD_) so freed ones leave the resident set, as a device allocator's would."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    # A controlled environment, not the test session's (earlier tests export variables that change
+    # allocator and threading behaviour).
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "PYTHONPATH": str(REPO),
+           "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(model.to_dict()), str(micro_batch)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr

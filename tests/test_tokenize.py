@@ -295,10 +295,10 @@ def tracked_stage(ray_session, curated, tmp_path_factory):
     root = tmp_path_factory.mktemp("stage")
     manifest, _, _ = curated
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    mlflow.set_experiment("tokenize-test")  # this store's own experiment, whatever ran before
     with mlflow.start_run() as run:
         out = run_stage(root, manifest, seq_len=48, packing="greedy", batch_size=7)
-    yield out, run.info.run_id
-    mlflow.set_tracking_uri(None)
+    yield out, run.info.run_id, f"sqlite:///{root}/mlflow.db"
 
 
 @pytest.mark.slow
@@ -306,7 +306,8 @@ def test_stage_counts_match_shards_and_val_is_held_out(tracked_stage, curated):
     import mlflow
     from transformers import PreTrainedTokenizerFast
 
-    out, run_id = tracked_stage
+    out, run_id, tracking_uri = tracked_stage
+    mlflow.set_tracking_uri(tracking_uri)
     manifest, train, val = curated
     assert out["seq_len"] == 48 and out["packing"] == "greedy"
     assert (out["tokenizer"]["eos_id"], out["tokenizer"]["pad_id"], out["tokenizer"]["bos_id"]) == (1, 2, 0)
@@ -329,8 +330,11 @@ def test_stage_counts_match_shards_and_val_is_held_out(tracked_stage, curated):
 
 @pytest.mark.slow
 def test_stage_reuses_a_tokenizer_from_mlflow_or_a_folder_with_best_fit(tracked_stage, curated, tmp_path):
-    out, run_id = tracked_stage
+    import mlflow
+
+    out, run_id, tracking_uri = tracked_stage
     manifest, train, val = curated
+    mlflow.set_tracking_uri(tracking_uri)  # `runs:/` resolves against the current tracking store
     from_run = run_stage(tmp_path / "a", manifest, seq_len=48, path=f"runs:/{run_id}/tokenizer")
     assert from_run["tokenizer"]["fingerprint"] == out["tokenizer"]["fingerprint"]
     for split in ("train", "val"):  # sequences differ: one padded row per batch, and batch sizes differ

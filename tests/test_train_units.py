@@ -10,9 +10,9 @@ import torch
 
 from raylm.config import ConfigError, load_config
 from raylm.model import Transformer, TransformerConfig
-from raylm.model.loss import split_inputs_targets, summed_loss
+from raylm.model.loss import lm_batch, split_inputs_targets, summed_loss
 from raylm.train.checkpoint import CheckpointError, newest_good_checkpoint, save_checkpoint, verify_checkpoint
-from raylm.train.data import PackedSequences, masked_targets
+from raylm.train.data import PackedSequences
 from raylm.train.mfu import measure_matmul_flops, mfu, peak_flops
 from raylm.train.optim import build_optimizer
 from tests.train_helpers import SEQ_LEN, make_packed
@@ -42,7 +42,7 @@ def test_masked_targets_only_count_where_the_mask_is_one(masked_packed):
     rows, mask = data.worker_batch(0, 4, seed=0, rank=0, world=1)
     rows_t = torch.from_numpy(rows).long()
     _, targets = split_inputs_targets(rows_t)
-    masked = masked_targets(targets, torch.from_numpy(mask), pad)
+    _, masked = lm_batch(rows_t, None, loss_mask=torch.from_numpy(mask), ignore_id=pad)  # what the loop computes
     width = SEQ_LEN + 1
     # target j is token j+1: it counts iff loss_mask[j+1] == 1, i.e. j + 1 >= width // 2
     assert (masked[:, : width // 2 - 1] == pad).all()

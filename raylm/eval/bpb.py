@@ -12,8 +12,8 @@ from typing import Any
 import ray
 import torch
 
-from raylm.model.loss import bits_per_byte, loss_and_bytes, split_inputs_targets
-from raylm.train.checkpoint import load_model, load_tokenizer_json, local_checkpoint
+from raylm.model.loss import bits_per_byte, lm_batch, loss_and_bytes
+from raylm.train.checkpoint import load_model, load_model_config, load_tokenizer_json, local_checkpoint
 from raylm.train.data import PackedSequences
 
 
@@ -24,6 +24,7 @@ def evaluate_bpb(checkpoint: str, data_uri: str, pad_id: int, batch_size: int = 
 
     with local_checkpoint(checkpoint) as directory:
         model = load_model(directory)
+        model_config = load_model_config(directory)
         tokenizer_json = load_tokenizer_json(directory)
     if tokenizer_json is None:
         raise FileNotFoundError(f"checkpoint {checkpoint} has no tokenizer.json")
@@ -31,8 +32,8 @@ def evaluate_bpb(checkpoint: str, data_uri: str, pad_id: int, batch_size: int = 
     rows = PackedSequences(data_uri).rows[:limit]
     nll = count = nll_bytes = n_bytes = 0.0
     for start in range(0, len(rows), batch_size):
-        inputs, targets = split_inputs_targets(torch.from_numpy(rows[start:start + batch_size]).long())
-        a, b, c, d = loss_and_bytes(model(inputs), targets, pad_id, token_bytes)
+        inputs, targets = lm_batch(torch.from_numpy(rows[start:start + batch_size]).long(), model_config, ignore_id=pad_id)
+        a, b, c, d = loss_and_bytes(model(**inputs), targets, pad_id, token_bytes)
         nll, count, nll_bytes, n_bytes = nll + a, count + b, nll_bytes + c, n_bytes + d
     return {"val_loss": nll / max(count, 1), "val_bpb": bits_per_byte(nll_bytes, int(n_bytes)),
             "val_tokens": count, "val_bytes": n_bytes, "val_sequences": len(rows)}

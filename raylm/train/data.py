@@ -70,10 +70,3 @@ class PackedSequences:
         """This worker's rows of the global batch at `position`, and their loss mask (None: all count)."""
         index = self.worker_indices(position, batch_size, seed, rank, world)
         return self.rows[index], (None if self.mask is None else self.mask[index])
-
-
-def masked_targets(targets, loss_mask, ignore_id: int):
-    """Targets with positions whose `loss_mask` (aligned with the full row) is not 1 set to `ignore_id`."""
-    if loss_mask is None:
-        return targets
-    return targets.masked_fill(loss_mask[:, 1:] != 1, ignore_id)

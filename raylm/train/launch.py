@@ -115,8 +115,6 @@ def build_trainer(model: ModelConfig | TransformerConfig, train: TrainConfig, pa
         raise ValueError("the packed val split is empty: raise data.val_fraction or add data")
     tokenizer_json = read_text_uri(packed["tokenizer"]["path"])
     transformer = model_config_for(model, packed["tokenizer"]["vocab_size"], train.activation_checkpointing)
-    if transformer.arch != "decoder":
-        raise ValueError(f"model.arch = {transformer.arch!r}: pretraining trains decoder-only models")
     if transformer.seq_len != packed["seq_len"]:
         raise ValueError(f"model.seq_len {transformer.seq_len} differs from the packed seq_len {packed['seq_len']}")
     loop_config = {

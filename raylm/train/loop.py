@@ -30,10 +30,10 @@ import torch
 import torch.distributed as dist
 
 from raylm.model import TransformerConfig, build_model
-from raylm.model.loss import bits_per_byte, loss_and_bytes, split_inputs_targets, summed_loss
+from raylm.model.loss import bits_per_byte, lm_batch, loss_and_bytes, summed_loss
 from raylm.model.sizing import flops_per_token
 from raylm.train.checkpoint import CheckpointError, load_training_state, newest_good_checkpoint, save_checkpoint
-from raylm.train.data import PackedSequences, masked_targets
+from raylm.train.data import PackedSequences
 from raylm.train.mfu import mfu, peak_flops
 from raylm.train.optim import build_optimizer, learning_rate
 from raylm.train.parallel import clip_gradients, gradient_sync, wrap_model
@@ -56,19 +56,19 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, rows: np.ndarray, mask: np.ndarray | None, micro_batch: int, pad_id: int,
-             token_bytes: torch.Tensor, device: torch.device, bf16: bool = False) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, model_config: TransformerConfig, rows: np.ndarray, mask: np.ndarray | None,
+             micro_batch: int, pad_id: int, token_bytes: torch.Tensor, device: torch.device,
+             bf16: bool = False) -> dict[str, float]:
     """Val loss (nats per target token) and bits-per-byte over `rows`, summed across workers."""
     was_training = model.training
     model.eval()
     sums = [0.0, 0.0, 0.0, 0.0]
     for start in range(0, len(rows), micro_batch):
         batch = torch.from_numpy(rows[start:start + micro_batch]).long().to(device)
-        inputs, targets = split_inputs_targets(batch)
-        if mask is not None:
-            targets = masked_targets(targets, torch.from_numpy(mask[start:start + micro_batch]).to(device), pad_id)
+        batch_mask = None if mask is None else torch.from_numpy(mask[start:start + micro_batch]).to(device)
+        inputs, targets = lm_batch(batch, model_config, loss_mask=batch_mask, ignore_id=pad_id)
         with autocast_context(device, bf16):
-            logits = model(inputs)
+            logits = model(**inputs)
         for index, value in enumerate(loss_and_bytes(logits, targets, pad_id, token_bytes)):
             sums[index] += value
     nll, count, nll_bytes, n_bytes = _all_reduce(sums, device)
@@ -173,7 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             shutil.rmtree(directory, ignore_errors=True)
 
     def run_evaluation(track: bool = True) -> None:
-        figures = evaluate(model, val_rows, val_mask, micro, pad_id, token_bytes, device, bf16)
+        figures = evaluate(model, model_config, val_rows, val_mask, micro, pad_id, token_bytes, device, bf16)
         state.update(figures)
         if not track:  # the untrained baseline neither counts as best nor against patience
             return
@@ -202,14 +202,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             group["lr"] = lr
 
         rows, mask = train_data.worker_batch(state["data_position"], global_batch, train_cfg["seed"], rank, world)
-        inputs, targets = split_inputs_targets(torch.from_numpy(rows).long().to(device))
-        if mask is not None:
-            targets = masked_targets(targets, torch.from_numpy(mask).to(device), pad_id)
+        inputs, targets = lm_batch(torch.from_numpy(rows).long().to(device), model_config,
+                                   loss_mask=None if mask is None else torch.from_numpy(mask).to(device), ignore_id=pad_id)
         global_targets = max(_all_reduce([float((targets != pad_id).sum())], device)[0], 1.0)
         step_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: one sync per step
-        for index, start in enumerate(range(0, len(inputs), micro)):
+        for index, start in enumerate(range(0, len(targets), micro)):
             with gradient_sync(model, sync=index == accumulation - 1), autocast_context(device, bf16):
-                logits = model(inputs[start:start + micro])
+                logits = model(**{name: value[start:start + micro] for name, value in inputs.items()})
                 loss_sum, _ = summed_loss(logits, targets[start:start + micro], pad_id)
                 (loss_sum * world / global_targets).backward()
             step_loss += loss_sum.detach().double()
