@@ -129,10 +129,14 @@ def cluster():
                 "--ray-client-server-port", str(client), "--num-cpus", "2", "--temp-dir", str(root / "ray"),
                 "--disable-usage-stats"])
 
+        # The second node gets its own temp dir, as a second machine has its own disk. Sharing the head's,
+        # both nodes' runtime_env agents would unpack the job's working_dir into one folder: the second
+        # agent's unpack (rmtree, then extract) deletes the folder the job driver runs in, and the driver
+        # then dies importing torch (getcwd() fails: "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so").
         def start_node(attempt: int) -> subprocess.Popen:
             return processes.start(f"ray-node-{attempt}", [
                 str(BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{gcs}", "--node-ip-address",
-                "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"])
+                "127.0.0.1", "--num-cpus", "1", "--temp-dir", str(root / "ray2"), "--disable-usage-stats"])
 
         def alive_nodes() -> int:
             listed = ray_cli("list", "nodes", "--address", address, "--format", "json")
@@ -180,7 +184,16 @@ def submit(cluster, submission_id: str, *args: str) -> tuple[str, str]:
         time.sleep(6)
     shown = cluster["ray"]("job", "status", "--address", cluster["address"], submission_id)
     logs = cluster["ray"]("job", "logs", "--address", cluster["address"], submission_id)
-    return shown.stdout + shown.stderr, submitted.stdout + submitted.stderr + logs.stdout + logs.stderr
+    return job_status(shown.stdout + shown.stderr, submission_id), submitted.stdout + submitted.stderr + logs.stdout + logs.stderr
+
+
+def job_status(shown: str, submission_id: str) -> str:
+    """`ray job status` output with the final status first, as a JobStatus name: Ray writes a finished job's
+    status as "Job 'ID' succeeded" / "failed" / "was stopped", and any other as "Status for job 'ID': NAME"."""
+    for words, name in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("was stopped", "STOPPED")):
+        if f"Job '{submission_id}' {words}" in shown:
+            return f"{name}\n{shown}"
+    return shown
 
 
 @pytest.mark.slow
