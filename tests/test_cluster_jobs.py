@@ -110,6 +110,9 @@ def cluster():
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAYLM_WORKSPACE", "PYTHONPATH"):
         env.pop(name, None)
     gcs, dashboard, client, mlflow_port = free_port(), free_port(), free_port(), free_port()
+    # Each node's dashboard agent serves job submission on its own port (Ray's default, 52365, is one
+    # fixed port: a second cluster on the machine, or the second node here, would find it taken).
+    head_agent, node_agent = free_port(), free_port()
     processes = Processes(root, env)
     try:
         server = processes.start("mlflow", [
@@ -126,7 +129,8 @@ def cluster():
             return processes.start(f"ray-head-{attempt}", [
                 str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                "--ray-client-server-port", str(client), "--num-cpus", "2", "--temp-dir", str(root / "ray"),
+                "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(head_agent),
+                "--num-cpus", "2", "--temp-dir", str(root / "ray"),
                 "--disable-usage-stats"])
 
         # The second node gets its own temp dir, as a second machine has its own disk. Sharing the head's,
@@ -136,7 +140,8 @@ def cluster():
         def start_node(attempt: int) -> subprocess.Popen:
             return processes.start(f"ray-node-{attempt}", [
                 str(BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{gcs}", "--node-ip-address",
-                "127.0.0.1", "--num-cpus", "1", "--temp-dir", str(root / "ray2"), "--disable-usage-stats"])
+                "127.0.0.1", "--dashboard-agent-listen-port", str(node_agent), "--num-cpus", "1",
+                "--temp-dir", str(root / "ray2"), "--disable-usage-stats"])
 
         def alive_nodes() -> int:
             listed = ray_cli("list", "nodes", "--address", address, "--format", "json")
