@@ -21,16 +21,30 @@ from raylm.plan import make_plan, memory_per_worker, model_for
 from tests.conftest import CONFIGS, REPO
 
 MEASURE = """
-import json, os, resource, sys
+import json, sys, threading, time
 import torch
 torch.manual_seed(0)
 torch.set_num_threads(1)
 from raylm.model import TransformerConfig, build_model
 from raylm.model.loss import summed_loss
+
+def anonymous_resident_bytes():
+    # Anonymous memory only: tensors, not library pages (which the kernel may drop under pressure).
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("RssAnon:"))
+
 config = TransformerConfig.from_dict(json.loads(sys.argv[1]))
 micro = int(sys.argv[2])
-with open("/proc/self/statm") as handle:
-    base = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+base = anonymous_resident_bytes()
+peak, running = [base], [True]
+
+def watch():
+    while running[0]:
+        peak[0] = max(peak[0], anonymous_resident_bytes())
+        time.sleep(0.0002)
+
+watcher = threading.Thread(target=watch, daemon=True)
+watcher.start()
 model = build_model(config).train()
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
 rows = torch.randint(3, config.vocab_size, (micro, config.seq_len + 1))
@@ -41,7 +55,9 @@ for _ in range(3):
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-print(json.dumps({"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
+running[0] = False
+watcher.join()
+print(json.dumps({"peak_bytes": peak[0] - base}))
 """
 
 
