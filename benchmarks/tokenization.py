@@ -3,7 +3,8 @@
 On the same documents (the Python standard library, or --corpus files):
   - baseline: `Tokenizer.encode_batch` in this one process (its Rust thread pool on, the library's
     default), and the same with TOKENIZERS_PARALLELISM=false (one thread);
-  - ours: the stage's pass, `read_parquet -> map_batches(encode_and_pack) -> write_parquet`, with
+  - ours: the stage's own pass (`packed_dataset`: read_parquet -> blocks of batch_size documents ->
+    map_batches(encode_and_pack)) then write_parquet, with
     1 and 2 Ray Data workers (`concurrency`), one CPU each, batched encoding, packing and writing
     included.
 The tokenizer is trained (as the stage does) on the train part only; bytes per token are measured
@@ -30,8 +31,8 @@ import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
 from raylm.config import TokenizerConfig  # noqa: E402
-from raylm.data.pack import encode_and_pack  # noqa: E402
 from raylm.data.sources import list_stdlib_files  # noqa: E402
+from raylm.data.tokenize import packed_dataset  # noqa: E402
 from raylm.data.tokenizer import token_byte_lengths, train_tokenizer  # noqa: E402
 
 
@@ -52,11 +53,8 @@ def write_parquet_parts(texts: list[str], folder: Path, parts: int = 8) -> None:
 def ray_stage(source: Path, target: Path, tokenizer_json: str, seq_len: int, packing: str, workers: int,
               batch_size: int) -> tuple[float, int]:
     started = time.perf_counter()
-    packed = ray.data.read_parquet(str(source)).map_batches(
-        encode_and_pack, batch_format="pandas", batch_size=batch_size,
-        compute=ray.data.TaskPoolStrategy(size=workers),
-        fn_kwargs={"tokenizer_json": tokenizer_json, "seq_len": seq_len, "packing": packing, "threads": 1})
-    packed.write_parquet(str(target))
+    config = TokenizerConfig(packing=packing, batch_size=batch_size, concurrency=workers)
+    packed_dataset(str(source), tokenizer_json, seq_len, config).write_parquet(str(target))
     seconds = time.perf_counter() - started
     tokens = int(pq.read_table(str(target), columns=["n_tokens"]).column("n_tokens").to_numpy().sum())
     return seconds, tokens

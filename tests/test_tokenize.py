@@ -364,3 +364,15 @@ def test_empty_train_split_and_tokenizer_without_pad_fail_before_work(tmp_path, 
 
     with pytest.raises(ValueError, match=r"origin: the tokenizer has no '<\|eos\|>' token"):
         check_tokenizer(Tokenizer(models.BPE()), "origin")
+
+
+def test_packed_dataset_spreads_a_small_read_over_several_blocks(ray_session, curated, stdlib_tokenizer):
+    """Ray Data reads a few small parquet files as one block; the stage re-cuts it into blocks of
+    `batch_size` documents so that every tokenize worker gets work (one block kept one worker busy)."""
+    from raylm.data.tokenize import packed_dataset
+
+    manifest, train, _ = curated
+    config = TokenizerConfig(batch_size=5, concurrency=2)
+    packed = packed_dataset(manifest["outputs"]["train"], stdlib_tokenizer.to_str(), 48, config).materialize()
+    assert packed.num_blocks() >= len(train) // 5
+    assert sum(packed.to_pandas()["n_bytes"]) == sum(len(t.encode()) for t in train)

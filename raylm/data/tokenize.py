@@ -115,12 +115,20 @@ def save_stage_tokenizer(tokenizer: Tokenizer, stage: StageDir, seq_len: int) ->
     return stage.path(TOKENIZER_DIR, "tokenizer.json")
 
 
-def pack_split(source_uri: str, tokenizer_json: str, seq_len: int, config: TokenizerConfig,
-               stage: StageDir, split: str) -> dict[str, int]:
-    packed = ray.data.read_parquet(source_uri, columns=["text"]).map_batches(
+def packed_dataset(source_uri: str, tokenizer_json: str, seq_len: int, config: TokenizerConfig) -> ray.data.Dataset:
+    """The documents at `source_uri` encoded and packed, lazily. The read is re-cut into blocks of
+    `batch_size` documents as it streams: Ray Data reads small parquet files as one block, which
+    would leave every worker but one idle."""
+    return ray.data.read_parquet(source_uri, columns=["text"]).repartition(
+        target_num_rows_per_block=config.batch_size).map_batches(
         encode_and_pack, batch_format="pandas", batch_size=config.batch_size,
         compute=ray.data.TaskPoolStrategy(size=config.concurrency),
         fn_kwargs={"tokenizer_json": tokenizer_json, "seq_len": seq_len, "packing": config.packing, "threads": 1})
+
+
+def pack_split(source_uri: str, tokenizer_json: str, seq_len: int, config: TokenizerConfig,
+               stage: StageDir, split: str) -> dict[str, int]:
+    packed = packed_dataset(source_uri, tokenizer_json, seq_len, config)
     packed.write_parquet(stage.fs_path(split), filesystem=stage.fs,
                          min_rows_per_file=max(1, SHARD_BYTES // (4 * (seq_len + 1))))
     return count_packed(stage, split)
