@@ -3,10 +3,10 @@
 Training throughput: forward + backward tokens/s of raylm's modern decoder (RoPE, SwiGLU, RMSNorm)
 against `LlamaForCausalLM`, and of a GPT-2-style raylm decoder (learned positions, LayerNorm, GELU)
 against `GPT2LMHeadModel`; each pair has the same weights (the HF model is raylm's export), batch and
-sequence. Runs alternate between the two models and the median is reported, so a busy machine
-slows both alike. Generation: greedy tokens/s of raylm's decoder with and without its KV cache.
+sequence. Runs alternate between the two models (who goes first alternates too) and the median is
+reported, so a busy machine slows both alike. Generation: greedy tokens/s of raylm's decoder with and without its KV cache.
 
-    python benchmarks/model.py [--preset laptop] [--batch 8] [--seq 256] [--rounds 5] [--steps 3]
+    python benchmarks/model.py [--preset laptop] [--batch 8] [--seq 256] [--rounds 9] [--steps 3]
 
 Ends with one line: `model: key=value ...` (ratios > 1 mean raylm is faster).
 """
@@ -60,10 +60,13 @@ def compare(config, batch: int, seq: int, rounds: int, steps: int) -> tuple[floa
     their_forward = lambda t: theirs(t).logits  # noqa: E731
     for forward, model in ((our_forward, ours), (their_forward, theirs)):  # warm-up
         train_step_time(forward, list(model.parameters()), tokens, 1)
-    our_times, their_times = [], []
-    for _ in range(rounds):
-        our_times.append(train_step_time(our_forward, list(ours.parameters()), tokens, steps))
-        their_times.append(train_step_time(their_forward, list(theirs.parameters()), tokens, steps))
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    runs = {"ours": (our_forward, list(ours.parameters())), "theirs": (their_forward, list(theirs.parameters()))}
+    for round_index in range(rounds):  # who goes first alternates, so neither always meets a warmer cache
+        order = ("ours", "theirs") if round_index % 2 == 0 else ("theirs", "ours")
+        for name in order:
+            times[name].append(train_step_time(*runs[name], tokens, steps))
+    our_times, their_times = times["ours"], times["theirs"]
     tokens_per_step = batch * seq
     return tokens_per_step / statistics.median(our_times), tokens_per_step / statistics.median(their_times), type(theirs).__name__
 
@@ -86,7 +89,7 @@ def main() -> None:
     parser.add_argument("--preset", default="laptop")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--gen-batch", type=int, default=4)
     parser.add_argument("--gen-prompt", type=int, default=32)
