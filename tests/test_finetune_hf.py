@@ -116,3 +116,26 @@ def test_finetune_starts_from_a_hugging_face_folder(ray_light, tmp_path, hf_fold
         assert torch.allclose(base.eval()(tokens), hf(tokens).logits, atol=1e-4)
     tuned = load_model(manifest["checkpoint"])
     assert type(tuned) is Transformer and tuned.config.n_layers == 2
+
+
+def test_a_gpt2_folder_resolves_to_an_imported_base_with_the_folders_tokenizer(hf_folder, tmp_path):
+    with open(f"{hf_folder}/tokenizer.json") as handle:
+        tokenizer = handle.read()
+    from tokenizers import Tokenizer
+
+    config = TransformerConfig(vocab_size=Tokenizer.from_str(tokenizer).get_vocab_size(), d_model=32, n_layers=2,
+                               n_heads=2, seq_len=64, position="learned", norm="layernorm", activation="gelu",
+                               bias=True)
+    torch.manual_seed(1)
+    folder = export_hf(Transformer(config), config, tokenizer, str(tmp_path / "tiny-gpt2"))
+    base = resolve_base(folder, Workspace(str(tmp_path / "workspace")))
+    assert (base.kind, base.source, base.tokenizer_json) == ("hf", folder, tokenizer)
+    assert base.model_config["position"] == "learned" and base.model_config["n_layers"] == 2
+    model = load_model(base.checkpoint).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert hf.config.model_type == "gpt2"
+    tokens = torch.randint(0, config.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), hf(tokens).logits, atol=1e-4)
+    # a second resolve reuses the converted checkpoint (the finetune-base stage)
+    assert resolve_base(folder, Workspace(str(tmp_path / "workspace"))).checkpoint == base.checkpoint
