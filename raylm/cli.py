@@ -225,6 +225,10 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         from raylm.tune import check_sweep
 
         check_sweep(config)
+    if name == "finetune":  # a bad --from is refused before Ray starts or the workspace is touched
+        from raylm.train.finetune import check_base_source
+
+        check_base_source(args.base)
     force = tuple(name if f == "__self__" else f for f in args.force)
     pipeline = Pipeline(config, force=force)
     if name == "tune":

@@ -288,6 +288,7 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model")
     global_batch_tokens: int | None = Field(None, gt=0, description="tokens per optimizer step (overrides global_batch_size; a multiple of model.seq_len)")
     elastic_resize_interval_s: float = Field(10.0, gt=0, description="how often an elastic run checks for more workers")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs Ray reserves for each training worker (Ray's default: 1; 0 requested on GPU); a fraction such as 0.5 lets more workers than cores share a small machine")
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)

@@ -66,6 +66,8 @@ def test_unknown_section():
     ("data.val_fraction=1", "data.val_fraction", "less than 1"),
     ("train.workers=[3, 2]", "train.workers", "min workers (3) > max workers (2)"),
     ("train.workers=0", "train.workers", "workers must be >= 1"),
+    ("train.cpus_per_worker=0", "train.cpus_per_worker", "greater than 0"),
+    ("train.cpus_per_worker=half", "train.cpus_per_worker", "valid number"),
     ("tokenizer.path=/no/such/tokenizer.json", "tokenizer.path", "path does not exist: /no/such/tokenizer.json"),
     ("data.sources=[{path: /no/such/corpus}]", "data.sources[0].path", "path does not exist"),
     ("model.n_heads=3", "model", "divisible by n_heads"),

@@ -60,6 +60,14 @@ class Runs:
     def run_dir(self, run_name: str) -> Path:
         return self.folder / "runs" / run_name
 
+    def copy_run(self, source: str, target: str) -> Path:
+        """A copy of run folder `source` as run `target` (Ray's snapshot pointed at the copy's checkpoints)."""
+        source_dir, target_dir = self.run_dir(source), self.run_dir(target)
+        shutil.copytree(source_dir, target_dir)
+        snapshot = target_dir / "checkpoint_manager_snapshot.json"
+        snapshot.write_text(snapshot.read_text().replace(str(source_dir), str(target_dir)))
+        return target_dir
+
 
 @pytest.fixture(scope="module")
 def runs(ray_session, tmp_path_factory):
@@ -79,7 +87,9 @@ def ddp2(runs):
 
 @pytest.fixture(scope="module")
 def fsdp2(runs):
-    return runs.fit("fsdp2", workers=2, strategy="fsdp")
+    result = runs.fit("fsdp2", workers=2, strategy="fsdp")
+    runs.copy_run("fsdp2", "fsdp2-saved")  # as the 2 workers left it, whatever later tests add to "fsdp2"
+    return result
 
 
 def assert_curves_agree(a: dict[int, float], b: dict[int, float], tolerance: float) -> float:
@@ -127,13 +137,9 @@ def _offline_state(path: str):
     return state, model.state_dict(), optimizer.state_dict()
 
 
-def test_checkpoint_saved_by_two_workers_resumes_on_one(runs, fsdp2):
-    saved_path = fsdp2.checkpoint.path
-    # same run folder, one worker: Ray hands the 2-worker checkpoint to the new worker group
-    result = runs.fit("reshard", run_name="fsdp2", workers=1, strategy="fsdp")
-    assert result.metrics["restarts"] == 1 and result.metrics["workers"] == 1
-    assert result.checkpoint.path != saved_path and verify_checkpoint(result.checkpoint.path)["world_size"] == 1
-    before, after = _offline_state(saved_path), _offline_state(result.checkpoint.path)
+def assert_same_training_state(saved_path: str, resumed_path: str) -> None:
+    """Parameters, the trainer's step and AdamW's moments and step are bit-identical after resharding."""
+    before, after = _offline_state(saved_path), _offline_state(resumed_path)
     assert before[0]["step"] == after[0]["step"] == 20
     for name, tensor in before[1].items():
         assert torch.equal(tensor, after[1][name]), name
@@ -141,6 +147,31 @@ def test_checkpoint_saved_by_two_workers_resumes_on_one(runs, fsdp2):
         assert int(slot["step"]) == int(after[2]["state"][index]["step"]) == 20
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(slot[key], after[2]["state"][index][key]), (index, key)
+
+
+def test_checkpoint_saved_by_two_workers_resumes_on_one(runs, fsdp2):
+    saved_path = fsdp2.checkpoint.path
+    # same run folder, one worker: Ray hands the 2-worker checkpoint to the new worker group
+    result = runs.fit("reshard", run_name="fsdp2", workers=1, strategy="fsdp")
+    assert result.metrics["restarts"] == 1 and result.metrics["workers"] == 1
+    assert result.checkpoint.path != saved_path and verify_checkpoint(result.checkpoint.path)["world_size"] == 1
+    assert_same_training_state(saved_path, result.checkpoint.path)
+
+
+def test_checkpoint_saved_by_two_workers_resumes_on_three(runs, fsdp2):
+    # the 2-worker run folder, resumed by 3 FSDP2 workers (half a CPU each on the session's 2-CPU Ray):
+    # DCP reshards every parameter and optimizer moment from 2 shards to 3 uneven ones (32 rows: 11/11/10)
+    runs.copy_run("fsdp2-saved", "fsdp2-to-3")
+    saved_path = str(runs.run_dir("fsdp2-to-3") / Path(fsdp2.checkpoint.path).name)
+    assert verify_checkpoint(saved_path)["world_size"] == 2
+    result = runs.fit("reshard3", run_name="fsdp2-to-3", workers=3, strategy="fsdp", cpus_per_worker=0.5)
+    assert result.metrics["restarts"] == 1 and result.metrics["workers"] == 3
+    assert result.metrics["resumed_from_step"] == 20 and result.metrics["step"] == 20
+    state = verify_checkpoint(result.checkpoint.path)
+    assert result.checkpoint.path != saved_path and state["world_size"] == 3
+    assert sorted(p.name for p in Path(result.checkpoint.path).glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp", "__2_0.distcp"]
+    assert_same_training_state(saved_path, result.checkpoint.path)
 
 
 def test_corrupted_newest_checkpoint_is_refused_and_the_previous_used(runs, ddp1):

@@ -102,14 +102,101 @@ def _from_checkpoint(directory: str, kind: str, source: str, run_id: str | None 
                 mlflow_run_id=run_id or _stage_run_id(directory))
 
 
-def _from_hf(folder: str, workspace: Workspace) -> Base:
+def _safetensors_shapes(folder: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the folder's safetensors headers (no weights read)."""
+    from safetensors import safe_open
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        others = sorted(n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        raise FileNotFoundError("no model.safetensors or model.safetensors.index.json"
+                                + (f" (found {', '.join(others)}: raylm reads safetensors only, never pickles)" if others else ""))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        with safe_open(os.path.join(folder, name), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def check_hf_folder(folder: str) -> TransformerConfig:
+    """Refuse, naming the folder, a Hugging Face folder raylm cannot fine-tune from, before any work: its
+    `config.json` must describe a Llama or GPT-2 model `raylm.model.hf.import_hf` converts, its
+    safetensors must hold every weight that model needs in the right shape (headers only are read), and
+    it must carry the tokenizer (`tokenizer.json`) the fine-tuning data is tokenized with."""
+    from raylm.model.hf import ExportError, config_from_hf, from_hf_state_dict
+    from raylm.model.transformer import Transformer
+
+    def refuse(reason: str) -> BaseModelError:
+        return BaseModelError(f"--from {folder}: not a Hugging Face model folder raylm can fine-tune from: {reason}")
+
     try:
-        from raylm.model.hf import import_hf
-    except ImportError as error:
-        raise BaseModelError(f"--from {folder}: a Hugging Face folder needs raylm.model.hf.import_hf ({error})") from None
+        hf = _read_json(os.path.join(folder, "config.json"))
+    except (OSError, ValueError) as error:
+        raise refuse(f"config.json is unreadable ({error})") from None
+    if not isinstance(hf, dict):
+        raise refuse("config.json is not a JSON object")
+    try:
+        config = config_from_hf(hf)
+    except ExportError as error:
+        raise refuse(f"{error} (architectures: {hf.get('architectures')})") from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise refuse(f"config.json of model_type {hf.get('model_type')!r} lacks or mangles {error}") from None
+    try:
+        shapes = _safetensors_shapes(folder)
+    except Exception as error:  # noqa: BLE001 - a missing or corrupt weights file
+        raise refuse(f"weights: {error}") from None
+    with torch.device("meta"):
+        template = Transformer(config).state_dict()
+        try:
+            state = from_hf_state_dict({k: torch.empty(v) for k, v in shapes.items()}, config, hf["model_type"])
+        except ExportError as error:
+            raise refuse(str(error)) from None
+        except (RuntimeError, ValueError) as error:  # a tensor too small to split or concatenate
+            raise refuse(f"weights do not fit config.json ({error})") from None
+        except KeyError as error:
+            raise refuse(f"weights missing from the folder: {error}") from None
+    wrong = [f"{name} {tuple(state[name].shape)} (expected {tuple(tensor.shape)})"
+             for name, tensor in template.items() if tuple(state[name].shape) != tuple(tensor.shape)]
+    if wrong:
+        raise refuse(f"weights do not fit config.json: {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
     tokenizer_file = os.path.join(folder, "tokenizer.json")
     if not os.path.exists(tokenizer_file):
-        raise BaseModelError(f"--from {folder}: the Hugging Face folder has no tokenizer.json")
+        raise refuse("no tokenizer.json (fine-tuning tokenizes its data with the base's own tokenizer)")
+    from tokenizers import Tokenizer
+
+    try:
+        tokens = Tokenizer.from_file(tokenizer_file).get_vocab_size()
+    except Exception as error:  # noqa: BLE001 - the tokenizers library's parse errors
+        raise refuse(f"tokenizer.json does not load ({error})") from None
+    if tokens > config.vocab_size:
+        raise refuse(f"tokenizer.json has {tokens} tokens but config.json vocab_size is {config.vocab_size}")
+    return config
+
+
+def is_hf_folder(path: str) -> bool:
+    """A folder `resolve_base` treats as a Hugging Face model: config.json, not a raylm checkpoint or stage."""
+    return (os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
+            and not os.path.exists(os.path.join(path, MODEL_CONFIG))
+            and not os.path.exists(os.path.join(path, "manifest.json")))
+
+
+def check_base_source(source: str) -> None:
+    """The checks on `--from` that need neither Ray nor the workspace (the CLI runs them first)."""
+    path = os.path.abspath(os.path.expanduser(source.removeprefix("file://")))
+    if is_hf_folder(path):
+        check_hf_folder(path)
+
+
+def _from_hf(folder: str, workspace: Workspace) -> Base:
+    from raylm.model.hf import import_hf
+
+    check_hf_folder(folder)
+    tokenizer_file = os.path.join(folder, "tokenizer.json")
     files = sorted(name for name in os.listdir(folder) if not name.startswith("."))
     stamp = {name: os.stat(os.path.join(folder, name)).st_size for name in files}
     stage = workspace.stage("finetune-base", {"hf_folder": os.path.abspath(folder), "files": stamp})

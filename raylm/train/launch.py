@@ -58,6 +58,8 @@ def scaling_config(train: TrainConfig) -> ScalingConfig:
     extra = {}
     if not isinstance(workers, int):
         extra["elastic_resize_monitor_interval_s"] = train.elastic_resize_interval_s
+    if train.cpus_per_worker is not None:
+        extra["resources_per_worker"] = {"CPU": train.cpus_per_worker}  # Ray adds GPU: 1 when use_gpu
     return ScalingConfig(num_workers=workers, use_gpu=use_gpu, **extra)
 
 
