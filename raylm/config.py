@@ -253,7 +253,12 @@ class ModelConfig(Section):
     bias: bool = Field(False, description="biases in linear layers and LayerNorm")
     init_std: float = Field(0.02, gt=0, description="std of the normal init; residual projections get / sqrt(2 * layers)")
     activation_checkpointing: bool = Field(False, description="recompute each block in the backward pass to save memory")
-    source_fraction: float = Field(0.5, gt=0, lt=1, description="encoder-decoder: share of each packed row used as the source")
+    source_fraction: float = Field(0.5, gt=0, lt=1, description="encoder-decoder, prefix objective: share of each packed row used as the source")
+    seq2seq_objective: Literal["prefix", "span_corruption"] = Field(
+        "prefix", description="encoder-decoder training objective: prefix (to continuation) or span_corruption (T5); "
+                              "evaluation stays on prefix")
+    noise_density: float = Field(0.15, gt=0, lt=1, description="span corruption: share of each row's tokens dropped into spans")
+    mean_span_length: float = Field(3.0, ge=1, description="span corruption: mean length of a dropped span")
 
     @model_validator(mode="before")
     @classmethod
@@ -276,6 +281,12 @@ class ModelConfig(Section):
             raise ValueError(f"head size d_model / n_heads = {self.d_model // self.n_heads} must be even for RoPE")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+        if self.seq2seq_objective == "span_corruption":
+            from raylm.model.config import span_corruption_problems
+
+            problems = span_corruption_problems(self.arch, self.seq_len, None, self.noise_density, self.mean_span_length)
+            if problems:
+                raise ValueError("; ".join(problems))
         return self
 
 

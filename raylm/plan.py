@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from raylm.config import RaylmConfig
@@ -60,13 +60,14 @@ def gpu_table(config: RaylmConfig) -> dict[str, GpuType]:
 
 def model_for(config: RaylmConfig) -> TransformerConfig:
     """The model the trainer would build: the model section, with the preset's vocabulary when a preset
-    names one and the tokenizer's otherwise."""
+    names one and the tokenizer's otherwise (plus span corruption's sentinel ids)."""
     section = config.model.model_dump(mode="json")
     vocab = config.tokenizer.vocab_size
     if config.model.preset:
         vocab = PRESETS[config.model.preset].get("vocab_size", vocab)
     known = set(TransformerConfig.__dataclass_fields__)
-    return TransformerConfig.from_dict({**{k: v for k, v in section.items() if k in known}, "vocab_size": vocab})
+    model = TransformerConfig.from_dict({**{k: v for k, v in section.items() if k in known}, "vocab_size": vocab})
+    return replace(model, vocab_size=vocab + model.span_sentinels) if model.span_sentinels else model
 
 
 @dataclass

@@ -87,6 +87,21 @@ def test_encoder_decoder_trains_and_evaluates_through_the_same_stages(finished_p
     assert 0 < evaluation.data.metrics["val_bpb"] < 8
 
 
+def test_encoder_decoder_trains_by_span_corruption_and_evaluates_on_prefix(finished_pipeline):
+    """T5's span corruption through the trainer: the sentinels sit above the tokenizer's vocabulary."""
+    overrides = ["--set", "model.arch=encoder-decoder", "--set", "model.n_layers=1", "--set", "train.max_steps=20",
+                 "--set", "model.seq2seq_objective=span_corruption"]
+    for stage in ("pretrain", "eval"):
+        assert main([stage, "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(finished_pipeline),
+                     *overrides]) == 0
+    _, runs = runs_by_name(finished_pipeline)
+    pretrain = [r for r in runs if r.info.run_name == "pretrain"][-1]
+    assert pretrain.data.params.get("model.seq2seq_objective", "span_corruption") == "span_corruption"
+    assert pretrain.data.metrics["val_loss"] < pretrain.data.metrics["val_loss_initial"]
+    evaluation = [r for r in runs if r.info.run_name == "eval"][-1]
+    assert 0 < evaluation.data.metrics["val_bpb"] < 10
+
+
 def test_rerun_reuses_every_stage(finished_pipeline):
     assert main(["pipeline", "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(finished_pipeline)]) == 0
     _, runs = runs_by_name(finished_pipeline)

@@ -1,7 +1,9 @@
 """Held-out loss and bits-per-byte of a checkpoint on packed sequences.
 
 Bits-per-byte divides the summed next-token loss (in bits) by the bytes of text the target tokens
-stand for, so models with different tokenizers can be compared. The computation runs in a Ray task,
+stand for, so models with different tokenizers can be compared. An encoder-decoder is measured on the
+prefix objective whatever it trained on (`model.seq2seq_objective`): span corruption's targets are
+sentinels and isolated spans, not the next text token, so their loss is not a bits-per-byte figure. The computation runs in a Ray task,
 next to the data, and returns three numbers.
 """
 
@@ -32,7 +34,8 @@ def evaluate_bpb(checkpoint: str, data_uri: str, pad_id: int, batch_size: int = 
     rows = PackedSequences(data_uri).rows[:limit]
     nll = count = nll_bytes = n_bytes = 0.0
     for start in range(0, len(rows), batch_size):
-        inputs, targets = lm_batch(torch.from_numpy(rows[start:start + batch_size]).long(), model_config, ignore_id=pad_id)
+        inputs, targets = lm_batch(torch.from_numpy(rows[start:start + batch_size]).long(), model_config, ignore_id=pad_id,
+                                   objective="prefix")
         a, b, c, d = loss_and_bytes(model(**inputs), targets, pad_id, token_bytes)
         nll, count, nll_bytes, n_bytes = nll + a, count + b, nll_bytes + c, n_bytes + d
     return {"val_loss": nll / max(count, 1), "val_bpb": bits_per_byte(nll_bytes, int(n_bytes)),

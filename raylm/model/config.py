@@ -7,7 +7,13 @@ rotary), feed-forward activation (ReLU, GELU, SwiGLU), norm (LayerNorm, RMSNorm)
 tying, and the architecture (`decoder` or `encoder-decoder`). The defaults are a modern decoder:
 RoPE, SwiGLU, RMSNorm, pre-norm, no biases, tied embeddings.
 
-The presets fill in sizes; `vocab_size` is normally replaced by the trained tokenizer's.
+The presets fill in sizes; `vocab_size` is normally replaced by the trained tokenizer's (plus the
+sentinel ids span corruption reserves on top of it, see `span_sentinels`).
+
+The encoder-decoder trains on one of two sequence-to-sequence objectives over the packed rows
+(`seq2seq_objective`): `prefix` (the first `source_fraction` of a row is the source, the rest the
+target) or `span_corruption` (T5: `noise_density` of the tokens, in spans of mean length
+`mean_span_length`, are replaced by sentinels in the source and are the target); see loss.py.
 """
 
 from __future__ import annotations
@@ -21,6 +27,41 @@ POSITIONS = ("rope", "learned", "sinusoidal")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 NORMS = ("rmsnorm", "layernorm")
 NORM_POSITIONS = ("pre", "post")
+SEQ2SEQ_OBJECTIVES = ("prefix", "span_corruption")
+
+
+def span_counts(row_len: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) that span corruption drops from every packed row of `row_len` tokens.
+    The counts are the same for every row (as in T5), so corrupted batches stack without padding."""
+    noise = min(max(round(row_len * noise_density), 1), row_len - 1)
+    spans = min(max(round(noise / mean_span_length), 1), noise)
+    return noise, spans
+
+
+def span_corruption_problems(arch: str, seq_len: int, vocab_size: int | None, noise_density: float,
+                             mean_span_length: float) -> list[str]:
+    """Why `seq2seq_objective = "span_corruption"` cannot work for these settings (empty: it can)."""
+    problems = []
+    if arch != "encoder-decoder":
+        return [f"model.seq2seq_objective = 'span_corruption' needs model.arch = 'encoder-decoder', got {arch!r}"]
+    if not 0 < noise_density < 1:
+        problems.append(f"model.noise_density = {noise_density}: expected a number in (0, 1)")
+    if not mean_span_length >= 1:
+        problems.append(f"model.mean_span_length = {mean_span_length}: expected a number >= 1")
+    if problems:
+        return problems
+    row = seq_len + 1
+    noise, spans = span_counts(row, noise_density, mean_span_length)
+    source, target = row - noise + spans, noise + spans
+    if source > seq_len or target > seq_len:
+        problems.append(f"model.noise_density = {noise_density}, model.mean_span_length = {mean_span_length}: span "
+                        f"corruption of a row of seq_len + 1 = {row} tokens drops {noise} tokens in {spans} spans, "
+                        f"giving a source of {source} and a target of {target} tokens; both must fit model.seq_len = "
+                        f"{seq_len} (drop more tokens than spans: raise noise_density or mean_span_length)")
+    if vocab_size is not None and vocab_size <= spans:
+        problems.append(f"model.vocab_size = {vocab_size} cannot hold the {spans} sentinel ids that "
+                        f"model.seq2seq_objective = 'span_corruption' reserves at its top")
+    return problems
 
 
 @dataclass
@@ -45,7 +86,10 @@ class TransformerConfig:
     bias: bool = False
     init_std: float = 0.02
     activation_checkpointing: bool = False
-    source_fraction: float = 0.5  # encoder-decoder: share of a packed row that is the source
+    source_fraction: float = 0.5  # encoder-decoder, prefix objective: share of a packed row that is the source
+    seq2seq_objective: str = "prefix"  # encoder-decoder training: "prefix" (to continuation) or "span_corruption"
+    noise_density: float = 0.15  # span corruption: share of each row's tokens dropped from the source
+    mean_span_length: float = 3.0  # span corruption: mean length of a dropped span
     preset: str | None = None  # the preset the sizes came from (a label only)
 
     def __post_init__(self) -> None:
@@ -62,6 +106,12 @@ class TransformerConfig:
             problems.append(f"model.n_kv_heads = {self.n_kv_heads}: must divide model.n_heads = {self.n_heads}")
         if not 0 < self.source_fraction < 1:
             problems.append(f"model.source_fraction = {self.source_fraction}: expected a number in (0, 1)")
+        if self.seq2seq_objective not in SEQ2SEQ_OBJECTIVES:
+            problems.append(f"model.seq2seq_objective = {self.seq2seq_objective!r}: expected one of "
+                            f"{', '.join(SEQ2SEQ_OBJECTIVES)}")
+        elif self.seq2seq_objective == "span_corruption":
+            problems += span_corruption_problems(self.arch, self.seq_len, self.vocab_size, self.noise_density,
+                                                 self.mean_span_length)
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -89,6 +139,14 @@ class TransformerConfig:
     def source_len(self) -> int:
         """Encoder-decoder: source tokens of a packed row of seq_len + 1 tokens (the rest is the target)."""
         return max(1, min(self.seq_len - 1, round(self.seq_len * self.source_fraction)))
+
+    @property
+    def span_sentinels(self) -> int:
+        """Span corruption: sentinel ids reserved at the top of the vocabulary (0 for the prefix objective).
+        Sentinel i (marking the i-th dropped span of a row) is `vocab_size - 1 - i`, as T5's extra ids."""
+        if self.seq2seq_objective != "span_corruption":
+            return 0
+        return span_counts(self.seq_len + 1, self.noise_density, self.mean_span_length)[1]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,8 +6,9 @@ target. Source and target share one vocabulary, one token embedding and, optiona
 With `position="sinusoidal"`, `activation="relu"`, `norm="layernorm"`, `norm_position="post"`,
 `d_model=512, ffn_hidden=2048, n_heads=8, n_layers=6` it is the guide's (and Vaswani et al.'s) model.
 
-Trained on packed rows by `seq2seq_batch` (loss.py): the first `source_len` tokens are the source, the
-decoder predicts the continuation (prefix-to-continuation). For generation the encoder runs once and
+Trained on packed rows by `lm_batch` (loss.py): by default the first `source_len` tokens are the source,
+the decoder predicts the continuation (prefix-to-continuation); `seq2seq_objective="span_corruption"`
+trains T5's way instead (span_corruption.py). For generation the encoder runs once and
 its keys and values sit in the cache (`KVCache.cross`) next to the decoder's own.
 """
 

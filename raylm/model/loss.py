@@ -48,11 +48,27 @@ def seq2seq_split(rows: torch.Tensor, source_len: int) -> tuple[torch.Tensor, to
     return rows[:, :source_len], rows[:, source_len - 1:-1], rows[:, source_len:]
 
 
-def lm_batch(rows: torch.Tensor, config, loss_mask: torch.Tensor | None = None,
-             ignore_id: int = -100) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def lm_batch(rows: torch.Tensor, config, loss_mask: torch.Tensor | None = None, ignore_id: int = -100,
+             objective: str | None = None, seeds=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(keyword inputs of the model's forward, targets) for a batch of packed rows, for either
     architecture: `logits = model(**inputs)`, then `summed_loss(logits, targets, ignore_id)`.
-    `loss_mask` (aligned with the full rows; 1 = train on this token) sets the other targets to `ignore_id`."""
+    `loss_mask` (aligned with the full rows; 1 = train on this token) sets the other targets to `ignore_id`.
+
+    The encoder-decoder's objective is `objective`, else `config.seq2seq_objective`: `prefix`
+    (`seq2seq_split`) or `span_corruption` (span_corruption.py; `seeds`, one per row, fix where the
+    spans fall; default 0..batch-1). Evaluation passes `objective="prefix"`: bits-per-byte needs every
+    target to be the next text token, and the prefix figure compares with the decoder's and across runs."""
+    objective = objective or getattr(config, "seq2seq_objective", "prefix")
+    if getattr(config, "arch", "decoder") == "encoder-decoder" and objective == "span_corruption":
+        from raylm.model.span_corruption import span_corrupt
+
+        corrupted = span_corrupt(rows, config.vocab_size, config.noise_density, config.mean_span_length, seeds)
+        targets = corrupted.targets
+        if loss_mask is not None:  # a sentinel counts when its span's first token does
+            targets = targets.masked_fill(loss_mask.gather(1, corrupted.target_positions) != 1, ignore_id)
+        return {"source": corrupted.source, "tokens": corrupted.decoder_inputs}, targets
+    if objective not in ("prefix", "span_corruption"):
+        raise ValueError(f"model.seq2seq_objective = {objective!r}: expected one of prefix, span_corruption")
     if getattr(config, "arch", "decoder") == "encoder-decoder":
         start = config.source_len
         source, tokens, targets = seq2seq_split(rows, start)

@@ -38,15 +38,19 @@ def model_config_for(model: ModelConfig | TransformerConfig, vocab_size: int,
                      activation_checkpointing: bool = False) -> TransformerConfig:
     """The model's config for a tokenizer of `vocab_size` tokens.
 
-    From the `model` config section the vocabulary is the tokenizer's; a ready `TransformerConfig`
+    From the `model` config section the vocabulary is the tokenizer's (plus, for span corruption, the
+    sentinel ids on top, which the tokenizer never produces); a ready `TransformerConfig`
     (a preset, say) keeps a larger vocabulary (e.g. GPT-2's 50257, rows the tokenizer never uses).
     """
     if isinstance(model, TransformerConfig):
-        if model.vocab_size < vocab_size:
-            raise ValueError(f"model vocab_size {model.vocab_size} is smaller than the tokenizer's {vocab_size}")
+        if model.vocab_size - model.span_sentinels < vocab_size:
+            sentinels = f" plus the {model.span_sentinels} span-corruption sentinels (model.seq2seq_objective)" \
+                if model.span_sentinels else ""
+            raise ValueError(f"model vocab_size {model.vocab_size} is smaller than the tokenizer's {vocab_size}{sentinels}")
         data = model.to_dict()
     else:
         data = {**model.model_dump(mode="json"), "vocab_size": vocab_size}
+        data["vocab_size"] += TransformerConfig.from_dict(data).span_sentinels  # T5's extra ids, above the tokenizer's
     if activation_checkpointing:
         data["activation_checkpointing"] = True
     return TransformerConfig.from_dict(data)

@@ -13,6 +13,8 @@ Loop config contract (see `launch.build_trainer`): reports carry at least `loss,
 lr, step, tokens_seen`; `init_checkpoint` loads model weights only; a `finetune` key calls
 `raylm.finetune.prepare_for_finetune(model, config["finetune"])` before wrapping, and the optimizer
 takes only parameters with `requires_grad`; shards with a `loss_mask` column count only masked-in targets.
+An encoder-decoder trains on `model.seq2seq_objective`; span corruption seeds each row from (train.seed,
+its position in the data stream), so resuming, or another worker count, corrupts the same rows alike.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.distributed as dist
 from raylm.model import TransformerConfig, build_model
 from raylm.model.loss import bits_per_byte, lm_batch, loss_and_bytes, summed_loss
 from raylm.model.sizing import flops_per_token
+from raylm.model.span_corruption import row_seeds
 from raylm.train.checkpoint import CheckpointError, load_training_state, newest_good_checkpoint, save_checkpoint
 from raylm.train.data import PackedSequences
 from raylm.train.mfu import mfu, peak_flops
@@ -59,14 +62,16 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 def evaluate(model: torch.nn.Module, model_config: TransformerConfig, rows: np.ndarray, mask: np.ndarray | None,
              micro_batch: int, pad_id: int, token_bytes: torch.Tensor, device: torch.device,
              bf16: bool = False) -> dict[str, float]:
-    """Val loss (nats per target token) and bits-per-byte over `rows`, summed across workers."""
+    """Val loss (nats per target token) and bits-per-byte over `rows`, summed across workers. Always on
+    the prefix objective (an encoder-decoder trained by span corruption too): bits-per-byte needs each
+    target to be the next text token, and the figures stay comparable across objectives and runs."""
     was_training = model.training
     model.eval()
     sums = [0.0, 0.0, 0.0, 0.0]
     for start in range(0, len(rows), micro_batch):
         batch = torch.from_numpy(rows[start:start + micro_batch]).long().to(device)
         batch_mask = None if mask is None else torch.from_numpy(mask[start:start + micro_batch]).to(device)
-        inputs, targets = lm_batch(batch, model_config, loss_mask=batch_mask, ignore_id=pad_id)
+        inputs, targets = lm_batch(batch, model_config, loss_mask=batch_mask, ignore_id=pad_id, objective="prefix")
         with autocast_context(device, bf16):
             logits = model(**inputs)
         for index, value in enumerate(loss_and_bytes(logits, targets, pad_id, token_bytes)):
@@ -202,8 +207,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             group["lr"] = lr
 
         rows, mask = train_data.worker_batch(state["data_position"], global_batch, train_cfg["seed"], rank, world)
+        positions = range(state["data_position"], state["data_position"] + global_batch)[rank::world]
         inputs, targets = lm_batch(torch.from_numpy(rows).long().to(device), model_config,
-                                   loss_mask=None if mask is None else torch.from_numpy(mask).to(device), ignore_id=pad_id)
+                                   loss_mask=None if mask is None else torch.from_numpy(mask).to(device), ignore_id=pad_id,
+                                   seeds=row_seeds(train_cfg["seed"], positions))
         global_targets = max(_all_reduce([float((targets != pad_id).sum())], device)[0], 1.0)
         step_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: one sync per step
         for index, start in enumerate(range(0, len(targets), micro)):
