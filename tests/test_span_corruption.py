@@ -149,3 +149,25 @@ def test_encoder_decoder_learns_under_span_corruption():
         optimizer.zero_grad()
         losses.append((loss / count).item())
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5  # about 4.0 -> 1.9
+
+
+def test_generation_never_emits_a_sentinel():
+    """Sentinels mark dropped spans in training, not text: even a model that prefers them most is
+    steered to the best text token."""
+    from raylm.model.generate import generate
+
+    config = TransformerConfig(**BASE)
+    model = build_model(config)
+    sentinels = config.span_sentinels
+    assert sentinels > 0
+    class Ones(torch.nn.Module):
+        def forward(self, x):
+            return torch.ones_like(x)
+
+    model.norm = Ones()  # the head then reads a vector of ones: logit = the sum of its weight row
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.weight[-sentinels:] = 1.0  # every sentinel scores above every text token
+        model.head.weight[3] = 0.5  # the best text token
+    out = generate(model, [[5, 6, 7]], max_new_tokens=4)
+    assert out[0] == [3, 3, 3, 3]

@@ -76,6 +76,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
     was_training = model.training
     model.eval()
     encoder_decoder = getattr(model.config, "arch", "decoder") == "encoder-decoder"
+    sentinels = getattr(model.config, "span_sentinels", 0)
     steps = (_encoder_decoder_steps if encoder_decoder else _decoder_steps)(model, prompts, pad_id, use_cache, limits)
     try:
         rooms = next(steps)
@@ -84,7 +85,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
         done = [limit <= 0 for limit in limits]
         next_tokens = None
         while not all(done):
-            chosen = sample_next(steps.send(next_tokens), temperature, top_k, top_p, generator).tolist()
+            logits = _without_sentinels(steps.send(next_tokens), sentinels)
+            chosen = sample_next(logits, temperature, top_k, top_p, generator).tolist()
             was_done = list(done)
             for row, token in enumerate(chosen):
                 if done[row]:
@@ -105,6 +107,14 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
     finally:
         steps.close()
         model.train(was_training)
+
+
+def _without_sentinels(logits: torch.Tensor, sentinels: int) -> torch.Tensor:
+    """A span-corruption model's sentinel ids (the top of its vocabulary) mark dropped spans in training;
+    they are no text, so generation never picks them."""
+    if not sentinels:
+        return logits
+    return torch.cat([logits[:, :-sentinels], logits.new_full((logits.shape[0], sentinels), float("-inf"))], dim=-1)
 
 
 def generate_tokens(model: nn.Module, contexts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
