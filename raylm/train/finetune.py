@@ -326,8 +326,12 @@ def finetune(model: ModelConfig, train: TrainConfig, finetune_config: FinetuneCo
     if "val" not in packed["outputs"]:
         raise ValueError("the fine-tuning data has no val split: raise finetune.val_fraction or add data")
     if packed["tokenizer"]["vocab_size"] != base.model_config["vocab_size"]:
+        reason = ""
+        if base.model_config.get("seq2seq_objective") == "span_corruption":
+            reason = (" (it was pretrained by span corruption, which reserves sentinel ids above its tokenizer; "
+                      "fine-tuning such a base is not supported: pretrain with model.seq2seq_objective = 'prefix')")
         raise ValueError(f"the fine-tuning tokenizer has {packed['tokenizer']['vocab_size']} tokens but the base "
-                         f"model {base.checkpoint} has vocab_size {base.model_config['vocab_size']}")
+                         f"model {base.checkpoint} has vocab_size {base.model_config['vocab_size']}{reason}")
     spec = finetune_spec(finetune_config)
     counts = count_parameters(base.model_config, spec)
     run = mlflow.active_run()
