@@ -113,19 +113,26 @@ def datasketch_pairs(ids: list[str], minhashes: list) -> set[tuple[str, str]]:
 
 
 def split_frame(frame: pd.DataFrame, parts: int) -> list[pd.DataFrame]:
-    size = -(-len(frame) // parts)
-    return [frame.iloc[start:start + size] for start in range(0, len(frame), size)]
+    """`parts` blocks balanced by text bytes (largest documents first, each into the lightest block):
+    split by rows, the Gutenberg books, ~85% of the bytes, all landed in the last block."""
+    sizes = frame["text"].str.len().to_numpy()
+    loads, members = [0] * parts, [[] for _ in range(parts)]
+    for row in np.argsort(-sizes, kind="stable"):
+        lightest = loads.index(min(loads))
+        loads[lightest] += int(sizes[row])
+        members[lightest].append(row)
+    return [frame.iloc[sorted(rows)] for rows in members if rows]
 
 
-def raylm_pairs(ids: list[str], texts: list[str], blocks: int) -> set[tuple[str, str]]:
+def raylm_pairs(ids: list[str], texts: list[str], blocks: int, verify: str = "exact") -> set[tuple[str, str]]:
     import ray.data
 
     frame = pd.DataFrame({"id": ids, "text": texts})
     dataset = ray.data.from_pandas(split_frame(frame, blocks))
     pairs, _ = dedup.near_duplicate_pairs(dataset, NUM_PERM, SHINGLE, THRESHOLD, seed=1,
-                                          false_negative_weight=0.9, verify=True, max_bucket=200,
+                                          false_negative_weight=0.9, verify=verify, max_bucket=200,
                                           num_partitions=blocks)
-    return {(a, b) for batch in pairs.iter_batches(batch_format="pandas") for a, b in zip(batch["a"], batch["b"])}
+    return pairs
 
 
 def raylm_signature_time(ids: list[str], texts: list[str], blocks: int) -> float:
@@ -151,7 +158,7 @@ def main() -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-    blocks = 2 * args.cpus
+    blocks = 4 * args.cpus  # more blocks than CPUs, balanced by bytes (see split_frame)
 
     ids, texts, planted = synthetic_corpus(args.docs, seed=0, prefix="s")
     gutenberg_pairs: set[tuple[str, str]] = set()
