@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from raylm.config import CleanConfig, DedupConfig, QualityConfig, SourceConfig
 from raylm.data import clean, dedup, decontam, exact_jaccard, pii, quality
 from raylm.data.curate import screen_batch
-from raylm.data.ngrams import jaccard, ngram_hashes, shingle_set
+from raylm.data import ngrams
+from raylm.data.ngrams import jaccard, ngram_hashes, shingle_set, words
 from raylm.data.sources import decode_file, document
 
 
@@ -231,6 +232,21 @@ def test_ngram_hashes_offsets_and_short_documents():
     assert hashes[0] == hashes[3] and hashes[1] == hashes[4]  # case-insensitive words
     _, none = ngram_hashes(["x y"], 5, short_docs=False)
     assert none.tolist() == [0, 0]
+
+
+def test_word_hashes_split_like_the_regex_and_do_not_depend_on_batching():
+    """The byte-level splitter must find exactly the words of `\\w+` on the lower-cased text (curly
+    quotes, non-breaking spaces, lone surrogates, Kelvin sign, dotted I, CJK, Arabic digits...), and a
+    word's hash must not depend on its text, batch or position."""
+    rng = random.Random(5)
+    alphabet = "aZ_9 '.-\t\n\x00\u00e9\u0130\u2019\u201c\u00a0\u4e2d\u0661\ud800\u212a\u00df"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(40))) for _ in range(400)]
+    hashes, counts = ngrams.word_hashes(texts)
+    assert counts.tolist() == [len(words(t)) for t in texts]
+    one_by_one = [ngrams.word_hashes([w])[0] for t in texts for w in words(t)]
+    assert np.array_equal(hashes, np.concatenate(one_by_one))
+    long_words = ["abcdefgh", "abcdefghi", "abcdefgh_", "abcdefghijklmnopq", "abcdefghijklmnopr", "a", "a_", "_a"]
+    assert len(set(ngrams.word_hashes([" ".join(long_words)])[0].tolist())) == len(long_words)
 
 
 def test_signatures_estimate_jaccard():
