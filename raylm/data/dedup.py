@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import xxhash
 
 from raylm.data.minhash import EMPTY as _EMPTY
@@ -109,9 +110,12 @@ def lsh_parameters(threshold: float, num_perm: int, false_negative_weight: float
 # Per-batch functions of the Ray Data plan
 
 
-def signature_batch(batch: pd.DataFrame, num_perm: int, shingle_size: int, seed: int) -> pd.DataFrame:
-    sigs = signatures(batch["text"].tolist(), num_perm, shingle_size, seed)
-    return pd.DataFrame({"id": batch["id"].to_numpy(), "signature": [row.tobytes() for row in sigs]})
+def signature_batch(batch: pa.Table, num_perm: int, shingle_size: int, seed: int) -> pa.Table:
+    """`id, signature` (fixed-size binary, 4*num_perm bytes) of a pyarrow batch with `id, text`: arrow
+    in and out, so no pandas conversion of the text and no Python object per signature."""
+    sigs = np.ascontiguousarray(signatures(batch.column("text").to_pylist(), num_perm, shingle_size, seed))
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 * num_perm), len(sigs), [None, pa.py_buffer(sigs)])
+    return pa.table({"id": batch.column("id"), "signature": column})
 
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -234,7 +238,7 @@ def candidate_pairs(live: Any, num_perm: int, shingle_size: int, threshold: floa
     signature similarity is under `min_similarity` dropped (None: none dropped). A pair found in several
     bands appears several times."""
     bands, rows = lsh_parameters(threshold, num_perm, false_negative_weight)
-    sigs = live.map_batches(signature_batch, batch_format="pandas",
+    sigs = live.map_batches(signature_batch, batch_format="pyarrow",
                             fn_kwargs={"num_perm": num_perm, "shingle_size": shingle_size, "seed": seed})
     keyed = sigs.map_batches(band_rows, batch_format="pandas",
                              fn_kwargs={"num_perm": num_perm, "bands": bands, "rows": rows})
