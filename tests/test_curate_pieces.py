@@ -306,6 +306,16 @@ def test_bucket_pairs_are_sorted_and_capped():
     assert list(zip(capped["a"], capped["b"])) == [("a", "b"), ("a", "c"), ("a", "d")]
 
 
+def test_shard_pairs_equal_the_pairs_of_each_bucket():
+    rng = random.Random(6)
+    rows = [(rng.randrange(6), f"d{rng.randrange(30):02d}") for _ in range(80)]
+    group = pd.DataFrame({"band_key": [k for k, _ in rows], "id": [i for _, i in rows]}).sample(frac=1, random_state=1)
+    expected = pd.concat([dedup.bucket_pairs(bucket, max_bucket=3) for _, bucket in group.groupby("band_key")])
+    got = dedup.shard_pairs(group, max_bucket=3)
+    assert list(zip(got["a"], got["b"])) == list(zip(expected["a"], expected["b"]))
+    assert len(dedup.shard_pairs(group.iloc[:0], max_bucket=3)) == 0
+
+
 def test_components_keep_the_smallest_id_whatever_the_edge_order():
     edges = [("e", "d"), ("b", "c"), ("d", "c"), ("x", "y")]
     for order in (edges, edges[::-1], [(b, a) for a, b in edges]):
