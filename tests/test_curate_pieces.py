@@ -371,10 +371,14 @@ def test_exact_verification_drops_a_pair_just_under_the_threshold_whose_estimate
     rows = exact_jaccard.pair_shingle_rows(frame([a, b, "unrelated words here"]).assign(id=["p", "q", "r"]),
                                            [{"p": [0], "q": [0]}], 5).to_pandas()
     assert sorted(rows["id"]) == ["p", "q"]
-    assert exact_jaccard.pair_jaccard(rows, threshold=0.8).num_rows == 0
-    kept = exact_jaccard.pair_jaccard(rows, threshold=true).to_pandas()
+    assert exact_jaccard.shard_jaccard(rows, threshold=0.8).num_rows == 0
+    kept = exact_jaccard.shard_jaccard(rows, threshold=true).to_pandas()
     assert list(zip(kept["a"], kept["b"])) == [("p", "q")] and kept["similarity"][0] == pytest.approx(true)
-    assert exact_jaccard.pair_jaccard(rows.iloc[:1], threshold=0.0).num_rows == 0  # one side gone: no pair
+    assert exact_jaccard.shard_jaccard(rows.iloc[:1], threshold=0.0).num_rows == 0  # one side gone: no pair
+    two_pairs = exact_jaccard.pair_shingle_rows(frame([a, b, a]).assign(id=["p", "q", "r"]),
+                                                [{"p": [0, 1], "q": [0], "r": [1]}], 5).to_pandas()
+    both = exact_jaccard.shard_jaccard(two_pairs.iloc[::-1], threshold=0.8).to_pandas()
+    assert list(zip(both["a"], both["b"], both["similarity"])) == [("p", "r", 1.0)]  # (p, q) is under 0.8
     none = exact_jaccard.pair_shingle_rows(frame(["unrelated words here"]), [{"p": [0]}], 5)
     assert none.num_rows == 0 and none.schema == exact_jaccard.SHINGLE_ROWS  # typed, so shuffles can concatenate
 

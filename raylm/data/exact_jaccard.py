@@ -11,8 +11,9 @@ How, in one hash shuffle (the driver holds only the candidate pairs, as it alrea
    `id -> [pair numbers]` in the object store: the size of the pairs, not of the corpus;
 2. `map_batches(pair_shingle_rows)` over the live documents: each candidate document's sorted unique
    shingle hashes (uint64, the same hashes as its signature), once per pair it belongs to, as rows
-   `pair, id, shingles`; every other document produces nothing;
-3. `groupby(pair).map_groups(pair_jaccard)`: each group holds the two sides; `np.intersect1d` of two
+   `shard, pair, id, shingles` (`shard = pair % 1024`); every other document produces nothing;
+3. `groupby(shard).map_groups(shard_jaccard)`: a shard holds both sides of each of its pairs (one
+   call per shard, not per pair: a pandas UDF call per group costs ~10 ms); `np.intersect1d` of two
    sorted unique arrays gives |A & B|, so J = |A & B| / (|A| + |B| - |A & B|); pairs under the
    threshold are dropped.
 
@@ -37,7 +38,9 @@ from raylm.data.ngrams import ngram_hashes
 
 # explicit schemas: a batch without candidates must not become a block of null-typed columns, which
 # the hash shuffle cannot concatenate with the others
-SHINGLE_ROWS = pa.schema([("pair", pa.int64()), ("id", pa.string()), ("shingles", pa.binary())])
+SHINGLE_ROWS = pa.schema([("shard", pa.int64()), ("pair", pa.int64()), ("id", pa.string()),
+                          ("shingles", pa.binary())])
+SHARDS = 1024  # shuffle groups (pair % SHARDS): one UDF call per shard, not per pair
 PAIRS = pa.schema([("a", pa.string()), ("b", pa.string()), ("similarity", pa.float64())])
 
 
@@ -64,7 +67,7 @@ def exact_jaccard(left: np.ndarray, right: np.ndarray) -> float:
 
 
 def pair_shingle_rows(batch: pd.DataFrame, members_ref: list[Any], shingle_size: int) -> pa.Table:
-    """`pair, id, shingles` (uint64 bytes) for every candidate document of the batch and each of its pairs."""
+    """`shard, pair, id, shingles` (uint64 bytes) for every candidate document of the batch and each of its pairs."""
     members = members_ref[0]
     if not isinstance(members, dict):
         import ray
@@ -81,22 +84,28 @@ def pair_shingle_rows(batch: pd.DataFrame, members_ref: list[Any], shingle_size:
                 pair_numbers.append(number)
                 ids.append(doc_id)
                 blobs.append(blob)
-    return pa.table([pa.array(pair_numbers, pa.int64()), pa.array(ids, pa.string()), pa.array(blobs, pa.binary())],
-                    schema=SHINGLE_ROWS)
+    numbers = np.asarray(pair_numbers, dtype=np.int64)
+    return pa.table([pa.array(numbers % SHARDS), pa.array(numbers), pa.array(ids, pa.string()),
+                     pa.array(blobs, pa.binary())], schema=SHINGLE_ROWS)
 
 
-def pair_jaccard(group: pd.DataFrame, threshold: float) -> pa.Table:
-    """The pair of one group, `(a, b, similarity)` with a < b, if its exact Jaccard reaches the threshold."""
-    sides = group.drop_duplicates("id").sort_values("id", kind="stable")
-    if len(sides) != 2:  # a pair whose document is not live any more
-        return PAIRS.empty_table()
-    left, right = (np.frombuffer(blob, dtype=np.uint64) for blob in sides["shingles"])
-    similarity = exact_jaccard(left, right)
-    if similarity < threshold:
-        return PAIRS.empty_table()
-    a, b = sides["id"].tolist()
-    return pa.table([pa.array([a], pa.string()), pa.array([b], pa.string()), pa.array([similarity], pa.float64())],
-                    schema=PAIRS)
+def shard_jaccard(group: pd.DataFrame, threshold: float) -> pa.Table:
+    """The pairs of one shard, `(a, b, similarity)` with a < b, whose exact Jaccard reaches the threshold
+    (a pair with a side that is not live any more is dropped)."""
+    sides = group.drop_duplicates(["pair", "id"]).sort_values(["pair", "id"], kind="stable")
+    numbers = sides["pair"].to_numpy()
+    ids = sides["id"].tolist()
+    blobs = sides["shingles"].tolist()
+    firsts, seconds, similarities = [], [], []
+    for row in np.flatnonzero((numbers[1:] == numbers[:-1]) if len(numbers) else np.zeros(0, bool)):
+        similarity = exact_jaccard(np.frombuffer(blobs[row], dtype=np.uint64),
+                                   np.frombuffer(blobs[row + 1], dtype=np.uint64))
+        if similarity >= threshold:
+            firsts.append(ids[row])
+            seconds.append(ids[row + 1])
+            similarities.append(similarity)
+    return pa.table([pa.array(firsts, pa.string()), pa.array(seconds, pa.string()),
+                     pa.array(similarities, pa.float64())], schema=PAIRS)
 
 
 def verify_pairs_exactly(live: Any, candidates: set[tuple[str, str]], shingle_size: int, threshold: float,
@@ -109,5 +118,5 @@ def verify_pairs_exactly(live: Any, candidates: set[tuple[str, str]], shingle_si
     members_ref = [ray.put(pair_membership(ordered))]
     rows = live.map_batches(pair_shingle_rows, batch_format="pandas",
                             fn_kwargs={"members_ref": members_ref, "shingle_size": shingle_size})
-    return rows.groupby("pair", num_partitions=num_partitions).map_groups(
-        pair_jaccard, batch_format="pandas", fn_kwargs={"threshold": threshold})
+    return rows.groupby("shard", num_partitions=num_partitions).map_groups(
+        shard_jaccard, batch_format="pandas", fn_kwargs={"threshold": threshold})
