@@ -38,14 +38,15 @@ The kept set is a function of the documents alone: signatures and shingles depen
 document's text, buckets are sorted by id, and components keep their smallest id, so neither the
 number of blocks nor the number of workers changes it.
 
-Memory per GB of text (documents of ~2 KB, so ~500k of them; 128 values; b bands, b=14 by default):
-signatures 512 B/doc = 0.26 GB; band rows b * ~550 B/doc = 3.6 GB streamed through the band-key
-shuffle (Ray Data spills it to disk; each worker holds one block, 128 MiB by default, plus its
-shuffle partitions' buffers); exact verification streams 8 B per shingle (~1.5 GB per GB of text)
-of each candidate document once per pair it is in, so ~1.5 GB times the near-duplicate share of the
-corpus (0.3 GB when 20% of it has a candidate), and nothing for other documents; the candidate
-pairs, the `id -> pair numbers` table and the `id -> kept id` table, ~60-100 B per candidate pair,
-are what the driver and each task hold.
+Memory per GB of text (documents of ~2 KB, so ~500k of them; 128 values; b bands: b=20 by default,
+aimed at 0.7 for exact verification, b=14 with `verify: signature`): signatures 512 B/doc = 0.26 GB;
+band rows b * ~550 B/doc = 5.1 GB (3.6 GB at b=14) streamed through the shard shuffle (Ray Data
+spills it to disk; each worker holds one block, 128 MiB by default, plus its shuffle partitions'
+buffers); exact verification streams 8 B per shingle (~1.5 GB per GB of text) of each candidate
+document once per pair it is in, so ~1.5 GB times the near-duplicate share of the corpus (0.3 GB
+when 20% of it has a candidate), and nothing for other documents; the candidate pairs, the
+`id -> pair numbers` table and the `id -> kept id` table, ~60-100 B per candidate pair, are what the
+driver and each task hold.
 """
 
 from __future__ import annotations
@@ -242,7 +243,12 @@ def mark_near_duplicates(batch: pd.DataFrame, keepers_ref: list[Any]) -> pd.Data
 
 
 VERIFY_MODES = ("exact", "signature", "none")
-EXACT_PREFILTER_MARGIN = 0.15  # ~4 standard deviations of a 128-permutation estimate at J = 0.8
+EXACT_PREFILTER_MARGIN = 0.15  # ~4 standard deviations of a 128-value estimate at J = 0.8
+# with exact verification LSH only proposes candidates, so its bands aim this much under the threshold:
+# at 0.8 / 128 values / weight 0.9, 20 bands of 6 rows instead of 14 of 9, and a pair at J = 0.8 is a
+# candidate with probability 0.998 instead of 0.87 (the benchmark lost 2 of 80 true pairs, J = 0.86
+# with estimates 0.78-0.79, to 14x9)
+EXACT_LSH_MARGIN = 0.1
 
 
 def verify_mode(verify: bool | str) -> str:
@@ -254,13 +260,13 @@ def verify_mode(verify: bool | str) -> str:
     return verify
 
 
-def candidate_pairs(live: Any, num_perm: int, shingle_size: int, threshold: float, seed: int,
+def candidate_pairs(live: Any, num_perm: int, shingle_size: int, lsh_threshold: float, seed: int,
                     false_negative_weight: float, min_similarity: float | None, max_bucket: int,
                     num_partitions: int) -> tuple[Any, dict[str, Any]]:
-    """LSH candidate pairs `(a, b, similarity)` of a Ray Dataset with `id, text` columns, those whose
-    signature similarity is under `min_similarity` dropped (None: none dropped). A pair found in several
-    bands appears several times."""
-    bands, rows = lsh_parameters(threshold, num_perm, false_negative_weight)
+    """LSH candidate pairs `(a, b, similarity)` of a Ray Dataset with `id, text` columns, with bands
+    chosen for `lsh_threshold`, those whose signature similarity is under `min_similarity` dropped
+    (None: none dropped). A pair found in several bands appears several times."""
+    bands, rows = lsh_parameters(lsh_threshold, num_perm, false_negative_weight)
     sigs = live.map_batches(signature_batch, batch_format="pyarrow",
                             fn_kwargs={"num_perm": num_perm, "shingle_size": shingle_size, "seed": seed})
     keyed = sigs.map_batches(band_rows, batch_format="pandas",
@@ -282,11 +288,13 @@ def near_duplicate_pairs(live: Any, num_perm: int, shingle_size: int, threshold:
                          num_partitions: int) -> tuple[set[tuple[str, str]], dict[str, Any]]:
     """The distinct near-duplicate pairs (a < b) of a Ray Dataset with `id, text` columns, held on the
     driver, and statistics. `verify`: `exact` checks each candidate's true shingle Jaccard on Ray Data
-    (candidates whose signature estimate is more than `EXACT_PREFILTER_MARGIN` under the threshold are
-    not looked at), `signature` its signature estimate, `none` keeps every LSH candidate."""
+    (LSH bands aimed `EXACT_LSH_MARGIN` under the threshold; candidates whose signature estimate is
+    more than `EXACT_PREFILTER_MARGIN` under it are not looked at), `signature` its signature estimate,
+    `none` keeps every LSH candidate."""
     mode = verify_mode(verify)
     min_similarity = {"exact": threshold - EXACT_PREFILTER_MARGIN, "signature": threshold, "none": None}[mode]
-    pairs, stats = candidate_pairs(live, num_perm, shingle_size, threshold, seed, false_negative_weight,
+    lsh_threshold = threshold - EXACT_LSH_MARGIN if mode == "exact" else threshold
+    pairs, stats = candidate_pairs(live, num_perm, shingle_size, lsh_threshold, seed, false_negative_weight,
                                    min_similarity, max_bucket, num_partitions)
     found = _collect_pairs(pairs)
     stats.update({"verify": mode, "candidates": len(found)})
