@@ -135,9 +135,19 @@ class DedupConfig(Section):
     shingle_size: int = Field(5, ge=1, description="words per shingle")
     threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity that makes a near duplicate")
     false_negative_weight: float = Field(0.9, gt=0, lt=1, description="datasketch optimal-parameter weight of misses (the rest: false positives)")
-    verify: bool = Field(True, description="check each candidate pair's signature similarity against the threshold")
+    verify: Literal["exact", "signature", "none"] = Field(
+        "exact", description="check each LSH candidate pair against the threshold: exact: its true shingle Jaccard "
+                             "(on Ray Data; precision 1); signature: its MinHash estimate; none: keep every candidate")
     max_bucket: int = Field(200, gt=1, description="compare all pairs in buckets up to this size, beyond it only pairs with the smallest ids")
     seed: int = 1
+
+    @field_validator("verify", mode="before")
+    @classmethod
+    def _verify_from_bool(cls, value: Any) -> Any:
+        """Older configs said `verify: true` (signature check) or `false` (none)."""
+        if isinstance(value, bool):
+            return "signature" if value else "none"
+        return value
 
 
 class DecontamConfig(Section):

@@ -11,10 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raylm.config import CleanConfig, QualityConfig, SourceConfig
-from raylm.data import clean, dedup, decontam, pii, quality
+from raylm.config import CleanConfig, DedupConfig, QualityConfig, SourceConfig
+from raylm.data import clean, dedup, decontam, exact_jaccard, pii, quality
 from raylm.data.curate import screen_batch
-from raylm.data.ngrams import jaccard, ngram_hashes, shingle_set
+from raylm.data import ngrams
+from raylm.data.ngrams import jaccard, ngram_hashes, shingle_set, words
 from raylm.data.sources import decode_file, document
 
 
@@ -233,6 +234,21 @@ def test_ngram_hashes_offsets_and_short_documents():
     assert none.tolist() == [0, 0]
 
 
+def test_word_hashes_split_like_the_regex_and_do_not_depend_on_batching():
+    """The byte-level splitter must find exactly the words of `\\w+` on the lower-cased text (curly
+    quotes, non-breaking spaces, lone surrogates, Kelvin sign, dotted I, CJK, Arabic digits...), and a
+    word's hash must not depend on its text, batch or position."""
+    rng = random.Random(5)
+    alphabet = "aZ_9 '.-\t\n\x00\u00e9\u0130\u2019\u201c\u00a0\u4e2d\u0661\ud800\u212a\u00df"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(40))) for _ in range(400)]
+    hashes, counts = ngrams.word_hashes(texts)
+    assert counts.tolist() == [len(words(t)) for t in texts]
+    one_by_one = [ngrams.word_hashes([w])[0] for t in texts for w in words(t)]
+    assert np.array_equal(hashes, np.concatenate(one_by_one))
+    long_words = ["abcdefgh", "abcdefghi", "abcdefgh_", "abcdefghijklmnopq", "abcdefghijklmnopr", "a", "a_", "_a"]
+    assert len(set(ngrams.word_hashes([" ".join(long_words)])[0].tolist())) == len(long_words)
+
+
 def test_signatures_estimate_jaccard():
     rng = random.Random(0)
     errors = []
@@ -248,9 +264,28 @@ def test_signatures_estimate_jaccard():
     assert abs(float(np.mean(errors))) < 0.02
 
 
-def test_signatures_do_not_depend_on_batching_and_long_documents_are_chunked():
+def test_densified_signatures_stay_unbiased_on_sets_smaller_than_the_signature():
+    """One-permutation hashing leaves most bins empty for short texts; densification must fill them
+    all without biasing the estimate."""
+    rng = random.Random(2)
+    errors = []
+    for _ in range(150):
+        words = _words(rng, 40)
+        other = list(words)
+        for _ in range(rng.randrange(8)):
+            other[rng.randrange(len(other))] = f"z{rng.randrange(10**6)}"
+        a, b = " ".join(words), " ".join(other)
+        sigs = dedup.signatures([a, b])
+        assert not (sigs == 0xFFFFFFFF).any()
+        errors.append(dedup.signature_similarity(sigs[0], sigs[1]) - jaccard(shingle_set(a, 5), shingle_set(b, 5)))
+    assert abs(float(np.mean(errors))) < 0.02
+    single = dedup.signatures(["one"])[0]
+    assert (single == single[0]).all()  # one shingle: every bin borrows the only filled one
+
+
+def test_signatures_do_not_depend_on_batching():
     rng = random.Random(1)
-    texts = [" ".join(_words(rng, n)) for n in (3, 0, 50, dedup.CHUNK_SHINGLES + 500, 200, 7)]
+    texts = [" ".join(_words(rng, n)) for n in (3, 0, 50, 20000, 200, 7, 1)]
     together = dedup.signatures(texts)
     alone = np.vstack([dedup.signatures([t]) for t in texts])
     assert np.array_equal(together, alone)
@@ -269,6 +304,16 @@ def test_bucket_pairs_are_sorted_and_capped():
     assert list(zip(pairs["a"], pairs["b"])) == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")]
     capped = dedup.bucket_pairs(group, max_bucket=1)
     assert list(zip(capped["a"], capped["b"])) == [("a", "b"), ("a", "c"), ("a", "d")]
+
+
+def test_shard_pairs_equal_the_pairs_of_each_bucket():
+    rng = random.Random(6)
+    rows = [(rng.randrange(6), f"d{rng.randrange(30):02d}") for _ in range(80)]
+    group = pd.DataFrame({"band_key": [k for k, _ in rows], "id": [i for _, i in rows]}).sample(frac=1, random_state=1)
+    expected = pd.concat([dedup.bucket_pairs(bucket, max_bucket=3) for _, bucket in group.groupby("band_key")])
+    got = dedup.shard_pairs(group, max_bucket=3)
+    assert list(zip(got["a"], got["b"])) == list(zip(expected["a"], expected["b"]))
+    assert len(dedup.shard_pairs(group.iloc[:0], max_bucket=3)) == 0
 
 
 def test_components_keep_the_smallest_id_whatever_the_edge_order():
@@ -303,6 +348,56 @@ def test_bucket_pairs_verify_by_signature_similarity():
     verified = dedup.bucket_pairs(group, 200, num_perm=128, threshold=0.8, verify=True)
     assert list(zip(verified["a"], verified["b"])) == [("y", "z")] and verified["similarity"][0] == 1.0
     assert len(dedup.bucket_pairs(group, 200, num_perm=128, threshold=0.8, verify=False)) == 3
+
+
+def test_exact_verification_drops_a_pair_just_under_the_threshold_whose_estimate_passes():
+    """A pair with true Jaccard under 0.8 but signature estimate >= 0.8 is a candidate that signature
+    verification keeps and exact verification must drop; pairs at or over 0.8 stay."""
+    rng = random.Random(3)
+    under = None
+    for _ in range(400):
+        base = _words(rng, 200)
+        copy = list(base)
+        for _ in range(rng.choice((5, 6))):
+            copy[rng.randrange(len(copy))] = f"z{rng.randrange(10**9)}"
+        a, b = " ".join(base), " ".join(copy)
+        true = jaccard(shingle_set(a, 5), shingle_set(b, 5))
+        sigs = dedup.signatures([a, b])
+        if true < 0.8 <= dedup.signature_similarity(sigs[0], sigs[1]):
+            under = (a, b, true)
+            break
+    assert under is not None, "no pair under the threshold with an estimate over it"
+    a, b, true = under
+    rows = exact_jaccard.pair_shingle_rows(frame([a, b, "unrelated words here"]).assign(id=["p", "q", "r"]),
+                                           [{"p": [0], "q": [0]}], 5).to_pandas()
+    assert sorted(rows["id"]) == ["p", "q"]
+    assert exact_jaccard.shard_jaccard(rows, threshold=0.8).num_rows == 0
+    kept = exact_jaccard.shard_jaccard(rows, threshold=true).to_pandas()
+    assert list(zip(kept["a"], kept["b"])) == [("p", "q")] and kept["similarity"][0] == pytest.approx(true)
+    assert exact_jaccard.shard_jaccard(rows.iloc[:1], threshold=0.0).num_rows == 0  # one side gone: no pair
+    two_pairs = exact_jaccard.pair_shingle_rows(frame([a, b, a]).assign(id=["p", "q", "r"]),
+                                                [{"p": [0, 1], "q": [0], "r": [1]}], 5).to_pandas()
+    both = exact_jaccard.shard_jaccard(two_pairs.iloc[::-1], threshold=0.8).to_pandas()
+    assert list(zip(both["a"], both["b"], both["similarity"])) == [("p", "r", 1.0)]  # (p, q) is under 0.8
+    none = exact_jaccard.pair_shingle_rows(frame(["unrelated words here"]), [{"p": [0]}], 5)
+    assert none.num_rows == 0 and none.schema == exact_jaccard.SHINGLE_ROWS  # typed, so shuffles can concatenate
+
+
+def test_exact_jaccard_matches_python_sets():
+    rng = random.Random(4)
+    for _ in range(20):
+        x, y = _words(rng, rng.randrange(0, 60)), _words(rng, rng.randrange(0, 60))
+        y = x[: rng.randrange(len(x) + 1)] + y
+        left, right = exact_jaccard.shingle_sets([" ".join(x), " ".join(y)], 3)
+        expected = jaccard(shingle_set(" ".join(x), 3), shingle_set(" ".join(y), 3))
+        assert exact_jaccard.exact_jaccard(left, right) == pytest.approx(expected)
+
+
+def test_verify_mode_accepts_old_booleans_and_names_the_key():
+    assert dedup.verify_mode(True) == "signature" and dedup.verify_mode(False) == "none"
+    assert DedupConfig(verify=True).verify == "signature" and DedupConfig().verify == "exact"
+    with pytest.raises(ValueError, match="dedup.verify"):
+        dedup.verify_mode("exakt")
 
 
 # ---------------------------------------------------------------------------------------------- decontamination

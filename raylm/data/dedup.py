@@ -4,33 +4,49 @@ Exact: rows are keyed by a stable hash (xxhash; Python's `hash()` differs betwee
 of their normalised text (Unicode NFKC, lower case, whitespace collapsed), grouped by a Ray Data hash
 shuffle, and each group keeps the row with the smallest id.
 
-Near: MinHash signatures over word n-gram shingles, computed for a whole batch with numpy (every
-shingle of the batch against every permutation at once; the permutations are multiply-shift hashes
-`(a*x + b) >> 32` of 64-bit shingle hashes), then locality-sensitive hashing with the band count and
-rows per band from `datasketch`'s optimal-parameter rule. Ray Data does the rest, so no step holds
-the corpus or its signatures on the driver:
+Near: MinHash signatures over word n-gram shingles (`raylm.data.minhash`: one-permutation hashing with
+optimal densification, a whole batch per numpy call), then locality-sensitive hashing with the band
+count and rows per band from `datasketch`'s optimal-parameter rule, then a check of each candidate
+pair (`dedup.verify`). Ray Data does the rest, so no step holds the corpus, its signatures or its
+shingles on the driver:
 
 1. `map_batches(signature_batch)`: `id, signature` (num_perm uint32, 4*num_perm bytes per document);
-2. `map_batches(band_rows)`: one `band_key, id, signature` row per band;
-3. `groupby(band_key).map_groups(bucket_pairs)` (a hash shuffle on the band key): the pairs of each
-   bucket, a < b, with their signature similarity; below the threshold dropped (`dedup.verify`);
-4. connected components of those pairs on the driver (union-find over near-duplicate pairs only: its
+2. `map_batches(band_rows)`: one `shard, band_key, id, signature` row per band, `shard = band_key %
+   SHARDS` (1024);
+3. `groupby(shard).map_groups(shard_pairs)` (a hash shuffle; all rows of a band key land in the same
+   shard): the candidate pairs of each bucket (a run of equal band keys after a sort by band key and
+   id), a < b, with their signature similarity. Grouping by shard rather than by band key calls the
+   function 1,024 times instead of once per band key (~20 per document), which took ~20 s per 1,000
+   documents in pandas overhead alone. Pairs under `threshold` are dropped when
+   `verify: signature`, those under `threshold - EXACT_PREFILTER_MARGIN` (0.15, ~4 standard deviations
+   of a 128-value estimate) when `verify: exact`;
+4. the driver collects the distinct candidate pairs; with `verify: exact` (the default) they go
+   through `raylm.data.exact_jaccard`: one more hash shuffle, keyed by pair, of the candidate
+   documents' sorted shingle hashes, keeping the pairs whose true Jaccard reaches the threshold.
+   Signature estimates have an RMSE of ~0.036 around 0.8, so `signature` lets through pairs just
+   under the threshold (precision ~0.9 on the benchmark); `exact` has precision 1 on its candidates
+   and costs one shuffle of the candidates' shingles only;
+5. connected components of the pairs on the driver (union-find over near-duplicate pairs only: its
    memory grows with the number of near duplicates, not with the corpus), the smallest id of each
    component kept;
-5. `map_batches(mark_near_duplicates)` with the `duplicate id -> kept id` table in the object store.
+6. `map_batches(mark_near_duplicates)` with the `duplicate id -> kept id` table in the object store.
 
-Signatures travel with the band rows so that verification needs no join: one shuffle instead of
-four (each Ray Data shuffle starts its own aggregator actors, which dominates small runs).
+Signatures travel with the band rows so that the signature check needs no join (each Ray Data
+shuffle starts its own aggregator actors, which dominates small runs).
 
-The kept set is a function of the documents alone: signatures depend only on a document's text,
-buckets are sorted by id, and components keep their smallest id, so neither the number of blocks
-nor the number of workers changes it.
+The kept set is a function of the documents alone: signatures and shingles depend only on a
+document's text, buckets are sorted by id, and components keep their smallest id, so neither the
+number of blocks nor the number of workers changes it.
 
-Memory per GB of text (documents of ~2 KB, so ~500k of them; 128 permutations; b bands, b=14 by
-default): signatures 512 B/doc = 0.26 GB; band rows b * ~550 B/doc = 3.6 GB streamed through the
-band-key shuffle (Ray Data spills it to disk; each worker holds one block, 128 MiB by default, plus
-its shuffle partitions' buffers); the pairs and the `id -> kept id` table, ~60 B per near duplicate,
-are what the driver and each marking task hold.
+Memory per GB of text (documents of ~2 KB, so ~500k of them; 128 values; b bands: b=20 by default,
+aimed at 0.7 for exact verification, b=14 with `verify: signature`): signatures 512 B/doc = 0.26 GB;
+band rows b * ~550 B/doc = 5.1 GB (3.6 GB at b=14) streamed through the shard shuffle (Ray Data
+spills it to disk; each worker holds one block, 128 MiB by default, plus its shuffle partitions'
+buffers); exact verification streams 8 B per shingle (~1.5 GB per GB of text) of each candidate
+document once per pair it is in, so ~1.5 GB times the near-duplicate share of the corpus (0.3 GB
+when 20% of it has a candidate), and nothing for other documents; the candidate pairs, the
+`id -> pair numbers` table and the `id -> kept id` table, ~60-100 B per candidate pair, are what the
+driver and each task hold.
 """
 
 from __future__ import annotations
@@ -41,14 +57,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import xxhash
 
-from raylm.data.ngrams import ngram_hashes
+from raylm.data.minhash import EMPTY as _EMPTY
+from raylm.data.minhash import signature_similarity, signatures
 
 DEDUP_KEY = "dedup_key"
-CHUNK_SHINGLES = 1 << 14
-_EMPTY = np.uint32(0xFFFFFFFF)
 _BAND_MULTIPLIER = np.uint64(0x100000001B3)
+SHARDS = 1024  # shuffle groups of band keys (band_key % SHARDS): one UDF call per shard, not per bucket
 _SPACES = re.compile(r"\s+")
 
 
@@ -88,56 +105,6 @@ def mark_exact_duplicates(group: pd.DataFrame) -> pd.DataFrame:
 # MinHash signatures
 
 
-def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Multipliers (odd) and offsets of the `num_perm` multiply-shift hash functions."""
-    generator = np.random.default_rng(seed)
-    a = generator.integers(1, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-    b = generator.integers(0, 2**63, size=num_perm, dtype=np.uint64)
-    return a, b
-
-
-def _min_hash(hashes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    values = np.multiply.outer(hashes, a)
-    values += b
-    values >>= np.uint64(32)
-    return values
-
-
-def signatures(texts: list[str], num_perm: int = 128, shingle_size: int = 5, seed: int = 1) -> np.ndarray:
-    """MinHash signatures, shape (len(texts), num_perm), uint32; a text without words gets all 2**32-1."""
-    a, b = permutations(num_perm, seed)
-    hashes, offsets = ngram_hashes(texts, shingle_size)
-    counts = np.diff(offsets)
-    out = np.full((len(texts), num_perm), _EMPTY, dtype=np.uint32)
-    doc = 0
-    while doc < len(texts):
-        if counts[doc] == 0:
-            doc += 1
-            continue
-        if counts[doc] > CHUNK_SHINGLES:  # one long document, in slices
-            best = np.full(num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
-            for start in range(offsets[doc], offsets[doc + 1], CHUNK_SHINGLES):
-                stop = min(start + CHUNK_SHINGLES, offsets[doc + 1])
-                best = np.minimum(best, _min_hash(hashes[start:stop], a, b).min(axis=0))
-            out[doc] = best.astype(np.uint32)
-            doc += 1
-            continue
-        last = doc  # a run of documents whose shingles fit one chunk
-        while last + 1 < len(texts) and offsets[last + 2] - offsets[doc] <= CHUNK_SHINGLES:
-            last += 1
-        members = np.arange(doc, last + 1)
-        members = members[counts[members] > 0]
-        values = _min_hash(hashes[offsets[doc]:offsets[last + 1]], a, b)
-        out[members] = np.minimum.reduceat(values, offsets[members] - offsets[doc], axis=0).astype(np.uint32)
-        doc = last + 1
-    return out
-
-
-def signature_similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Share of equal signature positions, row by row: the MinHash estimate of Jaccard similarity."""
-    return (left == right).mean(axis=-1)
-
-
 def lsh_parameters(threshold: float, num_perm: int, false_negative_weight: float = 0.5) -> tuple[int, int]:
     """(bands, rows per band) from datasketch's optimal-parameter rule."""
     from datasketch.lsh import _optimal_param
@@ -149,9 +116,12 @@ def lsh_parameters(threshold: float, num_perm: int, false_negative_weight: float
 # Per-batch functions of the Ray Data plan
 
 
-def signature_batch(batch: pd.DataFrame, num_perm: int, shingle_size: int, seed: int) -> pd.DataFrame:
-    sigs = signatures(batch["text"].tolist(), num_perm, shingle_size, seed)
-    return pd.DataFrame({"id": batch["id"].to_numpy(), "signature": [row.tobytes() for row in sigs]})
+def signature_batch(batch: pa.Table, num_perm: int, shingle_size: int, seed: int) -> pa.Table:
+    """`id, signature` (fixed-size binary, 4*num_perm bytes) of a pyarrow batch with `id, text`: arrow
+    in and out, so no pandas conversion of the text and no Python object per signature."""
+    sigs = np.ascontiguousarray(signatures(batch.column("text").to_pylist(), num_perm, shingle_size, seed))
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 * num_perm), len(sigs), [None, pa.py_buffer(sigs)])
+    return pa.table({"id": batch.column("id"), "signature": column})
 
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -167,41 +137,59 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 def band_rows(batch: pd.DataFrame, num_perm: int, bands: int, rows: int) -> pd.DataFrame:
-    """`band_key, id, signature` for every band of every document that has shingles."""
+    """`shard, band_key, id, signature` for every band of every document that has shingles."""
     if not len(batch):
-        return pd.DataFrame({"band_key": np.zeros(0, np.int64), "id": np.zeros(0, object),
-                             "signature": np.zeros(0, object)})
+        return pd.DataFrame({"shard": np.zeros(0, np.int64), "band_key": np.zeros(0, np.int64),
+                             "id": np.zeros(0, object), "signature": np.zeros(0, object)})
     sigs = np.frombuffer(b"".join(batch["signature"]), dtype=np.uint32).reshape(len(batch), num_perm)
     has_shingles = ~(sigs == _EMPTY).all(axis=1)
     keys = band_keys(sigs[has_shingles], bands, rows)
     ids = batch["id"].to_numpy()[has_shingles]
     signature_bytes = batch["signature"].to_numpy()[has_shingles]
-    return pd.DataFrame({"band_key": keys.reshape(-1), "id": np.repeat(ids, bands),
+    flat_keys = keys.reshape(-1)
+    return pd.DataFrame({"shard": flat_keys % SHARDS, "band_key": flat_keys, "id": np.repeat(ids, bands),
                          "signature": np.repeat(signature_bytes, bands)})
+
+
+def pair_indices(size: int, max_bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i, j), i < j, of a bucket of `size` members sorted by id, i below `max_bucket`."""
+    firsts, seconds = np.triu_indices(size, 1)
+    keep = firsts < max_bucket
+    return firsts[keep], seconds[keep]
+
+
+def shard_pairs(group: pd.DataFrame, max_bucket: int, num_perm: int | None = None,
+                threshold: float = 0.0, verify: bool = False) -> pd.DataFrame:
+    """Candidate pairs `(a, b, similarity)`, a < b, of every bucket (band key) in one shard, those below
+    the threshold dropped when verifying: the buckets are runs of a sort by (band_key, id), and all the
+    pairs' signature similarities are computed in one numpy call."""
+    members = group.drop_duplicates(["band_key", "id"]).sort_values(["band_key", "id"], kind="stable")
+    keys = members["band_key"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[starts, len(keys)])
+    firsts, seconds = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+        first, second = pair_indices(int(size), max_bucket)
+        firsts.append(first + start)
+        seconds.append(second + start)
+    first_idx, second_idx = np.concatenate(firsts), np.concatenate(seconds)
+    similarity = np.ones(len(first_idx))
+    if num_perm is not None and len(first_idx) and "signature" in members:
+        sigs = np.frombuffer(b"".join(members["signature"]), dtype=np.uint32).reshape(len(members), num_perm)
+        similarity = signature_similarity(sigs[first_idx], sigs[second_idx])
+    keep = similarity >= threshold if verify else np.ones(len(first_idx), dtype=bool)
+    ids = members["id"].to_numpy(dtype=object)
+    return pd.DataFrame({"a": pd.Series(ids[first_idx[keep]], dtype=object),
+                         "b": pd.Series(ids[second_idx[keep]], dtype=object),
+                         "similarity": similarity[keep].astype(float)})
 
 
 def bucket_pairs(group: pd.DataFrame, max_bucket: int, num_perm: int | None = None,
                  threshold: float = 0.0, verify: bool = False) -> pd.DataFrame:
-    """Candidate pairs `(a, b, similarity)`, a < b, of one bucket, those below the threshold dropped
-    when verifying. In a bucket larger than `max_bucket`, every member is paired only with the
-    `max_bucket` smallest ids (deterministic, bounded work)."""
-    members = group.drop_duplicates("id").sort_values("id", kind="stable")
-    ids = members["id"].tolist()
-    count = len(ids)
-    firsts, seconds = [], []
-    for i in range(min(count, max_bucket)):
-        firsts.extend([i] * (count - i - 1))
-        seconds.extend(range(i + 1, count))
-    firsts_arr, seconds_arr = np.asarray(firsts, dtype=np.int64), np.asarray(seconds, dtype=np.int64)
-    similarity = np.ones(len(firsts_arr))
-    if num_perm is not None and len(firsts_arr) and "signature" in members:
-        sigs = np.frombuffer(b"".join(members["signature"]), dtype=np.uint32).reshape(count, num_perm)
-        similarity = signature_similarity(sigs[firsts_arr], sigs[seconds_arr])
-    keep = similarity >= threshold if verify else np.ones(len(firsts_arr), dtype=bool)
-    id_array = np.asarray(ids, dtype=object)
-    return pd.DataFrame({"a": pd.Series(id_array[firsts_arr[keep]], dtype=object),
-                         "b": pd.Series(id_array[seconds_arr[keep]], dtype=object),
-                         "similarity": similarity[keep].astype(float)})
+    """Candidate pairs `(a, b, similarity)`, a < b, of one bucket (all rows share a band key), those
+    below the threshold dropped when verifying. In a bucket larger than `max_bucket`, every member is
+    paired only with the `max_bucket` smallest ids (deterministic, bounded work)."""
+    return shard_pairs(group.assign(band_key=0), max_bucket, num_perm, threshold, verify)
 
 
 class Components:
@@ -254,20 +242,67 @@ def mark_near_duplicates(batch: pd.DataFrame, keepers_ref: list[Any]) -> pd.Data
 # The Ray Data plan
 
 
-def near_duplicate_pairs(live: Any, num_perm: int, shingle_size: int, threshold: float, seed: int,
-                         false_negative_weight: float, verify: bool, max_bucket: int,
-                         num_partitions: int) -> tuple[Any, dict[str, Any]]:
-    """Near-duplicate pairs `(a, b, similarity)` of a Ray Dataset with `id, text` columns (a pair found
-    in several bands appears several times; the union-find does not mind)."""
-    bands, rows = lsh_parameters(threshold, num_perm, false_negative_weight)
-    sigs = live.map_batches(signature_batch, batch_format="pandas",
+VERIFY_MODES = ("exact", "signature", "none")
+EXACT_PREFILTER_MARGIN = 0.15  # ~4 standard deviations of a 128-value estimate at J = 0.8
+# with exact verification LSH only proposes candidates, so its bands aim this much under the threshold:
+# at 0.8 / 128 values / weight 0.9, 20 bands of 6 rows instead of 14 of 9, and a pair at J = 0.8 is a
+# candidate with probability 0.998 instead of 0.87 (the benchmark lost 2 of 80 true pairs, J = 0.86
+# with estimates 0.78-0.79, to 14x9)
+EXACT_LSH_MARGIN = 0.1
+
+
+def verify_mode(verify: bool | str) -> str:
+    """`exact`, `signature` or `none`; the booleans of older configs mean `signature` and `none`."""
+    if isinstance(verify, bool):
+        return "signature" if verify else "none"
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"dedup.verify must be one of {VERIFY_MODES}, got {verify!r}")
+    return verify
+
+
+def candidate_pairs(live: Any, num_perm: int, shingle_size: int, lsh_threshold: float, seed: int,
+                    false_negative_weight: float, min_similarity: float | None, max_bucket: int,
+                    num_partitions: int) -> tuple[Any, dict[str, Any]]:
+    """LSH candidate pairs `(a, b, similarity)` of a Ray Dataset with `id, text` columns, with bands
+    chosen for `lsh_threshold`, those whose signature similarity is under `min_similarity` dropped
+    (None: none dropped). A pair found in several bands appears several times."""
+    bands, rows = lsh_parameters(lsh_threshold, num_perm, false_negative_weight)
+    sigs = live.map_batches(signature_batch, batch_format="pyarrow",
                             fn_kwargs={"num_perm": num_perm, "shingle_size": shingle_size, "seed": seed})
     keyed = sigs.map_batches(band_rows, batch_format="pandas",
                              fn_kwargs={"num_perm": num_perm, "bands": bands, "rows": rows})
-    pairs = keyed.groupby("band_key", num_partitions=num_partitions).map_groups(
-        bucket_pairs, batch_format="pandas",
-        fn_kwargs={"max_bucket": max_bucket, "num_perm": num_perm, "threshold": threshold, "verify": verify})
+    pairs = keyed.groupby("shard", num_partitions=num_partitions).map_groups(
+        shard_pairs, batch_format="pandas",
+        fn_kwargs={"max_bucket": max_bucket, "num_perm": num_perm, "threshold": min_similarity or 0.0,
+                   "verify": min_similarity is not None})
     return pairs, {"bands": bands, "rows_per_band": rows}
+
+
+def _collect_pairs(pairs: Any) -> set[tuple[str, str]]:
+    return {(a, b) for batch in pairs.iter_batches(batch_format="pandas", batch_size=65536)
+            for a, b in zip(batch["a"], batch["b"])}
+
+
+def near_duplicate_pairs(live: Any, num_perm: int, shingle_size: int, threshold: float, seed: int,
+                         false_negative_weight: float, verify: bool | str, max_bucket: int,
+                         num_partitions: int) -> tuple[set[tuple[str, str]], dict[str, Any]]:
+    """The distinct near-duplicate pairs (a < b) of a Ray Dataset with `id, text` columns, held on the
+    driver, and statistics. `verify`: `exact` checks each candidate's true shingle Jaccard on Ray Data
+    (LSH bands aimed `EXACT_LSH_MARGIN` under the threshold; candidates whose signature estimate is
+    more than `EXACT_PREFILTER_MARGIN` under it are not looked at), `signature` its signature estimate,
+    `none` keeps every LSH candidate."""
+    mode = verify_mode(verify)
+    min_similarity = {"exact": threshold - EXACT_PREFILTER_MARGIN, "signature": threshold, "none": None}[mode]
+    lsh_threshold = threshold - EXACT_LSH_MARGIN if mode == "exact" else threshold
+    pairs, stats = candidate_pairs(live, num_perm, shingle_size, lsh_threshold, seed, false_negative_weight,
+                                   min_similarity, max_bucket, num_partitions)
+    found = _collect_pairs(pairs)
+    stats.update({"verify": mode, "candidates": len(found)})
+    if mode == "exact" and found:
+        from raylm.data.exact_jaccard import verify_pairs_exactly
+
+        found = _collect_pairs(verify_pairs_exactly(live, found, shingle_size, threshold, num_partitions))
+    return found, stats
 
 
 def near_dedup(docs: Any, config: Any, num_partitions: int) -> tuple[Any, dict[str, Any]]:
@@ -279,14 +314,11 @@ def near_dedup(docs: Any, config: Any, num_partitions: int) -> tuple[Any, dict[s
                                         config.seed, config.false_negative_weight, config.verify,
                                         config.max_bucket, num_partitions)
     components = Components()
-    seen: set[tuple[str, str]] = set()
-    for batch in pairs.iter_batches(batch_format="pandas", batch_size=65536):
-        for a, b in zip(batch["a"], batch["b"]):
-            components.union(a, b)
-            seen.add((a, b))
+    for a, b in sorted(pairs):
+        components.union(a, b)
     duplicates = components.duplicates()
     sizes = components.sizes()
-    stats.update({"pairs": len(seen), "clusters": len(sizes), "duplicates": len(duplicates),
+    stats.update({"pairs": len(pairs), "clusters": len(sizes), "duplicates": len(duplicates),
                   "cluster_sizes": _histogram(sizes)})
     if not duplicates:
         return docs, stats
