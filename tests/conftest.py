@@ -61,6 +61,33 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_light():
+    """The session's Ray when one is up; otherwise a local one without the dashboard (its agent is
+    what fails to start in time on a saturated machine), shut down after this module."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a shared, busy machine two spinning
+    threads per process make their tests several times slower. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def workspace_dir(tmp_path: Path) -> Path:
     path = tmp_path / "workspace"

@@ -20,18 +20,6 @@ from raylm.workspace import Workspace
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """The session's Ray when one is up; otherwise a local one without the dashboard (its agent is
-    what fails to start in time on a saturated machine), shut down after this module."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 def read_kept(result: dict) -> pd.DataFrame:
@@ -64,7 +52,7 @@ def planted_corpus(folder: Path, seed: int = 0) -> None:
                 handle.write(json.dumps({"text": text}) + "\n")
 
 
-def test_kept_set_is_the_same_for_any_blocks_and_workers(ray_session, tmp_path):
+def test_kept_set_is_the_same_for_any_blocks_and_workers(ray_light, tmp_path):
     from ray.data import DataContext, ExecutionResources
 
     planted_corpus(tmp_path / "corpus")
@@ -86,7 +74,7 @@ def test_kept_set_is_the_same_for_any_blocks_and_workers(ray_session, tmp_path):
     assert reasons.get("exact_dup", 0) == 10 and reasons.get("near_dup", 0) >= 10
 
 
-def test_hostile_input_is_accounted_for_and_decontamination_writes_the_index(ray_session, tmp_path, shared_data):
+def test_hostile_input_is_accounted_for_and_decontamination_writes_the_index(ray_light, tmp_path, shared_data):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     from raylm.data.benchmarks import read_gsm8k
@@ -145,7 +133,7 @@ def test_hostile_input_is_accounted_for_and_decontamination_writes_the_index(ray
     assert stats["accounting"]["holds"] and Path(stage.fs_path("stats.png")).stat().st_size > 1000
 
 
-def test_real_corpora_boilerplate_gutenberg_and_book_duplicates(ray_session, tmp_path, shared_data):
+def test_real_corpora_boilerplate_gutenberg_and_book_duplicates(ray_light, tmp_path, shared_data):
     corpora = shared_data / "corpora"
     config = DataConfig(sources=[SourceConfig(path=str(corpora / "c4-sample"), name="c4"),
                                  SourceConfig(path=str(corpora / "gutenberg"), name="gutenberg")],

@@ -36,17 +36,6 @@ def chat_rows(count: int, seed: int) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def ray_light():
-    """The session's Ray when one is running; else a lighter one (no dashboard) for this module only."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,7 @@ import torch
 from raylm.model import Transformer, TransformerConfig
 from raylm.model.loss import bits_per_byte, loss_and_bytes, summed_loss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread; on a busy shared machine it costs several times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**overrides) -> Transformer:

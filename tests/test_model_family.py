@@ -11,14 +11,7 @@ from raylm.model.generate import generate, generate_tokens, left_pad, sample_nex
 from raylm.model.loss import lm_batch, summed_loss
 from raylm.model.sizing import flops_per_token, parameter_count
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared, busy machine two spinning
-    threads per process make these tests several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 BASE = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, seq_len=24)

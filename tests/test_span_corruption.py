@@ -13,13 +13,7 @@ from raylm.model.config import span_counts
 from raylm.model.loss import lm_batch, summed_loss
 from raylm.model.span_corruption import restore_rows, row_seeds, segment_ids, span_corrupt
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 BASE = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, seq_len=24, arch="encoder-decoder",
