@@ -106,14 +106,10 @@ class ActorPoolLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        from raylm.eval.lm import rolling_totals
+
         windows, owners = self.planner.rolling_windows([req.args[0] for req in requests])
-        scored = self._loglikelihood(windows, shared=False)
-        totals = [0.0] * len(requests)
-        for i, owner in enumerate(owners):
-            totals[owner] += scored[i][0]
-        for req, total in zip(requests, totals):
-            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
-        return totals
+        return rolling_totals(requests, owners, self._loglikelihood(windows, shared=False), self.cache_hook)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         from raylm.eval.generation import plan_generation

@@ -76,6 +76,18 @@ def shared_context_supported(model: torch.nn.Module) -> bool:
         return False
 
 
+def rolling_totals(requests: list[Any], owners: list[int], scored: dict[int, tuple[float, bool]] | list,
+                   cache_hook: Any) -> list[float]:
+    """Each request's rolling log-likelihood: the sum of its windows' scores (window i belongs to
+    request `owners[i]`), also recorded in lm-eval's cache."""
+    totals = [0.0] * len(requests)
+    for i, owner in enumerate(owners):
+        totals[owner] += scored[i][0]
+    for req, total in zip(requests, totals):
+        cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+    return totals
+
+
 @register_model("raylm")
 class RaylmLM(TemplateLM):
     """An lm-eval model backed by a raylm checkpoint directory (or s3://, gs:// URI)."""
@@ -274,12 +286,7 @@ class RaylmLM(TemplateLM):
         windows, owners = self.rolling_windows([req.args[0] for req in requests])
         # Rolling windows never share a context: they all go the plain path.
         scored = self.run_loglikelihood(windows, self.plan_loglikelihood(windows, shared=False))
-        totals = [0.0] * len(requests)
-        for i, owner in enumerate(owners):
-            totals[owner] += scored[i][0]
-        for req, total in zip(requests, totals):
-            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
-        return totals
+        return rolling_totals(requests, owners, scored, self.cache_hook)
 
     # ---- generation -----------------------------------------------------------------------------
     @staticmethod
