@@ -249,17 +249,26 @@ def test_word_hashes_split_like_the_regex_and_do_not_depend_on_batching():
     assert len(set(ngrams.word_hashes([" ".join(long_words)])[0].tolist())) == len(long_words)
 
 
-def test_signatures_estimate_jaccard():
-    rng = random.Random(0)
-    errors = []
-    for _ in range(60):
-        words = _words(rng, 300)
+def _estimate_errors(seed: int, trials: int, length: int, max_changes: int,
+                     **signature_options) -> tuple[list[float], list[np.ndarray]]:
+    """Signature estimate minus exact 5-gram Jaccard for random texts and near copies of them, and the
+    signatures of each pair."""
+    rng = random.Random(seed)
+    errors, signatures = [], []
+    for _ in range(trials):
+        words = _words(rng, length)
         other = list(words)
-        for _ in range(rng.randrange(60)):
+        for _ in range(rng.randrange(max_changes)):
             other[rng.randrange(len(other))] = f"z{rng.randrange(10**6)}"
         a, b = " ".join(words), " ".join(other)
-        sigs = dedup.signatures([a, b], num_perm=256)
+        sigs = dedup.signatures([a, b], **signature_options)
         errors.append(dedup.signature_similarity(sigs[0], sigs[1]) - jaccard(shingle_set(a, 5), shingle_set(b, 5)))
+        signatures.append(sigs)
+    return errors, signatures
+
+
+def test_signatures_estimate_jaccard():
+    errors, _ = _estimate_errors(seed=0, trials=60, length=300, max_changes=60, num_perm=256)
     assert float(np.sqrt(np.mean(np.square(errors)))) < 0.05
     assert abs(float(np.mean(errors))) < 0.02
 
@@ -267,17 +276,8 @@ def test_signatures_estimate_jaccard():
 def test_densified_signatures_stay_unbiased_on_sets_smaller_than_the_signature():
     """One-permutation hashing leaves most bins empty for short texts; densification must fill them
     all without biasing the estimate."""
-    rng = random.Random(2)
-    errors = []
-    for _ in range(150):
-        words = _words(rng, 40)
-        other = list(words)
-        for _ in range(rng.randrange(8)):
-            other[rng.randrange(len(other))] = f"z{rng.randrange(10**6)}"
-        a, b = " ".join(words), " ".join(other)
-        sigs = dedup.signatures([a, b])
-        assert not (sigs == 0xFFFFFFFF).any()
-        errors.append(dedup.signature_similarity(sigs[0], sigs[1]) - jaccard(shingle_set(a, 5), shingle_set(b, 5)))
+    errors, signatures = _estimate_errors(seed=2, trials=150, length=40, max_changes=8)
+    assert not any((sigs == 0xFFFFFFFF).any() for sigs in signatures)
     assert abs(float(np.mean(errors))) < 0.02
     single = dedup.signatures(["one"])[0]
     assert (single == single[0]).all()  # one shingle: every bin borrows the only filled one
