@@ -146,7 +146,9 @@ class DedupConfig(Section):
     def _verify_from_bool(cls, value: Any) -> Any:
         """Older configs said `verify: true` (signature check) or `false` (none)."""
         if isinstance(value, bool):
-            return "signature" if value else "none"
+            from raylm.data.dedup import verify_mode
+
+            return verify_mode(value)
         return value
 
 

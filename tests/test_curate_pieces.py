@@ -249,6 +249,12 @@ def test_word_hashes_split_like_the_regex_and_do_not_depend_on_batching():
     assert len(set(ngrams.word_hashes([" ".join(long_words)])[0].tolist())) == len(long_words)
 
 
+def bucket_pairs(group: pd.DataFrame, max_bucket: int, num_perm: int | None = None, threshold: float = 0.0,
+                 verify: bool = False) -> pd.DataFrame:
+    """The candidate pairs of one bucket (rows that share a band key), through the shard function."""
+    return dedup.shard_pairs(group.assign(band_key=0), max_bucket, num_perm, threshold, verify)
+
+
 def _estimate_errors(seed: int, trials: int, length: int, max_changes: int,
                      **signature_options) -> tuple[list[float], list[np.ndarray]]:
     """Signature estimate minus exact 5-gram Jaccard for random texts and near copies of them, and the
@@ -300,9 +306,9 @@ def test_lsh_parameters_come_from_datasketch():
 
 def test_bucket_pairs_are_sorted_and_capped():
     group = pd.DataFrame({"band_key": [1] * 4, "id": ["d", "b", "a", "c"]})
-    pairs = dedup.bucket_pairs(group, max_bucket=200)
+    pairs = bucket_pairs(group, max_bucket=200)
     assert list(zip(pairs["a"], pairs["b"])) == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")]
-    capped = dedup.bucket_pairs(group, max_bucket=1)
+    capped = bucket_pairs(group, max_bucket=1)
     assert list(zip(capped["a"], capped["b"])) == [("a", "b"), ("a", "c"), ("a", "d")]
 
 
@@ -310,7 +316,7 @@ def test_shard_pairs_equal_the_pairs_of_each_bucket():
     rng = random.Random(6)
     rows = [(rng.randrange(6), f"d{rng.randrange(30):02d}") for _ in range(80)]
     group = pd.DataFrame({"band_key": [k for k, _ in rows], "id": [i for _, i in rows]}).sample(frac=1, random_state=1)
-    expected = pd.concat([dedup.bucket_pairs(bucket, max_bucket=3) for _, bucket in group.groupby("band_key")])
+    expected = pd.concat([bucket_pairs(bucket, max_bucket=3) for _, bucket in group.groupby("band_key")])
     got = dedup.shard_pairs(group, max_bucket=3)
     assert list(zip(got["a"], got["b"])) == list(zip(expected["a"], expected["b"]))
     assert len(dedup.shard_pairs(group.iloc[:0], max_bucket=3)) == 0
@@ -345,9 +351,9 @@ def test_exact_dedup_keeps_smallest_id_whatever_the_order():
 def test_bucket_pairs_verify_by_signature_similarity():
     sigs = dedup.signatures(["a b c d e f g h i j", "a b c d e f g h i j", "k l m n o p q r s t"])
     group = pd.DataFrame({"band_key": [7, 7, 7], "id": ["z", "y", "x"], "signature": [s.tobytes() for s in sigs]})
-    verified = dedup.bucket_pairs(group, 200, num_perm=128, threshold=0.8, verify=True)
+    verified = bucket_pairs(group, 200, num_perm=128, threshold=0.8, verify=True)
     assert list(zip(verified["a"], verified["b"])) == [("y", "z")] and verified["similarity"][0] == 1.0
-    assert len(dedup.bucket_pairs(group, 200, num_perm=128, threshold=0.8, verify=False)) == 3
+    assert len(bucket_pairs(group, 200, num_perm=128, threshold=0.8, verify=False)) == 3
 
 
 def test_exact_verification_drops_a_pair_just_under_the_threshold_whose_estimate_passes():

@@ -65,7 +65,7 @@ from raylm.data.minhash import signature_similarity, signatures
 
 DEDUP_KEY = "dedup_key"
 _BAND_MULTIPLIER = np.uint64(0x100000001B3)
-SHARDS = 1024  # shuffle groups of band keys (band_key % SHARDS): one UDF call per shard, not per bucket
+SHARDS = 1024  # shuffle groups (band_key or pair number % SHARDS): one UDF call per shard, not per bucket
 _SPACES = re.compile(r"\s+")
 
 
@@ -184,14 +184,6 @@ def shard_pairs(group: pd.DataFrame, max_bucket: int, num_perm: int | None = Non
                          "similarity": similarity[keep].astype(float)})
 
 
-def bucket_pairs(group: pd.DataFrame, max_bucket: int, num_perm: int | None = None,
-                 threshold: float = 0.0, verify: bool = False) -> pd.DataFrame:
-    """Candidate pairs `(a, b, similarity)`, a < b, of one bucket (all rows share a band key), those
-    below the threshold dropped when verifying. In a bucket larger than `max_bucket`, every member is
-    paired only with the `max_bucket` smallest ids (deterministic, bounded work)."""
-    return shard_pairs(group.assign(band_key=0), max_bucket, num_perm, threshold, verify)
-
-
 class Components:
     """Union-find over document ids whose root is always the smallest id of its component."""
 
@@ -224,13 +216,20 @@ class Components:
         return sorted(counts.values(), reverse=True)
 
 
+def from_holder(holder: list[Any]) -> Any:
+    """The table a per-batch function was handed as `[ObjectRef]` (Ray Data: the object store holds it
+    once) or `[table]` (a direct call, as in the unit tests)."""
+    value = holder[0]
+    if isinstance(value, dict):
+        return value
+    import ray
+
+    return ray.get(value)
+
+
 def mark_near_duplicates(batch: pd.DataFrame, keepers_ref: list[Any]) -> pd.DataFrame:
     """Mark live rows found in the `id -> kept id` table (`[ObjectRef]` or `[dict]`) as `near_dup`."""
-    keepers = keepers_ref[0]
-    if not isinstance(keepers, dict):
-        import ray
-
-        keepers = ray.get(keepers)
+    keepers = from_holder(keepers_ref)
     keeper = batch["id"].map(lambda i: keepers.get(i, ""))
     hit = (batch["reason"] == "") & (keeper != "")
     batch.loc[hit, "reason"] = "near_dup"

@@ -34,13 +34,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from raylm.data.dedup import SHARDS, from_holder
 from raylm.data.ngrams import ngram_hashes
 
 # explicit schemas: a batch without candidates must not become a block of null-typed columns, which
 # the hash shuffle cannot concatenate with the others
 SHINGLE_ROWS = pa.schema([("shard", pa.int64()), ("pair", pa.int64()), ("id", pa.string()),
                           ("shingles", pa.binary())])
-SHARDS = 1024  # shuffle groups (pair % SHARDS): one UDF call per shard, not per pair
 PAIRS = pa.schema([("a", pa.string()), ("b", pa.string()), ("similarity", pa.float64())])
 
 
@@ -68,11 +68,7 @@ def exact_jaccard(left: np.ndarray, right: np.ndarray) -> float:
 
 def pair_shingle_rows(batch: pd.DataFrame, members_ref: list[Any], shingle_size: int) -> pa.Table:
     """`shard, pair, id, shingles` (uint64 bytes) for every candidate document of the batch and each of its pairs."""
-    members = members_ref[0]
-    if not isinstance(members, dict):
-        import ray
-
-        members = ray.get(members)
+    members = from_holder(members_ref)
     chosen = batch[batch["id"].map(lambda i: i in members)]
     pair_numbers: list[int] = []
     ids: list[str] = []

@@ -41,26 +41,19 @@ from typing import Sequence
 
 import numpy as np
 
-from raylm.data.ngrams import ngram_hashes
+from raylm.data.ngrams import mix64, ngram_hashes
 
 EMPTY = np.uint32(0xFFFFFFFF)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def mix64(values: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser (a bijection of uint64 that spreads every input bit over the output)."""
-    with np.errstate(over="ignore"):
-        z = values.astype(np.uint64, copy=True)
-        z ^= z >> np.uint64(30)
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        z ^= z >> np.uint64(27)
-        z *= np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return z
-
-
 def _seed_key(seed: int) -> np.uint64:
     return mix64(np.array([seed + 1], dtype=np.uint64))[0]
+
+
+def _bin_of(mixed: np.ndarray, num_perm: int) -> np.ndarray:
+    """One of `num_perm` bins from the high 32 bits of a mixed hash (multiply-shift, no modulo bias)."""
+    return (((mixed >> np.uint64(32)) * np.uint64(num_perm)) >> np.uint64(32)).astype(np.int64)
 
 
 def bin_minima(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +61,7 @@ def bin_minima(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int
     count = len(offsets) - 1
     with np.errstate(over="ignore"):
         mixed = mix64(hashes ^ _seed_key(seed))
-    bins = (((mixed >> np.uint64(32)) * np.uint64(num_perm)) >> np.uint64(32)).astype(np.int64)
+    bins = _bin_of(mixed, num_perm)
     flat = np.repeat(np.arange(count, dtype=np.int64) * num_perm, np.diff(offsets)) + bins
     minima = np.full(count * num_perm, EMPTY, dtype=np.uint32)
     np.minimum.at(minima, flat, (mixed & np.uint64(0xFFFFFFFF)).astype(np.uint32))
@@ -82,7 +75,7 @@ def _probe(bins: np.ndarray, attempt: int, num_perm: int, seed: int) -> np.ndarr
     with np.errstate(over="ignore"):
         key = bins.astype(np.uint64) * _GOLDEN + np.uint64(attempt) * np.uint64(0xD6E8FEB86659FD93)
         mixed = mix64(key ^ _seed_key(seed + 7919))
-    return (((mixed >> np.uint64(32)) * np.uint64(num_perm)) >> np.uint64(32)).astype(np.int64)
+    return _bin_of(mixed, num_perm)
 
 
 def densify(minima: np.ndarray, filled: np.ndarray, seed: int) -> np.ndarray:

@@ -37,7 +37,7 @@ def words(text: str) -> list[str]:
     return WORD.findall(text.lower())
 
 
-def _mix64(values: np.ndarray) -> np.ndarray:
+def mix64(values: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser, a bijection of uint64 that spreads every bit."""
     with np.errstate(over="ignore"):
         z = values ^ (values >> np.uint64(30))
@@ -78,9 +78,9 @@ def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if not len(longer):
             break
         chunk = windows[starts[longer] + 8 * step] & _MASKS[np.minimum(lengths[longer] - 8 * step, 8)]
-        values[longer] = _mix64(values[longer]) ^ chunk
+        values[longer] = mix64(values[longer]) ^ chunk
         step += 1
-    hashes = _mix64(values ^ _SALT)
+    hashes = mix64(values ^ _SALT)
     doc_starts = np.cumsum([0] + [len(piece) + 1 for piece in pieces[:-1]]) if pieces else np.zeros(0, np.int64)
     doc_of_word = np.searchsorted(doc_starts, starts, side="right") - 1
     counts = np.bincount(doc_of_word, minlength=len(texts)).astype(np.int64)
