@@ -21,7 +21,7 @@ from raylm.model.hf import export_hf
 from raylm.train.checkpoint import load_model, load_tokenizer_json
 from raylm.train.finetune import BaseModelError, resolve_base
 from raylm.workspace import Workspace
-from tests.test_finetune_run import chat_rows, make_config, ray_light, write_chat  # noqa: F401 (ray_light: fixture)
+from tests.test_finetune_run import chat_rows, make_config, write_chat
 
 transformers = pytest.importorskip("transformers")
 
@@ -90,7 +90,7 @@ def test_cli_refuses_an_unsupported_architecture_before_ray_or_the_workspace(hf_
 
 
 @pytest.mark.slow
-def test_finetune_starts_from_a_hugging_face_folder(ray_light, tmp_path, hf_folder):  # noqa: F811
+def test_finetune_starts_from_a_hugging_face_folder(ray_light, tmp_path, hf_folder):
     from raylm.pipeline import Pipeline
 
     assert transformers.AutoModelForCausalLM.from_pretrained(hf_folder).config.model_type == "llama"
