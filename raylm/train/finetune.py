@@ -178,6 +178,11 @@ def check_hf_folder(folder: str) -> TransformerConfig:
     return config
 
 
+def local_path(source: str) -> str:
+    """`--from` as an absolute local path (`file://` and `~` allowed)."""
+    return os.path.abspath(os.path.expanduser(source.removeprefix("file://")))
+
+
 def is_hf_folder(path: str) -> bool:
     """A folder `resolve_base` treats as a Hugging Face model: config.json, not a raylm checkpoint or stage."""
     return (os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
@@ -187,7 +192,7 @@ def is_hf_folder(path: str) -> bool:
 
 def check_base_source(source: str) -> None:
     """The checks on `--from` that need neither Ray nor the workspace (the CLI runs them first)."""
-    path = os.path.abspath(os.path.expanduser(source.removeprefix("file://")))
+    path = local_path(source)
     if is_hf_folder(path):
         check_hf_folder(path)
 
@@ -214,7 +219,7 @@ def _from_hf(folder: str, workspace: Workspace) -> Base:
 
 def resolve_base(source: str, workspace: Workspace, tracking_uri: str | None = None) -> Base:
     """A checkpoint dir, a stage folder, an HF model folder, or an MLflow run id -> Base."""
-    path = os.path.abspath(os.path.expanduser(source.removeprefix("file://")))
+    path = local_path(source)
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, MODEL_CONFIG)):
             return _from_checkpoint(path, "checkpoint", source)
@@ -225,7 +230,7 @@ def resolve_base(source: str, workspace: Workspace, tracking_uri: str | None = N
             if not checkpoint:
                 raise BaseModelError(f"--from {source}: the stage folder's manifest names no checkpoint")
             return _from_checkpoint(checkpoint, "stage", source, manifest.get("mlflow_run_id"))
-        if os.path.exists(os.path.join(path, "config.json")):
+        if is_hf_folder(path):
             return _from_hf(path, workspace)
         raise BaseModelError(f"--from {source}: folder is neither a raylm checkpoint ({MODEL_CONFIG}), a stage folder "
                          "(manifest.json) nor a Hugging Face model folder (config.json)")
