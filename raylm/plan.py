@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from raylm.config import RaylmConfig
@@ -66,8 +66,7 @@ def model_for(config: RaylmConfig) -> TransformerConfig:
     if config.model.preset:
         vocab = PRESETS[config.model.preset].get("vocab_size", vocab)
     known = set(TransformerConfig.__dataclass_fields__)
-    model = TransformerConfig.from_dict({**{k: v for k, v in section.items() if k in known}, "vocab_size": vocab})
-    return replace(model, vocab_size=vocab + model.span_sentinels) if model.span_sentinels else model
+    return TransformerConfig.for_tokenizer({k: v for k, v in section.items() if k in known}, vocab)
 
 
 @dataclass

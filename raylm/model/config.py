@@ -159,6 +159,13 @@ class TransformerConfig:
             raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
 
+    @classmethod
+    def for_tokenizer(cls, data: dict[str, Any], tokens: int) -> "TransformerConfig":
+        """The config from `data` with the vocabulary a tokenizer of `tokens` ids needs: those ids, plus
+        span corruption's sentinel ids on top (the tokenizer never produces them)."""
+        config = cls.from_dict({**data, "vocab_size": tokens})
+        return replace(config, vocab_size=tokens + config.span_sentinels) if config.span_sentinels else config
+
 
 # Sizes. `gpt2-124m` is GPT-2 small exactly (learned positions, LayerNorm, GELU, biases; 124,439,808
 # parameters with GPT-2's vocabulary); the larger ones are modern (RoPE, SwiGLU, RMSNorm, GQA).

@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from raylm.model.config import SEQ2SEQ_OBJECTIVES
+
 
 def split_inputs_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows[:, :-1], rows[:, 1:]
@@ -67,8 +69,8 @@ def lm_batch(rows: torch.Tensor, config, loss_mask: torch.Tensor | None = None, 
         if loss_mask is not None:  # a sentinel counts when its span's first token does
             targets = targets.masked_fill(loss_mask.gather(1, corrupted.target_positions) != 1, ignore_id)
         return {"source": corrupted.source, "tokens": corrupted.decoder_inputs}, targets
-    if objective not in ("prefix", "span_corruption"):
-        raise ValueError(f"model.seq2seq_objective = {objective!r}: expected one of prefix, span_corruption")
+    if objective not in SEQ2SEQ_OBJECTIVES:
+        raise ValueError(f"model.seq2seq_objective = {objective!r}: expected one of {', '.join(SEQ2SEQ_OBJECTIVES)}")
     if getattr(config, "arch", "decoder") == "encoder-decoder":
         start = config.source_len
         source, tokens, targets = seq2seq_split(rows, start)

@@ -59,8 +59,13 @@ class PackedSequences:
     def global_batch(self, position: int, batch_size: int, seed: int) -> np.ndarray:
         return self.order(np.arange(position, position + batch_size), seed)
 
+    @staticmethod
+    def worker_positions(position: int, batch_size: int, rank: int, world: int) -> np.ndarray:
+        """The stream positions of the global batch at `position` that worker `rank` of `world` reads."""
+        return np.arange(position, position + batch_size)[rank::world]
+
     def worker_indices(self, position: int, batch_size: int, seed: int, rank: int, world: int) -> np.ndarray:
-        return self.global_batch(position, batch_size, seed)[rank::world]
+        return self.order(self.worker_positions(position, batch_size, rank, world), seed)
 
     def worker_rows(self, position: int, batch_size: int, seed: int, rank: int, world: int) -> np.ndarray:
         return self.rows[self.worker_indices(position, batch_size, seed, rank, world)]

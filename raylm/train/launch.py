@@ -49,8 +49,7 @@ def model_config_for(model: ModelConfig | TransformerConfig, vocab_size: int,
             raise ValueError(f"model vocab_size {model.vocab_size} is smaller than the tokenizer's {vocab_size}{sentinels}")
         data = model.to_dict()
     else:
-        data = {**model.model_dump(mode="json"), "vocab_size": vocab_size}
-        data["vocab_size"] += TransformerConfig.from_dict(data).span_sentinels  # T5's extra ids, above the tokenizer's
+        data = TransformerConfig.for_tokenizer(model.model_dump(mode="json"), vocab_size).to_dict()
     if activation_checkpointing:
         data["activation_checkpointing"] = True
     return TransformerConfig.from_dict(data)

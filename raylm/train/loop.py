@@ -207,7 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             group["lr"] = lr
 
         rows, mask = train_data.worker_batch(state["data_position"], global_batch, train_cfg["seed"], rank, world)
-        positions = range(state["data_position"], state["data_position"] + global_batch)[rank::world]
+        positions = train_data.worker_positions(state["data_position"], global_batch, rank, world)
         inputs, targets = lm_batch(torch.from_numpy(rows).long().to(device), model_config,
                                    loss_mask=None if mask is None else torch.from_numpy(mask).to(device), ignore_id=pad_id,
                                    seeds=row_seeds(train_cfg["seed"], positions))
