@@ -128,28 +128,27 @@ def split_frame(frame: pd.DataFrame, parts: int) -> list[pd.DataFrame]:
     return [frame.iloc[sorted(rows)] for rows in members if rows]
 
 
-def raylm_pairs(ids: list[str], texts: list[str], blocks: int, verify: str = "exact") -> set[tuple[str, str]]:
+def balanced_dataset(ids: list[str], texts: list[str], blocks: int):
+    """A Ray Dataset of `id, text` in `blocks` Arrow blocks balanced by bytes (Arrow, as read from
+    Parquet/JSON: no pandas -> Arrow conversion inside a timed step)."""
     import ray.data
 
-    frame = pd.DataFrame({"id": ids, "text": texts})
-    parts = split_frame(frame, blocks)
-    dataset = ray.data.from_arrow([pa.Table.from_pandas(part, preserve_index=False) for part in parts])
-    pairs, _ = dedup.near_duplicate_pairs(dataset, NUM_PERM, SHINGLE, THRESHOLD, seed=1,
+    parts = split_frame(pd.DataFrame({"id": ids, "text": texts}), blocks)
+    return ray.data.from_arrow([pa.Table.from_pandas(part, preserve_index=False) for part in parts])
+
+
+def raylm_pairs(ids: list[str], texts: list[str], blocks: int, verify: str = "exact") -> set[tuple[str, str]]:
+    pairs, _ = dedup.near_duplicate_pairs(balanced_dataset(ids, texts, blocks), NUM_PERM, SHINGLE, THRESHOLD, seed=1,
                                           false_negative_weight=0.9, verify=verify, max_bucket=200,
                                           num_partitions=blocks)
     return pairs
 
 
 def raylm_signature_time(ids: list[str], texts: list[str], blocks: int) -> float:
-    import ray.data
-
-    parts = split_frame(pd.DataFrame({"id": ids, "text": texts}), blocks)
-    # Arrow blocks, as read from Parquet/JSON: no pandas -> Arrow conversion inside the timed step
-    dataset = ray.data.from_arrow([pa.Table.from_pandas(part, preserve_index=False) for part in parts]).materialize()
-    started = time.perf_counter()
-    dataset.map_batches(dedup.signature_batch, batch_format="pyarrow",
-                        fn_kwargs={"num_perm": NUM_PERM, "shingle_size": SHINGLE, "seed": 1}).materialize()
-    return time.perf_counter() - started
+    dataset = balanced_dataset(ids, texts, blocks).materialize()
+    return timed(lambda: dataset.map_batches(dedup.signature_batch, batch_format="pyarrow",
+                                             fn_kwargs={"num_perm": NUM_PERM, "shingle_size": SHINGLE,
+                                                        "seed": 1}).materialize())
 
 
 def timed(function) -> float:
