@@ -60,7 +60,7 @@ def run_method(name: str, args, tokenizer_json: str, queue) -> None:
 
     from raylm.finetune import parameter_counts, prepare_for_finetune
     from raylm.model import Transformer, TransformerConfig
-    from raylm.train.data import masked_targets
+    from raylm.model.loss import lm_batch
     from raylm.train.optim import build_optimizer
 
     import peft  # noqa: F401 - imported by every method, so its import is not counted against LoRA
@@ -83,8 +83,8 @@ def run_method(name: str, args, tokenizer_json: str, queue) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        logits = model(batch[:, :-1])
-        targets = masked_targets(batch[:, 1:], mask, pad_id)
+        inputs, targets = lm_batch(batch, config, loss_mask=mask, ignore_id=pad_id)
+        logits = model(**inputs)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_id)
         loss.backward()
         optimizer.step()
