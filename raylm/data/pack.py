@@ -91,9 +91,9 @@ def pack(token_lists: list[list[int]], seq_len: int, eos_id: int, pad_id: int, p
     raise ValueError(f"tokenizer.packing = {packing!r}: expected one of {PACKINGS}")
 
 
-def encode_and_pack(batch: pd.DataFrame, tokenizer_json: str, seq_len: int, packing: str = "greedy",
-                    threads: int | None = None) -> pa.Table:
-    """One Ray Data batch of documents (`text` column) -> packed rows with token and byte counts.
+def encode_and_pack(batch: pd.DataFrame | pa.Table | pa.RecordBatch, tokenizer_json: str, seq_len: int,
+                    packing: str = "greedy", threads: int | None = None) -> pa.Table:
+    """A batch of documents (`text` column, pandas or Arrow) -> packed rows with token and byte counts.
 
     `threads=1` keeps `tokenizers` from starting its own thread pool inside a one-CPU Ray worker.
     """
@@ -101,7 +101,9 @@ def encode_and_pack(batch: pd.DataFrame, tokenizer_json: str, seq_len: int, pack
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = document_tokenizer(tokenizer_json)
     eos_id, pad_id = special_id(tokenizer, EOS), special_id(tokenizer, PAD)
-    encodings = tokenizer.encode_batch_fast(batch["text"].tolist(), add_special_tokens=False)
+    texts = batch["text"]
+    texts = texts.to_pylist() if isinstance(texts, (pa.Array, pa.ChunkedArray)) else texts.tolist()
+    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     packed = pack([e.ids for e in encodings], seq_len, eos_id, pad_id, packing)
     return packed_table(packed, pad_id, _byte_lengths(tokenizer_json))
 

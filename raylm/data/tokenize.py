@@ -3,8 +3,9 @@
 The tokenizer sees a random sample (about `tokenizer.sample_bytes`) of the train split, streamed from
 Ray Data into the trainer batch by batch; the val split is held out from it. Reuse instead of training:
 `tokenizer.path` (a tokenizer.json, a folder holding one, or `runs:/RUN_ID/tokenizer` of an earlier
-tokenize run in MLflow). Encoding and packing run in Ray Data `map_batches` (batched encoding, then
-greedy or best-fit packing per batch) and write parquet shards per split, plus a manifest with the
+tokenize run in MLflow). Encoding and packing run in Ray Data `map_batches`, one task per piece of the
+split (batched encoding, then greedy or best-fit packing per batch of `batch_size` documents), and write
+parquet shards per split from the same tasks, plus a manifest with the
 tokenizer fingerprint, the sequence length and, per split, the sequences, tokens and bytes behind them.
 The tokenizer folder (loadable by `transformers`) is saved in the stage and logged to MLflow.
 """
@@ -18,13 +19,16 @@ import tempfile
 from typing import Any, Iterator
 
 import mlflow
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import ray.data
 from tokenizers import Tokenizer
 
 from raylm.config import TokenizerConfig
 from raylm.data.pack import encode_and_pack
+from raylm.data.parquet_pieces import parquet_pieces, read_piece
 from raylm.data.tokenizer import (BOS, BYTE_ALPHABET_SIZE, EOS, PAD, REQUIRED_SPECIAL_TOKENS, fingerprint,
                                   hf_tokenizer_files, load_tokenizer, special_id, special_token_ids,
                                   take_sample, train_tokenizer)
@@ -35,7 +39,6 @@ log = logging.getLogger("raylm")
 SPLITS = ("train", "val")
 TOKENIZER_DIR = "tokenizer"
 SAMPLE_SEED = 0
-SHARD_BYTES = 16 * 2**20  # about this much token data per parquet file
 
 
 def fetch_tokenizer(path: str) -> Tokenizer:
@@ -115,22 +118,42 @@ def save_stage_tokenizer(tokenizer: Tokenizer, stage: StageDir, seq_len: int) ->
     return stage.path(TOKENIZER_DIR, "tokenizer.json")
 
 
+def encode_and_pack_pieces(pieces: pa.Table, filesystem: pafs.FileSystem, tokenizer_json: str, seq_len: int,
+                           packing: str, batch_size: int) -> pa.Table:
+    """One task's work: read each piece (a parquet file, or some of its row groups) and encode and
+    pack it `batch_size` documents at a time."""
+    tables = [encode_and_pack(batch, tokenizer_json, seq_len, packing, threads=1)
+              for piece in pieces.to_pylist()
+              for batch in read_piece(piece, filesystem, ["text"], batch_size)]
+    if not tables:
+        return encode_and_pack(pa.table({"text": pa.array([], pa.string())}), tokenizer_json, seq_len, packing, threads=1)
+    return pa.concat_tables(tables)
+
+
 def packed_dataset(source_uri: str, tokenizer_json: str, seq_len: int, config: TokenizerConfig) -> ray.data.Dataset:
-    """The documents at `source_uri` encoded and packed, lazily. The read is re-cut into blocks of
-    `batch_size` documents as it streams: Ray Data reads small parquet files as one block, which
-    would leave every worker but one idle."""
-    return ray.data.read_parquet(source_uri, columns=["text"]).repartition(
-        target_num_rows_per_block=config.batch_size).map_batches(
-        encode_and_pack, batch_format="pandas", batch_size=config.batch_size,
+    """The documents at `source_uri` encoded and packed, lazily: one task per piece of the parquet
+    folder (see `parquet_pieces` for why the tasks read the files themselves)."""
+    filesystem, pieces = parquet_pieces(source_uri)
+    return ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
+        encode_and_pack_pieces, batch_format="pyarrow", batch_size=1,
         compute=ray.data.TaskPoolStrategy(size=config.concurrency),
-        fn_kwargs={"tokenizer_json": tokenizer_json, "seq_len": seq_len, "packing": config.packing, "threads": 1})
+        fn_kwargs={"filesystem": filesystem, "tokenizer_json": tokenizer_json, "seq_len": seq_len,
+                   "packing": config.packing, "batch_size": config.batch_size})
+
+
+def write_packed(source_uri: str, tokenizer_json: str, seq_len: int, config: TokenizerConfig, path: str,
+                 filesystem: pafs.FileSystem | None = None) -> None:
+    """Encode, pack and write parquet shards to `path`, one shard per piece: one fused Ray Data operator.
+
+    The write takes the map's concurrency, so that Ray Data fuses it into the tokenize tasks; and no
+    `min_rows_per_file`, which would bundle many pieces (one row each) into one task."""
+    packed = packed_dataset(source_uri, tokenizer_json, seq_len, config)
+    packed.write_parquet(path, filesystem=filesystem, concurrency=config.concurrency)
 
 
 def pack_split(source_uri: str, tokenizer_json: str, seq_len: int, config: TokenizerConfig,
                stage: StageDir, split: str) -> dict[str, int]:
-    packed = packed_dataset(source_uri, tokenizer_json, seq_len, config)
-    packed.write_parquet(stage.fs_path(split), filesystem=stage.fs,
-                         min_rows_per_file=max(1, SHARD_BYTES // (4 * (seq_len + 1))))
+    write_packed(source_uri, tokenizer_json, seq_len, config, stage.fs_path(split), stage.fs)
     return count_packed(stage, split)
 
 
