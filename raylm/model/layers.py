@@ -29,17 +29,20 @@ def make_norm(config: TransformerConfig) -> nn.Module:
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's (cos, sin) over the whole head dimension [seq_len, head_dim], in the half-split layout
+    (dimension i pairs with i + head_dim/2, as in Llama); sin carries the sign of the rotation."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.cat([angles.cos(), angles.cos()], -1), torch.cat([-angles.sin(), angles.sin()], -1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x1, x2) of each head by position-dependent angles.
-    x: [batch, heads, time, dim]; cos, sin: [batch or 1, time, dim / 2]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None], sin[:, None]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    """Rotate pairs (x1, x2) = (x[..., i], x[..., i + dim/2]) by position-dependent angles:
+    (x1 cos - x2 sin, x2 cos + x1 sin) = x * cos + swap_halves(x) * signed sin.
+    x: [batch, time, heads, dim]; cos, sin: [batch or 1, time, dim]. Two full-width multiplies on
+    the heads' own layout: on CPU, half-width multiplies on transposed views cost twice as much."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
 def sinusoidal_table(seq_len: int, d_model: int) -> torch.Tensor:
@@ -169,10 +172,13 @@ class Attention(nn.Module):
             else:
                 k, v = cached
         else:
-            q, k, v = self.qkv(x).split([width, kv_width, kv_width], dim=-1)
-            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.kv_heads), self._heads(v, self.kv_heads)
-            if rope is not None:
-                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            qkv = self.qkv(x)
+            queries_keys, v = qkv.split([width + kv_width, kv_width], dim=-1)
+            queries_keys = queries_keys.view(batch, time, self.n_heads + self.kv_heads, self.head_dim)
+            if rope is not None:  # queries and keys rotated together, before the heads move to dim 1
+                queries_keys = apply_rotary(queries_keys, *rope)
+            q, k = queries_keys.split([self.n_heads, self.kv_heads], dim=2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), self._heads(v, self.kv_heads)
             if cache is not None:
                 k, v = cache.append(self.layer, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
