@@ -10,7 +10,7 @@ The tokenizer is trained (as the stage does) on the train part only; bytes per t
 on the held-out part. Goal (issue 4): 2 workers >= 1.5x the single-process baseline on 2 cores.
 The baseline with its thread pool on already uses both cores; on 2 cores no stage can be 1.5x that.
 
-    python benchmarks/tokenization.py [--mb 6] [--files 8] [--vocab 4096] [--seq-len 256] [--packing greedy]
+    python benchmarks/tokenize.py [--mb 24] [--batch-size 64] [--files 8] [--vocab 4096] [--seq-len 256] [--packing greedy]
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from __future__ import annotations
 import os
 import sys
 
-# The repository first on sys.path, so `import raylm` needs no install or PYTHONPATH.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root first on sys.path (so `import raylm` needs no install), and this folder off it:
+# this file's name would otherwise shadow the standard library's `tokenize` for every later import.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
@@ -62,13 +64,13 @@ def ray_stage(source: Path, target: Path, tokenizer_json: str, seq_len: int, pac
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=float, default=6.0, help="megabytes of standard-library text")
+    parser.add_argument("--mb", type=float, default=24.0, help="megabytes of standard-library text")
     parser.add_argument("--corpus", nargs="*", default=[], help="text files to use instead")
     parser.add_argument("--files", type=int, default=8, help="parquet files the documents are written to")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--packing", default="greedy", choices=["greedy", "best_fit"])
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timed runs each")
     args = parser.parse_args()
 
