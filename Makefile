@@ -39,8 +39,18 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Every benchmark at its full (default) size, one after the other; a failure is reported and the rest still run.
+# The GPU check runs on a GPU when torch sees one, else in its CPU smoke mode.
 bench: install
-	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+	@failed=""; \
+	for script in benchmarks/[!_]*.py; do \
+	  [ "$$script" = benchmarks/gpu_check.py ] && continue; \
+	  echo "== $$script"; $(PY) $$script || failed="$$failed $$script"; \
+	done; \
+	echo "== benchmarks/gpu_check.sh"; \
+	if $(PY) -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then smoke=; else smoke=--smoke; fi; \
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh $$smoke || failed="$$failed benchmarks/gpu_check.sh"; \
+	if [ -n "$$failed" ]; then echo "bench: failed:$$failed"; exit 1; fi
 
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/raylm-workspace/mlflow.db --port 5000

@@ -24,7 +24,6 @@ import argparse
 import itertools
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -32,8 +31,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _repo import ROOT  # noqa: E402  (puts the repository root on sys.path)
 
 from raylm.data import dedup  # noqa: E402
 from raylm.data.ngrams import jaccard, shingle_set, words  # noqa: E402

@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-# The repository root first on sys.path, so `import raylm` works without an install.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _repo  # noqa: F401  (puts the repository root on sys.path)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

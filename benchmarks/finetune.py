@@ -20,9 +20,9 @@ import resource
 import statistics
 import sys
 import time
-from pathlib import Path
+from queue import Empty
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _repo  # noqa: F401,E402  (puts the repository root on sys.path)
 
 METHODS = {
     "full": {"method": "full"},
@@ -49,6 +49,8 @@ def chat_batches(args, tokenizer_json: str):
                                  "response": f"Add the tens, then the units: {a} plus {b} is {a + b}."})
         rendered.append(render(turns, tokenizer, ids))
     tokens, masks, _ = pack_conversations(rendered, args.seq_len, ids["pad"])
+    if len(tokens) == 0:
+        raise SystemExit(f"finetune benchmark: no conversation fits --seq-len {args.seq_len}; use a longer one")
     need = args.batch * (args.steps + args.warmup)
     repeat = -(-need // len(tokens))
     return np.tile(tokens, (repeat, 1))[:need], np.tile(masks, (repeat, 1))[:need], ids["pad"]
@@ -104,6 +106,18 @@ def run_method(name: str, args, tokenizer_json: str, queue) -> None:
                "peak_bytes": peak, "step_s": statistics.median(times), "loss": float(loss.detach()), "device": device.type})
 
 
+def result_of(name: str, process, queue) -> dict:
+    """The method's result, or exit 1 naming the method when its process died before sending one."""
+    while process.is_alive() or not queue.empty():
+        try:
+            result = queue.get(timeout=1)
+        except Empty:
+            continue
+        process.join()
+        return result
+    sys.exit(f"finetune benchmark: the {name} process exited with code {process.exitcode} before reporting")
+
+
 def tokenizer_with_chat_tokens(vocab: int) -> str:
     from raylm.config import TokenizerConfig
     from raylm.data.chat import TEMPLATE_TOKENS
@@ -138,8 +152,7 @@ def main() -> None:
         queue = context.Queue()
         process = context.Process(target=run_method, args=(name, args, tokenizer_json, queue))
         process.start()
-        results[name] = queue.get()
-        process.join()
+        results[name] = result_of(name, process, queue)
 
     mib = 1 / 2**20
     full = results["full"]

@@ -3,11 +3,12 @@
 # steps on one GPU through `raylm pretrain`'s trainer (Ray Train, 1 worker); print tokens/s and MFU
 # (goal >= 45% on an H200). Data: the built-in python-stdlib corpus (no network).
 #
-#   bash benchmarks/gpu_check.sh                   # on a GPU machine
-#   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh # CPU smoke test of this script (< 1 min, tiny model)
+#   bash benchmarks/gpu_check.sh            # on a GPU machine
+#   bash benchmarks/gpu_check.sh --smoke    # CPU smoke test of this script (< 1 min, tiny model); the suite runs it
 #
-# Knobs: GPU_CHECK_STEPS (300), GPU_CHECK_MICRO (16 sequences of 1024), GPU_CHECK_BATCH (32),
-# GPU_CHECK_COMPILE (1), PYTHON (python interpreter; default .venv/bin/python, else python3).
+# Flags (see --help), each also an environment variable: --steps / GPU_CHECK_STEPS (300), --micro / GPU_CHECK_MICRO
+# (16 sequences of 1024), --batch / GPU_CHECK_BATCH (32), --[no-]compile / GPU_CHECK_COMPILE (1), --smoke /
+# GPU_CHECK_SMOKE=1. PYTHON: the interpreter (default .venv/bin/python, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-}"

@@ -14,11 +14,8 @@ Ends with one line: `model: key=value ...` (ratios > 1 mean raylm is faster).
 from __future__ import annotations
 
 import os
-import sys
 
-# The repository root first on sys.path, so `import raylm` works without an install.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+import _repo  # noqa: F401  (puts the repository root on sys.path)
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402

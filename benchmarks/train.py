@@ -6,7 +6,7 @@ tokens/s of each (steady state: the first report window, which includes start-up
 dropped), their ratio (goal >= 0.95), 2 workers on 2 cores against 1 worker (no goal), and MFU on
 this CPU (peak measured by a matmul).
 
-    PYTHONPATH=. python benchmarks/train.py [--steps 60] [--d-model 128] [--layers 2] [--seq-len 128]
+    python benchmarks/train.py [--steps 60] [--d-model 128] [--layers 2] [--seq-len 128]
 
 Ends with one line: `train: plain_tok_s=... raylm_1w_tok_s=... ratio_1w_vs_plain=... ...`.
 """
@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _repo  # noqa: F401,E402  (puts the repository root on sys.path)
 
 import torch  # noqa: E402
 
@@ -67,8 +66,9 @@ def plain_loop(model_cfg: ModelConfig, train: TrainConfig, packed: dict, report_
     return rates
 
 
-def raylm_run(model_cfg: ModelConfig, train: TrainConfig, packed: dict, folder: Path, name: str) -> list[float]:
-    """tokens/s per report window of the real trainer (read back from its MLflow run)."""
+def raylm_run(model_cfg: ModelConfig, train: TrainConfig, packed: dict, folder: Path, name: str,
+              extra_metrics: tuple[str, ...] = ()) -> dict[str, list[float]]:
+    """Per report window, tokens/s (and `extra_metrics`) of the real trainer, read back from its MLflow run."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{folder}/mlflow.db"
@@ -78,8 +78,8 @@ def raylm_run(model_cfg: ModelConfig, train: TrainConfig, packed: dict, folder: 
     result = build_trainer(model_cfg, train, packed, str(folder / "runs"), name, uri, run_id).fit()
     if result.error:
         raise result.error
-    history = sorted(client.get_metric_history(run_id, "tokens_per_s"), key=lambda m: m.step)
-    return [m.value for m in history]
+    return {key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+            for key in ("tokens_per_s", *extra_metrics)}
 
 
 def steady(rates: list[float]) -> float:
@@ -109,8 +109,8 @@ def main() -> None:
 
     plain = plain_loop(model_cfg, TrainConfig(workers=1, **common), packed, args.report_every)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    one = raylm_run(model_cfg, TrainConfig(workers=1, **common), packed, folder, "one")
-    two = raylm_run(model_cfg, TrainConfig(workers=2, **common), packed, folder, "two")
+    one = raylm_run(model_cfg, TrainConfig(workers=1, **common), packed, folder, "one")["tokens_per_s"]
+    two = raylm_run(model_cfg, TrainConfig(workers=2, **common), packed, folder, "two")["tokens_per_s"]
     ray.shutdown()
 
     config = model_config_for(model_cfg, packed["tokenizer"]["vocab_size"])

@@ -6,7 +6,7 @@ sweep, wall time until the best trial's last result (the sweep start to the mome
 is known), trials stopped early, the best config and its val loss; then the ratios ASHA / full and
 whether both found the same best configuration.
 
-    PYTHONPATH=. python benchmarks/tune.py [--samples 6] [--steps 60] [--seed 0]
+    python benchmarks/tune.py [--samples 6] [--steps 60] [--seed 0]
 
 Ends with one line: `tune: asha_s=... full_s=... ratio_total=... ratio_to_best=... same_best=...`.
 """
@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-_HERE = os.path.dirname(os.path.abspath(__file__))  # keep benchmarks/ off sys.path: its tokenize.py shadows the stdlib
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+import _repo  # noqa: F401,E402  (puts the repository root on sys.path)
 
 from raylm.config import validate_config  # noqa: E402
 from raylm.runtime import init_ray  # noqa: E402

@@ -14,7 +14,7 @@ import os
 import sys
 
 # The repository (the uploaded working dir) replaces jobs/ at the head of sys.path: the job runs the
-# raylm code it was submitted with, and jobs/tokenize.py cannot shadow the standard library's tokenize.
+# raylm code it was submitted with, not an installed copy.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from raylm.cli import main  # noqa: E402

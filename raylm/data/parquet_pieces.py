@@ -10,7 +10,7 @@ encoding, packing and writing run as a single fused Ray Data operator. With Ray 
   every operator of a pipeline, so read, repartition and write each held a CPU that the tokenize
   tasks could not use.
 As one operator (pieces -> read, encode, pack -> write) 2 workers run at 1.47x the speed of one
-(`python benchmarks/tokenize.py`).
+(`python benchmarks/tokenization.py`).
 
 A piece is a whole file, or, for a file over `piece_bytes`, a run of its row groups: the driver
 lists the folder once and reads only the footers of large files. Pieces come largest first, so the

@@ -81,6 +81,13 @@ def evaluate(model: torch.nn.Module, model_config: TransformerConfig, rows: np.n
     return {"val_loss": nll / max(count, 1), "val_bpb": bits_per_byte(nll_bytes, int(n_bytes))}
 
 
+def device_memory_metrics(device: torch.device) -> dict[str, float]:
+    """Peak allocated GPU memory since the worker started, in GiB (nothing on the CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_mem_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
 def stop_requested(stop_uri: str | None, device: torch.device) -> bool:
     """True on every worker once the run's STOP file exists (agreed through an all-reduce)."""
     if not stop_uri:
@@ -247,7 +254,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {"step": step, "loss": window["loss"] / window["steps"], "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": tokens_per_s, "step_time_s": elapsed / window["steps"],
                    "mfu": mfu(flops, tokens_per_s / world, peak), "tokens_seen": state["tokens_seen"],
-                   "val_loss_initial": state.get("val_loss_initial", math.nan), **base}
+                   "val_loss_initial": state.get("val_loss_initial", math.nan), **device_memory_metrics(device),
+                   **base}
         if stop_requested(config.get("stop_uri"), device):
             metrics["stopped"] = 1
             done = evaluate_now = checkpoint_now = True

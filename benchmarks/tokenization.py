@@ -10,18 +10,14 @@ The tokenizer is trained (as the stage does) on the train part only; bytes per t
 on the held-out part. Goal (issue 4): 2 workers >= 1.5x the single-process baseline on 2 cores.
 The baseline with its thread pool on already uses both cores; on 2 cores no stage can be 1.5x that.
 
-    python benchmarks/tokenize.py [--mb 24] [--batch-size 64] [--files 8] [--vocab 4096] [--seq-len 256] [--packing greedy]
+    python benchmarks/tokenization.py [--mb 24] [--batch-size 64] [--files 8] [--vocab 4096] [--seq-len 256] [--packing greedy]
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
-# The repository root first on sys.path (so `import raylm` needs no install), and this folder off it:
-# this file's name would otherwise shadow the standard library's `tokenize` for every later import.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+import _repo  # noqa: F401  (puts the repository root on sys.path)
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402

@@ -1,7 +1,7 @@
 """`ray job submit` entrypoint for `raylm tokenize`: train the tokenizer and pack the splits.
 
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml -- \
-        python jobs/tokenize.py --config configs/cluster.yaml
+        python jobs/tokenization.py --config configs/cluster.yaml
 
 It is `raylm tokenize` and nothing else: the same flags (`--config`, `--set`, `--workspace`, `--force`; see
 `raylm tokenize --help`), the same code. Inside a job Ray is already there (the job supervisor sets
@@ -14,7 +14,7 @@ import os
 import sys
 
 # The repository (the uploaded working dir) replaces jobs/ at the head of sys.path: the job runs the
-# raylm code it was submitted with, and jobs/tokenize.py cannot shadow the standard library's tokenize.
+# raylm code it was submitted with, not an installed copy.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from raylm.cli import main  # noqa: E402
