@@ -217,6 +217,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     if getattr(args, "tokenizer", None):
         overrides.append(f"tokenizer.path={args.tokenizer}")
     config = load_config(args.config, overrides, args.workspace)
+    check_storage(config, sources=name in ("curate", "pipeline"))
     if name == "eval" and args.checkpoint:
         return _run_eval(config, args)
     if name == "pretrain" and args.from_sweep:
@@ -248,6 +249,29 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         manifests = {name: getattr(pipeline, name)()}
     print(pipeline.summary(manifests))
     return 0
+
+
+def check_storage(config, sources: bool) -> None:
+    """Before Ray starts: the workspace takes a test object, and (`sources`) every remote source lists files.
+
+    Raises ConfigError with one line per problem, naming the key and the URI.
+    """
+    from raylm.storage import is_http, is_object_store, probe_workspace, remote_source_problem
+
+    problems = []
+    if sources:
+        for index, source in enumerate(config.data.sources):
+            if is_object_store(source.path) or is_http(source.path):
+                problem, count = remote_source_problem(f"data.sources[{index}].path", source.path)
+                if problem:
+                    problems.append(problem)
+                else:
+                    log.info("data.sources[%d]: %s matches %d file(s)", index, source.path, count)
+    problem = probe_workspace(config.workspace.root)
+    if problem:
+        problems.append(problem)
+    if problems:
+        raise ConfigError(problems)
 
 
 def _config_from_sweep(args: argparse.Namespace, config, overrides: list[str] | None = None):

@@ -1,9 +1,11 @@
-"""How one stage runs: reuse a finished result, or compute it into a fresh folder, and log either way.
+"""How one stage runs: reuse a finished result, or compute it into an attempt folder, and log either way.
 
 Every stage (curate, tokenize, pretrain, eval, ...) goes through `execute`: the stage's folder is
-named by its config and inputs; when its success marker exists the stage is not run again (unless
-forced) and its manifest is logged to a run tagged `raylm.reused=true`; otherwise the folder is
-cleared, the stage's body runs inside an MLflow run, and the manifest and marker are written last.
+named by its config and inputs; when its commit exists the stage is not run again (unless forced) and
+its manifest is logged to a run tagged `raylm.reused=true`. When another live run is writing the same
+stage, this one waits for that run's commit and reuses it. Otherwise the body runs inside an MLflow run,
+writing into an attempt folder of its own, and the manifest and the commit are written last
+(`raylm.workspace` says how a commit stays whole on every store).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Callable
 import mlflow
 
 from raylm.tracking import Tracker
-from raylm.workspace import StageDir
+from raylm.workspace import STALE_AFTER_S, StageConflict, StageDir
 
 log = logging.getLogger("raylm")
 
@@ -28,29 +30,62 @@ def execute(stage: StageDir, section: dict[str, Any], tracker: Tracker, body: St
     """Run `body(stage)` unless its result exists; return the stage manifest.
 
     `body` returns the stage's outputs for the manifest; its `metrics` (a flat dict of numbers) are
-    also logged to MLflow. A `resumable` stage (training) keeps what an interrupted run left in its
-    folder, so it can continue from there; other stages start from an empty folder.
+    also logged to MLflow. A `resumable` stage (training) takes back the attempt an interrupted run left,
+    so it can continue from there; other stages start a new attempt.
     """
+    if not force:
+        wait_for_other_run(stage)
     if stage.is_complete() and not force:
-        manifest = stage.manifest()
-        log.info("%s: reusing finished result %s", stage.name, stage.uri)
-        with tracker.stage_run(stage, section, reused=True, extra_params=extra_params):
-            tracker.log_metrics(manifest.get("metrics", {}))
-            tracker.log_manifest(manifest)
-            mlflow.set_tag("raylm.source_run", manifest.get("mlflow_run_id", ""))
-        return manifest
+        return reuse(stage, section, tracker, extra_params)
 
-    if resumable and not force:
-        stage.fs.create_dir(stage.fs_path(), recursive=True)
-    else:
-        stage.prepare(force=True)
-    log.info("%s: writing %s", stage.name, stage.uri)
-    with tracker.stage_run(stage, section, extra_params=extra_params) as run:
-        started = time.perf_counter()
-        outputs = body(stage)
-        metrics = {**outputs.get("metrics", {}), "stage_seconds": time.perf_counter() - started}
-        outputs["metrics"] = metrics
-        manifest = stage.finish({**outputs, "mlflow_run_id": run.info.run_id})
-        tracker.log_metrics(metrics)
-        tracker.log_manifest(manifest)
+    stage.begin(resumable=resumable and not force)
+    log.info("%s: writing %s", stage.name, stage.path())
+    try:
+        with tracker.stage_run(stage, section, extra_params=extra_params) as run:
+            started = time.perf_counter()
+            outputs = body(stage)
+            metrics = {**outputs.get("metrics", {}), "stage_seconds": time.perf_counter() - started}
+            outputs["metrics"] = metrics
+            try:
+                manifest = stage.finish({**outputs, "mlflow_run_id": run.info.run_id}, replace=force)
+            except StageConflict as conflict:
+                mlflow.set_tag("raylm.superseded", str(conflict))
+                manifest = None
+            else:
+                tracker.log_metrics(metrics)
+                tracker.log_manifest(manifest)
+    finally:
+        stage.release()
+    if manifest is None:  # another run of the same stage committed first: its result stands, ours goes
+        log.warning("%s: another run committed %s first; reusing its result", stage.name, stage.uri)
+        stage.fs.delete_dir(stage.fs_path())
+        stage.attempt = None
+        return reuse(stage, section, tracker, extra_params)
+    stage.discard_abandoned()
     return manifest
+
+
+def reuse(stage: StageDir, section: dict[str, Any], tracker: Tracker,
+          extra_params: dict[str, Any] | None) -> dict[str, Any]:
+    """Log a finished stage's manifest to a run tagged `raylm.reused=true` and return it."""
+    manifest = stage.manifest()
+    log.info("%s: reusing finished result %s", stage.name, stage.uri)
+    with tracker.stage_run(stage, section, reused=True, extra_params=extra_params):
+        tracker.log_metrics(manifest.get("metrics", {}))
+        tracker.log_manifest(manifest)
+        mlflow.set_tag("raylm.source_run", manifest.get("mlflow_run_id", ""))
+    return manifest
+
+
+def wait_for_other_run(stage: StageDir, poll_s: float = 2.0) -> None:
+    """While another live run writes this stage (and it is not committed), wait; it ends by commit or death."""
+    announced = None
+    while not stage.is_complete():
+        other = stage.live_owner()
+        if other is None:
+            return
+        if announced != other.attempt:
+            log.warning("%s: %s is writing %s; waiting for it to finish (it is taken as dead %.0f s after "
+                        "its last heartbeat)", stage.name, other.describe(), stage.uri, STALE_AFTER_S)
+            announced = other.attempt
+        time.sleep(poll_s)

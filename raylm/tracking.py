@@ -12,6 +12,7 @@ fingerprints, the config hash, the code version and, for models, the checkpoint 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from typing import Any, Iterator
@@ -57,6 +58,27 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+@contextlib.contextmanager
+def sqlite_store_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store: hold an exclusive file lock beside the database while it is first opened.
+
+    MLflow creates and migrates a new SQLite store's tables on first use; two processes doing that at
+    once (two jobs started together on one workspace) make one fail with SQLAlchemy's
+    CircularDependencyError or "table already exists". Other stores need no lock.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = uri.removeprefix("sqlite:///")
+    os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
+    with open(database + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Tracker:
     """The MLflow side of a raylm command: one experiment, an optional parent run, stage runs."""
 
@@ -71,8 +93,9 @@ class Tracker:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = user_setting
-        self.client = MlflowClient(self.uri)
-        self.experiment_id = self._ensure_experiment()
+        with sqlite_store_lock(self.uri):  # the client opens (and on first use creates) the store
+            self.client = MlflowClient(self.uri)
+            self.experiment_id = self._ensure_experiment()
         user_experiment = os.environ.get("MLFLOW_EXPERIMENT_ID")
         mlflow.set_experiment(experiment_id=self.experiment_id)
         # ...and the experiment id too, which would point a later store at an experiment it may lack.

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.s3_server import S3Server, free_port
+
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -23,6 +25,15 @@ os.environ.pop("RAY_ADDRESS", None)
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 SHARED_DATA = Path(os.environ.get("RAYLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+# An S3 server on loopback (moto's server mode, started by the `s3_server` fixture when a test needs it).
+# Its address and test credentials go into the environment now, before any Ray instance starts, so that
+# Ray's workers, which inherit the environment, reach the same server as the driver. (conftest is
+# imported twice, as `conftest` and as `tests.conftest`: both must name the same port.)
+os.environ.setdefault("RAYLM_TEST_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+S3_ENV = S3Server(os.environ["RAYLM_TEST_S3_ENDPOINT"]).env
+os.environ.update(S3_ENV)
 
 
 MLFLOW_ENV_AT_START = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
@@ -100,3 +111,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent (set RAYLM_SHARED_DATA to its location)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """`moto_server` on 127.0.0.1 (the endpoint in S3_ENV) for the session; ended by its PID."""
+    server = S3Server(S3_ENV["AWS_ENDPOINT_URL"], str(tmp_path_factory.mktemp("moto") / "moto.log"))
+    try:
+        server.start()
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket on the loopback S3 server: `s3://raylm-test-<id>`."""
+    return s3_server.create_bucket()

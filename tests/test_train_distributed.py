@@ -20,7 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from raylm.train.checkpoint import load_training_state, verify_checkpoint
-from raylm.train.launch import BEST_DIR, build_trainer
+from raylm.train.launch import BEST_DIR, best_checkpoint, build_trainer
 from raylm.model import Transformer, TransformerConfig
 from raylm.train.optim import build_optimizer
 from tests.train_helpers import make_packed, tiny_model, tiny_train
@@ -41,12 +41,13 @@ class Runs:
         self.experiment = self.client.create_experiment("train-tests")
         self.results, self.run_ids = {}, {}
 
-    def fit(self, name: str, run_name: str | None = None, extra: dict | None = None, **train):
+    def fit(self, name: str, run_name: str | None = None, extra: dict | None = None, storage: str | None = None,
+            **train):
         run_name = run_name or name
         if run_name not in self.run_ids:
             self.run_ids[run_name] = self.client.create_run(self.experiment, run_name=run_name).info.run_id
-        trainer = build_trainer(tiny_model(), tiny_train(**train), self.packed, str(self.folder / "runs"), run_name,
-                                self.tracking_uri, self.run_ids[run_name], extra_loop_config=extra)
+        trainer = build_trainer(tiny_model(), tiny_train(**train), self.packed, storage or str(self.folder / "runs"),
+                                run_name, self.tracking_uri, self.run_ids[run_name], extra_loop_config=extra)
         result = trainer.fit()
         assert result.error is None, result.error
         self.results[name] = result
@@ -128,6 +129,18 @@ def test_exact_resume_after_a_failure_matches_an_uninterrupted_run(runs, ddp1):
     assert result.metrics["val_loss"] == pytest.approx(ddp1.metrics["val_loss"], abs=RESUME_TOLERANCE)
 
 
+def test_exact_resume_from_checkpoints_on_s3_matches_an_uninterrupted_run(runs, ddp1, s3_bucket):
+    # the same failure with the run's storage on the loopback S3 server: the restart reads checkpoint 10 back
+    result = runs.fit("resumed-s3", workers=1, checkpoint_every=5, max_failures=1, extra={"fail_at_step": 12},
+                      storage=f"{s3_bucket}/runs")
+    assert result.metrics["restarts"] == 1 and result.metrics["resumed_from_step"] == 10
+    assert result.checkpoint.path.startswith(s3_bucket.removeprefix("s3://") + "/runs/resumed-s3/")
+    assert_curves_agree(runs.curve("resumed-s3"), runs.curve("ddp1"), RESUME_TOLERANCE)
+    assert result.metrics["val_loss"] == pytest.approx(ddp1.metrics["val_loss"], abs=RESUME_TOLERANCE)
+    best = best_checkpoint(f"{s3_bucket}/runs/resumed-s3")
+    assert best is not None and "/best/step-" in best
+
+
 def _offline_state(path: str):
     model = Transformer(TransformerConfig.from_dict(json.loads((Path(path) / "model_config.json").read_text())))
     optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
@@ -199,6 +212,9 @@ def test_early_stopping_keeps_the_best_checkpoint(runs):
     best_step = min(val, key=val.get)
     best = json.loads((runs.run_dir("early") / BEST_DIR / "best.json").read_text())
     assert best["step"] == best_step and best["val_loss"] == pytest.approx(val[best_step])
-    assert verify_checkpoint(str(runs.run_dir("early") / BEST_DIR))["step"] == best_step
+    assert verify_checkpoint(str(runs.run_dir("early") / BEST_DIR / best["folder"]))["step"] == best_step
+    assert best_checkpoint(str(runs.run_dir("early"))) == str(runs.run_dir("early") / BEST_DIR / best["folder"])
+    copies = [p.name for p in (runs.run_dir("early") / BEST_DIR).iterdir() if p.is_dir()]
+    assert copies == [best["folder"]]  # earlier bests are deleted once best.json names the new one
     evaluations_after_best = [s for s in val if s > best_step]
     assert len(evaluations_after_best) == 2

@@ -1,6 +1,10 @@
-"""Content-addressed stage folders, success markers, and reuse / force through `execute`."""
+"""Content-addressed stage folders, attempts and commits, and reuse / force / concurrency through `execute`."""
 
 from __future__ import annotations
+
+import json
+import threading
+import time
 
 import mlflow
 import pytest
@@ -8,7 +12,7 @@ import pytest
 from raylm.config import TrackingConfig
 from raylm.stage import execute
 from raylm.tracking import Tracker
-from raylm.workspace import SUCCESS_MARKER, Workspace, resolve_stage_dir
+from raylm.workspace import ATTEMPTS, SUCCESS_MARKER, StageConflict, Workspace, resolve_stage_dir
 
 
 def test_stage_key_depends_on_config_and_inputs(workspace_dir):
@@ -72,7 +76,7 @@ def test_folder_without_marker_is_recomputed_not_read(tracker):
     execute(stage, {"v": 2}, tracker, counting_body(calls))
     assert calls == [stage.key]
     assert stage.read_text("out.txt") == "result"
-    assert stage.fs.get_file_info(stage.fs_path(SUCCESS_MARKER)).size > 0
+    assert stage.fs.get_file_info(stage.key_fs_path(SUCCESS_MARKER)).size > 0
 
 
 def test_failed_body_leaves_no_marker(tracker):
@@ -99,3 +103,78 @@ def test_remote_workspace_needs_a_tracking_server():
 
     with pytest.raises(ConfigError, match="tracking.uri"):
         resolve_tracking_uri(TrackingConfig(), Remote())
+
+
+def test_each_run_writes_its_own_attempt_and_readers_follow_the_commit(tracker, workspace_dir):
+    stage = tracker.workspace.stage("curate", {"v": 4})
+    manifest = execute(stage, {"v": 4}, tracker, counting_body([]))
+    record = json.loads((workspace_dir / "curate" / stage.key / SUCCESS_MARKER).read_text())
+    attempt_dir = workspace_dir / "curate" / stage.key / ATTEMPTS / record["attempt"]
+    assert (attempt_dir / "out.txt").read_text() == "result" and manifest["attempt"] == record["attempt"]
+    assert not (attempt_dir / "_OWNER.json").exists()  # released: nobody writes it any more
+    stray = workspace_dir / "curate" / stage.key / ATTEMPTS / "0-stray"  # e.g. a run that lost the race
+    stray.mkdir()
+    (stray / "out.txt").write_text("not the result")
+    reader = Workspace(str(workspace_dir)).stage("curate", {"v": 4})
+    assert reader.read_text("out.txt") == "result" and reader.path("out.txt") == str(attempt_dir / "out.txt")
+
+
+def test_a_second_commit_of_the_same_stage_is_refused(workspace_dir):
+    first, second = (Workspace(str(workspace_dir)).stage("tokenize", {"v": 1}) for _ in range(2))
+    first.begin()
+    second.begin()
+    assert first.attempt != second.attempt
+    first.finish({"rows": 1})
+    with pytest.raises(StageConflict, match="committed by another run first"):
+        second.finish({"rows": 2})
+    second.finish({"rows": 2}, replace=True)  # --force replaces it
+    assert Workspace(str(workspace_dir)).stage("tokenize", {"v": 1}).manifest()["rows"] == 2
+    first.release()
+    second.release()
+
+
+def test_a_run_waits_for_a_live_run_of_the_same_stage_and_reuses_its_result(tracker):
+    writer = tracker.workspace.stage("curate", {"v": 5})
+    writer.begin()  # a live run of this process (the same host and a live pid: it counts as alive)
+    calls: list[str] = []
+    results = {}
+    waiting = threading.Thread(target=lambda: results.update(
+        manifest=execute(tracker.workspace.stage("curate", {"v": 5}), {"v": 5}, tracker, counting_body(calls))))
+    waiting.start()
+    time.sleep(3)
+    assert waiting.is_alive() and not calls  # still waiting for the writer
+    writer.write_text("out.txt", "the writer's result")
+    writer.finish({"rows": 7})
+    writer.release()
+    waiting.join(timeout=30)
+    assert not calls and results["manifest"]["rows"] == 7
+
+
+def test_a_resumable_stage_takes_back_the_attempt_an_interrupted_run_left(tracker):
+    stage = tracker.workspace.stage("pretrain", {"v": 6})
+
+    def interrupted(stage):
+        stage.write_text("train/checkpoint.txt", "step 10")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        execute(stage, {"v": 6}, tracker, interrupted, resumable=True)
+    left = stage.attempt
+    seen = {}
+
+    def resumed(stage):
+        seen["checkpoint"] = stage.read_text("train/checkpoint.txt")
+        return {}
+
+    execute(tracker.workspace.stage("pretrain", {"v": 6}), {"v": 6}, tracker, resumed, resumable=True)
+    assert seen["checkpoint"] == "step 10"
+    assert tracker.workspace.stage("pretrain", {"v": 6}).commit_record()["attempt"] == left
+
+
+def test_stages_written_by_older_versions_still_read(workspace_dir):
+    folder = workspace_dir / "curate" / "oldkey"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"key": "oldkey", "rows": 3}))
+    (folder / SUCCESS_MARKER).write_text("2026-01-01T00:00:00Z\n")
+    stage = resolve_stage_dir(Workspace(str(workspace_dir)), str(folder))
+    assert stage.manifest()["rows"] == 3 and stage.path("kept") == str(folder / "kept")

@@ -1,4 +1,5 @@
-"""Corpus sources: files, folders, globs and the built-in `python-stdlib` corpus, read with Ray Data.
+"""Corpus sources: files, folders, globs (local, `s3://`, `gs://`), `http(s)://` files and the built-in
+`python-stdlib` corpus, read with Ray Data.
 
 Every source becomes rows of the document contract `{id, text, source, meta}` plus the curation
 bookkeeping columns `reason` and `detail` (empty while a row is kept) and `n_bytes`. A line or file
@@ -14,6 +15,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import sysconfig
 from typing import Any, Iterator
@@ -21,6 +23,9 @@ from typing import Any, Iterator
 import pyarrow.fs as pafs
 
 from raylm.config import SourceConfig
+from raylm.storage import list_files
+
+log = logging.getLogger("raylm")
 
 DOC_COLUMNS = ("id", "text", "source", "meta", "reason", "detail", "n_bytes")
 STDLIB_EXTENSIONS = (".py", ".rst", ".txt")
@@ -231,15 +236,10 @@ def list_source_files(source: SourceConfig) -> tuple[list[str], str | None, pafs
         return [], None, None
     if source.path == "python-stdlib":
         return list_stdlib_files(source.max_bytes), stdlib_root(), None
-    if "://" in source.path and not source.path.startswith("file://"):
-        fs, base = pafs.FileSystem.from_uri(source.path)
-        info = fs.get_file_info(base)
-        if info.type == pafs.FileType.Directory:
-            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-            files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
-        else:
-            files = [base]
-        return files, base, fs
+    if "://" in source.path and not source.path.startswith("file://"):  # s3://, gs://, http(s)://
+        files, root, fs = list_files(source.path)
+        log.info("data source %s: %d file(s)", source.path, len(files))
+        return files, root, fs
     path = source.path.removeprefix("file://")
     if os.path.isdir(path):
         files = sorted(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import uuid
 from typing import Any
 
 import mlflow
@@ -25,12 +26,13 @@ from raylm.config import ModelConfig, TrainConfig
 from raylm.model import TransformerConfig
 from raylm.runtime import cluster_has_gpus
 from raylm.train.loop import train_loop_per_worker
-from raylm.workspace import SUCCESS_MARKER, StageDir, Workspace, read_text_uri
+from raylm.workspace import ATTEMPTS, StageDir, Workspace, read_text_uri
 
 log = logging.getLogger("raylm")
 
 RUN_NAME = "train"
 BEST_DIR = "best"
+BEST_POINTER = "best.json"
 STOP_FILE = "STOP"  # create it in the run folder to make the run checkpoint and finish at its next report
 
 
@@ -67,9 +69,12 @@ def scaling_config(train: TrainConfig) -> ScalingConfig:
 
 
 class KeepBestCheckpoint(ray.train.UserCallback):
-    """On the controller: copy a reported checkpoint to `<run>/best` when its val loss is the best yet.
+    """On the controller: keep a copy of a reported checkpoint under `<run>/best/` when its val loss is the best yet.
 
-    Stateless across restarts: the best so far is read back from `<run>/best/best.json`.
+    The copy goes into a folder of its own (`best/step-<step>-<id>`); then `best/best.json`, one small file
+    written last, names it, and older copies are deleted. A reader follows `best.json` (`best_checkpoint`), so
+    it never loads a half-copied checkpoint, on a local disk or on an object store, which has no atomic move
+    of a folder. Stateless across restarts: the best so far is read back from `best.json`.
     """
 
     def __init__(self, run_uri: str):
@@ -78,11 +83,8 @@ class KeepBestCheckpoint(ray.train.UserCallback):
 
     def _best_so_far(self) -> float:
         if self.best is None:
-            self.best = math.inf
-            info = self.fs.get_file_info(self.base + "/best.json")
-            if info.type == pafs.FileType.File:
-                with self.fs.open_input_stream(info.path) as stream:
-                    self.best = float(json.loads(stream.read())["val_loss"])
+            pointer = read_best_pointer(self.fs, self.base)
+            self.best = float(pointer["val_loss"]) if pointer else math.inf
         return self.best
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -91,19 +93,31 @@ class KeepBestCheckpoint(ray.train.UserCallback):
         val_loss = float(metrics[0]["val_loss"])
         if not val_loss < self._best_so_far():
             return
-        staging = self.base + ".tmp"
-        if self.fs.get_file_info(staging).type == pafs.FileType.Directory:
-            self.fs.delete_dir(staging)
-        self.fs.create_dir(staging, recursive=True)
-        pafs.copy_files(checkpoint.path, staging, source_filesystem=checkpoint.filesystem,
+        folder = f"step-{int(metrics[0].get('step', 0)):07d}-{uuid.uuid4().hex[:8]}"
+        self.fs.create_dir(f"{self.base}/{folder}", recursive=True)
+        pafs.copy_files(checkpoint.path, f"{self.base}/{folder}", source_filesystem=checkpoint.filesystem,
                         destination_filesystem=self.fs)
-        if self.fs.get_file_info(self.base).type == pafs.FileType.Directory:
-            self.fs.delete_dir(self.base)
-        self.fs.move(staging, self.base)
-        with self.fs.open_output_stream(self.base + "/best.json") as out:
-            out.write(json.dumps({"val_loss": val_loss, "step": metrics[0].get("step"),
-                                  "source": checkpoint.path}).encode())
+        pointer = json.dumps({"val_loss": val_loss, "step": metrics[0].get("step"), "folder": folder,
+                              "source": checkpoint.path}).encode()
+        if isinstance(self.fs, pafs.LocalFileSystem):  # a rename replaces the file atomically
+            with self.fs.open_output_stream(f"{self.base}/{BEST_POINTER}.tmp") as out:
+                out.write(pointer)
+            self.fs.move(f"{self.base}/{BEST_POINTER}.tmp", f"{self.base}/{BEST_POINTER}")
+        else:  # one PUT: readers see the old object or the new one, never a part
+            with self.fs.open_output_stream(f"{self.base}/{BEST_POINTER}") as out:
+                out.write(pointer)
+        for info in self.fs.get_file_info(pafs.FileSelector(self.base)):
+            if info.type == pafs.FileType.Directory and info.base_name != folder:
+                self.fs.delete_dir(info.path)
         self.best = val_loss
+
+
+def read_best_pointer(fs: pafs.FileSystem, best_dir: str) -> dict[str, Any] | None:
+    info = fs.get_file_info(f"{best_dir}/{BEST_POINTER}")
+    if info.type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(info.path) as stream:
+        return json.loads(stream.read())
 
 
 def build_trainer(model: ModelConfig | TransformerConfig, train: TrainConfig, packed: dict[str, Any], storage_path: str, name: str,
@@ -153,28 +167,37 @@ def build_trainer(model: ModelConfig | TransformerConfig, train: TrainConfig, pa
 
 
 def best_checkpoint(run_uri: str) -> str | None:
-    fs, base = pafs.FileSystem.from_uri(run_uri.rstrip("/") + "/" + BEST_DIR + "/best.json")
-    return run_uri.rstrip("/") + "/" + BEST_DIR if fs.get_file_info(base).type == pafs.FileType.File else None
+    """The best checkpoint's folder as `best.json` names it (None before the first evaluated checkpoint)."""
+    best_uri = run_uri.rstrip("/") + "/" + BEST_DIR
+    fs, base = pafs.FileSystem.from_uri(best_uri)
+    pointer = read_best_pointer(fs, base)
+    if pointer is None:
+        return None
+    return f"{best_uri}/{pointer['folder']}" if pointer.get("folder") else best_uri  # older runs: files in best/
 
 
 def latest_run_stage(workspace: Workspace, planned: StageDir) -> StageDir:
-    """The pretrain folder whose run was written last (finished or not), reopened for more training.
+    """The pretrain attempt whose run was written last (finished or not), reopened for more training.
 
-    Its success marker is removed so that the stage runs; Ray then resumes from its newest checkpoint.
+    Its commit is removed so that the stage runs again in that attempt; Ray then resumes from its newest
+    checkpoint.
     """
     selector = pafs.FileSelector(workspace.fs_path(planned.name), allow_not_found=True)
     runs = []
     for info in workspace.fs.get_file_info(selector):
-        snapshot = workspace.fs.get_file_info(workspace.fs_path(planned.name, info.base_name, RUN_NAME))
-        if info.type == pafs.FileType.Directory and snapshot.type == pafs.FileType.Directory:
-            runs.append((snapshot.mtime_ns or 0, info.base_name))
+        if info.type != pafs.FileType.Directory:
+            continue
+        stage = StageDir(workspace, planned.name, info.base_name, planned.config, planned.inputs)
+        for attempt in [None, *(owner.attempt for owner in stage.owners())]:
+            parts = [ATTEMPTS, attempt] if attempt else []
+            snapshot = workspace.fs.get_file_info(stage.key_fs_path(*parts, RUN_NAME))
+            if snapshot.type == pafs.FileType.Directory:
+                runs.append((snapshot.mtime_ns or 0, info.base_name, attempt or ""))
     if not runs:
         raise FileNotFoundError(f"--resume: no pretrain run under {workspace.uri(planned.name)}")
-    key = max(runs)[1]
-    stage = StageDir(workspace, planned.name, key, planned.config, planned.inputs)
-    marker = stage.fs_path(SUCCESS_MARKER)
-    if workspace.fs.get_file_info(marker).type == pafs.FileType.File:
-        workspace.fs.delete_file(marker)
+    _, key, attempt = max(runs)
+    stage = StageDir(workspace, planned.name, key, planned.config, planned.inputs, attempt=attempt or None)
+    stage.uncommit()
     return stage
 
 
