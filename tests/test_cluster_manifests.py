@@ -167,6 +167,30 @@ def test_security_defaults():
                 assert "valueFrom" in env and "secretKeyRef" in env["valueFrom"], f"{label}: {env['name']} inline"
 
 
+def test_only_the_eval_workers_get_what_the_sandbox_fence_needs():
+    """HumanEval's fence needs nested user namespaces, unshare and mount (seccomp, AppArmor) and a
+    fresh /proc (procMount Unmasked); that group alone gets them, and it alone advertises the resource
+    configs/cluster.yaml sends HumanEval's programs to."""
+    relaxed = []
+    for name, doc in manifests():
+        for pod, spec in _pod_specs(doc):
+            pod_security = spec["securityContext"]
+            containers = spec["containers"] + spec.get("initContainers", [])
+            if (pod_security.get("seccompProfile", {}).get("type") == "Unconfined"
+                    or pod_security.get("appArmorProfile", {}).get("type") == "Unconfined"
+                    or any(c["securityContext"].get("procMount") == "Unmasked" for c in containers)):
+                relaxed.append(pod)
+                assert spec.get("hostUsers") is False, f"{name} {pod}: relaxed only inside a pod user namespace"
+                assert all(not c["securityContext"].get("capabilities", {}).get("add") for c in containers)
+            else:
+                assert pod_security.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{name} {pod}"
+    assert relaxed == ["eval-workers"]
+    resource = load_config(CONFIGS / "cluster.yaml").eval.sandbox_ray_resource
+    groups = {g["groupName"]: g for g in _docs_by_kind()["RayCluster"]["spec"]["workerGroupSpecs"]}
+    advertised = {name: g["rayStartParams"].get("resources", "") for name, g in groups.items()}
+    assert [name for name, text in advertised.items() if resource and resource in text] == ["eval-workers"]
+
+
 def test_gpu_workers_match_the_elastic_trainer_range():
     config = load_config(CONFIGS / "cluster.yaml")
     cluster = _docs_by_kind()["RayCluster"]

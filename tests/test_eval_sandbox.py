@@ -158,3 +158,25 @@ def test_all_canonical_solutions_pass(allowed, shared_data):
                               for p in problems])
     failed = [(p["task_id"], r.output[-300:]) for p, r in zip(problems, results) if not r.passed]
     assert not failed
+
+
+@pytest.mark.slow
+def test_programs_run_on_the_workers_holding_the_sandbox_resource():
+    import ray
+
+    from raylm.eval.sandbox import check_programs, run_on_ray_resource
+
+    if ray.is_initialized():
+        pytest.skip("needs its own Ray with a custom resource; one is already running in this process")
+    ray.init(address="local", num_cpus=2, resources={"raylm_sandbox": 1}, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        allow_code_execution(True, LIMITS)
+        run_on_ray_resource("raylm_sandbox")
+        results = check_programs(["import os\nprint(os.getpid())\n", "assert False\n"])
+        assert [r.passed for r in results] == [True, False]
+        assert results[0].isolation.startswith("fence") and results[0].output.strip() == "1"
+    finally:
+        run_on_ray_resource(None)
+        allow_code_execution(False)
+        ray.shutdown()

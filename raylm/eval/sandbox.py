@@ -55,7 +55,7 @@ class SandboxLimits:
     folder_inodes: int = 4096
 
 
-_state = {"allowed": False, "weak": False, "limits": SandboxLimits()}
+_state = {"allowed": False, "weak": False, "limits": SandboxLimits(), "ray_resource": None}
 
 
 def allow_code_execution(allowed: bool, limits: SandboxLimits | None = None) -> None:
@@ -67,6 +67,34 @@ def allow_code_execution(allowed: bool, limits: SandboxLimits | None = None) -> 
 def allow_weak_isolation(allowed: bool) -> None:
     """The user's explicit opt-in to rlimits and Python guards only where the OS fence is unavailable."""
     _state["weak"] = bool(allowed)
+
+
+def run_on_ray_resource(name: str | None) -> None:
+    """On a Ray cluster, probe and run programs in Ray tasks that need this custom resource, which only
+    the worker group given what the fence needs advertises (cluster/kuberay: eval-workers); None: here."""
+    _state["ray_resource"] = name or None
+
+
+def _on_ray(function, *args):
+    import ray
+
+    if not ray.is_initialized():
+        raise SandboxUnavailable(f"HumanEval sandbox: eval.sandbox_ray_resource={_state['ray_resource']!r} is set "
+                                 f"but Ray is not running here")
+    task = ray.remote(num_cpus=1, resources={_state["ray_resource"]: 1}, max_retries=0)(function)
+    return ray.get(task.remote(*args))
+
+
+def _report_here() -> str:
+    run_on_ray_resource(None)
+    return isolation_report()
+
+
+def _check_here(programs: list[str], limits: SandboxLimits, weak: bool) -> list[SandboxResult]:
+    run_on_ray_resource(None)
+    allow_code_execution(True, limits)  # the caller asked for consent before sending the programs
+    allow_weak_isolation(weak)
+    return check_programs(programs, limits)
 
 
 def _env_flag(name: str) -> bool:
@@ -181,7 +209,15 @@ _probe: dict[str, str] = {}
 
 def isolation_report() -> str:
     """What the fence reports on this machine (probed once per process), e.g.
-    `ok fence+landlock uid=65534 landlock_abi=7`, or `error <the step that failed>`."""
+    `ok fence+landlock uid=65534 landlock_abi=7`, or `error <the step that failed>`; on the Ray
+    workers that hold `run_on_ray_resource`'s resource where one is set."""
+    if _state["ray_resource"]:
+        key = f"ray:{_state['ray_resource']}"
+        if key not in _probe:
+            report = _on_ray(_report_here)
+            where = f"on the Ray worker holding resource {_state['ray_resource']}"
+            _probe[key] = report if report.startswith("ok") else f"error {where}: {report.removeprefix('error ')}"
+        return _probe[key]
     if "report" not in _probe:
         if not sys.platform.startswith("linux"):
             _probe["report"] = f"error the fence needs Linux namespaces; this is {sys.platform}"
@@ -235,6 +271,8 @@ def check_programs(programs: list[str], limits: SandboxLimits | None = None) -> 
     require_code_execution()
     limits = limits or _state["limits"]
     isolation_mode()  # refuse before starting any program
+    if _state["ray_resource"]:
+        return _on_ray(_check_here, programs, limits, weak_isolation_allowed())
     with ThreadPoolExecutor(max_workers=max(1, limits.workers)) as pool:
         return list(pool.map(lambda source: run_program(source, limits), programs))
 

@@ -37,6 +37,7 @@ class EvalSettings:
     sandbox_timeout_s: float = 10.0
     sandbox_memory_mb: int = 1024
     sandbox_allow_weak: bool = False
+    sandbox_ray_resource: str | None = None
     contamination_index: str | None = None
     domain_data: str | None = None
     domain_items: int = 200
@@ -97,7 +98,7 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
 
     from raylm.eval.contamination import load_index, split_scores
     from raylm.eval.sandbox import (SandboxLimits, allow_code_execution, allow_weak_isolation, isolation_summary,
-                                    require_code_execution)
+                                    require_code_execution, run_on_ray_resource)
     from raylm.eval.tasks import ExtraTask, build_local_suite, expand_tasks
 
     out = Path(out_dir)
@@ -106,6 +107,7 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
     allow_code_execution(settings.allow_code_execution,
                          SandboxLimits(timeout_s=settings.sandbox_timeout_s, memory_mb=settings.sandbox_memory_mb))
     allow_weak_isolation(settings.sandbox_allow_weak)
+    run_on_ray_resource(settings.sandbox_ray_resource)
     isolation = None
     if "humaneval" in tasks:
         require_code_execution("the humaneval task")
