@@ -113,9 +113,12 @@ def landlock_abi() -> int:
     return max(0, int(version))
 
 
+def _encoded(text: str | None) -> bytes | None:
+    return None if text is None else text.encode()
+
+
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None, what: str) -> None:
-    enc = lambda s: None if s is None else s.encode()  # noqa: E731
-    _check(_libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), what)
+    _check(_libc.mount(_encoded(source), _encoded(target), _encoded(fstype), flags, _encoded(data)), what)
 
 
 def _write(path: str, text: str) -> None:

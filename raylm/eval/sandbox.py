@@ -145,7 +145,7 @@ def _launch(source: str, limits: SandboxLimits, mode: str) -> tuple[str, int | N
         nproc = (_user_process_count() if mode == "weak" else 2) + limits.extra_processes
         status_r, status_w = os.pipe()
         settings = {"mode": mode, "status_fd": status_w, "memory_mb": limits.memory_mb,
-                    "cpu_s": int(math.ceil(limits.timeout_s)) + 1, "file_size_mb": limits.file_size_mb,
+                    "cpu_s": math.ceil(limits.timeout_s) + 1, "file_size_mb": limits.file_size_mb,
                     "nproc": nproc, "folder_mb": limits.folder_mb, "folder_inodes": limits.folder_inodes}
         deadline = time.monotonic() + limits.timeout_s
         try:
