@@ -148,6 +148,7 @@ def _launch(source: str, limits: SandboxLimits, mode: str) -> tuple[str, int | N
                     "cpu_s": math.ceil(limits.timeout_s) + 1, "file_size_mb": limits.file_size_mb,
                     "nproc": nproc, "folder_mb": limits.folder_mb, "folder_inodes": limits.folder_inodes}
         deadline = time.monotonic() + limits.timeout_s
+        status, output = "error", b""
         try:
             process = subprocess.Popen(
                 [sys.executable, "-I", FENCE, json.dumps(settings)], cwd=folder or "/",
@@ -163,8 +164,9 @@ def _launch(source: str, limits: SandboxLimits, mode: str) -> tuple[str, int | N
                 pass
             process.stdin = None  # written and closed: communicate() only reads
             report = _read_report(status_r, deadline)
-            status = "error"
-            if report.startswith("ok"):
+            if report is None:  # not even started within the time limit (a saturated machine)
+                status, report = "timeout", "ok not started in time"
+            elif report.startswith("ok"):
                 try:
                     output, _ = process.communicate(timeout=max(0.0, deadline - time.monotonic()))
                     status = "passed" if process.returncode == 0 else "failed"
@@ -189,8 +191,9 @@ class _no_folder:
         return False
 
 
-def _read_report(fd: int, deadline: float) -> str:
-    """fence.py's one line: `ok LEVEL ...` just before the program starts, or `error WHAT FAILED`."""
+def _read_report(fd: int, deadline: float) -> str | None:
+    """fence.py's one line: `ok LEVEL ...` just before the program starts, or `error WHAT FAILED`;
+    None when the launcher has said nothing by the deadline."""
     data = b""
     while not data.endswith(b"\n"):
         ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
@@ -200,7 +203,7 @@ def _read_report(fd: int, deadline: float) -> str:
         data += chunk
     line = data.decode("utf-8", "replace").strip()
     if not ready and not line:
-        return "error the sandbox launcher did not start in time"
+        return None
     return line or "error the sandbox launcher exited before reporting (see its output)"
 
 
