@@ -187,6 +187,52 @@ def test_restored_builtins_have_no_effect(outside, way):
     assert_untouched(outside, before, result)
 
 
+# ---- undoing the fence from inside --------------------------------------------------------------------
+
+_LIBC = """
+        import sys
+        sys.modules.pop('ctypes', None); sys.modules.pop('_ctypes', None)
+        import ctypes, posix
+        libc = ctypes.CDLL(None, use_errno=True)
+        def write_target():
+            fd = posix.open(TARGET, posix.O_WRONLY | posix.O_CREAT, 0o666)
+            posix.write(fd, b'pwned'); print('ESCAPED')
+"""
+UNDOS = {
+    "unmount the private /tmp": _LIBC + """
+        print(libc.umount2(b'/tmp', 2), ctypes.get_errno())
+        write_target()
+    """,
+    "remount / read-write": _LIBC + """
+        print(libc.mount(None, b'/', None, 32 | 4096, None), ctypes.get_errno())
+        write_target()
+    """,
+    "mount_setattr clearing read-only": _LIBC + """
+        attr = (ctypes.c_uint64 * 4)(0, 1, 0, 0)
+        print(libc.syscall(442, -100, b'/', 0x8000, ctypes.byref(attr), 32), ctypes.get_errno())
+        write_target()
+    """,
+    "a nested user and mount namespace, then remount read-write": _LIBC + """
+        print(libc.unshare(0x10000000 | 0x00020000), ctypes.get_errno())
+        print(libc.mount(None, b'/', None, 32 | 4096, None), ctypes.get_errno())
+        print(libc.umount2(b'/tmp', 2), ctypes.get_errno())
+        write_target()
+    """,
+    "setuid 0 and setgroups": _LIBC + """
+        print(libc.setresuid(0, 0, 0), libc.setresgid(0, 0, 0), libc.setgroups(0, None), ctypes.get_errno())
+        write_target()
+    """,
+}
+
+
+@pytest.mark.parametrize("way", sorted(UNDOS))
+def test_undoing_the_fence_has_no_effect(outside, way):
+    before = snapshot(outside)
+    result = run(UNDOS[way], TARGET=outside / "created.txt")
+    assert not result.passed
+    assert_untouched(outside, before, result)
+
+
 # ---- shell, fork, exec -------------------------------------------------------------------------------
 
 SHELLS = {
