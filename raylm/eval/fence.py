@@ -305,15 +305,9 @@ def apply_landlock(abi: int, reads: list[str], writes: list[str]) -> None:
 
 
 def python_reads() -> list[str]:
-    """The Python installation: every sys.path entry and the interpreter's own library folders."""
-    import sysconfig
-
-    paths = [p for p in sys.path if p and os.path.exists(p)]
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        path = sysconfig.get_paths().get(key)
-        if path and os.path.exists(path):
-            paths.append(path)
-    return list(dict.fromkeys(os.path.realpath(p) for p in paths))
+    """The Python installation: every sys.path entry (the standard library, its extension modules,
+    site-packages and what .pth files add), which is everything `import` can reach."""
+    return list(dict.fromkeys(os.path.realpath(p) for p in sys.path if p and os.path.exists(p)))
 
 
 # ---- step 7: the Python guards, then the program ------------------------------------------------------
