@@ -53,6 +53,9 @@ def _eval_flags(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--contamination-index", help="decontamination index: report scores on clean items too")
     sub.add_argument("--allow-code-execution", action="store_true", default=None,
                      help="let HumanEval run model-written code in the sandbox")
+    sub.add_argument("--sandbox-allow-weak", action="store_true", default=None,
+                     help="where the sandbox's OS fence (namespaces) is unavailable, run HumanEval with rlimits and "
+                          "Python guards only instead of refusing")
     sub.add_argument("--judge-url", help="OpenAI-compatible URL of an MT-Bench judge")
     sub.add_argument("--text-file", dest="text_files", action="append", help="also report bits-per-byte of this file")
 
@@ -203,6 +206,7 @@ def _run_eval(config, args: argparse.Namespace) -> int:
     overrides = {"tasks": args.tasks.split(",") if args.tasks else None, "limit": args.limit,
                  "num_fewshot": args.num_fewshot, "benchmark_data": args.benchmark_data, "actors": args.actors,
                  "contamination_index": args.contamination_index, "allow_code_execution": args.allow_code_execution,
+                 "sandbox_allow_weak": args.sandbox_allow_weak,
                  "judge_url": args.judge_url, "text_files": args.text_files}
     manifest = run_eval_command(config, args.checkpoint, overrides)
     print(manifest["table"])

@@ -550,6 +550,10 @@ class EvalConfig(Section):
     allow_code_execution: bool = Field(False, description="run model-written code (HumanEval) in the sandbox")
     sandbox_timeout_s: float = Field(10.0, gt=0)
     sandbox_memory_mb: int = Field(1024, gt=0)
+    sandbox_allow_weak: bool = Field(False, description="where the OS fence (namespaces) is unavailable, run HumanEval "
+                                                        "with rlimits and Python guards only instead of refusing")
+    sandbox_ray_resource: str | None = Field(None, description="run HumanEval's programs in Ray tasks needing this "
+                                                               "custom resource (the worker group allowed the fence)")
     contamination_index: str | None = Field(None, description="curation's decontamination index: scores on clean items too")
     domain_data: str | None = Field(None, description="held-out text for the domain task (default: the curated val split)")
     domain_items: int = Field(200, gt=0)

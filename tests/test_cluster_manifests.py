@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 import subprocess
 import sys
@@ -165,6 +166,38 @@ def test_security_defaults():
         for env in container.get("env", []):
             if secret_like.search(env["name"]):
                 assert "valueFrom" in env and "secretKeyRef" in env["valueFrom"], f"{label}: {env['name']} inline"
+
+
+def test_only_the_eval_workers_get_what_the_sandbox_fence_needs():
+    """HumanEval's fence needs nested user namespaces, unshare and mount (seccomp, AppArmor) and a
+    fresh /proc (procMount Unmasked); that group alone gets them, inside a pod user namespace, with the
+    profiles shipped in cluster/kuberay/profiles, and it alone advertises the resource
+    configs/cluster.yaml sends HumanEval's programs to."""
+    relaxed = []
+    for name, doc in manifests():
+        for pod, spec in _pod_specs(doc):
+            security = spec["securityContext"]
+            containers = spec["containers"] + spec.get("initContainers", [])
+            assert security.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost"), f"{name} {pod}"
+            assert security.get("appArmorProfile", {}).get("type", "RuntimeDefault") in ("RuntimeDefault", "Localhost")
+            if (security["seccompProfile"]["type"] == "Localhost" or "appArmorProfile" in security
+                    or any(c["securityContext"].get("procMount") == "Unmasked" for c in containers)):
+                relaxed.append(pod)
+                assert spec.get("hostUsers") is False, f"{name} {pod}: relaxed only inside a pod user namespace"
+                assert all(not c["securityContext"].get("capabilities", {}).get("add") for c in containers)
+                assert spec["nodeSelector"] == {"raylm.io/sandbox-profiles": "installed"}
+                profile = KUBERAY / "profiles" / Path(security["seccompProfile"]["localhostProfile"]).name
+                denied = {n for rule in json.loads(profile.read_text())["syscalls"] for n in rule["names"]}
+                assert not denied & {"unshare", "mount", "umount2", "mount_setattr", "landlock_create_ruleset",
+                                     "landlock_add_rule", "landlock_restrict_self"}
+                assert {"kexec_load", "init_module", "bpf", "ptrace", "open_by_handle_at"} <= denied
+                apparmor = (KUBERAY / "profiles" / "raylm-sandbox.apparmor").read_text()
+                assert f"profile {security['appArmorProfile']['localhostProfile']} " in apparmor
+    assert relaxed == ["eval-workers"]
+    resource = load_config(CONFIGS / "cluster.yaml").eval.sandbox_ray_resource
+    groups = {g["groupName"]: g for g in _docs_by_kind()["RayCluster"]["spec"]["workerGroupSpecs"]}
+    advertised = {name: g["rayStartParams"].get("resources", "") for name, g in groups.items()}
+    assert [name for name, text in advertised.items() if resource and resource in text] == ["eval-workers"]
 
 
 def test_gpu_workers_match_the_elastic_trainer_range():

@@ -36,3 +36,21 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
 def test_eval_command_rejects_unknown_checkpoint(workspace_dir):
     with pytest.raises(FileNotFoundError, match="neither an existing path nor an MLflow run id"):
         main(["eval", "--workspace", str(workspace_dir), "--checkpoint", "no-such-run", "--tasks", "arc_easy"])
+
+
+@pytest.mark.slow
+def test_eval_command_logs_the_sandbox_isolation(shared_data, ray_session, workspace_dir, tmp_path, capsys):
+    from raylm.eval.sandbox import isolation_report
+
+    if not isolation_report().startswith("ok"):
+        pytest.skip(f"no OS fence on this machine: {isolation_report()}")
+    checkpoint = make_checkpoint(tmp_path / "ckpt", seq_len=64)
+    code = main(["eval", "--workspace", str(workspace_dir), "--checkpoint", str(checkpoint), "--tasks", "humaneval",
+                 "--limit", "1", "--benchmark-data", str(shared_data / "benchmarks"), "--allow-code-execution",
+                 "--set", "eval.max_gen_toks=8"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "HumanEval sandbox isolation: fence" in printed
+    run = MlflowClient(f"sqlite:///{workspace_dir / 'mlflow.db'}").get_run(printed.rsplit("MLflow run: ", 1)[1].split()[0])
+    assert run.data.tags["raylm.sandbox_isolation"] in ("fence", "fence+landlock")
+    assert run.data.params["eval.sandbox_isolation"].startswith(run.data.tags["raylm.sandbox_isolation"])

@@ -9,8 +9,9 @@ import threading
 
 import pytest
 
-from raylm.eval.sandbox import (CodeExecutionRefused, SandboxLimits, allow_code_execution, estimate_pass_at_k,
-                                pass_at_k, run_program)
+from raylm.eval import sandbox
+from raylm.eval.sandbox import (CodeExecutionRefused, SandboxLimits, SandboxUnavailable, allow_code_execution,
+                                allow_weak_isolation, estimate_pass_at_k, isolation_mode, pass_at_k, run_program)
 
 LIMITS = SandboxLimits(timeout_s=3.0, memory_mb=512)
 
@@ -27,6 +28,43 @@ def test_refused_without_consent(monkeypatch):
     allow_code_execution(False)
     with pytest.raises(CodeExecutionRefused, match="allow-code-execution"):
         run_program("print(1)")
+
+
+@pytest.fixture()
+def no_fence(monkeypatch):
+    """This machine as one where the fence cannot be built (the probe's answer replaced)."""
+    monkeypatch.setitem(sandbox._probe, "report", "error unshare(user, mount, pid, net, ipc, uts namespaces) failed: "
+                                                  "Operation not permitted (errno 1)")
+    monkeypatch.delenv("RAYLM_SANDBOX_ALLOW_WEAK", raising=False)
+    yield
+    allow_weak_isolation(False)
+
+
+def test_refuses_without_the_fence_in_one_line(allowed, no_fence):
+    with pytest.raises(SandboxUnavailable) as refused:
+        run_program("print(1)")
+    message = str(refused.value)
+    assert "\n" not in message and "unshare" in message and "sandbox_allow_weak" in message
+    with pytest.raises(SandboxUnavailable):
+        isolation_mode()
+
+
+def test_weak_mode_only_by_explicit_opt_in(allowed, no_fence, monkeypatch):
+    allow_weak_isolation(True)
+    result = run_program("import os\nprint(os.getcwd())\nopen('scratch.txt', 'w').write('fine')\n")
+    assert result.passed and result.isolation == "weak" and "raylm-sandbox-" in result.output
+    assert not run_program("import os\nos.system('true')\n").passed  # the Python guards still apply
+    allow_weak_isolation(False)
+    monkeypatch.setenv("RAYLM_SANDBOX_ALLOW_WEAK", "1")
+    assert isolation_mode() == "weak"
+
+
+def test_this_machine_has_the_fence():
+    report = sandbox.isolation_report()
+    if not report.startswith("ok"):
+        pytest.skip(f"no OS fence on this machine: {report}")
+    assert isolation_mode() in ("fence", "fence+landlock")
+    assert "uid=" in report
 
 
 def test_runs_plain_code_and_reports_failures(allowed):
@@ -74,7 +112,7 @@ def test_network_is_unreachable(allowed):
     server.close()
     assert not result.passed and not connected
     raw = run_program(f"import _socket\ns = _socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))\n")
-    if result.isolation.startswith("namespaces"):
+    if result.isolation.startswith("fence"):
         assert not raw.passed  # even below the Python guard, the namespace has no route out
 
 
@@ -120,3 +158,25 @@ def test_all_canonical_solutions_pass(allowed, shared_data):
                               for p in problems])
     failed = [(p["task_id"], r.output[-300:]) for p, r in zip(problems, results) if not r.passed]
     assert not failed
+
+
+@pytest.mark.slow
+def test_programs_run_on_the_workers_holding_the_sandbox_resource():
+    import ray
+
+    from raylm.eval.sandbox import check_programs, run_on_ray_resource
+
+    if ray.is_initialized():
+        pytest.skip("needs its own Ray with a custom resource; one is already running in this process")
+    ray.init(address="local", num_cpus=2, resources={"raylm_sandbox": 1}, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        allow_code_execution(True, LIMITS)
+        run_on_ray_resource("raylm_sandbox")
+        results = check_programs(["import os\nprint(os.getpid())\n", "assert False\n"])
+        assert [r.passed for r in results] == [True, False]
+        assert results[0].isolation.startswith("fence") and results[0].output.strip() == "1"
+    finally:
+        run_on_ray_resource(None)
+        allow_code_execution(False)
+        ray.shutdown()

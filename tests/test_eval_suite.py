@@ -60,6 +60,7 @@ def test_generation_tasks_run(shared_data, checkpoint, lm, tmp_path):
     results = evaluate_checkpoint(checkpoint, settings, str(tmp_path), lm=lm)
     assert "exact_match,strict-match" in results["tasks"]["gsm8k"]["all"]
     assert results["tasks"]["humaneval"]["all"]["pass_at_k,create_test"] in (0.0, 0.5, 1.0)
+    assert results["sandbox_isolation"].split()[0] in ("fence", "fence+landlock", "weak")
     assert results["tasks"]["mt_bench"]["scored"] is False
     answers = [json.loads(line) for line in open(results["files"]["mt_bench"])]
     assert len(answers) == 2 and all(len(a["answers"]) == 2 for a in answers)
@@ -161,3 +162,15 @@ def test_two_actors_equal_one(shared_data, checkpoint, ray_session, tmp_path):
         torch.set_num_threads(threads)
     for task in ("arc_easy", "hellaswag", "gsm8k"):
         assert local["tasks"][task]["all"] == results[1]["tasks"][task]["all"]
+
+
+def test_humaneval_is_refused_without_the_fence(shared_data, checkpoint, tmp_path, monkeypatch):
+    from raylm.eval import sandbox
+
+    monkeypatch.setitem(sandbox._probe, "report", "error mount_setattr(/, read-only, recursive) failed: "
+                                                  "Operation not permitted (errno 1)")
+    monkeypatch.delenv("RAYLM_SANDBOX_ALLOW_WEAK", raising=False)
+    settings = EvalSettings(tasks=["humaneval"], limit=1, benchmark_data=_bench(shared_data), allow_code_execution=True)
+    with pytest.raises(sandbox.SandboxUnavailable, match="mount_setattr.*sandbox_allow_weak"):
+        evaluate_checkpoint(checkpoint, settings, str(tmp_path), lm=object())
+    sandbox.allow_code_execution(False)

@@ -15,7 +15,7 @@ import tempfile
 from typing import Any
 
 from raylm.config import RaylmConfig
-from raylm.eval.suite import EvalSettings, evaluate_checkpoint, format_table, log_to_mlflow, resolve_checkpoint
+from raylm.eval.suite import EvalSettings, evaluate_checkpoint, log_to_mlflow, resolve_checkpoint, summary_text
 
 log = logging.getLogger("raylm")
 
@@ -78,5 +78,6 @@ def run_eval_command(config: RaylmConfig, checkpoint_ref: str, overrides: dict[s
         run_id = log_to_mlflow(results, settings, tracker, source_run, out_dir)
     manifest = stage.finish({"metrics": results["metrics"], "summary": results["summary"], "checkpoint": checkpoint,
                              "source_run": source_run, "mlflow_run_id": run_id, "tasks": results["tasks"]})
-    manifest["table"] = format_table(results["summary"])
+    manifest["table"] = summary_text(results)
+    manifest["sandbox_isolation"] = results.get("sandbox_isolation")
     return manifest

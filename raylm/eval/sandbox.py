@@ -1,19 +1,18 @@
-"""Running model-written code (HumanEval) in a separate, limited process, and only when asked to.
+"""Running model-written code (HumanEval) behind an OS fence, and only when asked to.
 
-Each program runs in a fresh Python process (`python -I`, an empty environment) in a new session,
-with its working directory, HOME and TMPDIR set to a new temporary folder, and these limits:
+Model-written code is treated as hostile: a checkpoint can come from anywhere. Each program runs in
+`raylm/eval/fence.py`, a fresh launcher process that puts it in new user, mount, PID, network, IPC
+and UTS namespaces, as an unprivileged uid (65534 when the caller is root), on a read-only view of
+the filesystem with a private, size-capped tmpfs /tmp as its folder, a fresh /proc, no capabilities,
+rlimits (CPU, memory, file size, processes), and Landlock where the kernel has it (reads only the
+Python installation and system libraries, writes only its folder, no exec, no TCP, no signals out).
+The Python guards of earlier versions stay inside as a second layer only. See fence.py for the steps.
 
-- time: a wall-clock limit (the whole process group is killed) and an RLIMIT_CPU backstop;
-- memory: RLIMIT_AS (address space), so a memory bomb gets MemoryError instead of the machine;
-- processes: a new user namespace makes RLIMIT_NPROC apply (even to root); the limit is the number of
-  processes this user already has plus a few, and `os.fork`/`subprocess`/`exec*` are disabled inside;
-- network: a new network namespace (no interfaces but a downed loopback), and `socket` disabled inside;
-- files: RLIMIT_FSIZE, and every write, create, rename or delete outside the temporary folder refused.
-
-The namespaces are an OS-level fence where the kernel allows unprivileged user namespaces (it falls
-back to the in-process guards where it does not; `SandboxResult.isolation` says which applied). The
-in-process guards stop honest mistakes of model-written code, not a determined attacker: run
-untrusted code on a machine you can lose.
+No silent fallback: where the fence cannot be built (no unprivileged user namespaces, a seccomp or
+AppArmor profile that forbids unshare or mount, a masked /proc), `isolation_mode()` raises
+`SandboxUnavailable` with one line naming what failed, unless the user opted into the weaker mode
+(`allow_weak_isolation(True)`: the `eval.sandbox_allow_weak` config key, `--sandbox-allow-weak`, or
+`RAYLM_SANDBOX_ALLOW_WEAK=1`), where programs run with rlimits and Python guards only.
 
 Nothing runs unless the user opts in: `allow_code_execution(True)` (the `eval.allow_code_execution`
 config key, `--allow-code-execution` on the command line) or `RAYLM_ALLOW_CODE_EXECUTION=1`.
@@ -21,24 +20,28 @@ config key, `--allow-code-execution` on the command line) or `RAYLM_ALLOW_CODE_E
 
 from __future__ import annotations
 
-import ctypes
+import json
 import math
 import os
-import resource
+import select
 import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
+FENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fence.py")
+WEAK_FLAG = "eval.sandbox_allow_weak=true (--sandbox-allow-weak, RAYLM_SANDBOX_ALLOW_WEAK=1)"
 
 
 class CodeExecutionRefused(PermissionError):
     """Model-written code was about to run without the user's consent."""
+
+
+class SandboxUnavailable(RuntimeError):
+    """The OS fence cannot be built here, and the user has not opted into the weaker mode."""
 
 
 @dataclass
@@ -48,9 +51,11 @@ class SandboxLimits:
     file_size_mb: int = 16
     extra_processes: int = 4
     workers: int = 2
+    folder_mb: int = 64          # the fenced program's private /tmp (tmpfs)
+    folder_inodes: int = 4096
 
 
-_state = {"allowed": False, "limits": SandboxLimits()}
+_state = {"allowed": False, "weak": False, "limits": SandboxLimits(), "ray_resource": None}
 
 
 def allow_code_execution(allowed: bool, limits: SandboxLimits | None = None) -> None:
@@ -59,8 +64,49 @@ def allow_code_execution(allowed: bool, limits: SandboxLimits | None = None) -> 
         _state["limits"] = limits
 
 
+def allow_weak_isolation(allowed: bool) -> None:
+    """The user's explicit opt-in to rlimits and Python guards only where the OS fence is unavailable."""
+    _state["weak"] = bool(allowed)
+
+
+def run_on_ray_resource(name: str | None) -> None:
+    """On a Ray cluster, probe and run programs in Ray tasks that need this custom resource, which only
+    the worker group given what the fence needs advertises (cluster/kuberay: eval-workers); None: here."""
+    _state["ray_resource"] = name or None
+
+
+def _on_ray(function, *args):
+    import ray
+
+    if not ray.is_initialized():
+        raise SandboxUnavailable(f"HumanEval sandbox: eval.sandbox_ray_resource={_state['ray_resource']!r} is set "
+                                 f"but Ray is not running here")
+    task = ray.remote(num_cpus=1, resources={_state["ray_resource"]: 1}, max_retries=0)(function)
+    return ray.get(task.remote(*args))
+
+
+def _report_here() -> str:
+    run_on_ray_resource(None)
+    return isolation_report()
+
+
+def _check_here(programs: list[str], limits: SandboxLimits, weak: bool) -> list[SandboxResult]:
+    run_on_ray_resource(None)
+    allow_code_execution(True, limits)  # the caller asked for consent before sending the programs
+    allow_weak_isolation(weak)
+    return check_programs(programs, limits)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "") in ("1", "true", "yes")
+
+
 def code_execution_allowed() -> bool:
-    return bool(_state["allowed"]) or os.environ.get("RAYLM_ALLOW_CODE_EXECUTION", "") in ("1", "true", "yes")
+    return bool(_state["allowed"]) or _env_flag("RAYLM_ALLOW_CODE_EXECUTION")
+
+
+def weak_isolation_allowed() -> bool:
+    return bool(_state["weak"]) or _env_flag("RAYLM_SANDBOX_ALLOW_WEAK")
 
 
 def require_code_execution(what: str = "HumanEval") -> None:
@@ -79,74 +125,6 @@ class SandboxResult:
     isolation: str
 
 
-# The guard runs inside the child before the program: it limits what Python-level code can reach.
-GUARD = textwrap.dedent('''
-    import builtins, io, os, shutil, socket, subprocess, sys
-    ROOT = os.path.realpath(sys.argv[1])
-    PROGRAM = sys.argv[2]
-
-    def _inside(path):
-        if isinstance(path, int):
-            return True
-        full = os.path.realpath(os.path.join(ROOT, os.fsdecode(os.fspath(path))))
-        return full == ROOT or full.startswith(ROOT + os.sep)
-
-    def _refuse(what):
-        raise PermissionError(f"sandbox: {what} is not allowed")
-
-    _open = builtins.open
-    def _guarded_open(file, mode="r", *args, **kwargs):
-        if any(flag in mode for flag in "wax+") and not _inside(file):
-            _refuse(f"writing {file}")
-        return _open(file, mode, *args, **kwargs)
-    builtins.open = io.open = _guarded_open
-
-    _os_open = os.open
-    _WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    def _guarded_os_open(path, flags, *args, **kwargs):
-        if flags & _WRITE and not _inside(path):
-            _refuse(f"writing {path}")
-        return _os_open(path, flags, *args, **kwargs)
-    os.open = _guarded_os_open
-
-    def _paths_inside(name, fn):
-        def wrapper(*args, **kwargs):
-            for arg in list(args[:2]) + [kwargs.get("src"), kwargs.get("dst")]:
-                if isinstance(arg, (str, bytes, os.PathLike)) and not _inside(arg):
-                    _refuse(f"{name}({arg})")
-            return fn(*args, **kwargs)
-        return wrapper
-    for _name in ("remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "mkdir", "makedirs",
-                  "chmod", "chown", "lchown", "link", "symlink", "truncate", "utime", "mkfifo", "mknod"):
-        if hasattr(os, _name):
-            setattr(os, _name, _paths_inside(_name, getattr(os, _name)))
-    for _name in ("rmtree", "move", "copy", "copy2", "copyfile", "copytree", "chown"):
-        setattr(shutil, _name, _paths_inside(_name, getattr(shutil, _name)))
-
-    def _disabled(what):
-        def refuse(*args, **kwargs):
-            _refuse(what)
-        return refuse
-    for _name in ("fork", "forkpty", "system", "popen", "execv", "execve", "execl", "execle", "execlp", "execlpe",
-                  "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp",
-                  "spawnvpe", "posix_spawn", "posix_spawnp", "kill", "killpg", "setuid", "setgid", "chroot",
-                  "putenv", "unsetenv"):
-        if hasattr(os, _name):
-            setattr(os, _name, _disabled(f"os.{_name}"))
-    subprocess.Popen = _disabled("subprocess")
-    socket.socket = _disabled("network access")
-    socket.create_connection = _disabled("network access")
-    socket.socketpair = _disabled("network access")
-    sys.modules["ctypes"] = None
-    sys.modules["_ctypes"] = None
-
-    del _name
-    with _open(PROGRAM, encoding="utf-8") as _handle:
-        _source = _handle.read()
-    exec(compile(_source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": builtins})
-''')
-
-
 def _user_process_count() -> int:
     uid = os.getuid()
     count = 0
@@ -160,43 +138,117 @@ def _user_process_count() -> int:
     return count
 
 
-def _namespaces_available() -> bool:
-    """Whether this machine lets a process enter new user and network namespaces (checked in a child)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        probe = subprocess.run([sys.executable, "-I", "-c",
-                                "import ctypes,sys; sys.exit(ctypes.CDLL(None, use_errno=True).unshare("
-                                f"{CLONE_NEWUSER | CLONE_NEWNET}))"], timeout=20, capture_output=True)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0
+def _launch(source: str, limits: SandboxLimits, mode: str) -> tuple[str, int | None, str, str]:
+    """Run one program through fence.py; return (status, returncode, output, what fence.py reported)."""
+    with tempfile.TemporaryDirectory(prefix="raylm-sandbox-") if mode == "weak" else _no_folder() as folder:
+        # The fenced program's processes are counted in its own user namespace: it and the launcher.
+        nproc = (_user_process_count() if mode == "weak" else 2) + limits.extra_processes
+        status_r, status_w = os.pipe()
+        settings = {"mode": mode, "status_fd": status_w, "memory_mb": limits.memory_mb,
+                    "cpu_s": math.ceil(limits.timeout_s) + 1, "file_size_mb": limits.file_size_mb,
+                    "nproc": nproc, "folder_mb": limits.folder_mb, "folder_inodes": limits.folder_inodes}
+        deadline = time.monotonic() + limits.timeout_s
+        status, output = "error", b""
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-I", FENCE, json.dumps(settings)], cwd=folder or "/",
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, pass_fds=(status_w,), start_new_session=True)
+        finally:
+            os.close(status_w)
+        try:
+            try:
+                process.stdin.write(source.encode("utf-8"))
+                process.stdin.close()
+            except BrokenPipeError:
+                pass
+            process.stdin = None  # written and closed: communicate() only reads
+            report = _read_report(status_r, deadline)
+            if report is None:  # not even started within the time limit (a saturated machine)
+                status, report = "timeout", "ok not started in time"
+            elif report.startswith("ok"):
+                try:
+                    output, _ = process.communicate(timeout=max(0.0, deadline - time.monotonic()))
+                    status = "passed" if process.returncode == 0 else "failed"
+                except subprocess.TimeoutExpired:
+                    status = "timeout"
+        finally:
+            os.close(status_r)
+            try:  # the launcher's process group; the program's PID namespace dies with the launcher
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if status in ("timeout", "error"):
+            output, _ = process.communicate()
+        return status, process.returncode, output.decode("utf-8", "replace")[-4000:], report
 
 
-_namespaces: dict[str, bool] = {}
+class _no_folder:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _read_report(fd: int, deadline: float) -> str | None:
+    """fence.py's one line: `ok LEVEL ...` just before the program starts, or `error WHAT FAILED`;
+    None when the launcher has said nothing by the deadline."""
+    data = b""
+    while not data.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 4096) if ready else b""
+        if not chunk:
+            break
+        data += chunk
+    line = data.decode("utf-8", "replace").strip()
+    if not ready and not line:
+        return None
+    return line or "error the sandbox launcher exited before reporting (see its output)"
+
+
+_probe: dict[str, str] = {}
+
+
+def isolation_report() -> str:
+    """What the fence reports on this machine (probed once per process), e.g.
+    `ok fence+landlock uid=65534 landlock_abi=7`, or `error <the step that failed>`; on the Ray
+    workers that hold `run_on_ray_resource`'s resource where one is set."""
+    if _state["ray_resource"]:
+        key = f"ray:{_state['ray_resource']}"
+        if key not in _probe:
+            report = _on_ray(_report_here)
+            where = f"on the Ray worker holding resource {_state['ray_resource']}"
+            _probe[key] = report if report.startswith("ok") else f"error {where}: {report.removeprefix('error ')}"
+        return _probe[key]
+    if "report" not in _probe:
+        if not sys.platform.startswith("linux"):
+            _probe["report"] = f"error the fence needs Linux namespaces; this is {sys.platform}"
+        else:
+            status, _, output, report = _launch("pass\n", SandboxLimits(timeout_s=20.0), "fence")
+            if report.startswith("ok") and status != "passed":
+                report = f"error the fence's probe program failed: {output.strip()[-300:]}"
+            _probe["report"] = report
+    return _probe["report"]
 
 
 def isolation_mode() -> str:
-    if "ok" not in _namespaces:
-        _namespaces["ok"] = _namespaces_available()
-    return "namespaces+rlimits+guards" if _namespaces["ok"] else "rlimits+guards"
+    """`fence+landlock` or `fence`; `weak` only where the fence is unavailable and the user opted in.
+    Raises SandboxUnavailable (one line naming what is missing) otherwise."""
+    report = isolation_report()
+    if report.startswith("ok"):
+        return report.split()[1]
+    if weak_isolation_allowed():
+        return "weak"
+    raise SandboxUnavailable(f"HumanEval sandbox: no OS fence on this machine: {report.removeprefix('error ')}; "
+                             f"to run with rlimits and Python guards only, opt in with {WEAK_FLAG}")
 
 
-def _limit_child(limits: SandboxLimits, nproc: int, namespaces: bool):
-    libc = ctypes.CDLL(None, use_errno=True) if namespaces else None
-
-    def apply() -> None:  # runs in the child between fork and exec
-        if libc is not None and libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
-            os._exit(97)
-        memory = limits.memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        cpu = int(math.ceil(limits.timeout_s)) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        size = limits.file_size_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return apply
+def isolation_summary() -> str:
+    """One line for logs and summaries: the level used and what the probe found."""
+    level = isolation_mode()
+    detail = isolation_report()
+    return f"{level} ({detail.removeprefix('ok ').removeprefix(level).strip() or detail})"
 
 
 def run_program(source: str, limits: SandboxLimits | None = None, require_consent: bool = True) -> SandboxResult:
@@ -204,35 +256,11 @@ def run_program(source: str, limits: SandboxLimits | None = None, require_consen
     if require_consent:
         require_code_execution()
     limits = limits or _state["limits"]
-    mode = isolation_mode()
-    namespaces = mode.startswith("namespaces")
-    with tempfile.TemporaryDirectory(prefix="raylm-sandbox-") as folder:
-        with open(os.path.join(folder, "program.py"), "w", encoding="utf-8") as handle:
-            handle.write(source)
-        guard = os.path.join(folder, ".guard.py")
-        with open(guard, "w", encoding="utf-8") as handle:
-            handle.write(GUARD)
-        env = {"HOME": folder, "TMPDIR": folder, "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0",
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "LANG": "C.UTF-8"}
-        process = subprocess.Popen(
-            [sys.executable, "-I", guard, folder, os.path.join(folder, "program.py")], cwd=folder, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_limit_child(limits, _user_process_count() + limits.extra_processes, namespaces))
-        try:
-            output, _ = process.communicate(timeout=limits.timeout_s)
-            status = "passed" if process.returncode == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            status = "timeout"
-            output = b""
-        finally:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            if process.poll() is None or status == "timeout":
-                extra, _ = process.communicate()
-                output = (output or b"") + (extra or b"")
-    return SandboxResult(status == "passed", status, process.returncode, output.decode("utf-8", "replace")[-4000:], mode)
+    level = isolation_mode()
+    status, returncode, output, report = _launch(source, limits, "weak" if level == "weak" else "fence")
+    if status == "error":
+        raise SandboxUnavailable(f"HumanEval sandbox: {report.removeprefix('error ')} {output.strip()[-300:]}".strip())
+    return SandboxResult(status == "passed", status, returncode, output, level)
 
 
 def estimate_pass_at_k(n: int, c: int, k: int) -> float:
@@ -245,6 +273,9 @@ def estimate_pass_at_k(n: int, c: int, k: int) -> float:
 def check_programs(programs: list[str], limits: SandboxLimits | None = None) -> list[SandboxResult]:
     require_code_execution()
     limits = limits or _state["limits"]
+    isolation_mode()  # refuse before starting any program
+    if _state["ray_resource"]:
+        return _on_ray(_check_here, programs, limits, weak_isolation_allowed())
     with ThreadPoolExecutor(max_workers=max(1, limits.workers)) as pool:
         return list(pool.map(lambda source: run_program(source, limits), programs))
 

@@ -36,6 +36,8 @@ class EvalSettings:
     allow_code_execution: bool = False
     sandbox_timeout_s: float = 10.0
     sandbox_memory_mb: int = 1024
+    sandbox_allow_weak: bool = False
+    sandbox_ray_resource: str | None = None
     contamination_index: str | None = None
     domain_data: str | None = None
     domain_items: int = 200
@@ -95,7 +97,8 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
     import lm_eval
 
     from raylm.eval.contamination import load_index, split_scores
-    from raylm.eval.sandbox import SandboxLimits, allow_code_execution, require_code_execution
+    from raylm.eval.sandbox import (SandboxLimits, allow_code_execution, allow_weak_isolation, isolation_summary,
+                                    require_code_execution, run_on_ray_resource)
     from raylm.eval.tasks import ExtraTask, build_local_suite, expand_tasks
 
     out = Path(out_dir)
@@ -103,14 +106,21 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
     tasks = expand_tasks(settings.tasks)
     allow_code_execution(settings.allow_code_execution,
                          SandboxLimits(timeout_s=settings.sandbox_timeout_s, memory_mb=settings.sandbox_memory_mb))
+    allow_weak_isolation(settings.sandbox_allow_weak)
+    run_on_ray_resource(settings.sandbox_ray_resource)
+    isolation = None
     if "humaneval" in tasks:
         require_code_execution("the humaneval task")
+        isolation = isolation_summary()  # refuses here, before the model loads, where there is no fence
+        log.info("eval: HumanEval sandbox isolation: %s", isolation)
     extras = [ExtraTask.from_dict(raw, f"eval.extra_tasks[{i}]") for i, raw in enumerate(settings.extra_tasks)]
     index = load_index(settings.contamination_index) if settings.contamination_index else None
     lm_tasks = [t for t in tasks if t not in RAYLM_TASKS]
     started = time.perf_counter()
     lm = lm if lm is not None else make_model(checkpoint, settings, in_process)
     results: dict[str, Any] = {"checkpoint": checkpoint, "tasks": {}, "metrics": {}, "files": {}}
+    if isolation:
+        results["sandbox_isolation"] = isolation
 
     task_manager, groups = None, {}
     if settings.benchmark_data or "domain" in tasks or extras:
@@ -219,6 +229,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summary_text(results: dict[str, Any]) -> str:
+    """The summary table, and the HumanEval sandbox's isolation level where HumanEval ran."""
+    table = format_table(results["summary"])
+    if results.get("sandbox_isolation"):
+        table += f"\n\nHumanEval sandbox isolation: {results['sandbox_isolation']}"
+    return table
+
+
 def bar_chart(rows: list[dict[str, Any]], path: str) -> str | None:
     scored = [r for r in rows if isinstance(r.get("score"), (int, float))]
     if not scored:
@@ -267,11 +285,14 @@ def log_to_mlflow(results: dict[str, Any], settings: EvalSettings, tracker: Any,
     if source_run:
         tags.update({"raylm.source_run": source_run, "mlflow.parentRunId": source_run})
     params = {f"eval.{k}": v for k, v in settings.__dict__.items()}
+    if results.get("sandbox_isolation"):
+        tags["raylm.sandbox_isolation"] = results["sandbox_isolation"].split()[0]
+        params["eval.sandbox_isolation"] = results["sandbox_isolation"]
     with tracker.run("eval", params=params, tags=tags) as run:
         tracker.log_metrics(results["metrics"])
         for task, path in results["files"].items():
             mlflow.log_artifact(path, "samples")
-        table = format_table(results["summary"])
+        table = summary_text(results)
         mlflow.log_text(table + "\n", "summary.md")
         mlflow.log_table(data={k: [r.get(k) for r in results["summary"]] for k in
                                dict.fromkeys(k for r in results["summary"] for k in r)}, artifact_file="summary.json")
