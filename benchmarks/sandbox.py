@@ -15,12 +15,9 @@ from __future__ import annotations
 import os
 import sys
 
-# The repository root first on sys.path, so `import raylm` works without an install; this folder off
-# it (benchmarks/tokenize.py would shadow the standard library's tokenize).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(_HERE)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, REPO)
+from _repo import ROOT  # puts the repository root on sys.path
+
+REPO = str(ROOT)
 
 import argparse  # noqa: E402
 import gzip  # noqa: E402
