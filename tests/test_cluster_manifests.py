@@ -30,6 +30,11 @@ CUSTOM_KINDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjo
 STAGE_JOBS = ("curate", "tokenize", "pretrain", "tune", "finetune", "eval", "pipeline")
 
 
+def job_file(stage: str) -> str:
+    """The entrypoint of a stage: `jobs/<stage>.py`, but `tokenization.py` (a `tokenize.py` would shadow the stdlib)."""
+    return "tokenization.py" if stage == "tokenize" else f"{stage}.py"
+
+
 def manifests() -> list[tuple[str, dict]]:
     found = []
     for path in sorted(KUBERAY.glob("*.yaml")):
@@ -283,7 +288,7 @@ def test_every_stage_has_a_thin_job_entrypoint():
 
     commands = set(build_parser()._subparsers._group_actions[0].choices)  # noqa: SLF001
     for stage in STAGE_JOBS:
-        source = (JOBS / f"{stage}.py").read_text()
+        source = (JOBS / job_file(stage)).read_text()
         assert f'main(["{stage}", *sys.argv[1:]])' in source, stage
     runtime_env = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
     from ray.runtime_env import RuntimeEnv
@@ -292,7 +297,7 @@ def test_every_stage_has_a_thin_job_entrypoint():
     present = [stage for stage in STAGE_JOBS if stage in commands]
     assert {"curate", "tokenize", "pretrain", "eval", "pipeline"} <= set(present)
     for stage in present:
-        shown = subprocess.run([sys.executable, str(JOBS / f"{stage}.py"), "--help"],
+        shown = subprocess.run([sys.executable, str(JOBS / job_file(stage)), "--help"],
                                capture_output=True, text=True, timeout=60)
         assert shown.returncode == 0, shown.stderr
         assert f"usage: raylm {stage}" in shown.stdout
