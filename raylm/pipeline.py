@@ -154,7 +154,7 @@ class Pipeline:
         train = finetune_train_config(self.config.train, settings)
         packed_stage, packed = self._finetune_data(base, model.seq_len)
         section = {"finetune": self.config.section("finetune"), "train": train.model_dump(mode="json"),
-                   "model": model.model_dump(mode="json")}
+                   "model": model.section()}
         stage = self.workspace.stage("finetune", section, {"base": base.fingerprint, "data": packed_stage.fingerprint})
         return execute(stage, section, self.tracker,
                        lambda st: finetune(model, train, settings, base, packed, st, self.tracker.uri),

@@ -98,10 +98,11 @@ def test_flipped_byte_fails_the_hash_and_no_good_checkpoint_is_an_error(tmp_path
 
 
 def test_activation_checkpointing_is_the_model_switch_and_keeps_gradients():
-    from raylm.config import ModelConfig
-    from raylm.train.launch import model_config_for
+    from raylm.config import TrainConfig
+    from raylm.train.launch import run_model_config
 
-    config = model_config_for(ModelConfig(d_model=16, n_layers=2, n_heads=2, seq_len=8), 40, activation_checkpointing=True)
+    section = TransformerConfig(d_model=16, n_layers=2, n_heads=2, seq_len=8)
+    config = run_model_config(section, TrainConfig(activation_checkpointing=True), 40)
     assert config.activation_checkpointing and config.vocab_size == 40
     plain = tiny()
     torch.manual_seed(0)

@@ -17,14 +17,14 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import mlflow
 import torch
 import torch.nn as nn
 
-from raylm.config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig
+from raylm.config import ConfigError, FinetuneConfig, TrainConfig
 from raylm.finetune import is_lora, merge_lora, parameter_counts, prepare_for_finetune
 from raylm.model import TransformerConfig, build_model
 from raylm.train.checkpoint import (MODEL_CONFIG, TOKENIZER, TRAINER_STATE, check_complete, load_tokenizer_json,
@@ -250,11 +250,14 @@ def resolve_base(source: str, workspace: Workspace, tracking_uri: str | None = N
     raise BaseModelError(f"--from {source}: not a directory or an MLflow run id")
 
 
-def check_architecture(model: ModelConfig, base: Base) -> ModelConfig:
-    """The model section for fine-tuning: the base's architecture. Keys the config sets explicitly must
-    match the base; a mismatch is an error naming `model.<key>`."""
+def check_architecture(model: TransformerConfig, base: Base) -> TransformerConfig:
+    """The model section for fine-tuning: the base's architecture. Keys the config sets to other than
+    their default must match the base; a mismatch is an error naming `model.<key>`. The vocabulary
+    stays unset here (the fine-tuning data's tokenizer binds it, and must equal the base's)."""
+    defaults = TransformerConfig()
+    chosen = [f.name for f in fields(TransformerConfig) if getattr(model, f.name) != getattr(defaults, f.name)]
     problems = []
-    for key in sorted(model.model_fields_set):
+    for key in chosen:
         if key in NON_ARCHITECTURE_KEYS or key not in base.model_config:
             continue
         mine, theirs = getattr(model, key), base.model_config[key]
@@ -262,11 +265,11 @@ def check_architecture(model: ModelConfig, base: Base) -> ModelConfig:
             problems.append(f"model.{key} = {mine!r} but the base checkpoint {base.checkpoint} has {key} = {theirs!r}")
     if problems:
         raise ConfigError(problems + ["fine-tuning keeps the base architecture: drop these keys or match the base"])
-    merged = {k: v for k, v in base.model_config.items() if k in ModelConfig.model_fields}
+    merged = {k: v for k, v in base.model_config.items() if k != "vocab_size"}
     for key in NON_ARCHITECTURE_KEYS:
-        if key in model.model_fields_set:
+        if key in chosen:
             merged[key] = getattr(model, key)
-    return ModelConfig.model_validate(merged)
+    return TransformerConfig.from_dict(merged)
 
 
 def finetune_train_config(train: TrainConfig, finetune: FinetuneConfig) -> TrainConfig:
@@ -324,7 +327,7 @@ def export_merged(checkpoint: str, spec: dict[str, Any], stage: StageDir, tokeni
     return stage.path("merged")
 
 
-def finetune(model: ModelConfig, train: TrainConfig, finetune_config: FinetuneConfig, base: Base,
+def finetune(model: TransformerConfig, train: TrainConfig, finetune_config: FinetuneConfig, base: Base,
              packed: dict[str, Any], stage: StageDir, tracking_uri: str) -> dict[str, Any]:
     from raylm.train.launch import best_checkpoint, build_trainer
 
@@ -376,6 +379,6 @@ def finetune(model: ModelConfig, train: TrainConfig, finetune_config: FinetuneCo
         "finetune": spec,
         "base": {"checkpoint": base.checkpoint, "kind": base.kind, "source": base.source,
                  "mlflow_run_id": base.mlflow_run_id},
-        "model": {**model.model_dump(mode="json"), "vocab_size": base.model_config["vocab_size"]},
+        "model": {**model.section(), "vocab_size": base.model_config["vocab_size"]},
         "tokenizer": packed["tokenizer"],
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 from typing import Any
 
 import mlflow
@@ -21,7 +22,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raylm.config import ModelConfig, TrainConfig
+from raylm.config import TrainConfig
 from raylm.model import TransformerConfig
 from raylm.runtime import cluster_has_gpus
 from raylm.train.loop import train_loop_per_worker
@@ -34,25 +35,11 @@ BEST_DIR = "best"
 STOP_FILE = "STOP"  # create it in the run folder to make the run checkpoint and finish at its next report
 
 
-def model_config_for(model: ModelConfig | TransformerConfig, vocab_size: int,
-                     activation_checkpointing: bool = False) -> TransformerConfig:
-    """The model's config for a tokenizer of `vocab_size` tokens.
-
-    From the `model` config section the vocabulary is the tokenizer's (plus, for span corruption, the
-    sentinel ids on top, which the tokenizer never produces); a ready `TransformerConfig`
-    (a preset, say) keeps a larger vocabulary (e.g. GPT-2's 50257, rows the tokenizer never uses).
-    """
-    if isinstance(model, TransformerConfig):
-        if model.vocab_size - model.span_sentinels < vocab_size:
-            sentinels = f" plus the {model.span_sentinels} span-corruption sentinels (model.seq2seq_objective)" \
-                if model.span_sentinels else ""
-            raise ValueError(f"model vocab_size {model.vocab_size} is smaller than the tokenizer's {vocab_size}{sentinels}")
-        data = model.to_dict()
-    else:
-        data = TransformerConfig.for_tokenizer(model.model_dump(mode="json"), vocab_size).to_dict()
-    if activation_checkpointing:
-        data["activation_checkpointing"] = True
-    return TransformerConfig.from_dict(data)
+def run_model_config(model: TransformerConfig, train: TrainConfig, vocab_size: int) -> TransformerConfig:
+    """The model a run trains: `model` bound to the tokenizer's `vocab_size` (see
+    `TransformerConfig.for_tokenizer`), with `train.activation_checkpointing` switching on the model's."""
+    bound = model.for_tokenizer(vocab_size)
+    return replace(bound, activation_checkpointing=True) if train.activation_checkpointing else bound
 
 
 def scaling_config(train: TrainConfig) -> ScalingConfig:
@@ -106,7 +93,7 @@ class KeepBestCheckpoint(ray.train.UserCallback):
         self.best = val_loss
 
 
-def build_trainer(model: ModelConfig | TransformerConfig, train: TrainConfig, packed: dict[str, Any], storage_path: str, name: str,
+def build_trainer(model: TransformerConfig, train: TrainConfig, packed: dict[str, Any], storage_path: str, name: str,
                   tracking_uri: str, run_id: str | None, init_checkpoint: str | None = None,
                   extra_loop_config: dict[str, Any] | None = None, callbacks: list | None = None) -> TorchTrainer:
     """A `TorchTrainer` for the packed shards `packed` (the tokenize stage's manifest).
@@ -119,7 +106,7 @@ def build_trainer(model: ModelConfig | TransformerConfig, train: TrainConfig, pa
     if "val" not in packed["outputs"]:
         raise ValueError("the packed val split is empty: raise data.val_fraction or add data")
     tokenizer_json = read_text_uri(packed["tokenizer"]["path"])
-    transformer = model_config_for(model, packed["tokenizer"]["vocab_size"], train.activation_checkpointing)
+    transformer = run_model_config(model, train, packed["tokenizer"]["vocab_size"])
     if transformer.seq_len != packed["seq_len"]:
         raise ValueError(f"model.seq_len {transformer.seq_len} differs from the packed seq_len {packed['seq_len']}")
     loop_config = {
@@ -207,7 +194,7 @@ def plot_loss_curve(tracking_uri: str, run_id: str):
     return figure
 
 
-def pretrain(model: ModelConfig | TransformerConfig, train: TrainConfig, packed: dict[str, Any], stage: StageDir,
+def pretrain(model: TransformerConfig, train: TrainConfig, packed: dict[str, Any], stage: StageDir,
              tracking_uri: str, init_checkpoint: str | None = None) -> dict[str, Any]:
     run = mlflow.active_run()
     trainer = build_trainer(model, train, packed, stage.path(), RUN_NAME, tracking_uri,
@@ -236,6 +223,6 @@ def pretrain(model: ModelConfig | TransformerConfig, train: TrainConfig, packed:
         "checkpoint": best or result.checkpoint.path,
         "last_checkpoint": result.checkpoint.path,
         "run_path": stage.path(RUN_NAME),
-        "model": model_config_for(model, packed["tokenizer"]["vocab_size"], train.activation_checkpointing).to_dict(),
+        "model": run_model_config(model, train, packed["tokenizer"]["vocab_size"]).to_dict(),
         "tokenizer": packed["tokenizer"],
     }
