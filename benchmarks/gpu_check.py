@@ -20,8 +20,8 @@ import torch  # noqa: E402
 from raylm.config import TrainConfig  # noqa: E402
 from raylm.model import TransformerConfig  # noqa: E402
 from raylm.model.sizing import flops_per_token, parameter_count  # noqa: E402
-from raylm.train.corpus import stdlib_packed  # noqa: E402
 from raylm.train.mfu import peak_flops  # noqa: E402
+from tests.stdlib_corpus import stdlib_packed  # noqa: E402  (test and benchmark support, outside the package)
 from train import raylm_run, steady  # noqa: E402  (benchmarks/train.py)
 
 
@@ -76,7 +76,7 @@ def main() -> None:
     rates = raylm_run(model, train, packed, folder, "gpu-check")
     ray.shutdown()
 
-    config = model.for_tokenizer(packed["tokenizer"]["vocab_size"])
+    config = model.for_tokenizer(packed.tokenizer.vocab_size)
     device = torch.device("cuda") if gpu else torch.device("cpu")
     peak = peak_flops(device, bf16=gpu)
     rate = steady(rates)

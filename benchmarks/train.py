@@ -26,26 +26,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from raylm.artifacts import Packed  # noqa: E402
 from raylm.config import TrainConfig  # noqa: E402
 from raylm.model import Transformer, TransformerConfig  # noqa: E402
 from raylm.model.loss import split_inputs_targets, summed_loss  # noqa: E402
 from raylm.model.sizing import flops_per_token  # noqa: E402
-from raylm.train.corpus import stdlib_packed  # noqa: E402
 from raylm.train.data import PackedSequences  # noqa: E402
 from raylm.train.launch import build_trainer  # noqa: E402
 from raylm.train.mfu import peak_flops  # noqa: E402
 from raylm.train.optim import build_optimizer, learning_rate  # noqa: E402
+from tests.stdlib_corpus import stdlib_packed  # noqa: E402  (test and benchmark support, outside the package)
 
 
-def plain_loop(model_cfg: TransformerConfig, train: TrainConfig, packed: dict, report_every: int) -> list[float]:
+def plain_loop(model_cfg: TransformerConfig, train: TrainConfig, packed: Packed, report_every: int) -> list[float]:
     """tokens/s per window of `report_every` steps, one process, one thread."""
     torch.set_num_threads(1)
     torch.manual_seed(train.seed)
-    config = model_cfg.for_tokenizer(packed["tokenizer"]["vocab_size"])
+    config = model_cfg.for_tokenizer(packed.tokenizer.vocab_size)
     model = Transformer(config)
     optimizer = build_optimizer(model, train.lr, train.weight_decay, tuple(train.betas))
-    data = PackedSequences(packed["outputs"]["train"])
-    pad = packed["tokenizer"]["pad_id"]
+    data = PackedSequences(packed.train_uri)
+    pad = packed.tokenizer.pad_id
     batch, micro = train.global_batch_size, train.micro_batch_size
     rates, started = [], time.perf_counter()
     for step in range(train.max_steps):
@@ -67,7 +68,7 @@ def plain_loop(model_cfg: TransformerConfig, train: TrainConfig, packed: dict, r
     return rates
 
 
-def raylm_run(model_cfg: TransformerConfig, train: TrainConfig, packed: dict, folder: Path, name: str) -> list[float]:
+def raylm_run(model_cfg: TransformerConfig, train: TrainConfig, packed: Packed, folder: Path, name: str) -> list[float]:
     """tokens/s per report window of the real trainer (read back from its MLflow run)."""
     from mlflow.tracking import MlflowClient
 
@@ -113,7 +114,7 @@ def main() -> None:
     two = raylm_run(model_cfg, TrainConfig(workers=2, **common), packed, folder, "two")
     ray.shutdown()
 
-    config = model_cfg.for_tokenizer(packed["tokenizer"]["vocab_size"])
+    config = model_cfg.for_tokenizer(packed.tokenizer.vocab_size)
     torch.set_num_threads(1)
     peak = peak_flops(torch.device("cpu"), bf16=False)
     flops = flops_per_token(config)

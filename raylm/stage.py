@@ -4,33 +4,44 @@ Every stage (curate, tokenize, pretrain, eval, ...) goes through `execute`: the 
 named by its config and inputs; when its success marker exists the stage is not run again (unless
 forced) and its manifest is logged to a run tagged `raylm.reused=true`; otherwise the folder is
 cleared, the stage's body runs inside an MLflow run, and the manifest and marker are written last.
+A body returns its typed artifact (raylm/artifacts.py) and `execute` returns the artifact read back
+from the manifest, the same whether the stage ran now or earlier.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import mlflow
 
+from raylm.artifacts import Artifact
 from raylm.tracking import Tracker
 from raylm.workspace import StageDir
 
 log = logging.getLogger("raylm")
 
-StageBody = Callable[[StageDir], dict[str, Any]]
+A = TypeVar("A", bound=Artifact)
 
 
-def execute(stage: StageDir, section: dict[str, Any], tracker: Tracker, body: StageBody,
-            force: bool = False, resumable: bool = False,
-            extra_params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run `body(stage)` unless its result exists; return the stage manifest.
+def execute(stage: StageDir, section: dict[str, Any], tracker: Tracker, body: Callable[[StageDir], A],
+            kind: type[A], force: bool = False, resumable: bool = False,
+            extra_params: dict[str, Any] | None = None) -> A:
+    """Run `body(stage)` unless its result exists; return the stage's artifact of type `kind`.
 
-    `body` returns the stage's outputs for the manifest; its `metrics` (a flat dict of numbers) are
-    also logged to MLflow. A `resumable` stage (training) keeps what an interrupted run left in its
-    folder, so it can continue from there; other stages start from an empty folder.
+    The artifact's `metrics` (a flat dict of numbers) are also logged to MLflow. A `resumable` stage
+    (training) keeps what an interrupted run left in its folder, so it can continue from there; other
+    stages start from an empty folder.
     """
+    manifest = run_stage(stage, section, tracker, lambda st: body(st).to_manifest(), force, resumable, extra_params)
+    return kind.from_manifest(manifest)
+
+
+def run_stage(stage: StageDir, section: dict[str, Any], tracker: Tracker,
+              body: Callable[[StageDir], dict[str, Any]], force: bool = False, resumable: bool = False,
+              extra_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`execute` for a stage whose outputs are a plain dict (a Tune sweep's): returns the manifest."""
     if stage.is_complete() and not force:
         manifest = stage.manifest()
         log.info("%s: reusing finished result %s", stage.name, stage.uri)

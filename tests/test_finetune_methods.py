@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from raylm.config import ConfigError, FinetuneConfig, validate_config
-from raylm.finetune import FinetuneError, merge_lora, parameter_counts, prepare_for_finetune
+from raylm.finetune import FinetuneError, merge_lora, prepare_for_finetune
 from raylm.model import Transformer, TransformerConfig
 from raylm.train.checkpoint import load_model
 from raylm.train.finetune import (check_architecture, count_parameters, finetune_spec, load_finetuned,

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from raylm.artifacts import Packed
 from raylm.train.checkpoint import load_training_state, verify_checkpoint
 from raylm.train.launch import BEST_DIR, build_trainer
 from raylm.model import Transformer, TransformerConfig
@@ -34,7 +33,7 @@ RESUME_TOLERANCE = 1e-5
 class Runs:
     """Trains named runs into one folder, each with its own MLflow run; remembers results."""
 
-    def __init__(self, folder: Path, packed: dict):
+    def __init__(self, folder: Path, packed: Packed):
         self.folder, self.packed = folder, packed
         self.tracking_uri = f"sqlite:///{folder}/mlflow.db"
         self.client = MlflowClient(self.tracking_uri)

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 
 from raylm.config import TrackingConfig
-from raylm.stage import execute
+from raylm.stage import run_stage
 from raylm.tracking import Tracker
 from raylm.workspace import SUCCESS_MARKER, Workspace, resolve_stage_dir
 
@@ -51,10 +51,10 @@ def counting_body(calls):
 def test_finished_stage_is_reused_and_force_reruns(tracker, workspace_dir):
     stage = tracker.workspace.stage("curate", {"v": 1})
     calls: list[str] = []
-    first = execute(stage, {"v": 1}, tracker, counting_body(calls))
-    second = execute(stage, {"v": 1}, tracker, counting_body(calls))
+    first = run_stage(stage, {"v": 1}, tracker, counting_body(calls))
+    second = run_stage(stage, {"v": 1}, tracker, counting_body(calls))
     assert len(calls) == 1 and second["key"] == first["key"]
-    execute(stage, {"v": 1}, tracker, counting_body(calls), force=True)
+    run_stage(stage, {"v": 1}, tracker, counting_body(calls), force=True)
     assert len(calls) == 2
 
     runs = mlflow.search_runs(experiment_ids=[tracker.experiment_id], output_format="list")
@@ -69,7 +69,7 @@ def test_folder_without_marker_is_recomputed_not_read(tracker):
     stage.prepare()
     stage.write_text("out.txt", "half-written by a crashed run")
     calls: list[str] = []
-    execute(stage, {"v": 2}, tracker, counting_body(calls))
+    run_stage(stage, {"v": 2}, tracker, counting_body(calls))
     assert calls == [stage.key]
     assert stage.read_text("out.txt") == "result"
     assert stage.fs.get_file_info(stage.fs_path(SUCCESS_MARKER)).size > 0
@@ -83,7 +83,7 @@ def test_failed_body_leaves_no_marker(tracker):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        execute(stage, {"v": 3}, tracker, failing)
+        run_stage(stage, {"v": 3}, tracker, failing)
     assert not stage.is_complete()
     failed = mlflow.search_runs(experiment_ids=[tracker.experiment_id], output_format="list")
     assert [r.info.status for r in failed] == ["FAILED"]

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raylm.artifacts import Packed
 from raylm.config import TrainConfig
 from raylm.model import TransformerConfig
-from raylm.train.corpus import stdlib_packed
+from tests.stdlib_corpus import stdlib_packed
 
 SEQ_LEN = 32
 
 
-def make_packed(folder: Path, seq_len: int = SEQ_LEN, vocab_size: int = 300, loss_mask: bool = False) -> dict:
+def make_packed(folder: Path, seq_len: int = SEQ_LEN, vocab_size: int = 300, loss_mask: bool = False) -> Packed:
     return stdlib_packed(folder, seq_len, vocab_size=vocab_size, corpus_bytes=150_000, loss_mask=loss_mask)
 
 

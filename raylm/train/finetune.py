@@ -24,8 +24,9 @@ import mlflow
 import torch
 import torch.nn as nn
 
+from raylm.artifacts import Finetuned, Packed
 from raylm.config import ConfigError, FinetuneConfig, TrainConfig
-from raylm.finetune import is_lora, merge_lora, parameter_counts, prepare_for_finetune
+from raylm.finetune import merge_lora, parameter_counts, prepare_for_finetune
 from raylm.model import TransformerConfig, build_model
 from raylm.train.checkpoint import (MODEL_CONFIG, TOKENIZER, TRAINER_STATE, check_complete, load_tokenizer_json,
                                     load_training_state, local_checkpoint, save_checkpoint)
@@ -328,17 +329,16 @@ def export_merged(checkpoint: str, spec: dict[str, Any], stage: StageDir, tokeni
 
 
 def finetune(model: TransformerConfig, train: TrainConfig, finetune_config: FinetuneConfig, base: Base,
-             packed: dict[str, Any], stage: StageDir, tracking_uri: str) -> dict[str, Any]:
+             packed: Packed, stage: StageDir, tracking_uri: str) -> Finetuned:
     from raylm.train.launch import best_checkpoint, build_trainer
 
-    if "val" not in packed["outputs"]:
-        raise ValueError("the fine-tuning data has no val split: raise finetune.val_fraction or add data")
-    if packed["tokenizer"]["vocab_size"] != base.model_config["vocab_size"]:
+    packed.require_val("raise finetune.val_fraction or add data")
+    if packed.tokenizer.vocab_size != base.model_config["vocab_size"]:
         reason = ""
         if base.model_config.get("seq2seq_objective") == "span_corruption":
             reason = (" (it was pretrained by span corruption, which reserves sentinel ids above its tokenizer; "
                       "fine-tuning such a base is not supported: pretrain with model.seq2seq_objective = 'prefix')")
-        raise ValueError(f"the fine-tuning tokenizer has {packed['tokenizer']['vocab_size']} tokens but the base "
+        raise ValueError(f"the fine-tuning tokenizer has {packed.tokenizer.vocab_size} tokens but the base "
                          f"model {base.checkpoint} has vocab_size {base.model_config['vocab_size']}{reason}")
     spec = finetune_spec(finetune_config)
     counts = count_parameters(base.model_config, spec)
@@ -359,26 +359,18 @@ def finetune(model: TransformerConfig, train: TrainConfig, finetune_config: Fine
     metrics.update(counts, params_trainable_fraction=counts["params_trainable"] / counts["params_total"],
                    val_loss_before=before, val_loss_after=after, val_loss_delta=after - before)
     checkpoint = best_checkpoint(stage.path(RUN_NAME)) or result.checkpoint.path
-    outputs: dict[str, Any] = {"adapter_checkpoint": None, "merged_checkpoint": None,
-                               "last_checkpoint": result.checkpoint.path}
+    adapter_checkpoint = merged_checkpoint = None
     if spec["method"] == "lora":
         trainer_state = {"step": int(metrics.get("step", 0)), "merged_from": checkpoint}
-        merged = export_merged(checkpoint, spec, stage, base.tokenizer_json, trainer_state)
-        outputs.update(adapter_checkpoint=checkpoint, merged_checkpoint=merged)
-        checkpoint = merged
-        mlflow.set_tag("raylm.adapter_checkpoint", outputs["adapter_checkpoint"])
-        mlflow.set_tag("raylm.merged_checkpoint", merged)
+        adapter_checkpoint = checkpoint
+        merged_checkpoint = checkpoint = export_merged(checkpoint, spec, stage, base.tokenizer_json, trainer_state)
+        mlflow.set_tag("raylm.adapter_checkpoint", adapter_checkpoint)
+        mlflow.set_tag("raylm.merged_checkpoint", merged_checkpoint)
     mlflow.set_tag("raylm.checkpoint", checkpoint)
     log.info("finetune: val loss %.4f -> %.4f, checkpoint %s", before, after, checkpoint)
-    return {
-        "metrics": metrics,
-        "checkpoint": checkpoint,
-        **outputs,
-        "run_path": stage.path(RUN_NAME),
-        "method": spec["method"],
-        "finetune": spec,
-        "base": {"checkpoint": base.checkpoint, "kind": base.kind, "source": base.source,
-                 "mlflow_run_id": base.mlflow_run_id},
-        "model": {**model.section(), "vocab_size": base.model_config["vocab_size"]},
-        "tokenizer": packed["tokenizer"],
-    }
+    return Finetuned(
+        checkpoint=checkpoint, adapter_checkpoint=adapter_checkpoint, merged_checkpoint=merged_checkpoint,
+        last_checkpoint=result.checkpoint.path, run_path=stage.path(RUN_NAME), method=spec["method"], finetune=spec,
+        base={"checkpoint": base.checkpoint, "kind": base.kind, "source": base.source, "mlflow_run_id": base.mlflow_run_id},
+        model={**model.section(), "vocab_size": base.model_config["vocab_size"]}, tokenizer=packed.tokenizer,
+        metrics=metrics)

@@ -22,6 +22,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from raylm.artifacts import Packed, Pretrained
 from raylm.config import TrainConfig
 from raylm.model import TransformerConfig
 from raylm.runtime import cluster_has_gpus
@@ -93,7 +94,7 @@ class KeepBestCheckpoint(ray.train.UserCallback):
         self.best = val_loss
 
 
-def build_trainer(model: TransformerConfig, train: TrainConfig, packed: dict[str, Any], storage_path: str, name: str,
+def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, storage_path: str, name: str,
                   tracking_uri: str, run_id: str | None, init_checkpoint: str | None = None,
                   extra_loop_config: dict[str, Any] | None = None, callbacks: list | None = None) -> TorchTrainer:
     """A `TorchTrainer` for the packed shards `packed` (the tokenize stage's manifest).
@@ -103,21 +104,20 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: dict[str
     loop config (its `finetune` key makes the loop call `raylm.finetune.prepare_for_finetune`);
     `callbacks` go to `RunConfig(callbacks=...)`. Metrics go to MLflow run `run_id` from rank 0.
     """
-    if "val" not in packed["outputs"]:
-        raise ValueError("the packed val split is empty: raise data.val_fraction or add data")
-    tokenizer_json = read_text_uri(packed["tokenizer"]["path"])
-    transformer = run_model_config(model, train, packed["tokenizer"]["vocab_size"])
-    if transformer.seq_len != packed["seq_len"]:
-        raise ValueError(f"model.seq_len {transformer.seq_len} differs from the packed seq_len {packed['seq_len']}")
+    val_uri = packed.require_val("raise data.val_fraction or add data")
+    tokenizer_json = read_text_uri(packed.tokenizer.path)
+    transformer = run_model_config(model, train, packed.tokenizer.vocab_size)
+    if transformer.seq_len != packed.seq_len:
+        raise ValueError(f"model.seq_len {transformer.seq_len} differs from the packed seq_len {packed.seq_len}")
     loop_config = {
         "model": transformer.to_dict(),
         "train": train.model_dump(mode="json"),
         "global_batch_sequences": train.global_batch_sequences(transformer.seq_len),
-        "train_uri": packed["outputs"]["train"],
-        "val_uri": packed["outputs"]["val"],
+        "train_uri": packed.train_uri,
+        "val_uri": val_uri,
         "tokenizer_json": tokenizer_json,
-        "tokenizer_fingerprint": packed["tokenizer"].get("fingerprint"),
-        "pad_id": packed["tokenizer"]["pad_id"],
+        "tokenizer_fingerprint": packed.tokenizer.fingerprint,
+        "pad_id": packed.tokenizer.pad_id,
         "tracking_uri": tracking_uri,
         "run_id": run_id,
         "init_checkpoint": init_checkpoint,
@@ -194,8 +194,8 @@ def plot_loss_curve(tracking_uri: str, run_id: str):
     return figure
 
 
-def pretrain(model: TransformerConfig, train: TrainConfig, packed: dict[str, Any], stage: StageDir,
-             tracking_uri: str, init_checkpoint: str | None = None) -> dict[str, Any]:
+def pretrain(model: TransformerConfig, train: TrainConfig, packed: Packed, stage: StageDir,
+             tracking_uri: str, init_checkpoint: str | None = None) -> Pretrained:
     run = mlflow.active_run()
     trainer = build_trainer(model, train, packed, stage.path(), RUN_NAME, tracking_uri,
                             run.info.run_id if run else None, init_checkpoint)
@@ -218,11 +218,6 @@ def pretrain(model: TransformerConfig, train: TrainConfig, packed: dict[str, Any
     mlflow.set_tag("raylm.last_checkpoint", result.checkpoint.path)
     log.info("pretrain: finished at step %s, val_loss %.4f, best checkpoint %s, last %s", metrics.get("step"),
              metrics.get("val_loss", float("nan")), best, result.checkpoint.path)
-    return {
-        "metrics": metrics,
-        "checkpoint": best or result.checkpoint.path,
-        "last_checkpoint": result.checkpoint.path,
-        "run_path": stage.path(RUN_NAME),
-        "model": run_model_config(model, train, packed["tokenizer"]["vocab_size"]).to_dict(),
-        "tokenizer": packed["tokenizer"],
-    }
+    return Pretrained(checkpoint=best or result.checkpoint.path, last_checkpoint=result.checkpoint.path,
+                      run_path=stage.path(RUN_NAME), model=run_model_config(model, train, packed.tokenizer.vocab_size).to_dict(),
+                      tokenizer=packed.tokenizer, metrics=metrics)

@@ -35,7 +35,7 @@ from raylm.model import TransformerConfig, build_model
 from raylm.model.loss import bits_per_byte, lm_batch, loss_and_bytes, summed_loss
 from raylm.model.sizing import flops_per_token
 from raylm.model.span_corruption import row_seeds
-from raylm.train.checkpoint import CheckpointError, load_training_state, newest_good_checkpoint, save_checkpoint
+from raylm.train.checkpoint import load_training_state, newest_good_checkpoint, save_checkpoint
 from raylm.train.data import PackedSequences
 from raylm.train.mfu import mfu, peak_flops
 from raylm.train.optim import build_optimizer, learning_rate
