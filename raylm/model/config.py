@@ -118,7 +118,26 @@ class TransformerConfig:
     mean_span_length: float = Field(3.0, description="span corruption: mean length of a dropped span")
     preset: str | None = Field(None, description="named size: tiny, laptop, gpt2-124m, 350m, 1b (keys given here win)")
 
-    _apply_preset = model_validator(mode="before")(_preset_sizes)
+    @model_validator(mode="wrap")
+    @classmethod
+    def _preset_and_explicit_keys(cls, data: Any, handler: Any) -> "TransformerConfig":
+        """Fill in the preset's sizes, and remember which keys were given (preset sizes included):
+        fine-tuning checks those against the base model (`explicit_keys`)."""
+        if isinstance(data, cls):  # an assignment (validate_assignment); `_mark_assigned` adds its key
+            given = data.explicit_keys
+            config = handler(data)
+            object.__setattr__(config, "_explicit_keys", given)
+            return config
+        data = _preset_sizes(data)
+        given = (data.kwargs or {}) if isinstance(data, ArgsKwargs) else data if isinstance(data, dict) else {}
+        config = handler(data)
+        object.__setattr__(config, "_explicit_keys", frozenset(given))
+        return config
+
+    @property
+    def explicit_keys(self) -> frozenset[str]:
+        """The keys this config was given (by YAML, `--set`, a preset or the constructor), not defaulted."""
+        return self.__dict__.get("_explicit_keys", frozenset())
 
     @model_validator(mode="after")
     def _check(self) -> "TransformerConfig":
@@ -227,3 +246,15 @@ def preset(name: str, **overrides: Any) -> TransformerConfig:
     if name not in PRESETS:
         raise ValueError(f"model.preset = {name!r}: expected one of {', '.join(PRESETS)}")
     return TransformerConfig.from_dict({**PRESETS[name], "preset": name, **overrides})
+
+
+def _mark_assigned(validated_setattr: Any) -> Any:
+    """`config.key = value` validates (pydantic) and then counts `key` as given (`explicit_keys`)."""
+    def setattr_and_mark(self: TransformerConfig, name: str, value: Any) -> None:
+        validated_setattr(self, name, value)
+        if name in self.__pydantic_fields__:
+            object.__setattr__(self, "_explicit_keys", self.explicit_keys | {name})
+    return setattr_and_mark
+
+
+TransformerConfig.__setattr__ = _mark_assigned(TransformerConfig.__setattr__)

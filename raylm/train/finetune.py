@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow
@@ -252,11 +252,10 @@ def resolve_base(source: str, workspace: Workspace, tracking_uri: str | None = N
 
 
 def check_architecture(model: TransformerConfig, base: Base) -> TransformerConfig:
-    """The model section for fine-tuning: the base's architecture. Keys the config sets to other than
-    their default must match the base; a mismatch is an error naming `model.<key>`. The vocabulary
-    stays unset here (the fine-tuning data's tokenizer binds it, and must equal the base's)."""
-    defaults = TransformerConfig()
-    chosen = [f.name for f in fields(TransformerConfig) if getattr(model, f.name) != getattr(defaults, f.name)]
+    """The model section for fine-tuning: the base's architecture. Keys the config sets explicitly must
+    match the base; a mismatch is an error naming `model.<key>`. The vocabulary stays unset here (the
+    fine-tuning data's tokenizer binds it, and must equal the base's)."""
+    chosen = sorted(model.explicit_keys)
     problems = []
     for key in chosen:
         if key in NON_ARCHITECTURE_KEYS or key not in base.model_config:
