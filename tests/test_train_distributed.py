@@ -45,7 +45,7 @@ class Runs:
         if run_name not in self.run_ids:
             self.run_ids[run_name] = self.client.create_run(self.experiment, run_name=run_name).info.run_id
         trainer = build_trainer(tiny_model(), tiny_train(**train), self.packed, str(self.folder / "runs"), run_name,
-                                self.tracking_uri, self.run_ids[run_name], extra_loop_config=extra)
+                                self.tracking_uri, self.run_ids[run_name], **(extra or {}))
         result = trainer.fit()
         assert result.error is None, result.error
         self.results[name] = result

@@ -4,7 +4,7 @@ The base is what `raylm finetune --from` names: a checkpoint directory, a finish
 `finetune`) stage folder, an MLflow run id whose run carries a `raylm.checkpoint` tag, or a Hugging
 Face model folder (converted once through `raylm.model.hf.import_hf` into a raylm checkpoint). The
 run is the pretraining trainer (`build_trainer`, same strategies, DCP checkpoints, elasticity and
-MLflow logging) started from the base weights, with `extra_loop_config["finetune"]` telling every
+MLflow logging) started from the base weights, with its `finetune` spec telling every
 worker to call `raylm.finetune.prepare_for_finetune` before wrapping the model. After training a
 LoRA run's adapters are folded into the weights and written as a plain checkpoint (`merged/`), which
 is what export and evaluation read. Logged: trainable and total parameters, val loss on the
@@ -347,7 +347,7 @@ def finetune(model: TransformerConfig, train: TrainConfig, finetune_config: Fine
              counts["params_trainable"], counts["params_total"], 100 * counts["params_trainable"] / counts["params_total"])
     trainer = build_trainer(model, train, packed, stage.path(), RUN_NAME, tracking_uri,
                             run.info.run_id if run else None, init_checkpoint=base.checkpoint,
-                            extra_loop_config={"finetune": spec})
+                            finetune=spec)
     result = trainer.fit()
     if result.error:
         raise result.error

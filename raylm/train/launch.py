@@ -26,7 +26,7 @@ from raylm.artifacts import Packed, Pretrained
 from raylm.config import TrainConfig
 from raylm.model import TransformerConfig
 from raylm.runtime import cluster_has_gpus
-from raylm.train.loop import train_loop_per_worker
+from raylm.train.loop import LoopConfig, train_loop_per_worker
 from raylm.workspace import SUCCESS_MARKER, StageDir, Workspace, read_text_uri
 
 log = logging.getLogger("raylm")
@@ -96,12 +96,13 @@ class KeepBestCheckpoint(ray.train.UserCallback):
 
 def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, storage_path: str, name: str,
                   tracking_uri: str, run_id: str | None, init_checkpoint: str | None = None,
-                  extra_loop_config: dict[str, Any] | None = None, callbacks: list | None = None) -> TorchTrainer:
-    """A `TorchTrainer` for the packed shards `packed` (the tokenize stage's manifest).
+                  finetune: dict[str, Any] | None = None, fail_at_step: int | None = None,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """A `TorchTrainer` for the packed shards `packed` (the tokenize stage's artifact).
 
     The loop reports `loss, val_loss, val_bpb, lr, step, tokens_seen` (val figures at each eval);
-    `init_checkpoint` loads model weights only (`--from`); `extra_loop_config` is merged into the
-    loop config (its `finetune` key makes the loop call `raylm.finetune.prepare_for_finetune`);
+    `init_checkpoint` loads model weights only (`--from`); a `finetune` spec makes every worker call
+    `raylm.finetune.prepare_for_finetune`; `fail_at_step` injects one failure (tests, drills);
     `callbacks` go to `RunConfig(callbacks=...)`. Metrics go to MLflow run `run_id` from rank 0.
     """
     val_uri = packed.require_val("raise data.val_fraction or add data")
@@ -109,25 +110,16 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, 
     transformer = run_model_config(model, train, packed.tokenizer.vocab_size)
     if transformer.seq_len != packed.seq_len:
         raise ValueError(f"model.seq_len {transformer.seq_len} differs from the packed seq_len {packed.seq_len}")
-    loop_config = {
-        "model": transformer.to_dict(),
-        "train": train.model_dump(mode="json"),
-        "global_batch_sequences": train.global_batch_sequences(transformer.seq_len),
-        "train_uri": packed.train_uri,
-        "val_uri": val_uri,
-        "tokenizer_json": tokenizer_json,
-        "tokenizer_fingerprint": packed.tokenizer.fingerprint,
-        "pad_id": packed.tokenizer.pad_id,
-        "tracking_uri": tracking_uri,
-        "run_id": run_id,
-        "init_checkpoint": init_checkpoint,
-        "stop_uri": storage_path.rstrip("/") + "/" + name + "/" + STOP_FILE,
-        **(extra_loop_config or {}),
-    }
     run_uri = storage_path.rstrip("/") + "/" + name
+    loop = LoopConfig(model=transformer, train=train,
+                      global_batch_sequences=train.global_batch_sequences(transformer.seq_len),
+                      train_uri=packed.train_uri, val_uri=val_uri, tokenizer_json=tokenizer_json,
+                      pad_id=packed.tokenizer.pad_id, tokenizer_fingerprint=packed.tokenizer.fingerprint,
+                      tracking_uri=tracking_uri, run_id=run_id, init_checkpoint=init_checkpoint,
+                      stop_uri=run_uri + "/" + STOP_FILE, finetune=finetune, fail_at_step=fail_at_step)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"loop": loop},
         scaling_config=scaling_config(train),
         run_config=RunConfig(
             name=name,
