@@ -21,25 +21,25 @@ import _repo  # noqa: F401,E402  (puts the repository root on sys.path)
 
 import torch  # noqa: E402
 
-from raylm.config import ModelConfig, TrainConfig  # noqa: E402
+from raylm.config import TrainConfig  # noqa: E402
+from raylm.model import TransformerConfig  # noqa: E402
 from raylm.model.sizing import flops_per_token, parameter_count  # noqa: E402
 from raylm.plan import memory_per_worker  # noqa: E402
-from raylm.train.corpus import stdlib_packed  # noqa: E402
-from raylm.train.launch import model_config_for  # noqa: E402
 from raylm.train.mfu import peak_flops  # noqa: E402
+from tests.stdlib_corpus import stdlib_packed  # noqa: E402  (test and benchmark support, outside the package)
 from train import raylm_run, steady  # noqa: E402  (benchmarks/train.py)
 
 
 def gpt2_124m(smoke: bool):
     """The gpt2-124m preset when raylm.model has it; else its shape via config overrides."""
     if smoke:
-        return ModelConfig(d_model=64, n_layers=2, n_heads=2, seq_len=64)
+        return TransformerConfig(d_model=64, n_layers=2, n_heads=2, seq_len=64)
     try:
         from raylm.model import preset
 
         return preset("gpt2-124m")
     except ImportError:  # older raylm.model without presets: GPT-2 small's sizes on the default block
-        return ModelConfig(d_model=768, n_layers=12, n_heads=12, seq_len=1024, ffn_hidden=3072)
+        return TransformerConfig(d_model=768, n_layers=12, n_heads=12, seq_len=1024, ffn_hidden=3072)
 
 
 def check_flash_attention() -> str:
@@ -104,7 +104,7 @@ def main() -> None:
     ray.shutdown()
     rates = history["tokens_per_s"]
 
-    config = model_config_for(model, packed["tokenizer"]["vocab_size"])
+    config = model.for_tokenizer(packed.tokenizer.vocab_size)
     device = torch.device("cuda") if gpu else torch.device("cpu")
     peak = peak_flops(device, bf16=gpu)
     rate = steady(rates)

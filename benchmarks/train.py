@@ -25,26 +25,27 @@ import _repo  # noqa: F401,E402  (puts the repository root on sys.path)
 
 import torch  # noqa: E402
 
-from raylm.config import ModelConfig, TrainConfig  # noqa: E402
-from raylm.model import Transformer  # noqa: E402
+from raylm.artifacts import Packed  # noqa: E402
+from raylm.config import TrainConfig  # noqa: E402
+from raylm.model import Transformer, TransformerConfig  # noqa: E402
 from raylm.model.loss import split_inputs_targets, summed_loss  # noqa: E402
 from raylm.model.sizing import flops_per_token  # noqa: E402
-from raylm.train.corpus import stdlib_packed  # noqa: E402
 from raylm.train.data import PackedSequences  # noqa: E402
-from raylm.train.launch import build_trainer, model_config_for  # noqa: E402
+from raylm.train.launch import build_trainer  # noqa: E402
 from raylm.train.mfu import peak_flops  # noqa: E402
 from raylm.train.optim import build_optimizer, learning_rate  # noqa: E402
+from tests.stdlib_corpus import stdlib_packed  # noqa: E402  (test and benchmark support, outside the package)
 
 
-def plain_loop(model_cfg: ModelConfig, train: TrainConfig, packed: dict, report_every: int) -> list[float]:
+def plain_loop(model_cfg: TransformerConfig, train: TrainConfig, packed: Packed, report_every: int) -> list[float]:
     """tokens/s per window of `report_every` steps, one process, one thread."""
     torch.set_num_threads(1)
     torch.manual_seed(train.seed)
-    config = model_config_for(model_cfg, packed["tokenizer"]["vocab_size"])
+    config = model_cfg.for_tokenizer(packed.tokenizer.vocab_size)
     model = Transformer(config)
     optimizer = build_optimizer(model, train.lr, train.weight_decay, tuple(train.betas))
-    data = PackedSequences(packed["outputs"]["train"])
-    pad = packed["tokenizer"]["pad_id"]
+    data = PackedSequences(packed.train_uri)
+    pad = packed.tokenizer.pad_id
     batch, micro = train.global_batch_size, train.micro_batch_size
     rates, started = [], time.perf_counter()
     for step in range(train.max_steps):
@@ -66,7 +67,7 @@ def plain_loop(model_cfg: ModelConfig, train: TrainConfig, packed: dict, report_
     return rates
 
 
-def raylm_run(model_cfg: ModelConfig, train: TrainConfig, packed: dict, folder: Path, name: str,
+def raylm_run(model_cfg: TransformerConfig, train: TrainConfig, packed: Packed, folder: Path, name: str,
               extra_metrics: tuple[str, ...] = ()) -> dict[str, list[float]]:
     """Per report window, tokens/s (and `extra_metrics`) of the real trainer, read back from its MLflow run."""
     from mlflow.tracking import MlflowClient
@@ -101,8 +102,8 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="raylm-bench-train-"))
     packed = stdlib_packed(folder / "data", args.seq_len, vocab_size=2048, corpus_bytes=1_500_000)
-    model_cfg = ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=max(2, args.d_model // 64),
-                            seq_len=args.seq_len)
+    model_cfg = TransformerConfig(d_model=args.d_model, n_layers=args.layers, n_heads=max(2, args.d_model // 64),
+                                  seq_len=args.seq_len)
     common = dict(lr=1e-3, warmup_steps=10, max_steps=args.steps, micro_batch_size=args.micro,
                   global_batch_size=args.batch, eval_every=10**6, checkpoint_every=10**6,
                   report_every=args.report_every, use_gpu=False)
@@ -113,7 +114,7 @@ def main() -> None:
     two = raylm_run(model_cfg, TrainConfig(workers=2, **common), packed, folder, "two")["tokens_per_s"]
     ray.shutdown()
 
-    config = model_config_for(model_cfg, packed["tokenizer"]["vocab_size"])
+    config = model_cfg.for_tokenizer(packed.tokenizer.vocab_size)
     torch.set_num_threads(1)
     peak = peak_flops(torch.device("cpu"), bf16=False)
     flops = flops_per_token(config)

@@ -239,19 +239,19 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     if name == "tune":
         from raylm.tune import run_sweep, summary_lines
 
-        manifest = run_sweep(config, pipeline.workspace, pipeline.tracker, pipeline._require("tokenize"),
+        manifest = run_sweep(config, pipeline.workspace, pipeline.tracker, pipeline.require("tokenize"),
                              pipeline.plan.tokenize.fingerprint, force="tune" in pipeline.force)
-        print("\n".join([pipeline.summary({name: manifest}), *summary_lines(manifest)]))
+        print("\n".join([pipeline.summary({}, {name: manifest["uri"]}), *summary_lines(manifest)]))
         return 0
     if name == "pipeline":
-        manifests = pipeline.run_all()
+        artifacts = pipeline.run_all()
     elif name == "pretrain":
-        manifests = {name: pipeline.pretrain(args.init_checkpoint, args.resume)}
+        artifacts = {name: pipeline.pretrain(args.init_checkpoint, args.resume)}
     elif name == "finetune":
-        manifests = {name: pipeline.finetune(args.base)}
+        artifacts = {name: pipeline.finetune(args.base)}
     else:
-        manifests = {name: getattr(pipeline, name)()}
-    print(pipeline.summary(manifests))
+        artifacts = {name: getattr(pipeline, name)()}
+    print(pipeline.summary(artifacts))
     return 0
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from raylm.model.config import TransformerConfig
 
 REMOTE_SCHEMES = ("s3://", "gs://", "hf://", "http://", "https://", "file://")
 BUILTIN_SOURCES = ("python-stdlib",)
@@ -240,74 +242,13 @@ class TokenizerConfig(Section):
         return self
 
 
-class ModelConfig(Section):
-    """The transformer (raylm/model). `preset` fills in the sizes of a named model; keys given here win.
-    The vocabulary size comes from the tokenizer. Components: `position` (rope | learned | sinusoidal),
-    `activation` (swiglu | gelu | relu), `norm` (rmsnorm | layernorm), `norm_position` (pre | post)."""
-
-    preset: str | None = Field(None, description="named size: tiny, laptop, gpt2-124m, 350m, 1b")
-    arch: Literal["decoder", "encoder-decoder"] = "decoder"
-    d_model: int = Field(256, gt=0)
-    n_layers: int = Field(4, gt=0, description="decoder layers (and encoder layers unless n_encoder_layers is set)")
-    n_heads: int = Field(4, gt=0)
-    n_kv_heads: int | None = Field(None, gt=0, description="key/value heads for grouped-query attention (default: n_heads)")
-    n_encoder_layers: int | None = Field(None, gt=0, description="encoder-decoder: encoder layers (default: n_layers)")
-    ffn_hidden: int | None = Field(None, gt=0, description="feed-forward width (default: 8/3 d_model for SwiGLU, 4 d_model otherwise)")
-    seq_len: int = Field(256, ge=2, description="context length; packed sequences hold seq_len + 1 tokens")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    tie_embeddings: bool = True
-    rope_theta: float = Field(10000.0, gt=0)
-    position: Literal["rope", "learned", "sinusoidal"] = "rope"
-    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
-    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
-    norm_position: Literal["pre", "post"] = "pre"
-    norm_eps: float = Field(1e-5, gt=0)
-    bias: bool = Field(False, description="biases in linear layers and LayerNorm")
-    init_std: float = Field(0.02, gt=0, description="std of the normal init; residual projections get / sqrt(2 * layers)")
-    activation_checkpointing: bool = Field(False, description="recompute each block in the backward pass to save memory")
-    source_fraction: float = Field(0.5, gt=0, lt=1, description="encoder-decoder, prefix objective: share of each packed row used as the source")
-    seq2seq_objective: Literal["prefix", "span_corruption"] = Field(
-        "prefix", description="encoder-decoder training objective: prefix (to continuation) or span_corruption (T5); "
-                              "evaluation stays on prefix")
-    noise_density: float = Field(0.15, gt=0, lt=1, description="span corruption: share of each row's tokens dropped into spans")
-    mean_span_length: float = Field(3.0, ge=1, description="span corruption: mean length of a dropped span")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") is not None:
-            from raylm.model.config import PRESETS
-
-            name = data["preset"]
-            if name not in PRESETS:
-                raise ValueError(f"model.preset = {name!r}: expected one of {', '.join(PRESETS)}")
-            sizes = {k: v for k, v in PRESETS[name].items() if k != "vocab_size"}
-            return {**sizes, **data}
-        return data
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> "ModelConfig":
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.position == "rope" and (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head size d_model / n_heads = {self.d_model // self.n_heads} must be even for RoPE")
-        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
-        if self.seq2seq_objective == "span_corruption":
-            from raylm.model.config import span_corruption_problems
-
-            problems = span_corruption_problems(self.arch, self.seq_len, None, self.noise_density, self.mean_span_length)
-            if problems:
-                raise ValueError("; ".join(problems))
-        return self
-
-
 class TrainConfig(Section):
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: replicas; fsdp: FSDP2 fully_shard per block, then the root")
     workers: int | tuple[int, int] = Field(1, description="a number, or [min, max] for elastic training")
     use_gpu: bool | Literal["auto"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
-    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
+    activation_checkpointing: bool = Field(False, description="turns on model.activation_checkpointing for this run "
+                                           "(kept so that `raylm plan --write` can recommend it per run)")
     compile: bool = Field(False, description="torch.compile the model")
     global_batch_tokens: int | None = Field(None, gt=0, description="tokens per optimizer step (overrides global_batch_size; a multiple of model.seq_len)")
     elastic_resize_interval_s: float = Field(10.0, gt=0, description="how often an elastic run checks for more workers")
@@ -379,7 +320,12 @@ class TrainConfig(Section):
 
 
 SEARCH_KINDS = ("loguniform", "uniform", "choice", "grid")
-TUNABLE_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+TUNABLE_SECTIONS = {"model": TransformerConfig, "train": TrainConfig}
+
+
+def section_fields(section: Any) -> dict[str, Any]:
+    """The fields of a section class: a pydantic model's, or the pydantic dataclass `TransformerConfig`'s."""
+    return getattr(section, "__pydantic_fields__", None) or getattr(section, "model_fields", {})
 
 
 def search_space_problems(space: dict[str, Any]) -> list[str]:
@@ -397,8 +343,8 @@ def search_space_problems(space: dict[str, Any]) -> list[str]:
         if owner is None or not field or "." in field:
             problems.append(f"{where}: unknown key; expected `model.<key>` or `train.<key>` (a trial runs pretraining)")
             continue
-        if field not in owner.model_fields:
-            problems.append(f"{where}: unknown key {field!r} in {section!r}; valid keys: {', '.join(sorted(owner.model_fields))}")
+        if field not in section_fields(owner):
+            problems.append(f"{where}: unknown key {field!r} in {section!r}; valid keys: {', '.join(sorted(section_fields(owner)))}")
             continue
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
             problems.append(f"{where} = {spec!r}: expected exactly one of {', '.join(SEARCH_KINDS)} with a list of values")
@@ -420,7 +366,7 @@ def search_space_problems(space: dict[str, Any]) -> list[str]:
             continue
         for value in values:
             try:
-                owner.model_validate({field: value})
+                TypeAdapter(owner).validate_python({field: value})
             except ValidationError as error:
                 for item in error.errors():
                     if item["loc"][:1] == (field,):
@@ -617,7 +563,7 @@ class TrackingConfig(Section):
 class RaylmConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: TransformerConfig = Field(default_factory=TransformerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
@@ -629,6 +575,8 @@ class RaylmConfig(Section):
 
     def section(self, name: str) -> dict[str, Any]:
         """A section as plain JSON-able data (for hashing and MLflow params)."""
+        if name == "model":
+            return self.model.section()
         return getattr(self, name).model_dump(mode="json")
 
 
@@ -720,13 +668,15 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
     for item in error.errors():
         loc = [part for part in item["loc"] if not (isinstance(part, str) and part.startswith(("function-", "tagged-union")))]
         dotted = _dotted(loc)
-        if item["type"] == "extra_forbidden":
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             parent_model = _model_at(model, loc[:-1])
-            valid = ", ".join(sorted(parent_model.model_fields)) if parent_model else "?"
+            valid = ", ".join(sorted(section_fields(parent_model))) if parent_model else "?"
             section = _dotted(loc[:-1]) or "top level"
             problems.append(f"unknown key {dotted!r}; valid keys of {section!r}: {valid}")
+        elif item["type"] == "value_error" and message.startswith(f"{dotted}."):
+            problems += message.split("; ")  # a cross-field rule that names its own keys (model.d_model = ...)
         else:
-            message = item["msg"].removeprefix("Value error, ")
             problems.append(f"{dotted} = {item.get('input')!r}: {message}")
     return problems
 
@@ -738,20 +688,24 @@ def _dotted(loc: list[Any]) -> str:
     return out
 
 
-def _model_at(model: type[BaseModel], loc: list[Any]) -> type[BaseModel] | None:
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and bool(section_fields(annotation))
+
+
+def _model_at(model: type[BaseModel], loc: list[Any]) -> Any:
     current: Any = model
     for part in loc:
         if isinstance(part, int):
             continue
-        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        field = section_fields(current).get(part) if _is_section(current) else None
         if field is None:
             return None
         current = _inner_model(field.annotation)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+    return current if _is_section(current) else None
 
 
 def _inner_model(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    if _is_section(annotation):
         return annotation
     for arg in getattr(annotation, "__args__", ()) or ():
         found = _inner_model(arg)

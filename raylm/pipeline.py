@@ -12,8 +12,8 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 
+from raylm.artifacts import Artifact, Curated, Evaluated, Finetuned, Packed, Pretrained
 from raylm.config import RaylmConfig
 from raylm.stage import execute
 from raylm.tracking import Tracker, flatten, ui_command
@@ -22,6 +22,7 @@ from raylm.workspace import StageDir, Workspace, content_hash
 log = logging.getLogger("raylm")
 
 STAGES = ("curate", "tokenize", "pretrain", "eval")
+ARTIFACTS: dict[str, type] = {"curate": Curated, "tokenize": Packed, "pretrain": Pretrained, "eval": Evaluated}
 
 
 class StageNotReady(RuntimeError):
@@ -95,33 +96,35 @@ class Pipeline:
         init_ray(config.cluster)
         check_shared_storage(config.cluster, self.workspace.root, self.tracker.uri)
 
-    def _require(self, name: str) -> dict[str, Any]:
+    def require(self, name: str) -> Artifact:
+        """The artifact of an earlier stage of this config (e.g. `require("tokenize")`: its `Packed`);
+        `StageNotReady` when that stage has not finished."""
         stage: StageDir = getattr(self.plan, name)
         if not stage.is_complete():
             raise StageNotReady(f"stage {name!r} has not finished for this config (expected {stage.uri}); "
                                 f"run `raylm {name}` or `raylm pipeline` first")
-        return stage.manifest()
+        return ARTIFACTS[name].from_manifest(stage.manifest())
 
-    def curate(self) -> dict[str, Any]:
+    def curate(self) -> Curated:
         from raylm.data.curate import curate
 
         return execute(self.plan.curate, self.config.section("data"), self.tracker,
-                       lambda stage: curate(self.config.data, stage), force="curate" in self.force)
+                       lambda stage: curate(self.config.data, stage), Curated, force="curate" in self.force)
 
-    def tokenize(self) -> dict[str, Any]:
+    def tokenize(self) -> Packed:
         from raylm.data.tokenize import tokenize
 
-        curated = self._require("curate")
+        curated = self.require("curate")
         return execute(self.plan.tokenize, self.config.section("tokenizer"), self.tracker,
                        lambda stage: tokenize(self.config.tokenizer, self.config.model.seq_len, curated, stage),
-                       force="tokenize" in self.force)
+                       Packed, force="tokenize" in self.force)
 
-    def pretrain(self, init_checkpoint: str | None = None, resume: bool = False) -> dict[str, Any]:
+    def pretrain(self, init_checkpoint: str | None = None, resume: bool = False) -> Pretrained:
         """Train in this config's stage folder (continuing it if interrupted); `resume`: continue the
         most recently written pretrain folder instead (e.g. with a larger train.max_steps)."""
         from raylm.train.launch import latest_run_stage, pretrain
 
-        packed = self._require("tokenize")
+        packed = self.require("tokenize")
         section = {"model": self.config.section("model"), "train": self.config.section("train")}
         stage = self.plan.pretrain
         if resume:
@@ -130,18 +133,18 @@ class Pipeline:
         return execute(stage, section, self.tracker,
                        lambda stage: pretrain(self.config.model, self.config.train, packed, stage,
                                               self.tracker.uri, init_checkpoint),
-                       force="pretrain" in self.force and not resume, resumable=True)
+                       Pretrained, force="pretrain" in self.force and not resume, resumable=True)
 
-    def eval(self) -> dict[str, Any]:
+    def eval(self) -> Evaluated:
         from raylm.eval.bpb import evaluate_stage
 
-        trained, packed = self._require("pretrain"), self._require("tokenize")
+        trained, packed = self.require("pretrain"), self.require("tokenize")
         return execute(self.plan.eval, self.config.section("eval"), self.tracker,
                        lambda stage: evaluate_stage(trained, packed, self.config.eval.batch_size,
                                                     self.config.eval.limit),
-                       force="eval" in self.force)
+                       Evaluated, force="eval" in self.force)
 
-    def finetune(self, base_source: str) -> dict[str, Any]:
+    def finetune(self, base_source: str) -> Finetuned:
         """Fine-tune the base named by `--from` on `finetune.data` (see raylm/train/finetune.py)."""
         from raylm.config import ConfigError
         from raylm.train.finetune import check_architecture, finetune, finetune_train_config, resolve_base
@@ -154,13 +157,13 @@ class Pipeline:
         train = finetune_train_config(self.config.train, settings)
         packed_stage, packed = self._finetune_data(base, model.seq_len)
         section = {"finetune": self.config.section("finetune"), "train": train.model_dump(mode="json"),
-                   "model": model.model_dump(mode="json")}
+                   "model": model.section()}
         stage = self.workspace.stage("finetune", section, {"base": base.fingerprint, "data": packed_stage.fingerprint})
         return execute(stage, section, self.tracker,
                        lambda st: finetune(model, train, settings, base, packed, st, self.tracker.uri),
-                       force="finetune" in self.force, resumable=True)
+                       Finetuned, force="finetune" in self.force, resumable=True)
 
-    def _finetune_data(self, base, seq_len: int) -> tuple[StageDir, dict[str, Any]]:
+    def _finetune_data(self, base, seq_len: int) -> tuple[StageDir, Packed]:
         """Chat jsonl -> `sft-data`; plain text -> `finetune-curate` and `finetune-tokenize` with the base's tokenizer."""
         from raylm.config import DataConfig, SourceConfig, TokenizerConfig
         from raylm.data.chat import looks_like_chat
@@ -174,11 +177,11 @@ class Pipeline:
                        "system_prompt": settings.system_prompt, "seq_len": seq_len}
             stage = self.workspace.stage("sft-data", section, {"file": file_fingerprint(settings.data),
                                                                "tokenizer": content_hash(base.tokenizer_json)})
-            manifest = execute(stage, section, self.tracker,
-                               lambda st: sft_data(settings.data, base.tokenizer_json, seq_len, settings.val_fraction,
-                                                   settings.seed, settings.system_prompt, st),
-                               force="finetune" in self.force)
-            return stage, manifest
+            packed = execute(stage, section, self.tracker,
+                             lambda st: sft_data(settings.data, base.tokenizer_json, seq_len, settings.val_fraction,
+                                                 settings.seed, settings.system_prompt, st),
+                             Packed, force="finetune" in self.force)
+            return stage, packed
         from raylm.data.curate import curate
         from raylm.data.tokenize import tokenize
 
@@ -189,40 +192,42 @@ class Pipeline:
         curate_stage = self.workspace.stage("finetune-curate", {"data": data.model_dump(mode="json"),
                                                                 "files": source_fingerprint(data_config)})
         curated = execute(curate_stage, data.model_dump(mode="json"), self.tracker,
-                          lambda st: curate(data, st), force="finetune" in self.force)
+                          lambda st: curate(data, st), Curated, force="finetune" in self.force)
         tokenizer = TokenizerConfig(path=base.tokenizer_path)
         section = {"tokenizer": tokenizer.model_dump(mode="json"), "seq_len": seq_len}
         stage = self.workspace.stage("finetune-tokenize", section,
                                      {"curated": curate_stage.fingerprint, "tokenizer": content_hash(base.tokenizer_json)})
-        manifest = execute(stage, section, self.tracker,
-                           lambda st: tokenize(tokenizer, seq_len, curated, st), force="finetune" in self.force)
-        return stage, manifest
+        packed = execute(stage, section, self.tracker,
+                         lambda st: tokenize(tokenizer, seq_len, curated, st), Packed, force="finetune" in self.force)
+        return stage, packed
 
-    def run_all(self) -> dict[str, dict[str, Any]]:
-        manifests = {}
+    def run_all(self) -> dict[str, Artifact]:
+        artifacts: dict[str, Artifact] = {}
         params = flatten(self.config.model_dump(mode="json"))
         with self.tracker.run("pipeline", params=params, tags={"raylm.stage": "pipeline",
                                                                "raylm.workspace": self.workspace.root}):
             for name in STAGES:
-                manifests[name] = getattr(self, name)()
-        return manifests
+                artifacts[name] = getattr(self, name)()
+        return artifacts
 
-    def summary(self, manifests: dict[str, dict[str, Any]]) -> str:
+    def summary(self, artifacts: dict[str, Artifact], other_stages: dict[str, str] | None = None) -> str:
+        """What finished and where; `other_stages`: name -> folder of stages without an artifact (tune)."""
         lines = ["", "raylm pipeline finished:"]
-        for name, manifest in manifests.items():
-            lines.append(f"  {name:<9} {manifest['uri']}")
-        trained = manifests.get("pretrain")
+        folders = {**{name: artifact.record.uri for name, artifact in artifacts.items()}, **(other_stages or {})}
+        for name, uri in folders.items():
+            lines.append(f"  {name:<9} {uri}")
+        trained = artifacts.get("pretrain")
         if trained:
-            lines.append(f"  checkpoint {trained['checkpoint']}")
-        tuned = manifests.get("finetune")
+            lines.append(f"  checkpoint {trained.checkpoint}")
+        tuned = artifacts.get("finetune")
         if tuned:
-            figures = tuned["metrics"]
-            lines.append(f"  checkpoint {tuned['checkpoint']} ({tuned['method']}, base {tuned['base']['checkpoint']})")
+            figures = tuned.metrics
+            lines.append(f"  checkpoint {tuned.checkpoint} ({tuned.method}, base {tuned.base['checkpoint']})")
             lines.append(f"  trainable parameters {figures['params_trainable']:,} of {figures['params_total']:,}; "
                          f"val loss {figures['val_loss_before']:.4f} -> {figures['val_loss_after']:.4f}")
-        evaluation = manifests.get("eval")
+        evaluation = artifacts.get("eval")
         if evaluation:
-            figures = evaluation["metrics"]
+            figures = evaluation.metrics
             lines.append(f"  val loss {figures['val_loss']:.4f}, val bits-per-byte {figures['val_bpb']:.4f}")
         lines.append(f"  MLflow: {ui_command(self.tracker.uri)}")
         return "\n".join(lines)

@@ -61,12 +61,10 @@ def gpu_table(config: RaylmConfig) -> dict[str, GpuType]:
 def model_for(config: RaylmConfig) -> TransformerConfig:
     """The model the trainer would build: the model section, with the preset's vocabulary when a preset
     names one and the tokenizer's otherwise (plus span corruption's sentinel ids)."""
-    section = config.model.model_dump(mode="json")
     vocab = config.tokenizer.vocab_size
     if config.model.preset:
         vocab = PRESETS[config.model.preset].get("vocab_size", vocab)
-    known = set(TransformerConfig.__dataclass_fields__)
-    return TransformerConfig.for_tokenizer({k: v for k, v in section.items() if k in known}, vocab)
+    return config.model.for_tokenizer(vocab)
 
 
 @dataclass
@@ -161,14 +159,14 @@ def choose_preset(config: RaylmConfig, compute_flops: float) -> str:
     """The largest preset whose compute-optimal run fits the compute (C = 6 N D with D = k N)."""
     best, best_params = None, -1
     for name in PRESETS:
-        candidate = config.model_copy(update={"model": config.model.__class__.model_validate({"preset": name})})
+        candidate = config.model_copy(update={"model": TransformerConfig(preset=name)})
         model = model_for(candidate)
         params = parameter_count(model).total
         needed = flops_per_token(model) * config.plan.tokens_per_parameter * params
         if needed <= compute_flops and params > best_params:
             best, best_params = name, params
     return best or min(PRESETS, key=lambda n: parameter_count(model_for(config.model_copy(
-        update={"model": config.model.__class__.model_validate({"preset": n})}))).total)
+        update={"model": TransformerConfig(preset=n)}))).total)
 
 
 def make_plan(config: RaylmConfig) -> Plan:
@@ -188,7 +186,7 @@ def make_plan(config: RaylmConfig) -> Plan:
 
             raise ConfigError(["plan.choose_model = true: needs plan.gpu and plan.hours (the budget)"])
         name = choose_preset(config, cluster_flops * settings.hours * 3600)
-        config = config.model_copy(update={"model": config.model.__class__.model_validate({"preset": name})})
+        config = config.model_copy(update={"model": TransformerConfig(preset=name)})
     model = model_for(config)
     counts = parameter_count(model)
     flops = flops_per_token(model)

@@ -6,32 +6,46 @@ its manifest is logged to a run tagged `raylm.reused=true`. When another live ru
 stage, this one waits for that run's commit and reuses it. Otherwise the body runs inside an MLflow run,
 writing into an attempt folder of its own, and the manifest and the commit are written last
 (`raylm.workspace` says how a commit stays whole on every store).
+A body returns its typed artifact (raylm/artifacts.py) and `execute` returns the artifact read back
+from the manifest, the same whether the stage ran now or earlier.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import mlflow
 
+from raylm.artifacts import Artifact
 from raylm.tracking import Tracker
 from raylm.workspace import STALE_AFTER_S, StageConflict, StageDir
 
 log = logging.getLogger("raylm")
 
-StageBody = Callable[[StageDir], dict[str, Any]]
+A = TypeVar("A", bound=Artifact)
 
 
-def execute(stage: StageDir, section: dict[str, Any], tracker: Tracker, body: StageBody,
-            force: bool = False, resumable: bool = False,
-            extra_params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run `body(stage)` unless its result exists; return the stage manifest.
+def execute(stage: StageDir, section: dict[str, Any], tracker: Tracker, body: Callable[[StageDir], A],
+            kind: type[A], force: bool = False, resumable: bool = False,
+            extra_params: dict[str, Any] | None = None) -> A:
+    """Run `body(stage)` unless its result exists; return the stage's artifact of type `kind`.
 
-    `body` returns the stage's outputs for the manifest; its `metrics` (a flat dict of numbers) are
-    also logged to MLflow. A `resumable` stage (training) takes back the attempt an interrupted run left,
-    so it can continue from there; other stages start a new attempt.
+    The artifact's `metrics` (a flat dict of numbers) are also logged to MLflow. A `resumable` stage
+    (training) continues the attempt an interrupted run left; other stages start a new attempt.
+    """
+    manifest = run_stage(stage, section, tracker, lambda st: body(st).to_manifest(), force, resumable, extra_params)
+    return kind.from_manifest(manifest)
+
+
+def run_stage(stage: StageDir, section: dict[str, Any], tracker: Tracker,
+              body: Callable[[StageDir], dict[str, Any]], force: bool = False, resumable: bool = False,
+              extra_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`execute` for a stage whose outputs are a plain dict (a Tune sweep's): returns the manifest.
+
+    A `resumable` stage (training) takes back the attempt an interrupted run left, so it can continue
+    from there; other stages start a new attempt.
     """
     if not force:
         wait_for_other_run(stage)

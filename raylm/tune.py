@@ -26,8 +26,9 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from raylm.artifacts import Packed
 from raylm.config import ConfigError, RaylmConfig, apply_override, dump_config, validate_config
-from raylm.stage import execute
+from raylm.stage import run_stage
 from raylm.tracking import TAG_PREFIX, Tracker, flatten
 from raylm.workspace import StageDir, Workspace, code_version, is_remote
 
@@ -326,7 +327,7 @@ def _trainable(setup: dict[str, Any]):
                                {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
 
 
-def run_sweep(config: RaylmConfig, workspace: Workspace, tracker: Tracker, packed: dict[str, Any],
+def run_sweep(config: RaylmConfig, workspace: Workspace, tracker: Tracker, packed: Packed,
               packed_fingerprint: str, force: bool = False) -> dict[str, Any]:
     """Run (or restore, or reuse) the sweep of `config.tune`; return the stage manifest."""
     import ray
@@ -336,7 +337,7 @@ def run_sweep(config: RaylmConfig, workspace: Workspace, tracker: Tracker, packe
     stage = plan_tune_stage(config, workspace, packed_fingerprint)
     section = stage.config
     if stage.is_complete() and not force:
-        return execute(stage, section, tracker, body=lambda _: {}, force=False)
+        return run_stage(stage, section, tracker, body=lambda _: {}, force=False)
     if force and stage.exists():
         stage.prepare(force=True)
     stage.fs.create_dir(stage.fs_path(), recursive=True)

@@ -70,7 +70,8 @@ def test_unknown_section():
     ("train.cpus_per_worker=half", "train.cpus_per_worker", "valid number"),
     ("tokenizer.path=/no/such/tokenizer.json", "tokenizer.path", "path does not exist: /no/such/tokenizer.json"),
     ("data.sources=[{path: /no/such/corpus}]", "data.sources[0].path", "path does not exist"),
-    ("model.n_heads=3", "model", "divisible by n_heads"),
+    ("model.n_heads=3", "model.d_model", "divisible by model.n_heads = 3"),
+    ("model.position=alibi", "model.position", "expected one of rope, learned, sinusoidal"),
 ])
 def test_invalid_values_are_refused_with_key_value_and_expectation(override, key, expected):
     message = refusal(override)

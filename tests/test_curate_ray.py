@@ -109,7 +109,7 @@ def test_hostile_input_is_accounted_for_and_decontamination_writes_the_index(ray
                         decontam={"benchmarks": str(shared_data / "benchmarks"), "tasks": ["gsm8k"]})
     stage = Workspace(str(tmp_path / "ws")).stage("curate", {"t": 1})
     stage.prepare(force=True)
-    result = curate(config, stage)
+    result = curate(config, stage).to_manifest()  # the keys the stage's manifest.json holds
 
     kept = read_kept(result)
     rejected = pd.read_parquet(result["outputs"]["rejected"])
@@ -140,7 +140,7 @@ def test_real_corpora_boilerplate_gutenberg_and_book_duplicates(ray_light, tmp_p
                         val_fraction=0.01)
     stage = Workspace(str(tmp_path / "ws")).stage("curate", {"t": 2})
     stage.prepare(force=True)
-    result = curate(config, stage)
+    result = curate(config, stage).to_manifest()  # the keys the stage's manifest.json holds
     kept = read_kept(result)
     rejected = pd.read_parquet(result["outputs"]["rejected"])
     assert result["counts"]["input"] == len(kept) + len(rejected)

@@ -97,12 +97,12 @@ def test_finetune_starts_from_a_hugging_face_folder(ray_light, tmp_path, hf_fold
     config = make_config(tmp_path, write_chat(tmp_path, chat_rows(160, seed=2)), "full", max_steps=20)
     manifest = Pipeline(config).finetune(hf_folder)
 
-    figures = manifest["metrics"]
+    figures = manifest.metrics
     assert math.isfinite(figures["val_loss_before"]) and math.isfinite(figures["val_loss_after"])
     assert figures["val_loss_after"] < figures["val_loss_before"], figures
-    assert manifest["base"]["kind"] == "hf" and manifest["base"]["source"] == hf_folder
+    assert manifest.base["kind"] == "hf" and manifest.base["source"] == hf_folder
 
-    run = mlflow.get_run(manifest["mlflow_run_id"])
+    run = mlflow.get_run(manifest.record.mlflow_run_id)
     assert run.data.tags["raylm.base.kind"] == "hf" and run.data.tags["raylm.base.source"] == hf_folder
     assert run.data.metrics["val_loss_after"] == pytest.approx(figures["val_loss_after"])
     assert run.data.metrics["val_loss_before"] == pytest.approx(figures["val_loss_before"])
@@ -114,7 +114,7 @@ def test_finetune_starts_from_a_hugging_face_folder(ray_light, tmp_path, hf_fold
     tokens = torch.randint(0, base.config.vocab_size, (1, 16))
     with torch.no_grad():  # the import is the folder's model: same logits
         assert torch.allclose(base.eval()(tokens), hf(tokens).logits, atol=1e-4)
-    tuned = load_model(manifest["checkpoint"])
+    tuned = load_model(manifest.checkpoint)
     assert type(tuned) is Transformer and tuned.config.n_layers == 2
 
 

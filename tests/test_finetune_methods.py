@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from raylm.config import ConfigError, FinetuneConfig, ModelConfig, validate_config
-from raylm.finetune import FinetuneError, merge_lora, parameter_counts, prepare_for_finetune
+from raylm.config import ConfigError, FinetuneConfig, validate_config
+from raylm.finetune import FinetuneError, merge_lora, prepare_for_finetune
 from raylm.model import Transformer, TransformerConfig
 from raylm.train.checkpoint import load_model
 from raylm.train.finetune import (check_architecture, count_parameters, finetune_spec, load_finetuned,
@@ -128,11 +128,11 @@ def test_resolve_base_and_architecture_mismatch_names_the_key(tmp_path):
     base = resolve_base(directory, Workspace(str(tmp_path / "ws")))
     assert base.kind == "checkpoint" and base.model_config["d_model"] == 32
 
-    model = check_architecture(ModelConfig(), base)  # nothing set explicitly: the base's architecture
+    model = check_architecture(TransformerConfig(), base)  # nothing set explicitly: the base's architecture
     assert (model.d_model, model.n_layers, model.seq_len) == (32, 3, 16)
     with pytest.raises(ConfigError, match=r"model.d_model = 64 but the base checkpoint .* has d_model = 32"):
-        check_architecture(ModelConfig(d_model=64, n_heads=2), base)
-    assert check_architecture(ModelConfig(dropout=0.1, n_layers=3), base).dropout == 0.1
+        check_architecture(TransformerConfig(d_model=64, n_heads=2), base)
+    assert check_architecture(TransformerConfig(dropout=0.1, n_layers=3), base).dropout == 0.1
 
     with pytest.raises(ValueError, match=r"--from .*: folder is neither"):
         resolve_base(str(tmp_path), Workspace(str(tmp_path / "ws")))

@@ -75,16 +75,16 @@ def test_sft_lowers_held_out_val_loss_and_logs_lineage(ray_light, tmp_path, base
 
     pipeline = Pipeline(make_config(tmp_path, write_chat(tmp_path, chat_rows(240, seed=2)), "full"))
     manifest = pipeline.finetune(base_checkpoint)
-    figures = manifest["metrics"]
+    figures = manifest.metrics
     assert figures["val_loss_after"] < figures["val_loss_before"] - 0.5, figures
     assert figures["params_trainable"] == figures["params_total"] > 0
-    run = mlflow.get_run(manifest["mlflow_run_id"])
+    run = mlflow.get_run(manifest.record.mlflow_run_id)
     assert run.data.tags["raylm.finetune.method"] == "full"
     assert run.data.tags["raylm.base.checkpoint"] == base_checkpoint
     assert run.data.metrics["val_loss_after"] == pytest.approx(figures["val_loss_after"])
     assert run.data.metrics["params_trainable"] == figures["params_trainable"]
     assert "finetune" in pipeline.summary({"finetune": manifest})
-    assert type(load_model(manifest["checkpoint"])) is Transformer
+    assert type(load_model(manifest.checkpoint)) is Transformer
 
 
 @pytest.mark.slow
@@ -94,14 +94,14 @@ def test_lora_run_changes_only_adapters_and_exports_merged(ray_light, tmp_path, 
     config = make_config(tmp_path, write_chat(tmp_path, chat_rows(120, seed=3)), "lora",
                          lora={"rank": 4, "alpha": 8, "target_modules": ["qkv", "proj"]}, max_steps=10)
     manifest = Pipeline(config).finetune(base_checkpoint)
-    figures = manifest["metrics"]
+    figures = manifest.metrics
     assert figures["params_trainable"] == 2 * 4 * (64 + 3 * 64) + 2 * 4 * (64 + 64)  # 2 layers, rank 4, qkv + proj
     assert figures["val_loss_after"] < figures["val_loss_before"]
 
     base = load_model(base_checkpoint)
-    spec = manifest["finetune"]
-    adapted = load_finetuned(manifest["adapter_checkpoint"], spec)
-    merged = load_model(manifest["merged_checkpoint"])
+    spec = manifest.finetune
+    adapted = load_finetuned(manifest.adapter_checkpoint, spec)
+    merged = load_model(manifest.merged_checkpoint)
     tokens = torch.randint(0, base.config.vocab_size, (2, 32))
     with torch.no_grad():
         assert torch.allclose(merged(tokens), adapted(tokens), atol=1e-5, rtol=0)
@@ -112,7 +112,7 @@ def test_lora_run_changes_only_adapters_and_exports_merged(ray_light, tmp_path, 
     from raylm.train.checkpoint import load_training_state
 
     wrapped = prepare_for_finetune(Transformer(base.config), spec)
-    load_training_state(manifest["adapter_checkpoint"], wrapped, None, rank=0)
+    load_training_state(manifest.adapter_checkpoint, wrapped, None, rank=0)
     changed = []
     base_state = base.state_dict()
     for name, tensor in wrapped.state_dict().items():
@@ -158,7 +158,7 @@ def test_continued_pretraining_on_plain_text_goes_through_curation_and_packing(r
     config.data.dedup.near = False
     pipeline = Pipeline(config)
     manifest = pipeline.finetune(base_checkpoint)
-    figures = manifest["metrics"]
+    figures = manifest.metrics
     assert figures["val_loss_after"] < figures["val_loss_before"]
     assert 0 < figures["params_trainable"] < figures["params_total"]
     assert [stage.name for stage in pipeline.workspace.finished_runs("finetune-tokenize")] == ["finetune-tokenize"]

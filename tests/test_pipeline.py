@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import mlflow
 import pyarrow.dataset as pads
 import pytest
 from mlflow.tracking import MlflowClient

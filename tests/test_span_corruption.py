@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raylm.config import ModelConfig
 from raylm.model import TransformerConfig, build_model
 from raylm.model.config import span_counts
 from raylm.model.loss import lm_batch, summed_loss
@@ -93,23 +92,21 @@ def test_sentinels_are_refused_when_the_vocabulary_cannot_hold_them():
     with pytest.raises(ValueError, match="model.mean_span_length = 1.*must fit model.seq_len = 24"):
         TransformerConfig(**{**BASE, "mean_span_length": 1})  # a source as long as the row
     with pytest.raises(ValueError, match="needs model.arch = 'encoder-decoder'"):
-        ModelConfig(seq2seq_objective="span_corruption")
+        TransformerConfig(seq2seq_objective="span_corruption")
     with pytest.raises(ValueError, match="seq2seq_objective"):
-        ModelConfig(arch="encoder-decoder", seq2seq_objective="masked")
+        TransformerConfig(arch="encoder-decoder", seq2seq_objective="masked")
     with pytest.raises(ValueError, match="noise_density"):
-        ModelConfig(arch="encoder-decoder", seq2seq_objective="span_corruption", noise_density=0)
+        TransformerConfig(arch="encoder-decoder", seq2seq_objective="span_corruption", noise_density=0)
 
 
 def test_the_trainer_reserves_the_sentinels_above_the_tokenizer():
-    from raylm.train.launch import model_config_for
-
-    section = ModelConfig(arch="encoder-decoder", seq2seq_objective="span_corruption", seq_len=64, d_model=32,
+    section = TransformerConfig(arch="encoder-decoder", seq2seq_objective="span_corruption", seq_len=64, d_model=32,
                           n_heads=2, n_layers=1)
-    model = model_config_for(section, 512)
+    model = section.for_tokenizer(512)
     assert model.span_sentinels == 3 and model.vocab_size == 515
-    assert model_config_for(ModelConfig(arch="encoder-decoder", seq_len=64), 512).vocab_size == 512
+    assert TransformerConfig(arch="encoder-decoder", seq_len=64).for_tokenizer(512).vocab_size == 512
     with pytest.raises(ValueError, match="smaller than the tokenizer's 514 plus the 3 span-corruption sentinels"):
-        model_config_for(model, 514)
+        model.for_tokenizer(514)
 
 
 def test_loss_mask_and_prefix_evaluation_through_lm_batch():

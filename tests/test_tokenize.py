@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from raylm.artifacts import Curated
 from raylm.config import ConfigError, TokenizerConfig, load_config
 from raylm.data.pack import document_tokenizer, encode_and_pack, pack_best_fit, pack_greedy
 from raylm.data.sources import list_stdlib_files
@@ -235,7 +236,7 @@ def test_cli_tokenizer_flag_is_validated_before_work(tmp_path, capsys):
 MARKER = "Qzvxjwkq"
 
 
-def write_curated(root: Path, splits: dict[str, list[str]]) -> dict:
+def write_curated(root: Path, splits: dict[str, list[str]]) -> Curated:
     outputs, counts = {}, {}
     for split, texts in splits.items():
         folder = root / "kept" / split
@@ -247,7 +248,7 @@ def write_curated(root: Path, splits: dict[str, list[str]]) -> dict:
                                folder / f"part-{part}.parquet")
         outputs[split], counts[split] = str(folder), len(texts)
     kept_bytes = sum(len(t.encode()) for texts in splits.values() for t in texts)
-    return {"outputs": outputs, "counts": counts, "metrics": {"bytes.kept": kept_bytes}}
+    return Curated(outputs=outputs, counts=counts, metrics={"bytes.kept": kept_bytes})
 
 
 @pytest.fixture(scope="module")
@@ -258,14 +259,15 @@ def curated(tmp_path_factory):
     return write_curated(tmp_path_factory.mktemp("curated"), {"train": train, "val": val}), train, val
 
 
-def run_stage(root: Path, curated_manifest: dict, seq_len: int = 48, **tokenizer):
+def run_stage(root: Path, curated: Curated, seq_len: int = 48, **tokenizer) -> dict:
+    """The tokenize stage on `curated`; returns the manifest it writes (its keys are the on-disk contract)."""
     from raylm.data.tokenize import tokenize
     from raylm.workspace import Workspace
 
     config = TokenizerConfig(vocab_size=400, min_frequency=2, sample_bytes=2_000_000, **tokenizer)
     stage = Workspace(str(root / "ws")).stage("tokenize", config.model_dump(mode="json"))
     stage.prepare()
-    return tokenize(config, seq_len, curated_manifest, stage)
+    return tokenize(config, seq_len, curated, stage).to_manifest()
 
 
 def check_counts(out: dict, splits: dict[str, list[str]], seq_len: int) -> None:
@@ -357,7 +359,7 @@ def test_stage_reuses_a_tokenizer_from_mlflow_or_a_folder_with_best_fit(tracked_
 def test_empty_train_split_and_tokenizer_without_pad_fail_before_work(tmp_path, stdlib_tokenizer):
     from raylm.data.tokenize import check_tokenizer
 
-    empty = {"outputs": {"train": str(tmp_path / "none"), "val": str(tmp_path / "none")}, "counts": {"train": 0, "val": 3}}
+    empty = Curated(outputs={"train": str(tmp_path / "none"), "val": str(tmp_path / "none")}, counts={"train": 0, "val": 3})
     with pytest.raises(ValueError, match="train split at .* is empty"):
         run_stage(tmp_path, empty)
     minimal = train_tokenizer(["abc abc"] * 5, TokenizerConfig(vocab_size=300, special_tokens=["<|eos|>", "<|pad|>"]))
@@ -403,12 +405,12 @@ def test_stage_reads_encodes_packs_and_writes_in_one_fused_task_per_piece(ray_se
 
     manifest, train, _ = curated
     config = TokenizerConfig(batch_size=5, concurrency=2)
-    packed = packed_dataset(manifest["outputs"]["train"], stdlib_tokenizer.to_str(), 48, config).materialize()
+    packed = packed_dataset(manifest.train_uri, stdlib_tokenizer.to_str(), 48, config).materialize()
     assert packed.num_blocks() == 2  # the split's two files, one task each
     assert sum(packed.to_pandas()["n_bytes"]) == sum(len(t.encode()) for t in train)
 
     with caplog.at_level(logging.INFO, logger="ray.data"):
-        write_packed(manifest["outputs"]["train"], stdlib_tokenizer.to_str(), 48, config, str(tmp_path / "out"))
+        write_packed(manifest.train_uri, stdlib_tokenizer.to_str(), 48, config, str(tmp_path / "out"))
     assert "InputDataBuffer[Input] -> TaskPoolMapOperator[MapBatches(encode_and_pack_pieces)->Write]" in caplog.text
     assert len(list((tmp_path / "out").glob("*.parquet"))) == 2, "one task and one shard per piece"
     written = pq.read_table(tmp_path / "out", columns=["n_bytes"]).column("n_bytes").to_pylist()

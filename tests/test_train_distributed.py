@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from raylm.artifacts import Packed
 from raylm.train.checkpoint import load_training_state, verify_checkpoint
 from raylm.train.launch import BEST_DIR, best_checkpoint, build_trainer
 from raylm.model import Transformer, TransformerConfig
@@ -34,7 +33,7 @@ RESUME_TOLERANCE = 1e-5
 class Runs:
     """Trains named runs into one folder, each with its own MLflow run; remembers results."""
 
-    def __init__(self, folder: Path, packed: dict):
+    def __init__(self, folder: Path, packed: Packed):
         self.folder, self.packed = folder, packed
         self.tracking_uri = f"sqlite:///{folder}/mlflow.db"
         self.client = MlflowClient(self.tracking_uri)
@@ -47,7 +46,8 @@ class Runs:
         if run_name not in self.run_ids:
             self.run_ids[run_name] = self.client.create_run(self.experiment, run_name=run_name).info.run_id
         trainer = build_trainer(tiny_model(), tiny_train(**train), self.packed, storage or str(self.folder / "runs"),
-                                run_name, self.tracking_uri, self.run_ids[run_name], extra_loop_config=extra)
+                                run_name,
+                                self.tracking_uri, self.run_ids[run_name], **(extra or {}))
         result = trainer.fit()
         assert result.error is None, result.error
         self.results[name] = result

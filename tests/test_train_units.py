@@ -29,7 +29,7 @@ def masked_packed(tmp_path_factory):
 
 
 def test_reader_returns_the_loss_mask_aligned_with_tokens(masked_packed):
-    data = PackedSequences(masked_packed["outputs"]["train"])
+    data = PackedSequences(masked_packed.train_uri)
     assert data.mask is not None and data.mask.shape == data.rows.shape
     rows, mask = data.worker_batch(0, 6, seed=0, rank=1, world=2)
     assert len(rows) == 3 and (mask == data.mask[data.worker_indices(0, 6, 0, 1, 2)]).all()
@@ -37,8 +37,8 @@ def test_reader_returns_the_loss_mask_aligned_with_tokens(masked_packed):
 
 
 def test_masked_targets_only_count_where_the_mask_is_one(masked_packed):
-    data = PackedSequences(masked_packed["outputs"]["train"])
-    pad = masked_packed["tokenizer"]["pad_id"]
+    data = PackedSequences(masked_packed.train_uri)
+    pad = masked_packed.tokenizer.pad_id
     rows, mask = data.worker_batch(0, 4, seed=0, rank=0, world=1)
     rows_t = torch.from_numpy(rows).long()
     _, targets = split_inputs_targets(rows_t)
@@ -47,7 +47,7 @@ def test_masked_targets_only_count_where_the_mask_is_one(masked_packed):
     # target j is token j+1: it counts iff loss_mask[j+1] == 1, i.e. j + 1 >= width // 2
     assert (masked[:, : width // 2 - 1] == pad).all()
     assert (masked[:, width // 2 - 1:] == targets[:, width // 2 - 1:]).all()
-    model = Transformer(TransformerConfig(vocab_size=masked_packed["tokenizer"]["vocab_size"], d_model=16,
+    model = Transformer(TransformerConfig(vocab_size=masked_packed.tokenizer.vocab_size, d_model=16,
                                           n_layers=1, n_heads=2, seq_len=SEQ_LEN))
     _, count = summed_loss(model(rows_t[:, :-1]), masked, pad)
     assert int(count) == int(((mask[:, 1:] == 1) & (rows[:, 1:] != pad)).sum())
@@ -98,10 +98,11 @@ def test_flipped_byte_fails_the_hash_and_no_good_checkpoint_is_an_error(tmp_path
 
 
 def test_activation_checkpointing_is_the_model_switch_and_keeps_gradients():
-    from raylm.config import ModelConfig
-    from raylm.train.launch import model_config_for
+    from raylm.config import TrainConfig
+    from raylm.train.launch import run_model_config
 
-    config = model_config_for(ModelConfig(d_model=16, n_layers=2, n_heads=2, seq_len=8), 40, activation_checkpointing=True)
+    section = TransformerConfig(d_model=16, n_layers=2, n_heads=2, seq_len=8)
+    config = run_model_config(section, TrainConfig(activation_checkpointing=True), 40)
     assert config.activation_checkpointing and config.vocab_size == 40
     plain = tiny()
     torch.manual_seed(0)

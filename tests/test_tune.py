@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from raylm.cli import main
 from raylm.config import ConfigError, load_config, validate_config
 from tests.conftest import REPO
 from tests.tune_helpers import run_tiny_sweep, sweep_config
@@ -191,7 +190,7 @@ def _terminated_trials(experiment_path: Path) -> set[str]:
 @pytest.mark.slow
 def test_killed_sweep_restores_and_finishes_without_rerunning_finished_trials(ray_session, tmp_path, packed):
     packed_json = tmp_path / "packed.json"
-    packed_json.write_text(json.dumps(packed))
+    packed_json.write_text(json.dumps(packed.to_manifest()))
     config = sweep_config(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     driver = subprocess.Popen([sys.executable, "-m", "tests.tune_helpers", str(tmp_path), str(packed_json)],

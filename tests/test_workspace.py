@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from raylm.config import TrackingConfig
-from raylm.stage import execute
+from raylm.stage import run_stage
 from raylm.tracking import Tracker
 from raylm.workspace import ATTEMPTS, SUCCESS_MARKER, StageConflict, Workspace, resolve_stage_dir
 
@@ -55,10 +55,10 @@ def counting_body(calls):
 def test_finished_stage_is_reused_and_force_reruns(tracker, workspace_dir):
     stage = tracker.workspace.stage("curate", {"v": 1})
     calls: list[str] = []
-    first = execute(stage, {"v": 1}, tracker, counting_body(calls))
-    second = execute(stage, {"v": 1}, tracker, counting_body(calls))
+    first = run_stage(stage, {"v": 1}, tracker, counting_body(calls))
+    second = run_stage(stage, {"v": 1}, tracker, counting_body(calls))
     assert len(calls) == 1 and second["key"] == first["key"]
-    execute(stage, {"v": 1}, tracker, counting_body(calls), force=True)
+    run_stage(stage, {"v": 1}, tracker, counting_body(calls), force=True)
     assert len(calls) == 2
 
     runs = mlflow.search_runs(experiment_ids=[tracker.experiment_id], output_format="list")
@@ -73,7 +73,7 @@ def test_folder_without_marker_is_recomputed_not_read(tracker):
     stage.prepare()
     stage.write_text("out.txt", "half-written by a crashed run")
     calls: list[str] = []
-    execute(stage, {"v": 2}, tracker, counting_body(calls))
+    run_stage(stage, {"v": 2}, tracker, counting_body(calls))
     assert calls == [stage.key]
     assert stage.read_text("out.txt") == "result"
     assert stage.fs.get_file_info(stage.key_fs_path(SUCCESS_MARKER)).size > 0
@@ -87,7 +87,7 @@ def test_failed_body_leaves_no_marker(tracker):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        execute(stage, {"v": 3}, tracker, failing)
+        run_stage(stage, {"v": 3}, tracker, failing)
     assert not stage.is_complete()
     failed = mlflow.search_runs(experiment_ids=[tracker.experiment_id], output_format="list")
     assert [r.info.status for r in failed] == ["FAILED"]
@@ -107,7 +107,7 @@ def test_remote_workspace_needs_a_tracking_server():
 
 def test_each_run_writes_its_own_attempt_and_readers_follow_the_commit(tracker, workspace_dir):
     stage = tracker.workspace.stage("curate", {"v": 4})
-    manifest = execute(stage, {"v": 4}, tracker, counting_body([]))
+    manifest = run_stage(stage, {"v": 4}, tracker, counting_body([]))
     record = json.loads((workspace_dir / "curate" / stage.key / SUCCESS_MARKER).read_text())
     attempt_dir = workspace_dir / "curate" / stage.key / ATTEMPTS / record["attempt"]
     assert (attempt_dir / "out.txt").read_text() == "result" and manifest["attempt"] == record["attempt"]
@@ -139,7 +139,7 @@ def test_a_run_waits_for_a_live_run_of_the_same_stage_and_reuses_its_result(trac
     calls: list[str] = []
     results = {}
     waiting = threading.Thread(target=lambda: results.update(
-        manifest=execute(tracker.workspace.stage("curate", {"v": 5}), {"v": 5}, tracker, counting_body(calls))))
+        manifest=run_stage(tracker.workspace.stage("curate", {"v": 5}), {"v": 5}, tracker, counting_body(calls))))
     waiting.start()
     time.sleep(3)
     assert waiting.is_alive() and not calls  # still waiting for the writer
@@ -158,7 +158,7 @@ def test_a_resumable_stage_takes_back_the_attempt_an_interrupted_run_left(tracke
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        execute(stage, {"v": 6}, tracker, interrupted, resumable=True)
+        run_stage(stage, {"v": 6}, tracker, interrupted, resumable=True)
     left = stage.attempt
     seen = {}
 
@@ -166,7 +166,7 @@ def test_a_resumable_stage_takes_back_the_attempt_an_interrupted_run_left(tracke
         seen["checkpoint"] = stage.read_text("train/checkpoint.txt")
         return {}
 
-    execute(tracker.workspace.stage("pretrain", {"v": 6}), {"v": 6}, tracker, resumed, resumable=True)
+    run_stage(tracker.workspace.stage("pretrain", {"v": 6}), {"v": 6}, tracker, resumed, resumable=True)
     assert seen["checkpoint"] == "step 10"
     assert tracker.workspace.stage("pretrain", {"v": 6}).commit_record()["attempt"] == left
 

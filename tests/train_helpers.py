@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raylm.config import ModelConfig, TrainConfig
-from raylm.train.corpus import stdlib_packed
+from raylm.artifacts import Packed
+from raylm.config import TrainConfig
+from raylm.model import TransformerConfig
+from tests.stdlib_corpus import stdlib_packed
 
 SEQ_LEN = 32
 
 
-def make_packed(folder: Path, seq_len: int = SEQ_LEN, vocab_size: int = 300, loss_mask: bool = False) -> dict:
+def make_packed(folder: Path, seq_len: int = SEQ_LEN, vocab_size: int = 300, loss_mask: bool = False) -> Packed:
     return stdlib_packed(folder, seq_len, vocab_size=vocab_size, corpus_bytes=150_000, loss_mask=loss_mask)
 
 
-def tiny_model() -> ModelConfig:
-    return ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=SEQ_LEN)
+def tiny_model() -> TransformerConfig:
+    return TransformerConfig(d_model=32, n_layers=2, n_heads=2, seq_len=SEQ_LEN)
 
 
 def tiny_train(**overrides) -> TrainConfig:

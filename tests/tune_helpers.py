@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from raylm.artifacts import Packed
 from raylm.config import RaylmConfig, validate_config
 
 TINY_TRAIN = dict(workers=1, lr=3e-3, warmup_steps=2, max_steps=40, micro_batch_size=4, global_batch_size=8,
@@ -25,7 +26,7 @@ def sweep_config(workspace: Path, **tune) -> RaylmConfig:
     })
 
 
-def run_tiny_sweep(workspace: Path, packed: dict, **tune) -> dict:
+def run_tiny_sweep(workspace: Path, packed: Packed, **tune) -> dict:
     from raylm.runtime import init_ray
     from raylm.tracking import Tracker
     from raylm.tune import run_sweep
@@ -40,4 +41,5 @@ def run_tiny_sweep(workspace: Path, packed: dict, **tune) -> dict:
 if __name__ == "__main__":  # a sweep driver process that a test can kill: WORKSPACE PACKED_JSON
     import json
 
-    print(json.dumps(run_tiny_sweep(Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()))["metrics"]))
+    packed = Packed.from_manifest(json.loads(Path(sys.argv[2]).read_text()))
+    print(json.dumps(run_tiny_sweep(Path(sys.argv[1]), packed)["metrics"]))

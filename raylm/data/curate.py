@@ -27,6 +27,7 @@ import ray.data
 import xxhash
 from ray.data.aggregate import Sum
 
+from raylm.artifacts import Curated
 from raylm.config import DataConfig
 from raylm.data import clean, decontam, dedup, pii, quality
 from raylm.data.sources import DOC_COLUMNS, read_source
@@ -208,7 +209,7 @@ def plot_stats(reasons: list[dict[str, Any]], pii_counts: dict[str, int]) -> byt
     return buffer.getvalue()
 
 
-def curate(config: DataConfig, stage: StageDir) -> dict[str, Any]:
+def curate(config: DataConfig, stage: StageDir) -> Curated:
     marked, stats = mark_documents(config)
     rows_input = marked.count()
 
@@ -270,11 +271,8 @@ def curate(config: DataConfig, stage: StageDir) -> dict[str, Any]:
     log.info("curate: %d input rows -> %d kept (%d train, %d val), %d rejected; reasons %s",
              rows_input, kept, written["train"], written["val"], rejected,
              {r["reason"] or "kept": r["rows"] for r in reasons})
-    return {
-        "metrics": metrics,
-        "outputs": outputs,
-        "counts": {"input": rows_input, "kept": kept, "rejected": rejected, **written},
-    }
+    return Curated(outputs=outputs, counts={"input": rows_input, "kept": kept, "rejected": rejected, **written},
+                   metrics=metrics)
 
 
 def _log_artifacts(summary: dict[str, Any], png: bytes) -> None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raylm.artifacts import Packed, TokenizerRef
 from raylm.data.chat import ChatDataError, chat_token_ids, pack_chat_batch, read_chat_jsonl, render
 from raylm.data.curate import split_of
 from raylm.data.tokenizer import fingerprint, tokenizer_from_json
@@ -66,7 +66,7 @@ class ShardWriter:
 
 
 def sft_data(path: str, tokenizer_json: str, seq_len: int, val_fraction: float, seed: int,
-             system_prompt: str | None, stage: StageDir) -> dict[str, Any]:
+             system_prompt: str | None, stage: StageDir) -> Packed:
     tokenizer = tokenizer_from_json(tokenizer_json)
     ids = chat_token_ids(tokenizer)
     writers = {split: ShardWriter(stage, split, tokenizer_json, seq_len) for split in SPLITS}
@@ -95,12 +95,8 @@ def sft_data(path: str, tokenizer_json: str, seq_len: int, val_fraction: float, 
             metrics[f"{split}_{name}"] = value
     log.info("sft-data: %d conversations -> %d train / %d val packed rows of %d tokens", counts["rows"],
              writers["train"].totals["sequences"], writers["val"].totals["sequences"], seq_len + 1)
-    return {
-        "metrics": metrics,
-        "tokenizer": {"path": stage.path("tokenizer.json"), "fingerprint": fingerprint(tokenizer_json),
-                      "vocab_size": tokenizer.get_vocab_size(), "eos_id": ids["eos"], "pad_id": ids["pad"]},
-        "seq_len": seq_len,
-        "splits": {split: writer.totals for split, writer in writers.items()},
-        "loss_mask": True,
-        "outputs": {split: stage.path(split) for split in SPLITS},
-    }
+    return Packed(
+        tokenizer=TokenizerRef(path=stage.path("tokenizer.json"), fingerprint=fingerprint(tokenizer_json),
+                               vocab_size=tokenizer.get_vocab_size(), eos_id=ids["eos"], pad_id=ids["pad"]),
+        seq_len=seq_len, splits={split: writer.totals for split, writer in writers.items()}, loss_mask=True,
+        outputs={split: stage.path(split) for split in SPLITS}, metrics=metrics)

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import tempfile
-from typing import Any, Iterator
+from typing import Iterator
 
 import mlflow
 import pyarrow as pa
@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 import ray.data
 from tokenizers import Tokenizer
 
+from raylm.artifacts import Curated, Packed, TokenizerRef
 from raylm.config import TokenizerConfig
 from raylm.data.pack import encode_and_pack
 from raylm.data.parquet_pieces import parquet_pieces, read_piece
@@ -77,16 +78,6 @@ def train_sample(train_uri: str, sample_bytes: int, train_bytes: int | None = No
         texts = texts.random_sample(min(1.0, 1.2 * sample_bytes / train_bytes), seed=SAMPLE_SEED)
     batches = (batch["text"] for batch in texts.iter_batches(batch_size=256, batch_format="numpy"))
     return take_sample(batches, sample_bytes)
-
-
-def curated_train_bytes(curated: dict[str, Any]) -> int | None:
-    """The train split's bytes from the curate manifest (kept bytes shared out by rows), if it has them."""
-    kept_bytes = curated.get("metrics", {}).get("bytes.kept")
-    counts = curated["counts"]
-    rows = counts.get("train", 0) + counts.get("val", 0)
-    if kept_bytes is None or not rows:
-        return None
-    return int(kept_bytes * counts["train"] / rows)
 
 
 def load_or_train_tokenizer(config: TokenizerConfig, train_uri: str,
@@ -166,11 +157,11 @@ def count_packed(stage: StageDir, split: str) -> dict[str, int]:
             "bytes": int(pc.sum(table["n_bytes"]).as_py() or 0)}
 
 
-def tokenize(config: TokenizerConfig, seq_len: int, curated: dict[str, Any], stage: StageDir) -> dict[str, Any]:
-    outputs = curated["outputs"]
-    if curated["counts"].get("train", 0) == 0:
-        raise ValueError(f"the curated train split at {outputs['train']} is empty: nothing to train on")
-    tokenizer, source = load_or_train_tokenizer(config, outputs["train"], curated_train_bytes(curated))
+def tokenize(config: TokenizerConfig, seq_len: int, curated: Curated, stage: StageDir) -> Packed:
+    outputs = curated.outputs
+    if curated.rows("train") == 0:
+        raise ValueError(f"the curated train split at {curated.train_uri} is empty: nothing to train on")
+    tokenizer, source = load_or_train_tokenizer(config, curated.train_uri, curated.train_bytes())
     tokenizer_json = tokenizer.to_str()
     tokenizer_path = save_stage_tokenizer(tokenizer, stage, seq_len)
     tokenizer_fingerprint = fingerprint(tokenizer_json)
@@ -179,7 +170,7 @@ def tokenize(config: TokenizerConfig, seq_len: int, curated: dict[str, Any], sta
 
     splits = {}
     for split in SPLITS:
-        documents = int(curated["counts"].get(split, 0))
+        documents = curated.rows(split)
         if documents == 0:
             splits[split] = {"documents": 0, "sequences": 0, "tokens": 0, "bytes": 0}
             continue
@@ -201,15 +192,9 @@ def tokenize(config: TokenizerConfig, seq_len: int, curated: dict[str, Any], sta
              "%.1f%% filled)", tokenizer.get_vocab_size(), source, bytes_per_token, splits["train"]["sequences"],
              width, config.packing, 100 * metrics["train_fill"])
     specials = special_token_ids(tokenizer)
-    return {
-        "metrics": metrics,
-        "tokenizer": {"path": tokenizer_path, "folder": stage.path(TOKENIZER_DIR),
-                      "fingerprint": tokenizer_fingerprint, "source": source,
-                      "vocab_size": tokenizer.get_vocab_size(),
-                      "eos_id": special_id(tokenizer, EOS), "pad_id": special_id(tokenizer, PAD),
-                      "bos_id": specials.get(BOS), "special_tokens": specials},
-        "seq_len": seq_len,
-        "packing": config.packing,
-        "splits": splits,
-        "outputs": {split: stage.path(split) for split in SPLITS if splits[split]["sequences"]},
-    }
+    return Packed(
+        tokenizer=TokenizerRef(path=tokenizer_path, folder=stage.path(TOKENIZER_DIR), fingerprint=tokenizer_fingerprint,
+                               source=source, vocab_size=tokenizer.get_vocab_size(), eos_id=special_id(tokenizer, EOS),
+                               pad_id=special_id(tokenizer, PAD), bos_id=specials.get(BOS), special_tokens=specials),
+        seq_len=seq_len, packing=config.packing, splits=splits,
+        outputs={split: stage.path(split) for split in SPLITS if splits[split]["sequences"]}, metrics=metrics)

@@ -9,11 +9,10 @@ next to the data, and returns three numbers.
 
 from __future__ import annotations
 
-from typing import Any
-
 import ray
 import torch
 
+from raylm.artifacts import Evaluated, Packed, Pretrained
 from raylm.model.loss import bits_per_byte, lm_batch, loss_and_bytes
 from raylm.train.checkpoint import load_model, load_model_config, load_tokenizer_json, local_checkpoint
 from raylm.train.data import PackedSequences
@@ -42,9 +41,8 @@ def evaluate_bpb(checkpoint: str, data_uri: str, pad_id: int, batch_size: int = 
             "val_tokens": count, "val_bytes": n_bytes, "val_sequences": len(rows)}
 
 
-def evaluate_stage(trained: dict[str, Any], packed: dict[str, Any], batch_size: int,
-                   limit: int | None) -> dict[str, Any]:
+def evaluate_stage(trained: Pretrained, packed: Packed, batch_size: int, limit: int | None) -> Evaluated:
     task = ray.remote(num_cpus=1)(evaluate_bpb)
-    figures = ray.get(task.remote(trained["checkpoint"], packed["outputs"]["val"], packed["tokenizer"]["pad_id"],
-                                  batch_size, limit))
-    return {"metrics": figures, "checkpoint": trained["checkpoint"]}
+    val_uri = packed.require_val("raise data.val_fraction or add data")
+    figures = ray.get(task.remote(trained.checkpoint, val_uri, packed.tokenizer.pad_id, batch_size, limit))
+    return Evaluated(checkpoint=trained.checkpoint, metrics=figures)

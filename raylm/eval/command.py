@@ -14,6 +14,7 @@ import os
 import tempfile
 from typing import Any
 
+from raylm.artifacts import Curated
 from raylm.config import RaylmConfig
 from raylm.eval.suite import EvalSettings, evaluate_checkpoint, log_to_mlflow, resolve_checkpoint, summary_text
 
@@ -28,7 +29,7 @@ def curated_val_split(config: RaylmConfig) -> str | None:
     try:
         stage = plan_stages(config, Workspace(config.workspace.root)).curate
         if stage.is_complete():
-            return stage.manifest()["outputs"]["val"]
+            return Curated.from_manifest(stage.manifest()).val_uri
     except Exception as error:  # noqa: BLE001 - no pipeline for this config: the caller says what is missing
         log.debug("no curated val split: %s", error)
     return None

@@ -1,14 +1,16 @@
-"""The model's own config (a plain dataclass) and the named size presets.
+"""The model's config (a validated pydantic dataclass) and the named size presets, defined once.
 
-`TransformerConfig` is what a checkpoint stores as `model_config.json` and what every model class
-takes. Each component the guide describes is a field: positional encoding (sinusoidal, learned,
+`TransformerConfig` is the YAML `model` section (raylm/config.py validates that section straight into
+it), what a checkpoint stores as `model_config.json` and what every model class takes. A new model
+option is one field here (with its constraint and description), and its use in the model code. Each component the guide describes is a field: positional encoding (sinusoidal, learned,
 rotary), feed-forward activation (ReLU, GELU, SwiGLU), norm (LayerNorm, RMSNorm) and its position
 (post-norm as in the original transformer, or pre-norm), grouped-query attention, biases, weight
 tying, and the architecture (`decoder` or `encoder-decoder`). The defaults are a modern decoder:
 RoPE, SwiGLU, RMSNorm, pre-norm, no biases, tied embeddings.
 
-The presets fill in sizes; `vocab_size` is normally replaced by the trained tokenizer's (plus the
-sentinel ids span corruption reserves on top of it, see `span_sentinels`).
+`preset` fills in the sizes of a named model (keys given win). `vocab_size` is normally unset in the
+YAML and bound to the trained tokenizer's by `for_tokenizer` (plus the sentinel ids span corruption
+reserves on top of it, see `span_sentinels`). Pydantic is the only dependency: no Ray, no MLflow.
 
 The encoder-decoder trains on one of two sequence-to-sequence objectives over the packed rows
 (`seq2seq_objective`): `prefix` (the first `source_fraction` of a row is the source, the rest the
@@ -19,8 +21,12 @@ target) or `span_corruption` (T5: `noise_density` of the tokens, in spans of mea
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from typing import Any
+
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic_core import ArgsKwargs
 
 ARCHITECTURES = ("decoder", "encoder-decoder")
 POSITIONS = ("rope", "learned", "sinusoidal")
@@ -64,35 +70,77 @@ def span_corruption_problems(arch: str, seq_len: int, vocab_size: int | None, no
     return problems
 
 
-@dataclass
-class TransformerConfig:
-    vocab_size: int
-    arch: str = "decoder"
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # grouped-query attention: fewer key/value heads than query heads
-    n_encoder_layers: int | None = None  # encoder-decoder only; default: n_layers
-    ffn_hidden: int | None = None
-    seq_len: int = 256
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    position: str = "rope"
-    activation: str = "swiglu"
-    norm: str = "rmsnorm"
-    norm_position: str = "pre"
-    norm_eps: float = 1e-5
-    bias: bool = False
-    init_std: float = 0.02
-    activation_checkpointing: bool = False
-    source_fraction: float = 0.5  # encoder-decoder, prefix objective: share of a packed row that is the source
-    seq2seq_objective: str = "prefix"  # encoder-decoder training: "prefix" (to continuation) or "span_corruption"
-    noise_density: float = 0.15  # span corruption: share of each row's tokens dropped from the source
-    mean_span_length: float = 3.0  # span corruption: mean length of a dropped span
-    preset: str | None = None  # the preset the sizes came from (a label only)
+def _preset_sizes(data: Any) -> Any:
+    """Before validation: a named `preset` fills in the sizes the data does not give (keys given win).
+    The preset's vocabulary is not filled in: the trained tokenizer's is (see `for_tokenizer`)."""
+    kwargs = data.kwargs if isinstance(data, ArgsKwargs) else data
+    if not isinstance(kwargs, dict) or kwargs.get("preset") is None:
+        return data
+    name = kwargs["preset"]
+    if name not in PRESETS:
+        raise ValueError(f"model.preset = {name!r}: expected one of {', '.join(PRESETS)}")
+    sizes = {key: value for key, value in PRESETS[name].items() if key != "vocab_size"}
+    merged = {**sizes, **kwargs}
+    return ArgsKwargs(data.args, merged) if isinstance(data, ArgsKwargs) else merged
 
-    def __post_init__(self) -> None:
+
+@dataclass(config=ConfigDict(extra="forbid", validate_assignment=True))
+class TransformerConfig:
+    """The transformer, validated: the YAML `model` section, a checkpoint's `model_config.json` and what
+    every model class takes. Range errors come from the field constraints, choices and cross-field rules
+    from `_check`; each message names the dotted key `model.<name>`."""
+
+    vocab_size: int | None = Field(None, gt=0, description="default: the trained tokenizer's ids (plus span "
+                                   "corruption's sentinels); set it to keep a larger vocabulary, e.g. GPT-2's 50257")
+    arch: str = Field("decoder", description="decoder | encoder-decoder")
+    d_model: int = Field(256, gt=0)
+    n_layers: int = Field(4, gt=0, description="decoder layers (and encoder layers unless n_encoder_layers is set)")
+    n_heads: int = Field(4, gt=0)
+    n_kv_heads: int | None = Field(None, gt=0, description="key/value heads for grouped-query attention (default: n_heads)")
+    n_encoder_layers: int | None = Field(None, gt=0, description="encoder-decoder: encoder layers (default: n_layers)")
+    ffn_hidden: int | None = Field(None, gt=0, description="feed-forward width (default: 8/3 d_model for SwiGLU, 4 d_model otherwise)")
+    seq_len: int = Field(256, ge=2, description="context length; packed sequences hold seq_len + 1 tokens")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    tie_embeddings: bool = True
+    rope_theta: float = Field(10000.0, gt=0)
+    position: str = Field("rope", description="rope | learned | sinusoidal")
+    activation: str = Field("swiglu", description="swiglu | gelu | relu")
+    norm: str = Field("rmsnorm", description="rmsnorm | layernorm")
+    norm_position: str = Field("pre", description="pre | post (the original transformer's)")
+    norm_eps: float = Field(1e-5, gt=0)
+    bias: bool = Field(False, description="biases in linear layers and LayerNorm")
+    init_std: float = Field(0.02, gt=0, description="std of the normal init; residual projections get / sqrt(2 * layers)")
+    activation_checkpointing: bool = Field(False, description="recompute each block in the backward pass to save memory")
+    source_fraction: float = Field(0.5, description="encoder-decoder, prefix objective: share of each packed row used as the source")
+    seq2seq_objective: str = Field("prefix", description="encoder-decoder training objective: prefix (to continuation) "
+                                   "or span_corruption (T5); evaluation stays on prefix")
+    noise_density: float = Field(0.15, description="span corruption: share of each row's tokens dropped into spans")
+    mean_span_length: float = Field(3.0, description="span corruption: mean length of a dropped span")
+    preset: str | None = Field(None, description="named size: tiny, laptop, gpt2-124m, 350m, 1b (keys given here win)")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _preset_and_explicit_keys(cls, data: Any, handler: Any) -> "TransformerConfig":
+        """Fill in the preset's sizes, and remember which keys were given (preset sizes included):
+        fine-tuning checks those against the base model (`explicit_keys`)."""
+        if isinstance(data, cls):  # an assignment (validate_assignment); `_mark_assigned` adds its key
+            given = data.explicit_keys
+            config = handler(data)
+            object.__setattr__(config, "_explicit_keys", given)
+            return config
+        data = _preset_sizes(data)
+        given = (data.kwargs or {}) if isinstance(data, ArgsKwargs) else data if isinstance(data, dict) else {}
+        config = handler(data)
+        object.__setattr__(config, "_explicit_keys", frozenset(given))
+        return config
+
+    @property
+    def explicit_keys(self) -> frozenset[str]:
+        """The keys this config was given (by YAML, `--set`, a preset or the constructor), not defaulted."""
+        return self.__dict__.get("_explicit_keys", frozenset())
+
+    @model_validator(mode="after")
+    def _check(self) -> "TransformerConfig":
         problems = []
         for name, allowed in (("arch", ARCHITECTURES), ("position", POSITIONS), ("activation", ACTIVATIONS),
                               ("norm", NORMS), ("norm_position", NORM_POSITIONS)):
@@ -114,6 +162,7 @@ class TransformerConfig:
                                                  self.mean_span_length)
         if problems:
             raise ValueError("; ".join(problems))
+        return self
 
     @property
     def head_dim(self) -> int:
@@ -159,12 +208,24 @@ class TransformerConfig:
             raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
 
-    @classmethod
-    def for_tokenizer(cls, data: dict[str, Any], tokens: int) -> "TransformerConfig":
-        """The config from `data` with the vocabulary a tokenizer of `tokens` ids needs: those ids, plus
-        span corruption's sentinel ids on top (the tokenizer never produces them)."""
-        config = cls.from_dict({**data, "vocab_size": tokens})
-        return replace(config, vocab_size=tokens + config.span_sentinels) if config.span_sentinels else config
+    def for_tokenizer(self, tokens: int) -> "TransformerConfig":
+        """This config bound to a tokenizer of `tokens` ids: unset `vocab_size` becomes those ids plus span
+        corruption's sentinel ids on top (the tokenizer never produces them); a set one must hold both."""
+        if self.vocab_size is None:
+            return replace(self, vocab_size=tokens + self.span_sentinels)
+        if self.vocab_size - self.span_sentinels < tokens:
+            sentinels = f" plus the {self.span_sentinels} span-corruption sentinels (model.seq2seq_objective)" \
+                if self.span_sentinels else ""
+            raise ValueError(f"model.vocab_size = {self.vocab_size} is smaller than the tokenizer's {tokens}{sentinels}")
+        return self
+
+    def section(self) -> dict[str, Any]:
+        """The YAML `model` section as JSON-able data (stage hashes, MLflow params): an unset vocabulary
+        is left out, so a section that never names one hashes as it always did."""
+        data = self.to_dict()
+        if data["vocab_size"] is None:
+            del data["vocab_size"]
+        return data
 
 
 # Sizes. `gpt2-124m` is GPT-2 small exactly (learned positions, LayerNorm, GELU, biases; 124,439,808
@@ -187,5 +248,13 @@ def preset(name: str, **overrides: Any) -> TransformerConfig:
     return TransformerConfig.from_dict({**PRESETS[name], "preset": name, **overrides})
 
 
-def with_vocab(config: TransformerConfig, vocab_size: int) -> TransformerConfig:
-    return replace(config, vocab_size=vocab_size)
+def _mark_assigned(validated_setattr: Any) -> Any:
+    """`config.key = value` validates (pydantic) and then counts `key` as given (`explicit_keys`)."""
+    def setattr_and_mark(self: TransformerConfig, name: str, value: Any) -> None:
+        validated_setattr(self, name, value)
+        if name in self.__pydantic_fields__:
+            object.__setattr__(self, "_explicit_keys", self.explicit_keys | {name})
+    return setattr_and_mark
+
+
+TransformerConfig.__setattr__ = _mark_assigned(TransformerConfig.__setattr__)

@@ -13,7 +13,7 @@ first and last may be empty), uniformly, and the two interleave (kept, dropped, 
 
 Sentinels are the top ids of the model's vocabulary, as T5's extra ids: the i-th span of a row is
 marked by `vocab_size - 1 - i`. The trainer reserves them by making the model's vocabulary the
-tokenizer's plus `config.span_sentinels` (`raylm.train.launch.model_config_for`), so the tokenizer
+tokenizer's plus `config.span_sentinels` (`TransformerConfig.for_tokenizer`), so the tokenizer
 never produces them; rows holding a token at a sentinel id are refused.
 
 A row's corruption depends only on its seed: the trainer seeds each row from (train.seed, the row's

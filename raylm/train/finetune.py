@@ -4,7 +4,7 @@ The base is what `raylm finetune --from` names: a checkpoint directory, a finish
 `finetune`) stage folder, an MLflow run id whose run carries a `raylm.checkpoint` tag, or a Hugging
 Face model folder (converted once through `raylm.model.hf.import_hf` into a raylm checkpoint). The
 run is the pretraining trainer (`build_trainer`, same strategies, DCP checkpoints, elasticity and
-MLflow logging) started from the base weights, with `extra_loop_config["finetune"]` telling every
+MLflow logging) started from the base weights, with its `finetune` spec telling every
 worker to call `raylm.finetune.prepare_for_finetune` before wrapping the model. After training a
 LoRA run's adapters are folded into the weights and written as a plain checkpoint (`merged/`), which
 is what export and evaluation read. Logged: trainable and total parameters, val loss on the
@@ -24,8 +24,9 @@ import mlflow
 import torch
 import torch.nn as nn
 
-from raylm.config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig
-from raylm.finetune import is_lora, merge_lora, parameter_counts, prepare_for_finetune
+from raylm.artifacts import Finetuned, Packed
+from raylm.config import ConfigError, FinetuneConfig, TrainConfig
+from raylm.finetune import merge_lora, parameter_counts, prepare_for_finetune
 from raylm.model import TransformerConfig, build_model
 from raylm.train.checkpoint import (MODEL_CONFIG, TOKENIZER, TRAINER_STATE, check_complete, load_tokenizer_json,
                                     load_training_state, local_checkpoint, save_checkpoint)
@@ -250,11 +251,13 @@ def resolve_base(source: str, workspace: Workspace, tracking_uri: str | None = N
     raise BaseModelError(f"--from {source}: not a directory or an MLflow run id")
 
 
-def check_architecture(model: ModelConfig, base: Base) -> ModelConfig:
+def check_architecture(model: TransformerConfig, base: Base) -> TransformerConfig:
     """The model section for fine-tuning: the base's architecture. Keys the config sets explicitly must
-    match the base; a mismatch is an error naming `model.<key>`."""
+    match the base; a mismatch is an error naming `model.<key>`. The vocabulary stays unset here (the
+    fine-tuning data's tokenizer binds it, and must equal the base's)."""
+    chosen = sorted(model.explicit_keys)
     problems = []
-    for key in sorted(model.model_fields_set):
+    for key in chosen:
         if key in NON_ARCHITECTURE_KEYS or key not in base.model_config:
             continue
         mine, theirs = getattr(model, key), base.model_config[key]
@@ -262,11 +265,11 @@ def check_architecture(model: ModelConfig, base: Base) -> ModelConfig:
             problems.append(f"model.{key} = {mine!r} but the base checkpoint {base.checkpoint} has {key} = {theirs!r}")
     if problems:
         raise ConfigError(problems + ["fine-tuning keeps the base architecture: drop these keys or match the base"])
-    merged = {k: v for k, v in base.model_config.items() if k in ModelConfig.model_fields}
+    merged = {k: v for k, v in base.model_config.items() if k != "vocab_size"}
     for key in NON_ARCHITECTURE_KEYS:
-        if key in model.model_fields_set:
+        if key in chosen:
             merged[key] = getattr(model, key)
-    return ModelConfig.model_validate(merged)
+    return TransformerConfig.from_dict(merged)
 
 
 def finetune_train_config(train: TrainConfig, finetune: FinetuneConfig) -> TrainConfig:
@@ -324,18 +327,17 @@ def export_merged(checkpoint: str, spec: dict[str, Any], stage: StageDir, tokeni
     return stage.path("merged")
 
 
-def finetune(model: ModelConfig, train: TrainConfig, finetune_config: FinetuneConfig, base: Base,
-             packed: dict[str, Any], stage: StageDir, tracking_uri: str) -> dict[str, Any]:
+def finetune(model: TransformerConfig, train: TrainConfig, finetune_config: FinetuneConfig, base: Base,
+             packed: Packed, stage: StageDir, tracking_uri: str) -> Finetuned:
     from raylm.train.launch import best_checkpoint, build_trainer
 
-    if "val" not in packed["outputs"]:
-        raise ValueError("the fine-tuning data has no val split: raise finetune.val_fraction or add data")
-    if packed["tokenizer"]["vocab_size"] != base.model_config["vocab_size"]:
+    packed.require_val("raise finetune.val_fraction or add data")
+    if packed.tokenizer.vocab_size != base.model_config["vocab_size"]:
         reason = ""
         if base.model_config.get("seq2seq_objective") == "span_corruption":
             reason = (" (it was pretrained by span corruption, which reserves sentinel ids above its tokenizer; "
                       "fine-tuning such a base is not supported: pretrain with model.seq2seq_objective = 'prefix')")
-        raise ValueError(f"the fine-tuning tokenizer has {packed['tokenizer']['vocab_size']} tokens but the base "
+        raise ValueError(f"the fine-tuning tokenizer has {packed.tokenizer.vocab_size} tokens but the base "
                          f"model {base.checkpoint} has vocab_size {base.model_config['vocab_size']}{reason}")
     spec = finetune_spec(finetune_config)
     counts = count_parameters(base.model_config, spec)
@@ -345,7 +347,7 @@ def finetune(model: ModelConfig, train: TrainConfig, finetune_config: FinetuneCo
              counts["params_trainable"], counts["params_total"], 100 * counts["params_trainable"] / counts["params_total"])
     trainer = build_trainer(model, train, packed, stage.path(), RUN_NAME, tracking_uri,
                             run.info.run_id if run else None, init_checkpoint=base.checkpoint,
-                            extra_loop_config={"finetune": spec})
+                            finetune=spec)
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -356,26 +358,18 @@ def finetune(model: ModelConfig, train: TrainConfig, finetune_config: FinetuneCo
     metrics.update(counts, params_trainable_fraction=counts["params_trainable"] / counts["params_total"],
                    val_loss_before=before, val_loss_after=after, val_loss_delta=after - before)
     checkpoint = best_checkpoint(stage.path(RUN_NAME)) or result.checkpoint.path
-    outputs: dict[str, Any] = {"adapter_checkpoint": None, "merged_checkpoint": None,
-                               "last_checkpoint": result.checkpoint.path}
+    adapter_checkpoint = merged_checkpoint = None
     if spec["method"] == "lora":
         trainer_state = {"step": int(metrics.get("step", 0)), "merged_from": checkpoint}
-        merged = export_merged(checkpoint, spec, stage, base.tokenizer_json, trainer_state)
-        outputs.update(adapter_checkpoint=checkpoint, merged_checkpoint=merged)
-        checkpoint = merged
-        mlflow.set_tag("raylm.adapter_checkpoint", outputs["adapter_checkpoint"])
-        mlflow.set_tag("raylm.merged_checkpoint", merged)
+        adapter_checkpoint = checkpoint
+        merged_checkpoint = checkpoint = export_merged(checkpoint, spec, stage, base.tokenizer_json, trainer_state)
+        mlflow.set_tag("raylm.adapter_checkpoint", adapter_checkpoint)
+        mlflow.set_tag("raylm.merged_checkpoint", merged_checkpoint)
     mlflow.set_tag("raylm.checkpoint", checkpoint)
     log.info("finetune: val loss %.4f -> %.4f, checkpoint %s", before, after, checkpoint)
-    return {
-        "metrics": metrics,
-        "checkpoint": checkpoint,
-        **outputs,
-        "run_path": stage.path(RUN_NAME),
-        "method": spec["method"],
-        "finetune": spec,
-        "base": {"checkpoint": base.checkpoint, "kind": base.kind, "source": base.source,
-                 "mlflow_run_id": base.mlflow_run_id},
-        "model": {**model.model_dump(mode="json"), "vocab_size": base.model_config["vocab_size"]},
-        "tokenizer": packed["tokenizer"],
-    }
+    return Finetuned(
+        checkpoint=checkpoint, adapter_checkpoint=adapter_checkpoint, merged_checkpoint=merged_checkpoint,
+        last_checkpoint=result.checkpoint.path, run_path=stage.path(RUN_NAME), method=spec["method"], finetune=spec,
+        base={"checkpoint": base.checkpoint, "kind": base.kind, "source": base.source, "mlflow_run_id": base.mlflow_run_id},
+        model={**model.section(), "vocab_size": base.model_config["vocab_size"]}, tokenizer=packed.tokenizer,
+        metrics=metrics)

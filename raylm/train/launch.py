@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import mlflow
@@ -22,10 +23,11 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raylm.config import ModelConfig, TrainConfig
+from raylm.artifacts import Packed, Pretrained
+from raylm.config import TrainConfig
 from raylm.model import TransformerConfig
 from raylm.runtime import cluster_has_gpus
-from raylm.train.loop import train_loop_per_worker
+from raylm.train.loop import LoopConfig, train_loop_per_worker
 from raylm.workspace import ATTEMPTS, StageDir, Workspace, read_text_uri
 
 log = logging.getLogger("raylm")
@@ -36,25 +38,11 @@ BEST_POINTER = "best.json"
 STOP_FILE = "STOP"  # create it in the run folder to make the run checkpoint and finish at its next report
 
 
-def model_config_for(model: ModelConfig | TransformerConfig, vocab_size: int,
-                     activation_checkpointing: bool = False) -> TransformerConfig:
-    """The model's config for a tokenizer of `vocab_size` tokens.
-
-    From the `model` config section the vocabulary is the tokenizer's (plus, for span corruption, the
-    sentinel ids on top, which the tokenizer never produces); a ready `TransformerConfig`
-    (a preset, say) keeps a larger vocabulary (e.g. GPT-2's 50257, rows the tokenizer never uses).
-    """
-    if isinstance(model, TransformerConfig):
-        if model.vocab_size - model.span_sentinels < vocab_size:
-            sentinels = f" plus the {model.span_sentinels} span-corruption sentinels (model.seq2seq_objective)" \
-                if model.span_sentinels else ""
-            raise ValueError(f"model vocab_size {model.vocab_size} is smaller than the tokenizer's {vocab_size}{sentinels}")
-        data = model.to_dict()
-    else:
-        data = TransformerConfig.for_tokenizer(model.model_dump(mode="json"), vocab_size).to_dict()
-    if activation_checkpointing:
-        data["activation_checkpointing"] = True
-    return TransformerConfig.from_dict(data)
+def run_model_config(model: TransformerConfig, train: TrainConfig, vocab_size: int) -> TransformerConfig:
+    """The model a run trains: `model` bound to the tokenizer's `vocab_size` (see
+    `TransformerConfig.for_tokenizer`), with `train.activation_checkpointing` switching on the model's."""
+    bound = model.for_tokenizer(vocab_size)
+    return replace(bound, activation_checkpointing=True) if train.activation_checkpointing else bound
 
 
 def scaling_config(train: TrainConfig) -> ScalingConfig:
@@ -120,41 +108,32 @@ def read_best_pointer(fs: pafs.FileSystem, best_dir: str) -> dict[str, Any] | No
         return json.loads(stream.read())
 
 
-def build_trainer(model: ModelConfig | TransformerConfig, train: TrainConfig, packed: dict[str, Any], storage_path: str, name: str,
+def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, storage_path: str, name: str,
                   tracking_uri: str, run_id: str | None, init_checkpoint: str | None = None,
-                  extra_loop_config: dict[str, Any] | None = None, callbacks: list | None = None) -> TorchTrainer:
-    """A `TorchTrainer` for the packed shards `packed` (the tokenize stage's manifest).
+                  finetune: dict[str, Any] | None = None, fail_at_step: int | None = None,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """A `TorchTrainer` for the packed shards `packed` (the tokenize stage's artifact).
 
     The loop reports `loss, val_loss, val_bpb, lr, step, tokens_seen` (val figures at each eval);
-    `init_checkpoint` loads model weights only (`--from`); `extra_loop_config` is merged into the
-    loop config (its `finetune` key makes the loop call `raylm.finetune.prepare_for_finetune`);
+    `init_checkpoint` loads model weights only (`--from`); a `finetune` spec makes every worker call
+    `raylm.finetune.prepare_for_finetune`; `fail_at_step` injects one failure (tests, drills);
     `callbacks` go to `RunConfig(callbacks=...)`. Metrics go to MLflow run `run_id` from rank 0.
     """
-    if "val" not in packed["outputs"]:
-        raise ValueError("the packed val split is empty: raise data.val_fraction or add data")
-    tokenizer_json = read_text_uri(packed["tokenizer"]["path"])
-    transformer = model_config_for(model, packed["tokenizer"]["vocab_size"], train.activation_checkpointing)
-    if transformer.seq_len != packed["seq_len"]:
-        raise ValueError(f"model.seq_len {transformer.seq_len} differs from the packed seq_len {packed['seq_len']}")
-    loop_config = {
-        "model": transformer.to_dict(),
-        "train": train.model_dump(mode="json"),
-        "global_batch_sequences": train.global_batch_sequences(transformer.seq_len),
-        "train_uri": packed["outputs"]["train"],
-        "val_uri": packed["outputs"]["val"],
-        "tokenizer_json": tokenizer_json,
-        "tokenizer_fingerprint": packed["tokenizer"].get("fingerprint"),
-        "pad_id": packed["tokenizer"]["pad_id"],
-        "tracking_uri": tracking_uri,
-        "run_id": run_id,
-        "init_checkpoint": init_checkpoint,
-        "stop_uri": storage_path.rstrip("/") + "/" + name + "/" + STOP_FILE,
-        **(extra_loop_config or {}),
-    }
+    val_uri = packed.require_val("raise data.val_fraction or add data")
+    tokenizer_json = read_text_uri(packed.tokenizer.path)
+    transformer = run_model_config(model, train, packed.tokenizer.vocab_size)
+    if transformer.seq_len != packed.seq_len:
+        raise ValueError(f"model.seq_len {transformer.seq_len} differs from the packed seq_len {packed.seq_len}")
     run_uri = storage_path.rstrip("/") + "/" + name
+    loop = LoopConfig(model=transformer, train=train,
+                      global_batch_sequences=train.global_batch_sequences(transformer.seq_len),
+                      train_uri=packed.train_uri, val_uri=val_uri, tokenizer_json=tokenizer_json,
+                      pad_id=packed.tokenizer.pad_id, tokenizer_fingerprint=packed.tokenizer.fingerprint,
+                      tracking_uri=tracking_uri, run_id=run_id, init_checkpoint=init_checkpoint,
+                      stop_uri=run_uri + "/" + STOP_FILE, finetune=finetune, fail_at_step=fail_at_step)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"loop": loop},
         scaling_config=scaling_config(train),
         run_config=RunConfig(
             name=name,
@@ -230,8 +209,8 @@ def plot_loss_curve(tracking_uri: str, run_id: str):
     return figure
 
 
-def pretrain(model: ModelConfig | TransformerConfig, train: TrainConfig, packed: dict[str, Any], stage: StageDir,
-             tracking_uri: str, init_checkpoint: str | None = None) -> dict[str, Any]:
+def pretrain(model: TransformerConfig, train: TrainConfig, packed: Packed, stage: StageDir,
+             tracking_uri: str, init_checkpoint: str | None = None) -> Pretrained:
     run = mlflow.active_run()
     trainer = build_trainer(model, train, packed, stage.path(), RUN_NAME, tracking_uri,
                             run.info.run_id if run else None, init_checkpoint)
@@ -254,11 +233,6 @@ def pretrain(model: ModelConfig | TransformerConfig, train: TrainConfig, packed:
     mlflow.set_tag("raylm.last_checkpoint", result.checkpoint.path)
     log.info("pretrain: finished at step %s, val_loss %.4f, best checkpoint %s, last %s", metrics.get("step"),
              metrics.get("val_loss", float("nan")), best, result.checkpoint.path)
-    return {
-        "metrics": metrics,
-        "checkpoint": best or result.checkpoint.path,
-        "last_checkpoint": result.checkpoint.path,
-        "run_path": stage.path(RUN_NAME),
-        "model": model_config_for(model, packed["tokenizer"]["vocab_size"], train.activation_checkpointing).to_dict(),
-        "tokenizer": packed["tokenizer"],
-    }
+    return Pretrained(checkpoint=best or result.checkpoint.path, last_checkpoint=result.checkpoint.path,
+                      run_path=stage.path(RUN_NAME), model=run_model_config(model, train, packed.tokenizer.vocab_size).to_dict(),
+                      tokenizer=packed.tokenizer, metrics=metrics)

@@ -1,4 +1,4 @@
-"""The training loop each Ray Train worker runs.
+"""The training loop each Ray Train worker runs: a `LoopConfig` in, a small `Trainer` over it.
 
 One optimizer step consumes one global batch of a fixed number of sequences (`train.global_batch_size`,
 or `train.global_batch_tokens / seq_len`), whatever the number of workers: worker r of w takes every
@@ -9,10 +9,15 @@ worker or 8, and after an elastic resize. Validation every `eval_every` steps on
 val split (loss and bits-per-byte), early stopping after `early_stopping_patience` evaluations without
 improvement, checkpoints (sharded, via DCP) every `checkpoint_every` steps and at the end.
 
-Loop config contract (see `launch.build_trainer`): reports carry at least `loss, val_loss, val_bpb,
-lr, step, tokens_seen`; `init_checkpoint` loads model weights only; a `finetune` key calls
-`raylm.finetune.prepare_for_finetune(model, config["finetune"])` before wrapping, and the optimizer
-takes only parameters with `requires_grad`; shards with a `loss_mask` column count only masked-in targets.
+The loop reads top to bottom (`Trainer.run`): step, then at a report point evaluate and maybe
+checkpoint. The last step (max_steps reached, a STOP file, early stopping) takes the same path as
+the periodic ones, only forced (nanochat's `last_step`); a run resumed after it had finished goes
+straight to that last step, so it evaluates and checkpoints again (e.g. on a new worker count).
+
+Contract (see `launch.build_trainer`): reports carry at least `loss, val_loss, val_bpb, lr, step,
+tokens_seen`; `init_checkpoint` loads model weights only; a `finetune` spec calls
+`raylm.finetune.prepare_for_finetune(model, spec)` before wrapping, and the optimizer takes only
+parameters with `requires_grad`; shards with a `loss_mask` column count only masked-in targets.
 An encoder-decoder trains on `model.seq2seq_objective`; span corruption seeds each row from (train.seed,
 its position in the data stream), so resuming, or another worker count, corrupts the same rows alike.
 """
@@ -23,23 +28,49 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from raylm.config import TrainConfig
+from raylm.data.tokenizer import token_byte_lengths, tokenizer_from_json
+from raylm.finetune import prepare_for_finetune
 from raylm.model import TransformerConfig, build_model
 from raylm.model.loss import bits_per_byte, lm_batch, loss_and_bytes, summed_loss
 from raylm.model.sizing import flops_per_token
 from raylm.model.span_corruption import row_seeds
-from raylm.train.checkpoint import CheckpointError, load_training_state, newest_good_checkpoint, save_checkpoint
+from raylm.tracking import RunLogger
+from raylm.train.checkpoint import load_training_state, local_checkpoint, newest_good_checkpoint, save_checkpoint
 from raylm.train.data import PackedSequences
 from raylm.train.mfu import mfu, peak_flops
 from raylm.train.optim import build_optimizer, learning_rate
 from raylm.train.parallel import clip_gradients, gradient_sync, wrap_model
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything a training worker needs, validated on the driver and pickled to the workers."""
+
+    model: TransformerConfig  # bound to the tokenizer's vocabulary
+    train: TrainConfig
+    global_batch_sequences: int
+    train_uri: str
+    val_uri: str
+    tokenizer_json: str
+    pad_id: int
+    tokenizer_fingerprint: str | None = None
+    tracking_uri: str = ""
+    run_id: str | None = None  # MLflow run that rank 0 logs per-step figures to
+    init_checkpoint: str | None = None  # `--from`: model weights only
+    stop_uri: str | None = None  # the run's STOP file
+    finetune: dict[str, Any] | None = None  # prepare_for_finetune's spec
+    fail_at_step: int | None = None  # fault injection (tests, drills): fail once, before any restart
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
@@ -92,8 +123,6 @@ def stop_requested(stop_uri: str | None, device: torch.device) -> bool:
     """True on every worker once the run's STOP file exists (agreed through an all-reduce)."""
     if not stop_uri:
         return False
-    import pyarrow.fs as pafs
-
     filesystem, path = pafs.FileSystem.from_uri(stop_uri if "://" in stop_uri else "file://" + stop_uri)
     exists = float(filesystem.get_file_info(path).type == pafs.FileType.File)
     return _all_reduce([exists], device)[0] > 0
@@ -107,171 +136,221 @@ def resume_checkpoint() -> tuple[str | None, list[str]]:
     return newest_good_checkpoint(checkpoint.path, checkpoint.filesystem)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    from raylm.data.tokenizer import token_byte_lengths, tokenizer_from_json
-    from raylm.tracking import RunLogger
+class Trainer:
+    """One worker's model, optimizer, data and trainer state, and what the loop does with them."""
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    train_cfg = config["train"]
-    pad_id = config["pad_id"]
-    bf16 = use_bf16(train_cfg.get("precision", "auto"), device)
-    torch.manual_seed(train_cfg["seed"])  # identical initial weights on every worker
-    if train_cfg.get("deterministic"):
-        torch.use_deterministic_algorithms(True)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    def __init__(self, config: LoopConfig):
+        self.config, self.train = config, config.train
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.bf16 = use_bf16(self.train.precision, self.device)
+        torch.manual_seed(self.train.seed)  # identical initial weights on every worker
+        if self.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
-    model_config = TransformerConfig.from_dict(config["model"])
-    model = build_model(model_config)
-    resume_path, refusals = resume_checkpoint()
-    if resume_path is None and config.get("init_checkpoint"):
-        from raylm.train.checkpoint import local_checkpoint
+        model = build_model(config.model)
+        self.resume_path, self.refusals = resume_checkpoint()
+        if self.resume_path is None and config.init_checkpoint:
+            self._load_init_weights(model)
+        if config.finetune is not None:
+            model = prepare_for_finetune(model, config.finetune)
+        self.model = wrap_model(model, self.train.strategy, self.device, self.bf16, self.train.compile)
+        self.optimizer = build_optimizer(self.model, self.train.lr, self.train.weight_decay, tuple(self.train.betas))
 
-        with local_checkpoint(config["init_checkpoint"]) as directory:
-            source = load_training_state(directory, model, None, rank)
-        expected = config.get("tokenizer_fingerprint")
-        if expected and source.get("tokenizer_fingerprint") not in (None, expected):
-            raise ValueError(f"--from {config['init_checkpoint']}: trained with tokenizer {source['tokenizer_fingerprint']}, "
+        self.state: dict[str, Any] = {
+            "step": 0, "tokens_seen": 0, "data_position": 0, "best_val_loss": math.inf,
+            "evals_without_improvement": 0, "restarts": 0, "val_loss": math.nan, "val_bpb": math.nan,
+            "model_config": config.model.to_dict(), "tokenizer_fingerprint": config.tokenizer_fingerprint}
+        torch.manual_seed(self.train.seed * 1000 + 1 + self.rank)  # per-worker stream (dropout); a checkpoint restores it
+        if self.resume_path is not None:
+            with ray.train.Checkpoint(self.resume_path, ray.train.get_checkpoint().filesystem).as_directory() as directory:
+                self.state.update(load_training_state(directory, self.model, self.optimizer, self.rank))
+            self.state["restarts"] += 1
+
+        self.train_data = PackedSequences(config.train_uri)
+        val_data = PackedSequences(config.val_uri)
+        held_out = slice(0, self.train.eval_sequences)
+        self.val_rows = val_data.rows[held_out][self.rank::self.world]
+        self.val_mask = None if val_data.mask is None else val_data.mask[held_out][self.rank::self.world]
+        self.token_bytes = torch.from_numpy(token_byte_lengths(tokenizer_from_json(config.tokenizer_json))).to(self.device)
+        self.logger = RunLogger(config.tracking_uri, config.run_id) if self.rank == 0 and config.run_id else None
+
+        self.global_batch = config.global_batch_sequences
+        self.accumulation = math.ceil(len(range(self.rank, self.global_batch, self.world)) / self.train.micro_batch_size)
+        self.flops = flops_per_token(config.model, config.model.seq_len)
+        self.peak = peak_flops(self.device, self.bf16)
+        self.lr = self._learning_rate()
+        self.grad_norm = math.nan
+        self.base = {"workers": self.world, "grad_accum_steps": self.accumulation, "restarts": self.state["restarts"],
+                     "checkpoints_refused": len(self.refusals),
+                     "resumed_from_step": self.state["step"] if self.resume_path else -1}
+        self.window: dict[str, float] = {}
+
+    def _load_init_weights(self, model: torch.nn.Module) -> None:
+        source = self.config.init_checkpoint
+        with local_checkpoint(source) as directory:
+            state = load_training_state(directory, model, None, self.rank)
+        expected = self.config.tokenizer_fingerprint
+        if expected and state.get("tokenizer_fingerprint") not in (None, expected):
+            raise ValueError(f"--from {source}: trained with tokenizer {state['tokenizer_fingerprint']}, "
                              f"but this run's data is tokenized by {expected}")
-    if config.get("finetune") is not None:
-        from raylm.finetune import prepare_for_finetune
 
-        model = prepare_for_finetune(model, config["finetune"])
-    model = wrap_model(model, train_cfg.get("strategy", "ddp"), device, bf16, bool(train_cfg.get("compile")))
-    optimizer = build_optimizer(model, train_cfg["lr"], train_cfg["weight_decay"], tuple(train_cfg["betas"]))
+    # ------------------------------------------------------------------------------------------
+    # The loop
 
-    state = {"step": 0, "tokens_seen": 0, "data_position": 0, "best_val_loss": math.inf,
-             "evals_without_improvement": 0, "restarts": 0, "val_loss": math.nan, "val_bpb": math.nan,
-             "model_config": config["model"], "tokenizer_fingerprint": config.get("tokenizer_fingerprint")}
-    torch.manual_seed(train_cfg["seed"] * 1000 + 1 + rank)  # per-worker stream (dropout); a checkpoint restores it
-    if resume_path is not None:
-        with ray.train.Checkpoint(resume_path, ray.train.get_checkpoint().filesystem).as_directory() as directory:
-            state.update(load_training_state(directory, model, optimizer, rank))
-        state["restarts"] += 1
+    def run(self) -> None:
+        if self.state["step"] == 0 and self.resume_path is None:
+            self.report_baseline()
+        self.model.train()
+        self._open_window()
+        while True:
+            if not self.finished:
+                self.step()
+            last_step = self.finished
+            if not (last_step or self.due(self.train.eval_every) or self.due(self.train.checkpoint_every)
+                    or self.due(self.train.report_every)):
+                continue
+            metrics = self.window_metrics()
+            if stop_requested(self.config.stop_uri, self.device):
+                metrics["stopped"] = 1
+                last_step = True
+            if last_step or self.due(self.train.eval_every):
+                metrics.update(self.evaluate())
+                if self.patience_exhausted():
+                    metrics["early_stopped"] = 1
+                    last_step = True
+            self.maybe_checkpoint(metrics, last_step)
+            if last_step:
+                return
 
-    train_data = PackedSequences(config["train_uri"])
-    val_data = PackedSequences(config["val_uri"])
-    val_rows = val_data.rows[: train_cfg["eval_sequences"]][rank::world]
-    val_mask = None if val_data.mask is None else val_data.mask[: train_cfg["eval_sequences"]][rank::world]
-    token_bytes = torch.from_numpy(token_byte_lengths(tokenizer_from_json(config["tokenizer_json"]))).to(device)
-    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 and config.get("run_id") else None
+    @property
+    def finished(self) -> bool:
+        return self.state["step"] >= self.train.max_steps
 
-    global_batch = int(config.get("global_batch_sequences") or train_cfg["global_batch_size"])
-    micro = train_cfg["micro_batch_size"]
-    local_batch = len(range(rank, global_batch, world))
-    accumulation = math.ceil(local_batch / micro)
-    max_steps = train_cfg["max_steps"]
-    seq_len = model_config.seq_len
-    flops = flops_per_token(model_config, seq_len)
-    peak = peak_flops(device, bf16)
+    def due(self, every: int) -> bool:
+        return self.state["step"] % every == 0
 
-    def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
-        if logger:  # MLflow gets val figures when they are measured; Ray (Tune) gets the latest every time
-            logger.log({k: v for k, v in metrics.items() if k != "step"}, step=state["step"])
-            logger.flush()
-        metrics = {**metrics, "val_loss": state["val_loss"], "val_bpb": state["val_bpb"]}
-        if not with_checkpoint:
-            ray.train.report(metrics)
-            return
-        directory = tempfile.mkdtemp(prefix=f"raylm-step{state['step']}-rank{rank}-")
-        try:
-            save_checkpoint(directory, model, optimizer, dict(state), config["model"], config["tokenizer_json"], rank)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=f"checkpoint_{state['step']:07d}_r{state['restarts']:03d}")
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
+    # ------------------------------------------------------------------------------------------
+    # Its three moves
 
-    def run_evaluation(track: bool = True) -> None:
-        figures = evaluate(model, model_config, val_rows, val_mask, micro, pad_id, token_bytes, device, bf16)
-        state.update(figures)
-        if not track:  # the untrained baseline neither counts as best nor against patience
-            return
-        if figures["val_loss"] < state["best_val_loss"]:
-            state["best_val_loss"], state["evals_without_improvement"] = figures["val_loss"], 0
-        else:
-            state["evals_without_improvement"] += 1
-
-    base = {"workers": world, "grad_accum_steps": accumulation, "restarts": state["restarts"],
-            "checkpoints_refused": len(refusals), "resumed_from_step": state["step"] if resume_path else -1}
-    if state["step"] == 0 and resume_path is None:
-        run_evaluation(track=False)
-        state["val_loss_initial"] = state["val_loss"]
-        report({"step": 0, "loss": math.nan, "lr": 0.0, "tokens_seen": 0, "val_loss": state["val_loss"],
-                "val_bpb": state["val_bpb"], **base}, with_checkpoint=False)
-
-    window = {"loss": 0.0, "tokens": 0, "steps": 0, "started": time.perf_counter()}
-    model.train()
-    lr = learning_rate(state["step"], train_cfg["lr"], train_cfg["warmup_steps"], max_steps, train_cfg["min_lr_ratio"])
-    grad_norm = math.nan
-    done = state["step"] >= max_steps
-    while not done:
-        step = state["step"]
-        lr = learning_rate(step, train_cfg["lr"], train_cfg["warmup_steps"], max_steps, train_cfg["min_lr_ratio"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        rows, mask = train_data.worker_batch(state["data_position"], global_batch, train_cfg["seed"], rank, world)
-        positions = train_data.worker_positions(state["data_position"], global_batch, rank, world)
-        inputs, targets = lm_batch(torch.from_numpy(rows).long().to(device), model_config,
-                                   loss_mask=None if mask is None else torch.from_numpy(mask).to(device), ignore_id=pad_id,
-                                   seeds=row_seeds(train_cfg["seed"], positions))
+    def step(self) -> None:
+        """One optimizer step on one global batch (this worker's share, in micro-batches)."""
+        self.lr = self._learning_rate()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        pad_id, micro, device = self.config.pad_id, self.train.micro_batch_size, self.device
+        position = self.state["data_position"]
+        rows, mask = self.train_data.worker_batch(position, self.global_batch, self.train.seed, self.rank, self.world)
+        positions = self.train_data.worker_positions(position, self.global_batch, self.rank, self.world)
+        inputs, targets = lm_batch(torch.from_numpy(rows).long().to(device), self.config.model,
+                                   loss_mask=None if mask is None else torch.from_numpy(mask).to(device),
+                                   ignore_id=pad_id, seeds=row_seeds(self.train.seed, positions))
         global_targets = max(_all_reduce([float((targets != pad_id).sum())], device)[0], 1.0)
         step_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: one sync per step
         for index, start in enumerate(range(0, len(targets), micro)):
-            with gradient_sync(model, sync=index == accumulation - 1), autocast_context(device, bf16):
-                logits = model(**{name: value[start:start + micro] for name, value in inputs.items()})
+            with gradient_sync(self.model, sync=index == self.accumulation - 1), autocast_context(device, self.bf16):
+                logits = self.model(**{name: value[start:start + micro] for name, value in inputs.items()})
                 loss_sum, _ = summed_loss(logits, targets[start:start + micro], pad_id)
-                (loss_sum * world / global_targets).backward()
+                (loss_sum * self.world / global_targets).backward()
             step_loss += loss_sum.detach().double()
-        grad_norm = clip_gradients(model, train_cfg["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.grad_norm = clip_gradients(self.model, self.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
-        state["step"] += 1
-        state["data_position"] += global_batch
-        state["tokens_seen"] += global_batch * seq_len
-        step_mean_loss = _all_reduce([float(step_loss)], device)[0] / global_targets
-        window["loss"] += step_mean_loss
-        if logger:
-            logger.log({"step_loss": step_mean_loss}, step=state["step"])
-        window["tokens"] += global_batch * seq_len
-        window["steps"] += 1
+        tokens = self.global_batch * self.config.model.seq_len
+        self.state["step"] += 1
+        self.state["data_position"] += self.global_batch
+        self.state["tokens_seen"] += tokens
+        mean_loss = _all_reduce([float(step_loss)], device)[0] / global_targets
+        self.window["loss"] += mean_loss
+        self.window["tokens"] += tokens
+        self.window["steps"] += 1
+        if self.logger:
+            self.logger.log({"step_loss": mean_loss}, step=self.state["step"])
+        if self.config.fail_at_step == self.state["step"] and self.state["restarts"] == 0:
+            raise RuntimeError(f"injected failure at step {self.state['step']} (loop config fail_at_step)")
 
-        step = state["step"]
-        if config.get("fail_at_step") == step and state["restarts"] == 0:  # fault injection (tests, drills)
-            raise RuntimeError(f"injected failure at step {step} (loop config fail_at_step)")
-        done = step >= max_steps
-        evaluate_now = step % train_cfg["eval_every"] == 0 or done
-        checkpoint_now = step % train_cfg["checkpoint_every"] == 0 or done
-        if not (evaluate_now or checkpoint_now or step % train_cfg["report_every"] == 0):
-            continue
+    def evaluate(self, track: bool = True) -> dict[str, float]:
+        """Val loss and bits-per-byte now; `track`: it counts for the best val loss and for patience
+        (the untrained baseline does not)."""
+        figures = evaluate(self.model, self.config.model, self.val_rows, self.val_mask, self.train.micro_batch_size,
+                           self.config.pad_id, self.token_bytes, self.device, self.bf16)
+        self.state.update(figures)
+        if track:
+            if figures["val_loss"] < self.state["best_val_loss"]:
+                self.state["best_val_loss"], self.state["evals_without_improvement"] = figures["val_loss"], 0
+            else:
+                self.state["evals_without_improvement"] += 1
+        return {"evaluated": 1, **figures}
 
+    def maybe_checkpoint(self, metrics: dict[str, float], last_step: bool = False) -> None:
+        """Report `metrics`, with a checkpoint on the `checkpoint_every` cadence and at the last step.
+        MLflow gets val figures when they are measured; Ray (Tune) gets the latest every time."""
+        if self.logger:
+            self.logger.log({k: v for k, v in metrics.items() if k != "step"}, step=self.state["step"])
+            self.logger.flush()
+        metrics = {**metrics, "val_loss": self.state["val_loss"], "val_bpb": self.state["val_bpb"]}
+        if not (last_step or self.due(self.train.checkpoint_every)):
+            ray.train.report(metrics)
+        else:
+            self._save_and_report(metrics)
+        self._open_window()
+
+    # ------------------------------------------------------------------------------------------
+    # Pieces
+
+    def report_baseline(self) -> None:
+        """The untrained model's val figures at step 0 (reported, not checkpointed, not tracked)."""
+        figures = self.evaluate(track=False)
+        self.state["val_loss_initial"] = self.state["val_loss"]
+        metrics = {"step": 0, "loss": math.nan, "lr": 0.0, "tokens_seen": 0, "val_loss": figures["val_loss"],
+                   "val_bpb": figures["val_bpb"], **self.base}
+        if self.logger:
+            self.logger.log({k: v for k, v in metrics.items() if k != "step"}, step=0)
+            self.logger.flush()
+        ray.train.report(metrics)
+
+    def patience_exhausted(self) -> bool:
+        patience = self.train.early_stopping_patience
+        return bool(patience) and self.state["evals_without_improvement"] >= patience
+
+    def window_metrics(self) -> dict[str, float]:
+        """Figures of the steps since the last report (a resumed finished run has none: step and val only)."""
+        window, state = self.window, self.state
+        if not window["steps"]:
+            return {"step": state["step"], "loss": math.nan, "lr": self.lr, "tokens_seen": state["tokens_seen"],
+                    **self.base}
         elapsed = time.perf_counter() - window["started"]
         tokens_per_s = window["tokens"] / elapsed
-        metrics = {"step": step, "loss": window["loss"] / window["steps"], "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": tokens_per_s, "step_time_s": elapsed / window["steps"],
-                   "mfu": mfu(flops, tokens_per_s / world, peak), "tokens_seen": state["tokens_seen"],
-                   "val_loss_initial": state.get("val_loss_initial", math.nan), **device_memory_metrics(device),
-                   **base}
-        if stop_requested(config.get("stop_uri"), device):
-            metrics["stopped"] = 1
-            done = evaluate_now = checkpoint_now = True
-        if evaluate_now:
-            run_evaluation()
-            metrics.update(evaluated=1, val_loss=state["val_loss"], val_bpb=state["val_bpb"])
-            patience = train_cfg.get("early_stopping_patience")
-            if patience and state["evals_without_improvement"] >= patience:
-                metrics["early_stopped"] = 1
-                done = checkpoint_now = True
-        report(metrics, with_checkpoint=checkpoint_now)
-        window = {"loss": 0.0, "tokens": 0, "steps": 0, "started": time.perf_counter()}
+        return {"step": state["step"], "loss": window["loss"] / window["steps"], "lr": self.lr,
+                "grad_norm": self.grad_norm, "tokens_per_s": tokens_per_s, "step_time_s": elapsed / window["steps"],
+                "mfu": mfu(self.flops, tokens_per_s / self.world, self.peak), "tokens_seen": state["tokens_seen"],
+                "val_loss_initial": state.get("val_loss_initial", math.nan),
+                **device_memory_metrics(self.device), **self.base}
 
-    if resume_path is not None and base["resumed_from_step"] >= max_steps:
-        # resumed an already finished run: evaluate and checkpoint again (e.g. on a new worker count)
-        run_evaluation()
-        report({"step": state["step"], "loss": math.nan, "lr": lr, "tokens_seen": state["tokens_seen"],
-                "evaluated": 1, "val_loss": state["val_loss"], "val_bpb": state["val_bpb"], **base},
-               with_checkpoint=True)
+    def _open_window(self) -> None:
+        self.window = {"loss": 0.0, "tokens": 0, "steps": 0, "started": time.perf_counter()}
+
+    def _learning_rate(self) -> float:
+        return learning_rate(self.state["step"], self.train.lr, self.train.warmup_steps, self.train.max_steps,
+                             self.train.min_lr_ratio)
+
+    def _save_and_report(self, metrics: dict[str, float]) -> None:
+        step = self.state["step"]
+        directory = tempfile.mkdtemp(prefix=f"raylm-step{step}-rank{self.rank}-")
+        try:
+            save_checkpoint(directory, self.model, self.optimizer, dict(self.state), self.config.model.to_dict(),
+                            self.config.tokenizer_json, self.rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=f"checkpoint_{step:07d}_r{self.state['restarts']:03d}")
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
+    """Ray Train's entry point: its `train_loop_config` is a dict, holding the typed config under `loop`."""
+    Trainer(config["loop"]).run()

@@ -1,8 +1,9 @@
 """Packed shards from the built-in python-stdlib corpus in one process, without the curate and
 tokenize stages: for benchmarks, GPU smoke checks and tests that need real token data in seconds.
 
-The result is a dict shaped like the tokenize stage's manifest (`outputs.train`, `outputs.val`,
-`seq_len`, `tokenizer.{path, vocab_size, pad_id, fingerprint}`), so `build_trainer` takes it as is.
+The result is the tokenize stage's artifact (`raylm.artifacts.Packed`), so `build_trainer` takes it as
+is. Test and benchmark support only (benchmarks/train.py and gpu_check.py import it from here), so it
+lives outside the package.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raylm.artifacts import Packed, TokenizerRef
 from raylm.config import TokenizerConfig
 from raylm.data.pack import encode_and_pack
-from raylm.data.tokenizer import PAD, fingerprint, special_id, train_tokenizer
+from raylm.data.tokenizer import EOS, PAD, fingerprint, special_id, train_tokenizer
 
 
 def stdlib_texts(limit_bytes: int) -> list[str]:
@@ -41,7 +43,7 @@ def stdlib_texts(limit_bytes: int) -> list[str]:
 
 
 def stdlib_packed(folder: str | Path, seq_len: int, vocab_size: int = 512, corpus_bytes: int = 150_000,
-                  val_fraction: float = 0.1, train_shards: int = 2, loss_mask: bool = False) -> dict:
+                  val_fraction: float = 0.1, train_shards: int = 2, loss_mask: bool = False) -> Packed:
     """Train a BPE tokenizer on the stdlib sample and pack it into train/val parquet shards under `folder`.
 
     `loss_mask=True` adds a `loss_mask` column that masks out the first half of every row (as chat
@@ -68,6 +70,7 @@ def stdlib_packed(folder: str | Path, seq_len: int, vocab_size: int = 512, corpu
                 table = table.append_column("loss_mask", pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), width))
             pq.write_table(table, folder / name / f"part-{part}.parquet")
         outputs[name] = str(folder / name)
-    return {"outputs": outputs, "seq_len": seq_len,
-            "tokenizer": {"path": str(folder / "tokenizer.json"), "vocab_size": tokenizer.get_vocab_size(),
-                          "pad_id": special_id(tokenizer, PAD), "fingerprint": fingerprint(tokenizer_json)}}
+    reference = TokenizerRef(path=str(folder / "tokenizer.json"), vocab_size=tokenizer.get_vocab_size(),
+                             pad_id=special_id(tokenizer, PAD), eos_id=special_id(tokenizer, EOS),
+                             fingerprint=fingerprint(tokenizer_json))
+    return Packed(tokenizer=reference, seq_len=seq_len, outputs=outputs)
