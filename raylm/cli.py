@@ -221,8 +221,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     if getattr(args, "tokenizer", None):
         overrides.append(f"tokenizer.path={args.tokenizer}")
     config = load_config(args.config, overrides, args.workspace)
-    check_storage(config, sources=name in ("curate", "pipeline"))
     if name == "eval" and args.checkpoint:
+        check_storage(config, sources=False)
         return _run_eval(config, args)
     if name == "pretrain" and args.from_sweep:
         config = _config_from_sweep(args, config, overrides)
@@ -234,6 +234,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         from raylm.train.finetune import check_base_source
 
         check_base_source(args.base)
+    check_storage(config, sources=name in ("curate", "pipeline"))  # after the checks that touch no storage
     force = tuple(name if f == "__self__" else f for f in args.force)
     pipeline = Pipeline(config, force=force)
     if name == "tune":

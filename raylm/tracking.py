@@ -132,7 +132,7 @@ class Tracker:
         tags = {
             f"{TAG_PREFIX}stage": stage.name,
             f"{TAG_PREFIX}fingerprint": stage.fingerprint,
-            f"{TAG_PREFIX}output": stage.uri,
+            f"{TAG_PREFIX}output": stage.path(),  # the attempt folder that holds the files
             f"{TAG_PREFIX}config_hash": content_hash(section),
             f"{TAG_PREFIX}reused": str(reused).lower(),
         }
