@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+
 from raylm.config import ConfigError, load_config
 
 log = logging.getLogger("raylm")
@@ -231,7 +232,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
 
         check_sweep(config)
     if name == "finetune":  # a bad --from is refused before Ray starts or the workspace is touched
-        from raylm.train.finetune import check_base_source
+        from raylm.finetune.stage import check_base_source
 
         check_base_source(args.base)
     check_storage(config, sources=name in ("curate", "pipeline"))  # after the checks that touch no storage
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # bad fine-tuning input: chat rows, base model, method settings
         from raylm.data.chat import ChatDataError
         from raylm.finetune import FinetuneError
-        from raylm.train.finetune import BaseModelError
+        from raylm.finetune.stage import BaseModelError
 
         if not isinstance(error, (ChatDataError, FinetuneError, BaseModelError)):
             raise

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from tokenizers import Tokenizer
 
 from raylm.model.config import TransformerConfig
 
@@ -147,10 +148,8 @@ class DedupConfig(Section):
     @classmethod
     def _verify_from_bool(cls, value: Any) -> Any:
         """Older configs said `verify: true` (signature check) or `false` (none)."""
-        if isinstance(value, bool):
-            from raylm.data.dedup import verify_mode
-
-            return verify_mode(value)
+        if isinstance(value, bool):  # as raylm.data.dedup.verify_mode reads them
+            return "signature" if value else "none"
         return value
 
 
@@ -215,7 +214,6 @@ class TokenizerConfig(Section):
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise ValueError(f"no tokenizer.json in the folder {os.path.abspath(path)}")
-        from tokenizers import Tokenizer
 
         try:
             Tokenizer.from_file(file)

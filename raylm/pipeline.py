@@ -1,21 +1,19 @@
 """All stages in order: curate -> tokenize -> pretrain -> eval.
 
-Stage folders are planned from the config alone (each is named by a hash of its section and its
-upstream's fingerprint), so any single stage can find the outputs it builds on without rerunning
+Stage folders are planned from the config alone (`raylm/stage_plan.py`: each is named by a hash of its
+section and its upstream's fingerprint), so any single stage can find the outputs it builds on without rerunning
 them, and `pipeline` reuses every stage that already finished. A pipeline is one MLflow parent run
 holding one nested run per stage.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-from dataclasses import dataclass
 
 from raylm.artifacts import Artifact, Curated, Evaluated, Finetuned, Packed, Pretrained
-from raylm.config import RaylmConfig
+from raylm.config import ConfigError, DataConfig, RaylmConfig, SourceConfig, TokenizerConfig
 from raylm.stage import execute
+from raylm.stage_plan import file_fingerprint, plan_stages, source_fingerprint
 from raylm.tracking import Tracker, flatten, ui_command
 from raylm.workspace import StageDir, Workspace, content_hash
 
@@ -29,63 +27,11 @@ class StageNotReady(RuntimeError):
     """A stage needs the output of an earlier stage that has not finished for this config."""
 
 
-def source_fingerprint(config: RaylmConfig) -> str:
-    """Names, sizes and modification times of local source files: an edited corpus is a new input."""
-    from raylm.data.sources import list_source_files
-
-    digest = hashlib.sha256()
-    for source in config.data.sources:
-        if "://" in source.path and not source.path.startswith("file://"):
-            digest.update(source.path.encode())
-            continue
-        files, _, _ = list_source_files(source)
-        for path in files:
-            stat = os.stat(path)
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def tokenizer_fingerprint(path: str | None) -> str | None:
-    """`tokenizer.path` as a stage input: the hash of tokenizer.json (also inside a folder); an MLflow
-    `runs:/` URI names immutable artifacts, so it is its own fingerprint."""
-    if path is None or path.startswith("runs:/"):
-        return path
-    return file_fingerprint(os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path)
-
-
-def file_fingerprint(path: str | None) -> str | None:
-    if path is None:
-        return None
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()[:16]
-
-
-@dataclass
-class StagePlan:
-    curate: StageDir
-    tokenize: StageDir
-    pretrain: StageDir
-    eval: StageDir
-
-
-def plan_stages(config: RaylmConfig, workspace: Workspace) -> StagePlan:
-    curate = workspace.stage("curate", {"data": config.section("data"), "files": source_fingerprint(config)})
-    tokenize = workspace.stage(
-        "tokenize",
-        {"tokenizer": config.section("tokenizer"), "tokenizer_file": tokenizer_fingerprint(config.tokenizer.path),
-         "seq_len": config.model.seq_len},
-        {"curated": curate.fingerprint},
-    )
-    pretrain = workspace.stage("pretrain", {"model": config.section("model"), "train": config.section("train")},
-                               {"packed": tokenize.fingerprint})
-    evaluation = workspace.stage("eval", {"eval": config.section("eval")}, {"checkpoint": pretrain.fingerprint})
-    return StagePlan(curate, tokenize, pretrain, evaluation)
-
-
 class Pipeline:
     """The stages of one experiment config, run one at a time or all in order."""
 
     def __init__(self, config: RaylmConfig, force: tuple[str, ...] = ()):
+        # deferred: pulls in ray, slow to import; only this path needs it
         from raylm.runtime import check_shared_storage, init_ray
 
         self.config = config
@@ -106,12 +52,14 @@ class Pipeline:
         return ARTIFACTS[name].from_manifest(stage.manifest())
 
     def curate(self) -> Curated:
+        # deferred: pulls in pandas, ray, slow to import; only this path needs it
         from raylm.data.curate import curate
 
         return execute(self.plan.curate, self.config.section("data"), self.tracker,
                        lambda stage: curate(self.config.data, stage), Curated, force="curate" in self.force)
 
     def tokenize(self) -> Packed:
+        # deferred: pulls in pandas, ray, slow to import; only this path needs it
         from raylm.data.tokenize import tokenize
 
         curated = self.require("curate")
@@ -122,6 +70,7 @@ class Pipeline:
     def pretrain(self, init_checkpoint: str | None = None, resume: bool = False) -> Pretrained:
         """Train in this config's stage folder (continuing it if interrupted); `resume`: continue the
         most recently written pretrain folder instead (e.g. with a larger train.max_steps)."""
+        # deferred: pulls in ray, torch, slow to import; only this path needs it
         from raylm.train.launch import latest_run_stage, pretrain
 
         packed = self.require("tokenize")
@@ -136,6 +85,7 @@ class Pipeline:
                        Pretrained, force="pretrain" in self.force and not resume, resumable=True)
 
     def eval(self) -> Evaluated:
+        # deferred: pulls in ray, torch, slow to import; only this path needs it
         from raylm.eval.bpb import evaluate_stage
 
         trained, packed = self.require("pretrain"), self.require("tokenize")
@@ -145,9 +95,9 @@ class Pipeline:
                        Evaluated, force="eval" in self.force)
 
     def finetune(self, base_source: str) -> Finetuned:
-        """Fine-tune the base named by `--from` on `finetune.data` (see raylm/train/finetune.py)."""
-        from raylm.config import ConfigError
-        from raylm.train.finetune import check_architecture, finetune, finetune_train_config, resolve_base
+        """Fine-tune the base named by `--from` on `finetune.data` (see raylm/finetune/stage.py)."""
+        # deferred: pulls in torch, slow to import; only this path needs it
+        from raylm.finetune.stage import check_architecture, finetune, finetune_train_config, resolve_base
 
         settings = self.config.finetune
         if settings.data is None:
@@ -165,12 +115,13 @@ class Pipeline:
 
     def _finetune_data(self, base, seq_len: int) -> tuple[StageDir, Packed]:
         """Chat jsonl -> `sft-data`; plain text -> `finetune-curate` and `finetune-tokenize` with the base's tokenizer."""
-        from raylm.config import DataConfig, SourceConfig, TokenizerConfig
+        # deferred: pulls in pandas, slow to import; only this path needs it
         from raylm.data.chat import looks_like_chat
 
         settings = self.config.finetune
         chat = settings.format == "chat" or (settings.format == "auto" and looks_like_chat(settings.data))
         if chat:
+            # deferred: pulls in pandas, ray, slow to import; only this path needs it
             from raylm.data.sft import sft_data
 
             section = {"data": settings.data, "val_fraction": settings.val_fraction, "seed": settings.seed,
@@ -182,6 +133,7 @@ class Pipeline:
                                                  settings.seed, settings.system_prompt, st),
                              Packed, force="finetune" in self.force)
             return stage, packed
+        # deferred: pulls in pandas, ray, slow to import; only this path needs it
         from raylm.data.curate import curate
         from raylm.data.tokenize import tokenize
 

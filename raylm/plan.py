@@ -29,30 +29,21 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from raylm.config import RaylmConfig
+from raylm import tracking
+from raylm.config import ConfigError, RaylmConfig, validate_config
+from raylm.gpus import GIB, GPU_TYPES, GpuType
 from raylm.model import TransformerConfig
 from raylm.model.config import PRESETS
-from raylm.model.sizing import activation_elements_per_token, flops_per_token, parameter_count
-from raylm.train.mfu import GPU_PEAK_BF16
+from raylm.model.sizing import activation_elements_per_token, block_parameters, flops_per_token, parameter_count
+from raylm.stage_plan import plan_stages
+from raylm.tracking import Tracker, flatten
+from raylm.workspace import Workspace
 
-GIB = 1024**3
-
-# Memory of the GPU types raylm knows the peak of (raylm/train/mfu.py), GiB. `plan.gpu_types` in the
-# config adds types or overrides these.
-GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "A10G": 24, "L4": 24, "RTX 4090": 24,
-                  "A6000": 48}
 STRATEGIES = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))
 
 
-@dataclass(frozen=True)
-class GpuType:
-    name: str
-    peak_flops: float  # dense bf16 FLOP/s
-    memory_bytes: float
-
-
 def gpu_table(config: RaylmConfig) -> dict[str, GpuType]:
-    table = {name: GpuType(name, GPU_PEAK_BF16[name], GPU_MEMORY_GIB[name] * GIB) for name in GPU_MEMORY_GIB}
+    table = dict(GPU_TYPES)  # `plan.gpu_types` in the config adds types or overrides these
     for name, spec in config.plan.gpu_types.items():
         table[name] = GpuType(name, spec.peak_bf16_tflops * 1e12, spec.memory_gib * GIB)
     return table
@@ -102,8 +93,6 @@ def activation_bytes_per_sequence(model: TransformerConfig, seq_len: int, bf16: 
 
 def memory_per_worker(model: TransformerConfig, strategy: str, workers: int, micro_batch: int, seq_len: int,
                       bf16: bool, checkpointing: bool) -> Memory:
-    from raylm.model.sizing import block_parameters
-
     params = parameter_count(model).total
     shards = workers if strategy == "fsdp" else 1
     weights, gradients, optimizer = 4 * params / shards, 4 * params / shards, 8 * params / shards
@@ -143,9 +132,6 @@ class Plan:
 def measured_bytes_per_token(config: RaylmConfig) -> float | None:
     """Bytes per token of this config's trained tokenizer (its finished tokenize stage), if any."""
     try:
-        from raylm.pipeline import plan_stages
-        from raylm.workspace import Workspace
-
         stage = plan_stages(config, Workspace(config.workspace.root)).tokenize
         if stage.is_complete():
             value = stage.manifest().get("metrics", {}).get("val_bytes_per_token")
@@ -174,16 +160,12 @@ def make_plan(config: RaylmConfig) -> Plan:
     table = gpu_table(config)
     gpu = table.get(settings.gpu) if settings.gpu else None
     if settings.gpu and gpu is None:
-        from raylm.config import ConfigError
-
         raise ConfigError([f"plan.gpu = {settings.gpu!r}: unknown GPU type; known: {', '.join(sorted(table))} "
                            "(add one under plan.gpu_types)"])
     count = settings.gpus
     cluster_flops = gpu.peak_flops * count * settings.mfu if gpu else None
     if settings.choose_model:
         if not (cluster_flops and settings.hours):
-            from raylm.config import ConfigError
-
             raise ConfigError(["plan.choose_model = true: needs plan.gpu and plan.hours (the budget)"])
         name = choose_preset(config, cluster_flops * settings.hours * 3600)
         config = config.model_copy(update={"model": TransformerConfig(preset=name)})
@@ -342,11 +324,7 @@ def format_table(plan: Plan) -> str:
 
 def recommended_config(config: RaylmConfig, plan: Plan) -> RaylmConfig:
     """The config with the plan's settings written in (model preset, strategy, batch, workers, steps)."""
-    from raylm.config import validate_config
-
     if not plan.recommendation:
-        from raylm.config import ConfigError
-
         raise ConfigError(["plan: no setting fits, nothing to write (see the reasons above)"])
     tree = config.model_dump(mode="json")
     r = plan.recommendation
@@ -367,11 +345,6 @@ def recommended_config(config: RaylmConfig, plan: Plan) -> RaylmConfig:
 
 def log_plan(config: RaylmConfig, plan: Plan, table: str) -> str:
     """One MLflow run `plan` with the inputs as params, the figures as metrics, the table and JSON."""
-    import mlflow
-
-    from raylm.tracking import Tracker, flatten
-    from raylm.workspace import Workspace
-
     tracker = Tracker(config.tracking, Workspace(config.workspace.root))
     data = plan.to_dict()
     params = {**flatten({"plan": config.section("plan")}), **flatten({"model": data["model"]}),
@@ -386,6 +359,6 @@ def log_plan(config: RaylmConfig, plan: Plan, table: str) -> str:
             if "largest_micro_batch" in row:
                 metrics[f"{key}.largest_micro_batch"] = row["largest_micro_batch"]
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        mlflow.log_dict(data, "plan.json")
-        mlflow.log_text(table, "plan.txt")
+        tracking.log_dict(data, "plan.json")
+        tracking.log_text(table, "plan.txt")
         return run.info.run_id

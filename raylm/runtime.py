@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 import ray
+import yaml
 
 from raylm.config import ClusterConfig, ConfigError
 
@@ -33,8 +34,6 @@ def init_ray(config: ClusterConfig) -> None:
     address = config.address or os.environ.get("RAY_ADDRESS")
     runtime_env = None
     if config.runtime_env:
-        import yaml
-
         with open(config.runtime_env) as handle:
             runtime_env = yaml.safe_load(handle)
     if address:
@@ -105,6 +104,7 @@ def check_shared_storage(config: ClusterConfig, workspace_root: str, tracking_ur
     storage = local_storage(workspace_root, tracking_uri)
     if len(nodes) < 2 or not storage:
         return 0
+    # deferred: pulls in ray, slow to import; only this path needs it
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     name, content = f"{PROBE_PREFIX}{uuid.uuid4().hex}", uuid.uuid4().hex

@@ -16,8 +16,7 @@ import logging
 import time
 from typing import Any, Callable, TypeVar
 
-import mlflow
-
+from raylm import tracking
 from raylm.artifacts import Artifact
 from raylm.tracking import Tracker
 from raylm.workspace import STALE_AFTER_S, StageConflict, StageDir
@@ -63,7 +62,7 @@ def run_stage(stage: StageDir, section: dict[str, Any], tracker: Tracker,
             try:
                 manifest = stage.finish({**outputs, "mlflow_run_id": run.info.run_id}, replace=force)
             except StageConflict as conflict:
-                mlflow.set_tag("raylm.superseded", str(conflict))
+                tracking.set_tag("raylm.superseded", str(conflict))
                 manifest = None
             else:
                 tracker.log_metrics(metrics)
@@ -87,7 +86,7 @@ def reuse(stage: StageDir, section: dict[str, Any], tracker: Tracker,
     with tracker.stage_run(stage, section, reused=True, extra_params=extra_params):
         tracker.log_metrics(manifest.get("metrics", {}))
         tracker.log_manifest(manifest)
-        mlflow.set_tag("raylm.source_run", manifest.get("mlflow_run_id", ""))
+        tracking.set_tag("raylm.source_run", manifest.get("mlflow_run_id", ""))
     return manifest
 
 

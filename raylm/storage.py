@@ -19,6 +19,7 @@ import uuid
 from typing import Callable, TypeVar
 
 import pyarrow.fs as pafs
+from fsspec.implementations.http import HTTPFileSystem
 
 HTTP_SCHEMES = ("http://", "https://")
 OBJECT_SCHEMES = ("s3://", "gs://", "gcs://")
@@ -43,8 +44,6 @@ def is_object_store(uri: str) -> bool:
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem that reads `uri`, and the path of `uri` on it."""
     if is_http(uri):
-        from fsspec.implementations.http import HTTPFileSystem
-
         return pafs.PyFileSystem(pafs.FSSpecHandler(HTTPFileSystem())), uri
     if is_object_store(uri):
         return pafs.FileSystem.from_uri(uri)

@@ -15,10 +15,12 @@ import contextlib
 import fcntl
 import json
 import os
+import tempfile
+import time
 from typing import Any, Iterator
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from raylm.config import ConfigError, TrackingConfig
@@ -161,6 +163,137 @@ class Tracker:
         mlflow.log_dict(manifest, "manifest.json")
 
 
+# The active run. Stage bodies and helpers log through these, never through `mlflow` itself, so MLflow's
+# API is used in this file only. Each is a no-op outside a run (a benchmark or test calling a stage body).
+
+MlflowException = mlflow.exceptions.MlflowException
+
+
+def in_run() -> bool:
+    """Whether an MLflow run is active."""
+    return mlflow.active_run() is not None
+
+
+def active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def start_run(run_id: str | None = None, run_name: str | None = None,
+              tags: dict[str, str] | None = None) -> str:
+    """Start (or with `run_id`, reopen) a run, nested under the active one if there is one; its id."""
+    nested = in_run()
+    if run_id:
+        return mlflow.start_run(run_id=run_id, nested=nested).info.run_id
+    return mlflow.start_run(run_name=run_name, nested=nested, tags=tags).info.run_id
+
+
+def end_run(status: str = "FINISHED") -> None:
+    mlflow.end_run(status)
+
+
+def set_tag(key: str, value: str) -> None:
+    if in_run():
+        mlflow.set_tag(key, value)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    if in_run():
+        mlflow.set_tags(tags)
+
+
+def log_dict(data: dict[str, Any], artifact_file: str) -> None:
+    """A JSON (or YAML, by the file's extension) artifact."""
+    if in_run():
+        mlflow.log_dict(data, artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    if in_run():
+        mlflow.log_text(text, artifact_file)
+
+
+def log_artifact(path: str, artifact_dir: str | None = None) -> None:
+    """A local file as an artifact."""
+    if in_run():
+        mlflow.log_artifact(path, artifact_dir)
+
+
+def log_figure(figure: Any, artifact_file: str) -> None:
+    """A matplotlib figure as an image artifact."""
+    if in_run():
+        mlflow.log_figure(figure, artifact_file)
+
+
+def log_table(columns: dict[str, list[Any]], artifact_file: str) -> None:
+    """A table (column -> values) the MLflow UI shows in its artifact view."""
+    if in_run():
+        mlflow.log_table(data=columns, artifact_file=artifact_file)
+
+
+def log_files(files: dict[str, str | bytes], artifact_dir: str) -> None:
+    """In-memory files (name -> text or bytes) as artifacts under `artifact_dir`."""
+    if not in_run():
+        return
+    with tempfile.TemporaryDirectory(prefix="raylm-artifacts-") as local:
+        for name, content in files.items():
+            path = os.path.join(local, name)
+            if isinstance(content, bytes):
+                with open(path, "wb") as handle:
+                    handle.write(content)
+            else:
+                with open(path, "w", encoding="utf-8") as handle:
+                    handle.write(content)
+        mlflow.log_artifacts(local, artifact_dir)
+
+
+# Runs by id, through a client (Ray workers, Tune trials, lookups of earlier runs).
+
+def client(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri)
+
+
+def download_artifacts(artifact_uri: str) -> str:
+    """A local copy of an MLflow artifact (`runs:/RUN_ID/path`), in a fresh temporary folder."""
+    return mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tempfile.mkdtemp(prefix="raylm-"))
+
+
+def download_run_artifact(run_id: str, artifact_path: str, tracking_uri: str) -> str:
+    """A local copy of one artifact of a run in the store at `tracking_uri`."""
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, tracking_uri=tracking_uri,
+                                               dst_path=tempfile.mkdtemp(prefix="raylm-"))
+
+
+def child_run(client: MlflowClient, experiment_id: str, parent_run_id: str, key_tag: str, key: str, run_name: str,
+              tags: dict[str, str], params: dict[str, Any]) -> str:
+    """The nested run under `parent_run_id` tagged `key_tag = key`: reopened if it exists (a restored Tune
+    sweep reruns a trial), else created with `tags` and `params`. Its id."""
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{key_tag}` = '{key}' and "
+                                                            f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={"mlflow.parentRunId": parent_run_id, key_tag: key, **tags})
+    clean = {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000] for k, v in params.items()}
+    items = list(clean.items())
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[start:start + 100]])
+    return run.info.run_id
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
+    return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def metric_history(tracking_uri: str, run_id: str, metric: str) -> list[tuple[int, float]]:
+    """(step, value) of a run's metric in time order; a step logged twice (a restart) keeps its last value."""
+    latest: dict[int, float] = {}
+    for point in sorted(MlflowClient(tracking_uri).get_metric_history(run_id, metric), key=lambda m: m.timestamp):
+        latest[point.step] = point.value
+    return sorted(latest.items())
+
+
 class RunLogger:
     """Metrics from inside Ray workers to an existing run (rank 0 of a trainer, say), batched."""
 
@@ -171,8 +304,6 @@ class RunLogger:
         self._pending: list[Metric] = []
 
     def log(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
-        import time
-
         stamp = timestamp_ms or int(time.time() * 1000)
         self._pending.extend(Metric(k, float(v), stamp, step) for k, v in metrics.items() if v == v)
         if len(self._pending) >= self.flush_every:

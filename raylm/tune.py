@@ -21,16 +21,17 @@ import json
 import logging
 import math
 import os
+import tempfile
 from typing import Any
 
-import mlflow
-from mlflow.tracking import MlflowClient
+import yaml
 
+from raylm import tracking
 from raylm.artifacts import Packed
 from raylm.config import ConfigError, RaylmConfig, apply_override, dump_config, validate_config
 from raylm.stage import run_stage
 from raylm.tracking import TAG_PREFIX, Tracker, flatten
-from raylm.workspace import StageDir, Workspace, code_version, is_remote
+from raylm.workspace import StageDir, Workspace, code_version, is_remote, read_text_uri
 
 log = logging.getLogger("raylm")
 
@@ -119,6 +120,7 @@ def budget_unit(config: RaylmConfig) -> tuple[str, int, int]:
 
 def param_space(config: RaylmConfig) -> dict[str, Any]:
     """The search space as nested Tune domains: {"train": {"lr": tune.loguniform(...)}}."""
+    # deferred: pulls in ray, slow to import; only this path needs it
     from ray import tune
 
     build = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
@@ -140,14 +142,17 @@ def sampled_params(sample: dict[str, Any]) -> dict[str, Any]:
 def search_algorithm(config: RaylmConfig, concurrency: int):
     """Tune's variant generator (random and grid), or Optuna / HyperOpt, limited to `concurrency`
     trials at once (a searcher passed explicitly ignores `TuneConfig.max_concurrent_trials`)."""
+    # deferred: pulls in ray, slow to import; only this path needs it
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     tune_cfg = config.tune
     if tune_cfg.search_algorithm == "optuna":
+        # deferred: pulls in ray, slow to import; only this path needs it
         from ray.tune.search.optuna import OptunaSearch
 
         return ConcurrencyLimiter(OptunaSearch(seed=tune_cfg.seed), max_concurrent=concurrency)
     if tune_cfg.search_algorithm == "hyperopt":
+        # deferred: pulls in ray, slow to import; only this path needs it
         from ray.tune.search.hyperopt import HyperOptSearch
 
         return ConcurrencyLimiter(HyperOptSearch(random_state_seed=tune_cfg.seed), max_concurrent=concurrency)
@@ -155,6 +160,7 @@ def search_algorithm(config: RaylmConfig, concurrency: int):
 
 
 def scheduler(config: RaylmConfig):
+    # deferred: pulls in ray, slow to import; only this path needs it
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if config.tune.scheduler == "none":
@@ -166,6 +172,7 @@ def scheduler(config: RaylmConfig):
 
 def fitted_concurrency(config: RaylmConfig, resources: dict[str, float]) -> int:
     """How many trials fit at once: each needs its trainer's workers (one CPU, or one GPU, each)."""
+    # deferred: pulls in ray, slow to import; only this path needs it
     from raylm.runtime import cluster_has_gpus
 
     train = config.train
@@ -186,6 +193,7 @@ def fitted_concurrency(config: RaylmConfig, resources: dict[str, float]) -> int:
 def _evaluation_report_callback():
     """Forward to Tune only the trainer's evaluation reports (and the step-0 one), so that ASHA
     compares trials on fresh val losses, never on the value carried between evaluations."""
+    # deferred: pulls in ray, slow to import; only this path needs it
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class EvaluationReportCallback(TuneReportCallback):
@@ -208,6 +216,7 @@ def _placement_group_recorder(trial_dir: str):
     machines), leaving the CPUs reserved and the next trials waiting for ever. The driver removes
     the recorded group when the trial ends (`ReleaseTrialResources`).
     """
+    # deferred: pulls in pyarrow, ray, slow to import; only this path needs it
     import pyarrow.fs as pafs
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
@@ -224,6 +233,7 @@ def _placement_group_recorder(trial_dir: str):
 
 
 def _release_trial_resources_callback(trials_path: str):
+    # deferred: pulls in pyarrow, ray, slow to import; only this path needs it
     import pyarrow.fs as pafs
     import ray
     from ray.tune import Callback
@@ -256,26 +266,9 @@ def _release_trial_resources_callback(trials_path: str):
     return ReleaseTrialResources()
 
 
-def trial_run_id(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str,
-                 params: dict[str, Any]) -> str:
-    """The trial's nested MLflow run: reopened when a restored sweep reruns the trial."""
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
-                                                            f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=trial_name, tags={
-        "mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id, f"{TAG_PREFIX}stage": "tune-trial",
-        f"{TAG_PREFIX}code_version": code_version()})
-    clean = {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000] for k, v in params.items()}
-    items = list(clean.items())
-    for start in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start:start + 100]])
-    return run.info.run_id
-
-
 def run_trial(sample: dict[str, Any], setup: dict[str, Any]) -> None:
     """A Tune trial: pretrain with the sampled values for the trial budget, on its own TorchTrainer."""
+    # deferred: pulls in ray, torch, slow to import; only this path needs it
     import ray.tune
 
     from raylm.train.launch import build_trainer
@@ -285,9 +278,11 @@ def run_trial(sample: dict[str, Any], setup: dict[str, Any]) -> None:
     params = sampled_params(sample)
     config = trial_config(validate_config(setup["config"]), params)
     train = config.train.model_copy(update={"max_steps": trial_steps(config)})
-    client = MlflowClient(setup["tracking_uri"])
-    run_id = trial_run_id(client, setup["experiment_id"], setup["parent_run_id"], trial_id, trial_name,
-                          {**params, **flatten(config.section("train"), "train."), "train.max_steps": train.max_steps,
+    client = tracking.client(setup["tracking_uri"])
+    # the trial's nested run, reopened when a restored sweep reruns the trial
+    run_id = tracking.child_run(client, setup["experiment_id"], setup["parent_run_id"], TRIAL_TAG, trial_id, trial_name,
+                                {f"{TAG_PREFIX}stage": "tune-trial", f"{TAG_PREFIX}code_version": code_version()},
+                                {**params, **flatten(config.section("train"), "train."), "train.max_steps": train.max_steps,
                            **flatten(config.section("model"), "model.")})
     trainer = build_trainer(config.model, train, setup["packed"], setup["trials_path"], trial_id,
                             setup["tracking_uri"], run_id, callbacks=[
@@ -321,6 +316,7 @@ def _read_state(stage: StageDir) -> dict[str, Any]:
 
 
 def _trainable(setup: dict[str, Any]):
+    # deferred: pulls in ray, slow to import; only this path needs it
     from ray import tune
 
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup),
@@ -330,6 +326,7 @@ def _trainable(setup: dict[str, Any]):
 def run_sweep(config: RaylmConfig, workspace: Workspace, tracker: Tracker, packed: Packed,
               packed_fingerprint: str, force: bool = False) -> dict[str, Any]:
     """Run (or restore, or reuse) the sweep of `config.tune`; return the stage manifest."""
+    # deferred: pulls in ray, slow to import; only this path needs it
     import ray
     from ray import tune
 
@@ -347,16 +344,13 @@ def run_sweep(config: RaylmConfig, workspace: Workspace, tracker: Tracker, packe
     tags = {f"{TAG_PREFIX}stage": "tune", f"{TAG_PREFIX}fingerprint": stage.fingerprint,
             f"{TAG_PREFIX}output": stage.uri, f"{TAG_PREFIX}input.packed": packed_fingerprint,
             f"{TAG_PREFIX}tune.experiment_path": experiment_path}
-    nested = mlflow.active_run() is not None
     if previous.get("parent_run_id"):
         log.info("tune: resuming sweep %s (MLflow run %s)", experiment_path, previous["parent_run_id"])
-        active = mlflow.start_run(run_id=previous["parent_run_id"], nested=nested)
+        parent_run_id = tracking.start_run(run_id=previous["parent_run_id"])
     else:
-        active = mlflow.start_run(run_name="tune", nested=nested,
-                                  tags={f"{TAG_PREFIX}code_version": code_version(), **tags})
+        parent_run_id = tracking.start_run(run_name="tune", tags={f"{TAG_PREFIX}code_version": code_version(), **tags})
         tracker.log_params(flatten(section))
-        stage.write_json(STATE_FILE, {"parent_run_id": active.info.run_id, "experiment_path": experiment_path})
-    parent_run_id = active.info.run_id
+        stage.write_json(STATE_FILE, {"parent_run_id": parent_run_id, "experiment_path": experiment_path})
     try:
         concurrency = fitted_concurrency(config, ray.cluster_resources())
         metric, mode = config.tune.metric, config.tune.mode
@@ -365,7 +359,7 @@ def run_sweep(config: RaylmConfig, workspace: Workspace, tracker: Tracker, packe
                  "parent_run_id": parent_run_id}
         trainable = _trainable(setup)
         release = _release_trial_resources_callback(setup["trials_path"])
-        mlflow.set_tag(f"{TAG_PREFIX}tune.concurrency", str(concurrency))
+        tracking.set_tag(f"{TAG_PREFIX}tune.concurrency", str(concurrency))
         if tune.Tuner.can_restore(experiment_path) and not force:
             log.info("tune: restoring the interrupted sweep at %s", experiment_path)
             tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
@@ -383,14 +377,14 @@ def run_sweep(config: RaylmConfig, workspace: Workspace, tracker: Tracker, packe
             )
         grid = tuner.fit()
         outputs = summarize(config, grid, stage, tracker)
-        mlflow.set_tag(f"{TAG_PREFIX}tune.experiment_path", grid.experiment_path)
+        tracking.set_tag(f"{TAG_PREFIX}tune.experiment_path", grid.experiment_path)
         manifest = stage.finish({**outputs, "mlflow_run_id": parent_run_id})
         tracker.log_metrics(outputs["metrics"])
         tracker.log_manifest(manifest)
-        mlflow.end_run("FINISHED")
+        tracking.end_run("FINISHED")
         return manifest
     except BaseException:
-        mlflow.end_run("FAILED")
+        tracking.end_run("FAILED")
         raise
 
 
@@ -420,8 +414,7 @@ def summarize(config: RaylmConfig, grid, stage: StageDir, tracker: Tracker) -> d
     """Best config to the workspace and MLflow, trial runs closed with their outcome, the plot."""
     rows = trial_rows(config, grid)
     client = tracker.client
-    parent = mlflow.active_run().info.run_id
-    for run in client.search_runs([tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+    for run in tracking.child_runs(client, tracker.experiment_id, tracking.active_run_id()):
         row = next((r for r in rows if r["trial_id"] == run.data.tags.get(TRIAL_TAG)), None)
         if row is None:
             continue
@@ -444,15 +437,15 @@ def summarize(config: RaylmConfig, grid, stage: StageDir, tracker: Tracker) -> d
                     "trial_id": best["trial_id"], "steps": best["step"], "experiment_path": grid.experiment_path}
     stage.write_json(BEST_PARAMS, best_payload)
     stage.write_text(BEST_CONFIG, dump_config(best_config))
-    mlflow.log_dict(best_payload, BEST_PARAMS)
-    mlflow.log_text(dump_config(best_config), BEST_CONFIG)
-    mlflow.log_dict({"trials": rows}, "trials.json")
-    mlflow.set_tag(f"{TAG_PREFIX}tune.best_trial", best["trial_id"])
+    tracking.log_dict(best_payload, BEST_PARAMS)
+    tracking.log_text(dump_config(best_config), BEST_CONFIG)
+    tracking.log_dict({"trials": rows}, "trials.json")
+    tracking.set_tag(f"{TAG_PREFIX}tune.best_trial", best["trial_id"])
     for key, value in best["params"].items():
-        mlflow.set_tag(f"{TAG_PREFIX}tune.best.{key}", str(value))
+        tracking.set_tag(f"{TAG_PREFIX}tune.best.{key}", str(value))
     plot_path = _plot_to_stage(config, rows, stage)
     if plot_path:
-        mlflow.log_artifact(plot_path)
+        tracking.log_artifact(plot_path)
     stopped = sum(r["stopped_early"] for r in rows)
     log.info("tune: %d trials (%d stopped early), best %s = %.4f with %s", len(rows), stopped,
              config.tune.metric, best["metric"], best["params"])
@@ -480,9 +473,11 @@ def batch_key(rows: list[dict[str, Any]]) -> str | None:
 
 def plot_lr_vs_loss(config: RaylmConfig, rows: list[dict[str, Any]], path: str) -> None:
     """Learning rate (log x) against the final metric, coloured by batch size; stopped trials as x."""
+    # deferred: pulls in matplotlib, slow to import; only this path needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: pulls in matplotlib, slow to import; only this path needs it
     import matplotlib.pyplot as plt
 
     key = batch_key(rows)
@@ -513,8 +508,6 @@ def plot_lr_vs_loss(config: RaylmConfig, rows: list[dict[str, Any]], path: str) 
 
 
 def _plot_to_stage(config: RaylmConfig, rows: list[dict[str, Any]], stage: StageDir) -> str | None:
-    import tempfile
-
     scored = [r for r in rows if r["metric"] is not None]
     if not scored:
         return None
@@ -533,12 +526,9 @@ def _plot_to_stage(config: RaylmConfig, rows: list[dict[str, Any]], stage: Stage
 def best_params_from(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """The best trial's values from a sweep: its stage folder, its best_params.json or best_config.yaml,
     or the MLflow run id of the sweep (its `best_params.json` artifact)."""
-    import yaml
-
-    from raylm.workspace import read_text_uri
-
     def exists(path: str) -> bool:
         if is_remote(path):
+            # deferred: pulls in pyarrow, slow to import; only this path needs it
             import pyarrow.fs as pafs
 
             fs, inner = pafs.FileSystem.from_uri(path)
@@ -559,7 +549,7 @@ def best_params_from(ref: str, tracking_uri: str | None = None) -> dict[str, Any
     if tracking_uri is None:
         raise ConfigError([f"--from-sweep {ref}: not a path, and no MLflow tracking URI to look it up as a run"])
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=ref, artifact_path=BEST_PARAMS, tracking_uri=tracking_uri)
+        local = tracking.download_run_artifact(ref, BEST_PARAMS, tracking_uri)
     except Exception as error:  # noqa: BLE001 - MLflow raises several types for a missing run/artifact
         raise ConfigError([f"--from-sweep {ref}: neither a path nor a finished sweep's MLflow run "
                            f"({type(error).__name__}: {str(error)[:200]})"]) from None

@@ -35,6 +35,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from raylm import __version__
+
 SUCCESS_MARKER = "_SUCCESS"
 MANIFEST = "manifest.json"
 ATTEMPTS = "attempts"
@@ -58,8 +60,6 @@ def content_hash(*parts: Any, length: int = 16) -> str:
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """The git commit of the raylm checkout (with `+dirty` when modified), else the package version."""
-    from raylm import __version__
-
     here = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(

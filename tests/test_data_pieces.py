@@ -13,7 +13,7 @@ from raylm.config import SourceConfig, TokenizerConfig
 from raylm.data.clean import clean_batch, normalize_whitespace
 from raylm.data.curate import split_of
 from raylm.data.dedup import add_dedup_key, mark_exact_duplicates
-from raylm.data.pack import encode_and_pack, pack_tokens
+from raylm.data.pack import encode_and_pack, pack_greedy
 from raylm.data.sources import decode_file, document, list_stdlib_files
 from raylm.data.tokenizer import EOS, PAD, special_id, token_byte_lengths, train_tokenizer
 
@@ -94,7 +94,7 @@ def test_split_is_stable_and_near_the_fraction():
 @given(st.lists(st.lists(st.integers(0, 99), max_size=40), max_size=20), st.integers(2, 16))
 @settings(max_examples=60, deadline=None)
 def test_packing_keeps_every_token_once(documents, seq_len):
-    packed = pack_tokens(documents, seq_len, eos_id=100, pad_id=101)
+    packed = pack_greedy(documents, seq_len, eos_id=100, pad_id=101)
     assert packed.shape[1] == seq_len + 1
     stream = packed.reshape(-1)
     real = stream[stream != 101]

@@ -19,7 +19,7 @@ from raylm.data.tokenizer import train_tokenizer
 from raylm.model import Transformer, TransformerConfig
 from raylm.model.hf import export_hf
 from raylm.train.checkpoint import load_model, load_tokenizer_json
-from raylm.train.finetune import BaseModelError, resolve_base
+from raylm.finetune.stage import BaseModelError, resolve_base
 from raylm.workspace import Workspace
 from tests.test_finetune_run import chat_rows, make_config, write_chat
 

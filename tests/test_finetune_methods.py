@@ -12,7 +12,7 @@ from raylm.config import ConfigError, FinetuneConfig, validate_config
 from raylm.finetune import FinetuneError, merge_lora, prepare_for_finetune
 from raylm.model import Transformer, TransformerConfig
 from raylm.train.checkpoint import load_model
-from raylm.train.finetune import (check_architecture, count_parameters, finetune_spec, load_finetuned,
+from raylm.finetune.stage import (check_architecture, count_parameters, finetune_spec, load_finetuned,
                                   resolve_base, write_plain_checkpoint)
 from raylm.workspace import Workspace
 

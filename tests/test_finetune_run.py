@@ -16,7 +16,7 @@ from raylm.data.chat import TEMPLATE_TOKENS, ChatDataError
 from raylm.data.tokenizer import train_tokenizer
 from raylm.model import Transformer, TransformerConfig
 from raylm.train.checkpoint import load_model
-from raylm.train.finetune import load_finetuned, write_plain_checkpoint
+from raylm.finetune.stage import load_finetuned, write_plain_checkpoint
 
 NAMES = ["Ada", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lu"]
 

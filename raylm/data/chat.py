@@ -26,8 +26,18 @@ import pandas as pd
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from raylm.data.tokenizer import (ASSISTANT, BOS, END, EOS, PAD, SYSTEM, USER, token_byte_lengths,
-                                  tokenizer_from_json)
+from raylm.data.tokenizer import (
+    ASSISTANT,
+    BOS,
+    END,
+    EOS,
+    PAD,
+    SYSTEM,
+    USER,
+    fingerprint,
+    token_byte_lengths,
+    tokenizer_from_json,
+)
 
 TEMPLATE_TOKENS = {"bos": BOS, "eos": EOS, "pad": PAD, "system": SYSTEM, "user": USER, "assistant": ASSISTANT, "end": END}
 ROLES = ("system", "user", "assistant")
@@ -195,8 +205,6 @@ _BYTE_LENGTHS: dict[str, np.ndarray] = {}
 
 
 def _byte_lengths(tokenizer_json: str) -> np.ndarray:
-    from raylm.data.tokenizer import fingerprint
-
     key = fingerprint(tokenizer_json)
     if key not in _BYTE_LENGTHS:
         _BYTE_LENGTHS[key] = token_byte_lengths(tokenizer_from_json(tokenizer_json))

@@ -60,6 +60,7 @@ def looks_like_html(text: str) -> bool:
 
 
 def html_to_text(html: str) -> str:
+    # deferred: pulls in selectolax, slow to import; only this path needs it
     from selectolax.lexbor import LexborHTMLParser
 
     tree = LexborHTMLParser(_BLOCK_TAG.sub("\n<", html))

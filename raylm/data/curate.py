@@ -27,6 +27,7 @@ import ray.data
 import xxhash
 from ray.data.aggregate import Sum
 
+from raylm import tracking
 from raylm.artifacts import Curated
 from raylm.config import DataConfig
 from raylm.data import clean, decontam, dedup, pii, quality
@@ -134,6 +135,7 @@ def mark_documents(config: DataConfig) -> tuple[ray.data.Dataset, dict[str, Any]
 
 
 def count_parquet_rows(stage: StageDir, relpath: str) -> int:
+    # deferred: pulls in pyarrow, slow to import; only this path needs it
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
 
@@ -189,9 +191,11 @@ def metric_name(name: str) -> str:
 
 
 def plot_stats(reasons: list[dict[str, Any]], pii_counts: dict[str, int]) -> bytes:
+    # deferred: pulls in matplotlib, slow to import; only this path needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: pulls in matplotlib, slow to import; only this path needs it
     import matplotlib.pyplot as plt
 
     labels = [r["reason"] or "kept" for r in reasons]
@@ -276,15 +280,5 @@ def curate(config: DataConfig, stage: StageDir) -> Curated:
 
 
 def _log_artifacts(summary: dict[str, Any], png: bytes) -> None:
-    import mlflow
-
-    if mlflow.active_run() is None:
-        return
-    mlflow.log_dict(summary, "curate/stats.json")
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "stats.png"
-        path.write_bytes(png)
-        mlflow.log_artifact(str(path), "curate")
+    tracking.log_dict(summary, "curate/stats.json")
+    tracking.log_files({"stats.png": png}, "curate")

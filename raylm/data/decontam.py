@@ -72,6 +72,7 @@ def decontam_batch(batch: pd.DataFrame, index_ref: list[Any], mode: str) -> pd.D
     """
     index = index_ref[0]
     if not isinstance(index, BenchmarkNgrams):
+        # deferred: pulls in ray, slow to import; only this path needs it
         import ray
 
         index = ray.get(index)
@@ -112,6 +113,7 @@ def write_index(items: list[str], tasks: list[str], ngram: int, documents: int) 
 
 def load_contamination_index(path: str) -> dict[str, set[str]]:
     """Task name -> ids (`<task>/<index>`) of its contaminated items; every task checked is present."""
+    # deferred: pulls in pyarrow, slow to import; only this path needs it
     from raylm.workspace import read_text_uri
 
     data = json.loads(read_text_uri(path))

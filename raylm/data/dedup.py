@@ -60,12 +60,13 @@ import pandas as pd
 import pyarrow as pa
 import xxhash
 
+from raylm.data.exact_jaccard import verify_pairs_exactly
 from raylm.data.minhash import EMPTY as _EMPTY
 from raylm.data.minhash import signature_similarity, signatures
+from raylm.data.shards import SHARDS, from_holder
 
 DEDUP_KEY = "dedup_key"
 _BAND_MULTIPLIER = np.uint64(0x100000001B3)
-SHARDS = 1024  # shuffle groups (band_key or pair number % SHARDS): one UDF call per shard, not per bucket
 _SPACES = re.compile(r"\s+")
 
 
@@ -107,6 +108,7 @@ def mark_exact_duplicates(group: pd.DataFrame) -> pd.DataFrame:
 
 def lsh_parameters(threshold: float, num_perm: int, false_negative_weight: float = 0.5) -> tuple[int, int]:
     """(bands, rows per band) from datasketch's optimal-parameter rule."""
+    # deferred: pulls in datasketch, slow to import; only this path needs it
     from datasketch.lsh import _optimal_param
 
     return _optimal_param(threshold, num_perm, 1.0 - false_negative_weight, false_negative_weight)
@@ -216,17 +218,6 @@ class Components:
         return sorted(counts.values(), reverse=True)
 
 
-def from_holder(holder: list[Any]) -> Any:
-    """The table a per-batch function was handed as `[ObjectRef]` (Ray Data: the object store holds it
-    once) or `[table]` (a direct call, as in the unit tests)."""
-    value = holder[0]
-    if isinstance(value, dict):
-        return value
-    import ray
-
-    return ray.get(value)
-
-
 def mark_near_duplicates(batch: pd.DataFrame, keepers_ref: list[Any]) -> pd.DataFrame:
     """Mark live rows found in the `id -> kept id` table (`[ObjectRef]` or `[dict]`) as `near_dup`."""
     keepers = from_holder(keepers_ref)
@@ -298,14 +289,13 @@ def near_duplicate_pairs(live: Any, num_perm: int, shingle_size: int, threshold:
     found = _collect_pairs(pairs)
     stats.update({"verify": mode, "candidates": len(found)})
     if mode == "exact" and found:
-        from raylm.data.exact_jaccard import verify_pairs_exactly
-
         found = _collect_pairs(verify_pairs_exactly(live, found, shingle_size, threshold, num_partitions))
     return found, stats
 
 
 def near_dedup(docs: Any, config: Any, num_partitions: int) -> tuple[Any, dict[str, Any]]:
     """Mark near duplicates in `docs` (all rows, with `reason`); return the dataset and statistics."""
+    # deferred: pulls in ray, slow to import; only this path needs it
     import ray
 
     live = docs.filter(expr="reason == ''").select_columns(["id", "text"])

@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from raylm.data.dedup import SHARDS, from_holder
 from raylm.data.ngrams import ngram_hashes
+from raylm.data.shards import SHARDS, from_holder
 
 # explicit schemas: a batch without candidates must not become a block of null-typed columns, which
 # the hash shuffle cannot concatenate with the others
@@ -108,6 +108,7 @@ def verify_pairs_exactly(live: Any, candidates: set[tuple[str, str]], shingle_si
                          num_partitions: int) -> Any:
     """The candidate pairs (a < b) of a Ray Dataset with `id, text` whose exact Jaccard reaches the
     threshold, as a Ray Dataset `(a, b, similarity)`."""
+    # deferred: pulls in ray, slow to import; only this path needs it
     import ray
 
     ordered = sorted(candidates)

@@ -46,7 +46,6 @@ def pack_greedy(token_lists: list[list[int]], seq_len: int, eos_id: int, pad_id:
     return packed.reshape(rows, width)
 
 
-pack_tokens = pack_greedy  # the walking skeleton's name
 
 
 def pack_best_fit(token_lists: list[list[int]], seq_len: int, eos_id: int, pad_id: int) -> np.ndarray:

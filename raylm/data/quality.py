@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
+
 import pandas as pd
 
 from raylm.config import QualityConfig
@@ -73,6 +74,7 @@ def duplicate_share(items: list[str]) -> tuple[float, float]:
 @functools.cache
 def _langid():
     try:
+        # deferred: pulls in langid, slow to import; only this path needs it
         from langid.langid import LanguageIdentifier, model
     except ImportError as error:
         raise ImportError("data.quality.languages needs the `langid` package (pip install langid)") from error

@@ -12,7 +12,9 @@ only lists file names, never reads the corpus.
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import hashlib
 import json
 import logging
@@ -21,6 +23,7 @@ import sysconfig
 from typing import Any, Iterator
 
 import pyarrow.fs as pafs
+import zstandard
 
 from raylm.config import SourceConfig
 from raylm.storage import list_files
@@ -122,16 +125,10 @@ def _decompress(path: str, raw: bytes) -> bytes | str:
         return raw
     try:
         if path.endswith(".gz"):
-            import gzip
-
             return gzip.decompress(raw)
         if path.endswith(".zst"):
-            import zstandard
-
             return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
         if path.endswith(".bz2"):
-            import bz2
-
             return bz2.decompress(raw)
     except Exception as error:  # noqa: BLE001 - any codec failure is a parse error of that file
         return f"cannot decompress: {error}"
@@ -260,9 +257,11 @@ def list_source_files(source: SourceConfig) -> tuple[list[str], str | None, pafs
 
 def read_huggingface(source: SourceConfig):
     """A Hugging Face dataset by name (`hf://org/name`), through `datasets` (needs the network or a cache)."""
+    # deferred: pulls in ray, slow to import; only this path needs it
     import ray.data
 
     try:
+        # deferred: pulls in datasets, slow to import; only this path needs it
         import datasets
     except ImportError as error:
         raise ImportError(f"data source {source.path!r} needs the `datasets` package") from error
@@ -284,6 +283,7 @@ def _hf_row_to_doc(row: dict[str, Any], source: SourceConfig, where: str) -> dic
 
 def read_source(source: SourceConfig, num_blocks: int | None = None):
     """A Ray Dataset of document rows for one source."""
+    # deferred: pulls in ray, slow to import; only this path needs it
     import ray.data
 
     if source.path.startswith("hf://"):

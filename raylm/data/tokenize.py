@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from typing import Iterator
 
-import mlflow
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -26,13 +23,25 @@ import pyarrow.fs as pafs
 import ray.data
 from tokenizers import Tokenizer
 
+from raylm import tracking
 from raylm.artifacts import Curated, Packed, TokenizerRef
 from raylm.config import TokenizerConfig
 from raylm.data.pack import encode_and_pack
 from raylm.data.parquet_pieces import parquet_pieces, read_piece
-from raylm.data.tokenizer import (BOS, BYTE_ALPHABET_SIZE, EOS, PAD, REQUIRED_SPECIAL_TOKENS, fingerprint,
-                                  hf_tokenizer_files, load_tokenizer, special_id, special_token_ids,
-                                  take_sample, train_tokenizer)
+from raylm.data.tokenizer import (
+    BOS,
+    BYTE_ALPHABET_SIZE,
+    EOS,
+    PAD,
+    REQUIRED_SPECIAL_TOKENS,
+    fingerprint,
+    hf_tokenizer_files,
+    load_tokenizer,
+    special_id,
+    special_token_ids,
+    take_sample,
+    train_tokenizer,
+)
 from raylm.workspace import StageDir, is_remote, read_text_uri
 
 log = logging.getLogger("raylm")
@@ -47,7 +56,7 @@ def fetch_tokenizer(path: str) -> Tokenizer:
     (`runs:/RUN_ID/tokenizer`)."""
     if path.startswith("runs:/"):
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=path, dst_path=tempfile.mkdtemp(prefix="raylm-tok-"))
+            local = tracking.download_artifacts(path)
         except Exception as error:  # noqa: BLE001 - MLflow raises several types for a missing run/artifact
             raise ValueError(f"tokenizer.path = {path!r}: cannot fetch it from MLflow ({error})") from None
         return load_tokenizer(local)
@@ -100,12 +109,7 @@ def save_stage_tokenizer(tokenizer: Tokenizer, stage: StageDir, seq_len: int) ->
     files = hf_tokenizer_files(tokenizer, model_max_length=seq_len)
     for name, text in files.items():
         stage.write_text(f"{TOKENIZER_DIR}/{name}", text)
-    if mlflow.active_run() is not None:
-        with tempfile.TemporaryDirectory(prefix="raylm-tok-") as local:
-            for name, text in files.items():
-                with open(os.path.join(local, name), "w", encoding="utf-8") as handle:
-                    handle.write(text)
-            mlflow.log_artifacts(local, TOKENIZER_DIR)
+    tracking.log_files(files, TOKENIZER_DIR)
     return stage.path(TOKENIZER_DIR, "tokenizer.json")
 
 
@@ -165,8 +169,7 @@ def tokenize(config: TokenizerConfig, seq_len: int, curated: Curated, stage: Sta
     tokenizer_json = tokenizer.to_str()
     tokenizer_path = save_stage_tokenizer(tokenizer, stage, seq_len)
     tokenizer_fingerprint = fingerprint(tokenizer_json)
-    if mlflow.active_run() is not None:
-        mlflow.set_tags({"raylm.tokenizer.fingerprint": tokenizer_fingerprint, "raylm.tokenizer.source": source})
+    tracking.set_tags({"raylm.tokenizer.fingerprint": tokenizer_fingerprint, "raylm.tokenizer.source": source})
 
     splits = {}
     for split in SPLITS:

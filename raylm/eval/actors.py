@@ -24,6 +24,7 @@ class EvalActor:
     """One model replica. Created through `ray.remote` with the pool's resources."""
 
     def __init__(self, checkpoint: str, lm_kwargs: dict[str, Any], threads: int | None = None):
+        # deferred: pulls in torch, slow to import; only this path needs it
         import torch
 
         from raylm.eval.lm import RaylmLM
@@ -39,6 +40,7 @@ class EvalActor:
         return self.lm.run_loglikelihood(requests, batches)
 
     def run_generation(self, jobs: list[tuple], encoded: list[list[int]], batches: list) -> dict[int, str]:
+        # deferred: pulls in torch, slow to import; only this path needs it
         from raylm.eval.generation import run_generation
 
         return run_generation(self.lm, jobs, encoded, batches)
@@ -71,6 +73,7 @@ class ActorPoolLM(LM):
     def __init__(self, checkpoint: str, actors: int = 1, num_gpus: float | str = "auto", num_cpus: float = 1,
                  batch_size: int = 16, max_gen_toks: int = 256, device: str | None = None):
         super().__init__()
+        # deferred: pulls in torch, slow to import; only this path needs it
         from raylm.eval.lm import RaylmLM
 
         resources = actor_resources(num_gpus, num_cpus)
@@ -106,12 +109,14 @@ class ActorPoolLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        # deferred: pulls in torch, slow to import; only this path needs it
         from raylm.eval.lm import rolling_totals
 
         windows, owners = self.planner.rolling_windows([req.args[0] for req in requests])
         return rolling_totals(requests, owners, self._loglikelihood(windows, shared=False), self.cache_hook)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        # deferred: pulls in torch, slow to import; only this path needs it
         from raylm.eval.generation import plan_generation
 
         jobs = self.planner.generation_jobs([tuple(req.args) for req in requests], self.planner.max_gen_toks)

@@ -13,6 +13,7 @@ import ray
 import torch
 
 from raylm.artifacts import Evaluated, Packed, Pretrained
+from raylm.data.tokenizer import token_byte_lengths, tokenizer_from_json
 from raylm.model.loss import bits_per_byte, lm_batch, loss_and_bytes
 from raylm.train.checkpoint import load_model, load_model_config, load_tokenizer_json, local_checkpoint
 from raylm.train.data import PackedSequences
@@ -21,8 +22,6 @@ from raylm.train.data import PackedSequences
 @torch.no_grad()
 def evaluate_bpb(checkpoint: str, data_uri: str, pad_id: int, batch_size: int = 16,
                  limit: int | None = None) -> dict[str, float]:
-    from raylm.data.tokenizer import token_byte_lengths, tokenizer_from_json
-
     with local_checkpoint(checkpoint) as directory:
         model = load_model(directory)
         model_config = load_model_config(directory)

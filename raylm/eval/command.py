@@ -16,16 +16,17 @@ from typing import Any
 
 from raylm.artifacts import Curated
 from raylm.config import RaylmConfig
+from raylm.eval.domain import read_texts
 from raylm.eval.suite import EvalSettings, evaluate_checkpoint, log_to_mlflow, resolve_checkpoint, summary_text
+from raylm.stage_plan import plan_stages
+from raylm.tracking import Tracker
+from raylm.workspace import Workspace, content_hash
 
 log = logging.getLogger("raylm")
 
 
 def curated_val_split(config: RaylmConfig) -> str | None:
     """The curated val split of this config's pipeline, when its curate stage has finished locally."""
-    from raylm.pipeline import plan_stages
-    from raylm.workspace import Workspace
-
     try:
         stage = plan_stages(config, Workspace(config.workspace.root)).curate
         if stage.is_complete():
@@ -36,8 +37,6 @@ def curated_val_split(config: RaylmConfig) -> str | None:
 
 
 def val_text_file(val_split: str, limit: int | None, directory: str) -> str:
-    from raylm.eval.domain import read_texts
-
     path = os.path.join(directory, "val.txt")
     with open(path, "w", encoding="utf-8") as handle:
         for count, text in enumerate(read_texts(val_split)):
@@ -49,9 +48,8 @@ def val_text_file(val_split: str, limit: int | None, directory: str) -> str:
 
 def run_eval_command(config: RaylmConfig, checkpoint_ref: str, overrides: dict[str, Any],
                      force: bool = True) -> dict[str, Any]:
+    # deferred: pulls in ray, slow to import; only this path needs it
     from raylm.runtime import init_ray
-    from raylm.tracking import Tracker
-    from raylm.workspace import Workspace, content_hash
 
     workspace = Workspace(config.workspace.root)
     tracker = Tracker(config.tracking, workspace)

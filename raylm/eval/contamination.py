@@ -28,6 +28,7 @@ def load_index(path: str | os.PathLike) -> dict[str, set[str]]:
     task is the part before its last `/` when no task is given.
     """
     try:
+        # deferred: pulls in pandas, slow to import; only this path needs it
         from raylm.data.decontam import load_contamination_index
     except ImportError:
         load_contamination_index = None

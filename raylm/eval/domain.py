@@ -21,6 +21,7 @@ def read_texts(path: str) -> Iterator[str]:
     """Document texts from a parquet file or folder (curated split), jsonl (`text`), or plain text (one doc per blank-line paragraph)."""
     source = Path(path)
     if source.is_dir() or source.suffix == ".parquet":
+        # deferred: pulls in pyarrow, slow to import; only this path needs it
         import pyarrow.dataset as ds
 
         table = ds.dataset(str(source), format="parquet").to_table(columns=["text"])

@@ -36,12 +36,17 @@ given as the working directory.
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import errno
+import io
 import json
 import os
 import resource
+import shutil
 import signal
+import socket
+import subprocess
 import sys
 
 CLONE_NEWNS = 0x00020000
@@ -314,12 +319,6 @@ def python_reads() -> list[str]:
 
 def install_guards(root: str) -> None:
     """Second layer only: refuse, at the Python level, writes outside `root`, processes, sockets, ctypes."""
-    import builtins
-    import io
-    import shutil
-    import socket
-    import subprocess
-
     root = os.path.realpath(root)
 
     def inside(path) -> bool:
@@ -385,7 +384,6 @@ def run_source(source: str, folder: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(source)
     install_guards(folder)
-    import builtins
 
     namespace = {"__name__": "__main__", "__builtins__": builtins, "__file__": path}
     exec(compile(source, path, "exec"), namespace)

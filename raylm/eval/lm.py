@@ -28,8 +28,14 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from raylm.data.tokenizer import tokenizer_from_json
+from raylm.eval.generation import generate_texts
+from raylm.train.checkpoint import load_model, load_model_config, load_tokenizer_json, local_checkpoint
 
 log = logging.getLogger("raylm")
 
@@ -96,7 +102,6 @@ class RaylmLM(TemplateLM):
                  max_gen_toks: int = 256, shared_context: bool = True, model: torch.nn.Module | None = None,
                  tokenizer_json: str | None = None, **_: Any):
         super().__init__()
-        from raylm.train.checkpoint import load_model, load_tokenizer_json, local_checkpoint
 
         self.device_ = pick_device(device)
         if model is None:
@@ -114,8 +119,6 @@ class RaylmLM(TemplateLM):
             and shared_context_supported(self.model)
 
     def _setup(self, tokenizer_json: str, max_length: int, batch_size: int | str, max_gen_toks: int) -> None:
-        from raylm.data.tokenizer import tokenizer_from_json
-
         self.tokenizer = tokenizer_from_json(tokenizer_json)
         eos = self.tokenizer.token_to_id(EOS)
         self._eot = eos if eos is not None else 0
@@ -127,8 +130,6 @@ class RaylmLM(TemplateLM):
     @classmethod
     def planner(cls, checkpoint: str, batch_size: int, max_gen_toks: int, shared_context: bool) -> "RaylmLM":
         """Tokenizer and batching only, no weights: the actor pool plans batches on the driver with it."""
-        from raylm.train.checkpoint import load_model_config, load_tokenizer_json, local_checkpoint
-
         self = cls.__new__(cls)
         TemplateLM.__init__(self)
         with local_checkpoint(str(checkpoint)) as directory:
@@ -271,8 +272,6 @@ class RaylmLM(TemplateLM):
 
     def rolling_windows(self, texts: list[str]) -> tuple[list[tuple[None, list[int], list[int]]], list[int]]:
         """lm-eval's disjoint rolling windows of every text, and the text each window belongs to."""
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
         windows, owners = [], []
         for owner, text in enumerate(texts):
             for window in map(make_disjoint_window, get_rolling_token_windows(
@@ -300,8 +299,6 @@ class RaylmLM(TemplateLM):
         return jobs
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        from raylm.eval.generation import generate_texts
-
         outputs = generate_texts(self, self.generation_jobs([req.args for req in requests], self.max_gen_toks))
         for req, text in zip(requests, outputs):
             self.cache_hook.add_partial("generate_until", req.args, text)
@@ -311,6 +308,5 @@ class RaylmLM(TemplateLM):
 def main() -> None:
     """lm-eval's own CLI, with the `raylm` model registered."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()

@@ -76,6 +76,7 @@ def run_on_ray_resource(name: str | None) -> None:
 
 
 def _on_ray(function, *args):
+    # deferred: pulls in ray, slow to import; only this path needs it
     import ray
 
     if not ray.is_initialized():

@@ -16,6 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raylm import tracking
+from raylm.eval.contamination import load_index, split_scores
+from raylm.eval.domain import build_items, read_texts, write_domain_task
+from raylm.eval.sandbox import (
+    SandboxLimits,
+    allow_code_execution,
+    allow_weak_isolation,
+    isolation_summary,
+    require_code_execution,
+    run_on_ray_resource,
+)
+from raylm.eval.tasks import ExtraTask, build_local_suite, expand_tasks
+
 log = logging.getLogger("raylm")
 
 RAYLM_TASKS = {"mt_bench", "domain", "bpb"}
@@ -64,6 +77,7 @@ def metric_name(task: str, key: str, clean: bool = False) -> str:
 
 
 def bits_per_byte_of_files(lm: Any, paths: list[str]) -> dict[str, float]:
+    # deferred: pulls in lm_eval, slow to import; only this path needs it
     from lm_eval.api.instance import Instance
 
     out = {}
@@ -82,9 +96,11 @@ def _json_default(value: Any) -> Any:
 
 def make_model(checkpoint: str, settings: EvalSettings, in_process: bool = False) -> Any:
     if in_process:
+        # deferred: pulls in lm_eval, torch, slow to import; only this path needs it
         from raylm.eval.lm import RaylmLM
 
         return RaylmLM(checkpoint=checkpoint, batch_size=settings.batch_size, max_gen_toks=settings.max_gen_toks)
+    # deferred: pulls in lm_eval, ray, slow to import; only this path needs it
     from raylm.eval.actors import ActorPoolLM
 
     return ActorPoolLM(checkpoint, actors=settings.actors, num_gpus=settings.actor_gpus, num_cpus=settings.actor_cpus,
@@ -94,12 +110,8 @@ def make_model(checkpoint: str, settings: EvalSettings, in_process: bool = False
 def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, lm: Any = None,
                         in_process: bool = False) -> dict[str, Any]:
     """Run every requested task; write per-sample jsonl files under `out_dir`; return the results."""
+    # deferred: pulls in lm_eval, slow to import; only this path needs it
     import lm_eval
-
-    from raylm.eval.contamination import load_index, split_scores
-    from raylm.eval.sandbox import (SandboxLimits, allow_code_execution, allow_weak_isolation, isolation_summary,
-                                    require_code_execution, run_on_ray_resource)
-    from raylm.eval.tasks import ExtraTask, build_local_suite, expand_tasks
 
     out = Path(out_dir)
     (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -129,8 +141,6 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
         suite = build_local_suite(settings.benchmark_data or ".", out / "tasks", lm_tasks, extras,
                                   settings.limit, settings.num_fewshot)
         if "domain" in tasks:
-            from raylm.eval.domain import build_items, read_texts, write_domain_task
-
             if not settings.domain_data:
                 raise ValueError("eval.domain_data: the domain task needs held-out text (the curated val split)")
             items = build_items(read_texts(settings.domain_data), n_items=settings.domain_items, seed=settings.seed)
@@ -167,6 +177,7 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
                 entry["all"] = dict(reported)
             results["tasks"][task] = entry
     if "mt_bench" in tasks:
+        # deferred: pulls in lm_eval, slow to import; only this path needs it
         from raylm.eval.mtbench import run_mt_bench
 
         if not settings.benchmark_data:
@@ -241,9 +252,11 @@ def bar_chart(rows: list[dict[str, Any]], path: str) -> str | None:
     scored = [r for r in rows if isinstance(r.get("score"), (int, float))]
     if not scored:
         return None
+    # deferred: pulls in matplotlib, slow to import; only this path needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: pulls in matplotlib, slow to import; only this path needs it
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(scored) + 1.5))
@@ -279,8 +292,6 @@ def resolve_checkpoint(reference: str, client: Any) -> tuple[str, str | None]:
 
 def log_to_mlflow(results: dict[str, Any], settings: EvalSettings, tracker: Any, source_run: str | None,
                   out_dir: str) -> str:
-    import mlflow
-
     tags = {"raylm.stage": "eval", "raylm.checkpoint": results["checkpoint"]}
     if source_run:
         tags.update({"raylm.source_run": source_run, "mlflow.parentRunId": source_run})
@@ -291,13 +302,13 @@ def log_to_mlflow(results: dict[str, Any], settings: EvalSettings, tracker: Any,
     with tracker.run("eval", params=params, tags=tags) as run:
         tracker.log_metrics(results["metrics"])
         for task, path in results["files"].items():
-            mlflow.log_artifact(path, "samples")
+            tracking.log_artifact(path, "samples")
         table = summary_text(results)
-        mlflow.log_text(table + "\n", "summary.md")
-        mlflow.log_table(data={k: [r.get(k) for r in results["summary"]] for k in
-                               dict.fromkeys(k for r in results["summary"] for k in r)}, artifact_file="summary.json")
+        tracking.log_text(table + "\n", "summary.md")
+        tracking.log_table({k: [r.get(k) for r in results["summary"]] for k in
+                            dict.fromkeys(k for r in results["summary"] for k in r)}, "summary.json")
         chart = bar_chart(results["summary"], os.path.join(out_dir, "scores.png"))
         if chart:
-            mlflow.log_artifact(chart)
-        mlflow.log_dict({k: v for k, v in results.items() if k != "files"}, "results.json")
+            tracking.log_artifact(chart)
+        tracking.log_dict({k: v for k, v in results.items() if k != "files"}, "results.json")
         return run.info.run_id

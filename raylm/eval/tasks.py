@@ -31,6 +31,7 @@ MMLU_SUBJECT_PREFIX = "mmlu_"
 
 
 def lm_eval_task_dir() -> Path:
+    # deferred: pulls in lm_eval, slow to import; only this path needs it
     import lm_eval.tasks
 
     return Path(lm_eval.tasks.__file__).parent
@@ -174,6 +175,7 @@ class LocalSuite:
     source_task: dict[str, str] = field(default_factory=dict)  # lm-eval task -> benchmark reader task
 
     def task_manager(self):
+        # deferred: pulls in lm_eval, slow to import; only this path needs it
         from lm_eval.tasks import TaskManager
 
         return TaskManager(include_path=str(self.root), include_defaults=False)

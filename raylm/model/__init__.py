@@ -30,6 +30,7 @@ def as_config(config: TransformerConfig | dict[str, Any]) -> TransformerConfig:
 def build_model(config: TransformerConfig | dict[str, Any]) -> "nn.Module":
     """The model for a config (or its `to_dict()`), dispatched on `arch`. Its vocabulary must be bound
     (`config.for_tokenizer(n)`, or a preset's / checkpoint's `vocab_size`)."""
+    # deferred: pulls in torch, slow to import; only this path needs it
     from raylm.model.encoder_decoder import EncoderDecoder  # torch: deferred, see the module docstring
     from raylm.model.transformer import Transformer
 
@@ -43,6 +44,7 @@ def build_model(config: TransformerConfig | dict[str, Any]) -> "nn.Module":
 
 def __getattr__(name: str) -> Any:
     if name == "Transformer":  # torch: deferred, see the module docstring
+        # deferred: pulls in torch, slow to import; only this path needs it
         from raylm.model.transformer import Transformer
 
         return Transformer

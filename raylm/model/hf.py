@@ -19,8 +19,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
+from raylm.data.tokenizer import save_tokenizer, tokenizer_from_json
+from raylm.model import as_config
 from raylm.model.config import TransformerConfig
+from raylm.model.transformer import Transformer
 
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 
@@ -55,7 +60,6 @@ def _special_ids(tokenizer_json: str | None) -> dict[str, int | None]:
     ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer_json is None:
         return ids
-    from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
     for key, token in SPECIAL_TOKENS.items():
@@ -64,6 +68,7 @@ def _special_ids(tokenizer_json: str | None) -> dict[str, int | None]:
 
 
 def hf_config(config: TransformerConfig, tokenizer_json: str | None = None):
+    # deferred: pulls in transformers, slow to import; only this path needs it
     import transformers
 
     common = dict(vocab_size=config.vocab_size, tie_word_embeddings=config.tie_embeddings, dtype="float32",
@@ -171,8 +176,6 @@ def to_hf_state_dict(model: nn.Module, config: TransformerConfig) -> dict[str, t
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: TransformerConfig,
                        architecture: str) -> dict[str, torch.Tensor]:
     """The inverse of `to_hf_state_dict`: build our state dict from the exported tensors."""
-    from raylm.model.transformer import Transformer
-
     with torch.device("meta"):
         template = Transformer(config)
     ours = {k: torch.empty(v.shape, device="meta") for k, v in template.state_dict().items()}
@@ -231,8 +234,6 @@ def _split_block(name: str) -> tuple[int, str]:
 
 def write_tokenizer_files(tokenizer_json: str, out_dir: str, model_max_length: int) -> None:
     """`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` (raylm.data.tokenizer's)."""
-    from raylm.data.tokenizer import save_tokenizer, tokenizer_from_json
-
     save_tokenizer(tokenizer_from_json(tokenizer_json), out_dir, model_max_length)
 
 
@@ -240,10 +241,6 @@ def export_hf(model: nn.Module, model_config: TransformerConfig | dict[str, Any]
               out_dir: str) -> str:
     """Write `out_dir` as a `transformers` model folder; return its path. Raises ExportError first,
     before writing anything, for a model that neither Llama nor GPT-2 can express."""
-    from safetensors.torch import save_file
-
-    from raylm.model import as_config
-
     config = as_config(model_config)
     hf = hf_config(config, tokenizer_json)
     state = to_hf_state_dict(model, config)
@@ -256,8 +253,6 @@ def export_hf(model: nn.Module, model_config: TransformerConfig | dict[str, Any]
 
 
 def _read_safetensors(folder: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as handle:
@@ -274,8 +269,6 @@ def _read_safetensors(folder: str) -> dict[str, torch.Tensor]:
 
 def import_hf(folder: str) -> tuple[nn.Module, TransformerConfig]:
     """A raylm decoder (eval mode, float32) and its config from a Llama or GPT-2 model folder."""
-    from raylm.model.transformer import Transformer
-
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{folder} has no config.json")

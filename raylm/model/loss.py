@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from raylm.model.config import SEQ2SEQ_OBJECTIVES
+from raylm.model.span_corruption import span_corrupt
 
 
 def split_inputs_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,8 +63,6 @@ def lm_batch(rows: torch.Tensor, config, loss_mask: torch.Tensor | None = None, 
     target to be the next text token, and the prefix figure compares with the decoder's and across runs."""
     objective = objective or getattr(config, "seq2seq_objective", "prefix")
     if getattr(config, "arch", "decoder") == "encoder-decoder" and objective == "span_corruption":
-        from raylm.model.span_corruption import span_corrupt
-
         corrupted = span_corrupt(rows, config.vocab_size, config.noise_density, config.mean_span_length, seeds)
         targets = corrupted.targets
         if loss_mask is not None:  # a sentinel counts when its span's first token does

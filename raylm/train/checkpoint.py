@@ -48,6 +48,7 @@ def local_checkpoint(path: str) -> Iterator[str]:
     if "://" not in path or path.startswith("file://"):
         yield path.removeprefix("file://")
         return
+    # deferred: pulls in ray, slow to import; only this path needs it
     from ray.train import Checkpoint
 
     with Checkpoint(path).as_directory() as directory:
@@ -150,6 +151,7 @@ def newest_good_checkpoint(latest_path: str, filesystem=None) -> tuple[str, list
     Returns (path, refusals): each refusal is the error of a newer checkpoint that was skipped.
     Raises CheckpointError when none verifies.
     """
+    # deferred: pulls in pyarrow, ray, slow to import; only this path needs it
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 

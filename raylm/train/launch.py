@@ -17,12 +17,12 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-import mlflow
 import pyarrow.fs as pafs
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from raylm import tracking
 from raylm.artifacts import Packed, Pretrained
 from raylm.config import TrainConfig
 from raylm.model import TransformerConfig
@@ -182,19 +182,14 @@ def latest_run_stage(workspace: Workspace, planned: StageDir) -> StageDir:
 
 def plot_loss_curve(tracking_uri: str, run_id: str):
     """A matplotlib figure of the run's per-step train loss and its val loss (None if nothing logged)."""
+    # deferred: pulls in matplotlib, slow to import; only this path needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: pulls in matplotlib, slow to import; only this path needs it
     import matplotlib.pyplot as plt
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    curves = {}
-    for metric in ("step_loss", "val_loss"):
-        latest = {}
-        for point in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.timestamp):
-            latest[point.step] = point.value  # a step redone after a restart keeps its last value
-        curves[metric] = sorted(latest.items())
+    curves = {metric: tracking.metric_history(tracking_uri, run_id, metric) for metric in ("step_loss", "val_loss")}
     if not curves["step_loss"]:
         return None
     figure, axis = plt.subplots(figsize=(7, 4))
@@ -211,9 +206,8 @@ def plot_loss_curve(tracking_uri: str, run_id: str):
 
 def pretrain(model: TransformerConfig, train: TrainConfig, packed: Packed, stage: StageDir,
              tracking_uri: str, init_checkpoint: str | None = None) -> Pretrained:
-    run = mlflow.active_run()
-    trainer = build_trainer(model, train, packed, stage.path(), RUN_NAME, tracking_uri,
-                            run.info.run_id if run else None, init_checkpoint)
+    run_id = tracking.active_run_id()
+    trainer = build_trainer(model, train, packed, stage.path(), RUN_NAME, tracking_uri, run_id, init_checkpoint)
     fs, stop = pafs.FileSystem.from_uri(stage.path(RUN_NAME, STOP_FILE) if "://" in stage.path() else
                                         "file://" + stage.path(RUN_NAME, STOP_FILE))
     if fs.get_file_info(stop).type == pafs.FileType.File:
@@ -224,13 +218,13 @@ def pretrain(model: TransformerConfig, train: TrainConfig, packed: Packed, stage
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint under {stage.path(RUN_NAME)}")
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    if run is not None:
-        figure = plot_loss_curve(tracking_uri, run.info.run_id)
+    if run_id is not None:
+        figure = plot_loss_curve(tracking_uri, run_id)
         if figure is not None:
-            mlflow.log_figure(figure, "loss_curve.png")
+            tracking.log_figure(figure, "loss_curve.png")
     best = best_checkpoint(stage.path(RUN_NAME))
-    mlflow.set_tag("raylm.checkpoint", best or result.checkpoint.path)
-    mlflow.set_tag("raylm.last_checkpoint", result.checkpoint.path)
+    tracking.set_tag("raylm.checkpoint", best or result.checkpoint.path)
+    tracking.set_tag("raylm.last_checkpoint", result.checkpoint.path)
     log.info("pretrain: finished at step %s, val_loss %.4f, best checkpoint %s, last %s", metrics.get("step"),
              metrics.get("val_loss", float("nan")), best, result.checkpoint.path)
     return Pretrained(checkpoint=best or result.checkpoint.path, last_checkpoint=result.checkpoint.path,

@@ -1,7 +1,7 @@
 """Model FLOPs utilisation: achieved training FLOPs per second over the device's peak.
 
 Training FLOPs per token come from `raylm.model.sizing.flops_per_token` (6N plus attention). The peak
-is a datasheet figure for known GPUs (dense bf16) and, on CPU or an unknown device, measured once per
+is a datasheet figure for known GPUs (dense bf16, the table in raylm/gpus.py) and, on CPU or an unknown device, measured once per
 process by timing a large matmul in the training dtype, so the figure means "fraction of what this
 machine's matmul can do".
 """
@@ -12,9 +12,7 @@ import time
 
 import torch
 
-# dense (no sparsity) bf16 tensor-core peaks, FLOP/s
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
-                 "RTX 4090": 165e12, "A6000": 155e12}
+from raylm.gpus import known_gpu
 
 _measured: dict[str, float] = {}
 
@@ -39,8 +37,8 @@ def peak_flops(device: torch.device, bf16: bool) -> float:
     if key not in _measured:
         peak = None
         if device.type == "cuda":
-            name = torch.cuda.get_device_name(device)
-            peak = next((value for model, value in GPU_PEAK_BF16.items() if model in name), None)
+            gpu = known_gpu(torch.cuda.get_device_name(device))
+            peak = gpu.peak_flops if gpu else None
             if peak is not None and not bf16:
                 peak /= 2  # tf32 is about half of bf16 on these parts
         if peak is None:

@@ -17,6 +17,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
@@ -33,6 +35,7 @@ def world_size() -> int:
 
 def wrap_model(model: nn.Module, strategy: str, device: torch.device, bf16: bool, compile_model: bool) -> nn.Module:
     if strategy == "ddp":
+        # deferred: pulls in ray, slow to import; only this path needs it
         import ray.train.torch
 
         wrapped = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
@@ -41,8 +44,6 @@ def wrap_model(model: nn.Module, strategy: str, device: torch.device, bf16: bool
         return wrapped
     if strategy != "fsdp":
         raise ValueError(f"train.strategy = {strategy!r}: expected 'ddp' or 'fsdp'")
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model.to(device)
     mesh = init_device_mesh(device.type, (world_size(),))
@@ -80,7 +81,3 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model

@@ -20,16 +20,28 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-import mlflow
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from tokenizers import Tokenizer
 
+from raylm import tracking
 from raylm.artifacts import Finetuned, Packed
 from raylm.config import ConfigError, FinetuneConfig, TrainConfig
-from raylm.finetune import merge_lora, parameter_counts, prepare_for_finetune
+from raylm.finetune.methods import merge_lora, parameter_counts, prepare_for_finetune
 from raylm.model import TransformerConfig, build_model
-from raylm.train.checkpoint import (MODEL_CONFIG, TOKENIZER, TRAINER_STATE, check_complete, load_tokenizer_json,
-                                    load_training_state, local_checkpoint, save_checkpoint)
+from raylm.model.hf import ExportError, config_from_hf, from_hf_state_dict, import_hf
+from raylm.model.transformer import Transformer
+from raylm.train.checkpoint import (
+    MODEL_CONFIG,
+    TOKENIZER,
+    TRAINER_STATE,
+    check_complete,
+    load_tokenizer_json,
+    load_training_state,
+    local_checkpoint,
+    save_checkpoint,
+)
 from raylm.workspace import StageDir, Workspace, content_hash
 
 log = logging.getLogger("raylm")
@@ -105,7 +117,6 @@ def _from_checkpoint(directory: str, kind: str, source: str, run_id: str | None 
 
 def _safetensors_shapes(folder: str) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from the folder's safetensors headers (no weights read)."""
-    from safetensors import safe_open
 
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -129,8 +140,6 @@ def check_hf_folder(folder: str) -> TransformerConfig:
     `config.json` must describe a Llama or GPT-2 model `raylm.model.hf.import_hf` converts, its
     safetensors must hold every weight that model needs in the right shape (headers only are read), and
     it must carry the tokenizer (`tokenizer.json`) the fine-tuning data is tokenized with."""
-    from raylm.model.hf import ExportError, config_from_hf, from_hf_state_dict
-    from raylm.model.transformer import Transformer
 
     def refuse(reason: str) -> BaseModelError:
         return BaseModelError(f"--from {folder}: not a Hugging Face model folder raylm can fine-tune from: {reason}")
@@ -168,7 +177,6 @@ def check_hf_folder(folder: str) -> TransformerConfig:
     tokenizer_file = os.path.join(folder, "tokenizer.json")
     if not os.path.exists(tokenizer_file):
         raise refuse("no tokenizer.json (fine-tuning tokenizes its data with the base's own tokenizer)")
-    from tokenizers import Tokenizer
 
     try:
         tokens = Tokenizer.from_file(tokenizer_file).get_vocab_size()
@@ -199,8 +207,6 @@ def check_base_source(source: str) -> None:
 
 
 def _from_hf(folder: str, workspace: Workspace) -> Base:
-    from raylm.model.hf import import_hf
-
     check_hf_folder(folder)
     tokenizer_file = os.path.join(folder, "tokenizer.json")
     files = sorted(name for name in os.listdir(folder) if not name.startswith("."))
@@ -236,11 +242,9 @@ def resolve_base(source: str, workspace: Workspace, tracking_uri: str | None = N
         raise BaseModelError(f"--from {source}: folder is neither a raylm checkpoint ({MODEL_CONFIG}), a stage folder "
                          "(manifest.json) nor a Hugging Face model folder (config.json)")
     if tracking_uri and len(source) == 32 and all(c in "0123456789abcdef" for c in source):
-        from mlflow.tracking import MlflowClient
-
         try:
-            run = MlflowClient(tracking_uri).get_run(source)
-        except mlflow.exceptions.MlflowException as error:
+            run = tracking.client(tracking_uri).get_run(source)
+        except tracking.MlflowException as error:
             raise BaseModelError(f"--from {source}: no such MLflow run in {tracking_uri} ({error})") from None
         checkpoint = run.data.tags.get("raylm.merged_checkpoint") or run.data.tags.get("raylm.checkpoint")
         if not checkpoint:
@@ -318,6 +322,7 @@ def export_merged(checkpoint: str, spec: dict[str, Any], stage: StageDir, tokeni
     model = load_finetuned(checkpoint, spec)
     if stage.workspace.is_local:
         return write_plain_checkpoint(stage.path("merged"), model, model.config.to_dict(), tokenizer_json, trainer_state)
+    # deferred: pulls in pyarrow, slow to import; only this path needs it
     import pyarrow.fs as pafs
 
     with tempfile.TemporaryDirectory(prefix="raylm-merged-") as local:
@@ -329,6 +334,7 @@ def export_merged(checkpoint: str, spec: dict[str, Any], stage: StageDir, tokeni
 
 def finetune(model: TransformerConfig, train: TrainConfig, finetune_config: FinetuneConfig, base: Base,
              packed: Packed, stage: StageDir, tracking_uri: str) -> Finetuned:
+    # deferred: pulls in ray, slow to import; only this path needs it
     from raylm.train.launch import best_checkpoint, build_trainer
 
     packed.require_val("raise finetune.val_fraction or add data")
@@ -341,12 +347,12 @@ def finetune(model: TransformerConfig, train: TrainConfig, finetune_config: Fine
                          f"model {base.checkpoint} has vocab_size {base.model_config['vocab_size']}{reason}")
     spec = finetune_spec(finetune_config)
     counts = count_parameters(base.model_config, spec)
-    run = mlflow.active_run()
-    mlflow.set_tags({**base.lineage_tags(), "raylm.finetune.method": finetune_config.method})
+    run_id = tracking.active_run_id()
+    tracking.set_tags({**base.lineage_tags(), "raylm.finetune.method": finetune_config.method})
     log.info("finetune: %s from %s, %d of %d parameters trainable (%.2f%%)", finetune_config.method, base.checkpoint,
              counts["params_trainable"], counts["params_total"], 100 * counts["params_trainable"] / counts["params_total"])
     trainer = build_trainer(model, train, packed, stage.path(), RUN_NAME, tracking_uri,
-                            run.info.run_id if run else None, init_checkpoint=base.checkpoint,
+                            run_id, init_checkpoint=base.checkpoint,
                             finetune=spec)
     result = trainer.fit()
     if result.error:
@@ -363,9 +369,9 @@ def finetune(model: TransformerConfig, train: TrainConfig, finetune_config: Fine
         trainer_state = {"step": int(metrics.get("step", 0)), "merged_from": checkpoint}
         adapter_checkpoint = checkpoint
         merged_checkpoint = checkpoint = export_merged(checkpoint, spec, stage, base.tokenizer_json, trainer_state)
-        mlflow.set_tag("raylm.adapter_checkpoint", adapter_checkpoint)
-        mlflow.set_tag("raylm.merged_checkpoint", merged_checkpoint)
-    mlflow.set_tag("raylm.checkpoint", checkpoint)
+        tracking.set_tag("raylm.adapter_checkpoint", adapter_checkpoint)
+        tracking.set_tag("raylm.merged_checkpoint", merged_checkpoint)
+    tracking.set_tag("raylm.checkpoint", checkpoint)
     log.info("finetune: val loss %.4f -> %.4f, checkpoint %s", before, after, checkpoint)
     return Finetuned(
         checkpoint=checkpoint, adapter_checkpoint=adapter_checkpoint, merged_checkpoint=merged_checkpoint,

@@ -66,6 +66,7 @@ def freeze_layers(model: nn.Module, first_blocks: int | None = None, last_blocks
 
 
 def lora_config(settings: dict[str, Any]):
+    # deferred: pulls in peft, slow to import; only this path needs it
     from peft import LoraConfig
 
     return LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
@@ -86,6 +87,7 @@ def lora_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
 
 def add_lora(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
     """Wrap the target Linear modules with LoRA adapters (peft); only adapters require grad."""
+    # deferred: pulls in peft, slow to import; only this path needs it
     from peft import get_peft_model
 
     targets = lora_targets(model, settings.get("target_modules"))
@@ -108,6 +110,7 @@ def prepare_for_finetune(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
 
 
 def is_lora(model: nn.Module) -> bool:
+    # deferred: pulls in peft, slow to import; only this path needs it
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
