@@ -68,15 +68,16 @@ def plain_loop(model_cfg: TransformerConfig, train: TrainConfig, packed: Packed,
 
 
 def raylm_run(model_cfg: TransformerConfig, train: TrainConfig, packed: Packed, folder: Path, name: str,
-              extra_metrics: tuple[str, ...] = ()) -> dict[str, list[float]]:
-    """Per report window, tokens/s (and `extra_metrics`) of the real trainer, read back from its MLflow run."""
+              extra_metrics: tuple[str, ...] = (), storage: str | None = None) -> dict[str, list[float]]:
+    """Per report window, tokens/s (and `extra_metrics`) of the real trainer, read back from its MLflow run.
+    The run's checkpoints go under `storage` (default: `folder/runs`)."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{folder}/mlflow.db"
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("bench") or client.get_experiment(client.create_experiment("bench"))
     run_id = client.create_run(experiment.experiment_id, run_name=name).info.run_id
-    result = build_trainer(model_cfg, train, packed, str(folder / "runs"), name, uri, run_id).fit()
+    result = build_trainer(model_cfg, train, packed, storage or str(folder / "runs"), name, uri, run_id).fit()
     if result.error:
         raise result.error
     return {key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 
 import ray
 import yaml
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raylm.config import ClusterConfig, ConfigError
+from raylm.storage import is_object_store, probe_workspace
 
 log = logging.getLogger("raylm")
 
@@ -86,6 +88,20 @@ def storage_problems(storage: list[LocalStorage], unseen: dict[str, list[str]]) 
     return problems
 
 
+def _on_node(node: dict, function, *args):
+    strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+    return ray.remote(num_cpus=0, max_retries=0)(function).options(scheduling_strategy=strategy).remote(*args)
+
+
+def _check_object_store_from_every_node(root: str, nodes: list[dict], timeout_s: float) -> None:
+    refs = {_on_node(node, probe_workspace, root): node["NodeManagerAddress"] for node in nodes}
+    problems = [f"{problem} (from node {refs[ref]})" for ref, problem in zip(refs, ray.get(list(refs), timeout=timeout_s))
+                if problem]
+    if problems:
+        raise ConfigError(problems)
+    log.info("shared storage: %s written, read and deleted from all %d nodes", root, len(nodes))
+
+
 def _sees_probe(folder: str, name: str, content: str) -> bool:
     try:
         with open(os.path.join(folder, name)) as handle:
@@ -96,17 +112,21 @@ def _sees_probe(folder: str, name: str, content: str) -> bool:
 
 def check_shared_storage(config: ClusterConfig, workspace_root: str, tracking_uri: str,
                          timeout_s: float = 120.0) -> int:
-    """Raise ConfigError when a local folder the run writes to is not seen by every alive node.
-    Returns the number of nodes checked (0 when nothing needed checking)."""
+    """Raise ConfigError when a local folder the run writes to is not seen by every alive node, or when
+    a node cannot write, read and delete an object in an object-store workspace (its credentials or
+    endpoint differ from the driver's). Returns the number of nodes checked (0 when nothing needed it)."""
     if not config.check_shared_storage or not ray.is_initialized():
         return 0
     nodes = [node for node in ray.nodes() if node["Alive"]]
-    storage = local_storage(workspace_root, tracking_uri)
-    if len(nodes) < 2 or not storage:
+    if len(nodes) < 2:
         return 0
-    # deferred: pulls in ray, slow to import; only this path needs it
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+    checked = 0
+    if is_object_store(workspace_root):
+        _check_object_store_from_every_node(workspace_root, nodes, timeout_s)
+        checked = len(nodes)
+    storage = local_storage(workspace_root, tracking_uri)
+    if not storage:
+        return checked
     name, content = f"{PROBE_PREFIX}{uuid.uuid4().hex}", uuid.uuid4().hex
     folders = sorted({item.folder for item in storage})
     for folder in folders:
@@ -114,13 +134,10 @@ def check_shared_storage(config: ClusterConfig, workspace_root: str, tracking_ur
         with open(os.path.join(folder, name), "w") as handle:
             handle.write(content)
     try:
-        probe = ray.remote(num_cpus=0, max_retries=0)(_sees_probe)
         pending = {}
         for node in nodes:
-            strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
             for folder in folders:
-                ref = probe.options(scheduling_strategy=strategy).remote(folder, name, content)
-                pending[ref] = (folder, node["NodeManagerAddress"])
+                pending[_on_node(node, _sees_probe, folder, name, content)] = (folder, node["NodeManagerAddress"])
         seen = ray.get(list(pending), timeout=timeout_s)
     finally:
         for folder in folders:

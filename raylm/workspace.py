@@ -384,7 +384,7 @@ class StageDir:
             return json.loads(stream.read())
 
 
-def resolve_stage_dir(workspace: Workspace, uri_or_path: str) -> StageDir:
+def resolve_stage_dir(uri_or_path: str) -> StageDir:
     """A finished stage folder from its URI/path (`<root>/<stage>/<key>`), checked for its marker."""
     clean = uri_or_path.rstrip("/")
     stage_name, key = clean.split("/")[-2:]

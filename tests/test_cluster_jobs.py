@@ -225,6 +225,21 @@ def test_pipeline_job_on_a_two_node_cluster_logs_to_the_mlflow_server(cluster):
 
 
 @pytest.mark.slow
+def test_curate_job_on_an_s3_workspace_is_checked_from_both_nodes(cluster, s3_bucket):
+    """Every node writes, reads and deletes a probe object before any stage runs; the stage then commits
+    on the bucket (the S3 endpoint and credentials reach both nodes through their environment)."""
+    from raylm.workspace import Workspace
+
+    workspace = f"{s3_bucket}/ws"
+    status, logs = submit(cluster, "raylm-curate-s3", "jobs/curate.py", "--config", "configs/tiny.yaml",
+                          "--workspace", workspace)
+    assert "SUCCEEDED" in status, status + logs[-3000:]
+    assert f"{workspace} written, read and deleted from all 2 nodes" in logs
+    manifest = Workspace(workspace).finished_runs("curate")[0].manifest()
+    assert manifest["counts"]["kept"] > 0 and manifest["outputs"]["train"].startswith(f"{workspace}/curate/")
+
+
+@pytest.mark.slow
 def test_job_with_a_bad_config_fails_fast_with_the_error_in_its_logs(cluster):
     started = time.time()
     status, logs = submit(cluster, "raylm-bad-config", "jobs/pretrain.py", "--config", "configs/tiny.yaml",

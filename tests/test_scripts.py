@@ -31,7 +31,7 @@ SMALL_RUNS = {
     "model.py": ("model", ["--batch", "2", "--seq", "32", "--rounds", "1", "--steps", "1", "--gen-batch", "1",
                            "--gen-prompt", "4", "--gen-tokens", "4"]),
     "sandbox.py": ("sandbox", ["--programs", "4", "--workers", "2", "--repeats", "1"]),
-    "storage.py": ("storage", ["--repeats", "1", "--sizes", "tiny"]),
+    "storage.py": ("storage", ["--repeats", "1", "--sizes", "tiny", "--train-steps", "10"]),
     "tokenization.py": ("tokenize", ["--mb", "0.5", "--vocab", "512", "--files", "2", "--repeats", "1"]),
     "train.py": ("train", ["--steps", "10", "--report-every", "5", "--d-model", "32", "--seq-len", "32", "--batch", "4",
                            "--micro", "2"]),

@@ -33,7 +33,7 @@ def test_marker_is_written_last_and_required(workspace_dir):
         stage.manifest()
     manifest = stage.finish({"counts": {"rows": 3}})
     assert stage.is_complete() and manifest["counts"] == {"rows": 3}
-    assert resolve_stage_dir(stage.workspace, stage.uri).manifest()["key"] == stage.key
+    assert resolve_stage_dir(stage.uri).manifest()["key"] == stage.key
 
 
 @pytest.fixture()
@@ -176,5 +176,5 @@ def test_stages_written_by_older_versions_still_read(workspace_dir):
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text(json.dumps({"key": "oldkey", "rows": 3}))
     (folder / SUCCESS_MARKER).write_text("2026-01-01T00:00:00Z\n")
-    stage = resolve_stage_dir(Workspace(str(workspace_dir)), str(folder))
+    stage = resolve_stage_dir(str(folder))
     assert stage.manifest()["rows"] == 3 and stage.path("kept") == str(folder / "kept")

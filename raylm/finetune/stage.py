@@ -17,9 +17,11 @@ import json
 import logging
 import os
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 import torch.nn as nn
 from safetensors import safe_open
@@ -32,6 +34,7 @@ from raylm.finetune.methods import merge_lora, parameter_counts, prepare_for_fin
 from raylm.model import TransformerConfig, build_model
 from raylm.model.hf import ExportError, config_from_hf, from_hf_state_dict, import_hf
 from raylm.model.transformer import Transformer
+from raylm.storage import filesystem_for
 from raylm.train.checkpoint import (
     MODEL_CONFIG,
     TOKENIZER,
@@ -42,7 +45,7 @@ from raylm.train.checkpoint import (
     local_checkpoint,
     save_checkpoint,
 )
-from raylm.workspace import StageDir, Workspace, content_hash
+from raylm.workspace import SUCCESS_MARKER, StageDir, Workspace, content_hash, resolve_stage_dir
 
 log = logging.getLogger("raylm")
 
@@ -69,6 +72,8 @@ class Base:
 
     @property
     def fingerprint(self) -> str:
+        if is_remote(self.checkpoint):
+            return content_hash(self.checkpoint)  # checkpoint folders on object stores are written once
         state = os.path.join(self.checkpoint, TRAINER_STATE)
         stamp = os.stat(state).st_mtime_ns if os.path.exists(state) else 0
         return content_hash(os.path.abspath(self.checkpoint), stamp)
@@ -103,6 +108,40 @@ def _stage_run_id(checkpoint: str) -> str | None:
     stage_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
     manifest = os.path.join(stage_dir, "manifest.json")
     return _read_json(manifest).get("mlflow_run_id") if os.path.exists(manifest) else None
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _from_remote_checkpoint(uri: str, kind: str, source: str, run_id: str | None = None) -> Base:
+    """A checkpoint on an object store: the workers read it there (`init_checkpoint`); the driver reads its
+    config and tokenizer from a download, and keeps the tokenizer in a local folder named by its hash, so
+    the fine-tuning tokenize stage sees the same path (and stage hash) on every rerun."""
+    with local_checkpoint(uri) as directory:
+        local = _from_checkpoint(directory, kind, source, run_id or "")
+    cache = os.path.join(tempfile.gettempdir(), "raylm-base-tokenizers", content_hash(local.tokenizer_json))
+    os.makedirs(cache, exist_ok=True)
+    tokenizer_path = os.path.join(cache, TOKENIZER)
+    with open(tokenizer_path, "w", encoding="utf-8") as handle:
+        handle.write(local.tokenizer_json)
+    return dataclasses.replace(local, checkpoint=uri.rstrip("/"), tokenizer_path=tokenizer_path,
+                               mlflow_run_id=run_id)
+
+
+def _from_stage_folder(folder: str, source: str) -> Base:
+    """A finished stage folder (`<workspace>/<stage>/<key>`, local or remote): the checkpoint its committed
+    manifest names (the merged one of a LoRA fine-tune)."""
+    try:
+        manifest = resolve_stage_dir(folder).manifest()
+    except (FileNotFoundError, OSError, ValueError) as error:
+        raise BaseModelError(f"--from {source}: the stage folder's manifest cannot be read ({error})") from None
+    checkpoint = manifest.get("merged_checkpoint") or manifest.get("checkpoint")
+    if not checkpoint:
+        raise BaseModelError(f"--from {source}: the stage folder's manifest names no checkpoint")
+    if is_remote(checkpoint):
+        return _from_remote_checkpoint(checkpoint, "stage", source, manifest.get("mlflow_run_id"))
+    return _from_checkpoint(checkpoint, "stage", source, manifest.get("mlflow_run_id"))
 
 
 def _from_checkpoint(directory: str, kind: str, source: str, run_id: str | None = None) -> Base:
@@ -196,11 +235,13 @@ def is_hf_folder(path: str) -> bool:
     """A folder `resolve_base` treats as a Hugging Face model: config.json, not a raylm checkpoint or stage."""
     return (os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
             and not os.path.exists(os.path.join(path, MODEL_CONFIG))
-            and not os.path.exists(os.path.join(path, "manifest.json")))
+            and not os.path.exists(os.path.join(path, SUCCESS_MARKER)))
 
 
 def check_base_source(source: str) -> None:
     """The checks on `--from` that need neither Ray nor the workspace (the CLI runs them first)."""
+    if is_remote(source):
+        return  # read (and checked) when the base is resolved
     path = local_path(source)
     if is_hf_folder(path):
         check_hf_folder(path)
@@ -225,22 +266,26 @@ def _from_hf(folder: str, workspace: Workspace) -> Base:
 
 
 def resolve_base(source: str, workspace: Workspace, tracking_uri: str | None = None) -> Base:
-    """A checkpoint dir, a stage folder, an HF model folder, or an MLflow run id -> Base."""
+    """A checkpoint dir, a stage folder (local or on an object store), an HF model folder, or an MLflow run
+    id -> Base."""
+    if is_remote(source):
+        fs, path = filesystem_for(source.rstrip("/"))
+        if fs.get_file_info(f"{path}/{MODEL_CONFIG}").type == pafs.FileType.File:
+            return _from_remote_checkpoint(source, "checkpoint", source)
+        if fs.get_file_info(f"{path}/{SUCCESS_MARKER}").type == pafs.FileType.File:
+            return _from_stage_folder(source.rstrip("/"), source)
+        raise BaseModelError(f"--from {source}: neither a raylm checkpoint ({MODEL_CONFIG}) nor a finished stage "
+                             f"folder ({SUCCESS_MARKER}) on the object store")
     path = local_path(source)
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, MODEL_CONFIG)):
             return _from_checkpoint(path, "checkpoint", source)
-        manifest_file = os.path.join(path, "manifest.json")
-        if os.path.exists(manifest_file):
-            manifest = _read_json(manifest_file)
-            checkpoint = manifest.get("merged_checkpoint") or manifest.get("checkpoint")
-            if not checkpoint:
-                raise BaseModelError(f"--from {source}: the stage folder's manifest names no checkpoint")
-            return _from_checkpoint(checkpoint, "stage", source, manifest.get("mlflow_run_id"))
+        if os.path.exists(os.path.join(path, SUCCESS_MARKER)):
+            return _from_stage_folder(path, source)
         if is_hf_folder(path):
             return _from_hf(path, workspace)
-        raise BaseModelError(f"--from {source}: folder is neither a raylm checkpoint ({MODEL_CONFIG}), a stage folder "
-                         "(manifest.json) nor a Hugging Face model folder (config.json)")
+        raise BaseModelError(f"--from {source}: folder is neither a raylm checkpoint ({MODEL_CONFIG}), a finished "
+                             f"stage folder ({SUCCESS_MARKER}) nor a Hugging Face model folder (config.json)")
     if tracking_uri and len(source) == 32 and all(c in "0123456789abcdef" for c in source):
         try:
             run = tracking.client(tracking_uri).get_run(source)
@@ -249,8 +294,8 @@ def resolve_base(source: str, workspace: Workspace, tracking_uri: str | None = N
         checkpoint = run.data.tags.get("raylm.merged_checkpoint") or run.data.tags.get("raylm.checkpoint")
         if not checkpoint:
             raise BaseModelError(f"--from {source}: MLflow run {source} has no raylm.checkpoint tag")
-        if "://" in checkpoint and not checkpoint.startswith("file://"):
-            raise BaseModelError(f"--from {source}: checkpoint {checkpoint} is remote; pass a local copy")
+        if is_remote(checkpoint):
+            return _from_remote_checkpoint(checkpoint, "run", source, source)
         return _from_checkpoint(checkpoint.removeprefix("file://"), "run", source, source)
     raise BaseModelError(f"--from {source}: not a directory or an MLflow run id")
 
@@ -322,9 +367,6 @@ def export_merged(checkpoint: str, spec: dict[str, Any], stage: StageDir, tokeni
     model = load_finetuned(checkpoint, spec)
     if stage.workspace.is_local:
         return write_plain_checkpoint(stage.path("merged"), model, model.config.to_dict(), tokenizer_json, trainer_state)
-    # deferred: pulls in pyarrow, slow to import; only this path needs it
-    import pyarrow.fs as pafs
-
     with tempfile.TemporaryDirectory(prefix="raylm-merged-") as local:
         write_plain_checkpoint(local, model, model.config.to_dict(), tokenizer_json, trainer_state)
         pafs.copy_files(local, stage.fs_path("merged"), source_filesystem=pafs.LocalFileSystem(),

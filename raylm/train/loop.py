@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
+from ray.train import CheckpointUploadMode
 import torch
 import torch.distributed as dist
 
@@ -143,6 +144,7 @@ class Trainer:
         self.config, self.train = config, config.train
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.checkpoint_wait_s: float | None = None  # the last checkpoint's save time, for the next report
         self.device = ray.train.torch.get_device()
         self.bf16 = use_bf16(self.train.precision, self.device)
         torch.manual_seed(self.train.seed)  # identical initial weights on every worker
@@ -326,11 +328,13 @@ class Trainer:
                     **self.base}
         elapsed = time.perf_counter() - window["started"]
         tokens_per_s = window["tokens"] / elapsed
+        waited = {"checkpoint_wait_s": self.checkpoint_wait_s} if self.checkpoint_wait_s is not None else {}
+        self.checkpoint_wait_s = None
         return {"step": state["step"], "loss": window["loss"] / window["steps"], "lr": self.lr,
                 "grad_norm": self.grad_norm, "tokens_per_s": tokens_per_s, "step_time_s": elapsed / window["steps"],
                 "mfu": mfu(self.flops, tokens_per_s / self.world, self.peak), "tokens_seen": state["tokens_seen"],
                 "val_loss_initial": state.get("val_loss_initial", math.nan),
-                **device_memory_metrics(self.device), **self.base}
+                **device_memory_metrics(self.device), **waited, **self.base}
 
     def _open_window(self) -> None:
         self.window = {"loss": 0.0, "tokens": 0, "steps": 0, "started": time.perf_counter()}
@@ -340,15 +344,24 @@ class Trainer:
                              self.train.min_lr_ratio)
 
     def _save_and_report(self, metrics: dict[str, float]) -> None:
+        """Save this rank's shards to a local folder and hand it to Ray, which uploads it to the run's storage
+        in a background thread and deletes the local copy once uploaded. The step waits for the local save
+        only, however slow the storage (an object store); Ray registers the checkpoint after the upload and
+        flushes pending uploads when the loop ends. The wait is reported in the next window's metrics."""
         step = self.state["step"]
+        started = time.perf_counter()
         directory = tempfile.mkdtemp(prefix=f"raylm-step{step}-rank{self.rank}-")
         try:
             save_checkpoint(directory, self.model, self.optimizer, dict(self.state), self.config.model.to_dict(),
                             self.config.tokenizer_json, self.rank)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=f"checkpoint_{step:07d}_r{self.state['restarts']:03d}")
-        finally:
+        except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
+            raise
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=f"checkpoint_{step:07d}_r{self.state['restarts']:03d}",
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
+        self.checkpoint_wait_s = time.perf_counter() - started
 
 
 def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
