@@ -24,7 +24,7 @@ JOBS = sorted((REPO / "jobs").glob("*.py"))
 
 # Each benchmark's figures-line prefix and small sizes (its defaults are the full sizes `make bench` runs).
 SMALL_RUNS = {
-    "dedup.py": ("dedup", ["--docs", "60", "--no-gutenberg"]),
+    "dedup.py": ("dedup", ["--docs", "60", "--no-gutenberg", "--repeats", "1", "--largest-scale", "2"]),
     "eval.py": ("eval", ["--limit", "4", "--d-model", "32", "--layers", "1", "--seq-len", "64", "--batch-size", "4"]),
     "finetune.py": ("finetune", ["--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "64", "--batch", "2",
                                  "--steps", "3", "--warmup", "1"]),
