@@ -124,6 +124,26 @@ def test_domain_task_from_held_out_text(checkpoint, lm, tmp_path):
     assert all(len(d["endings"]) == 4 and len(set(d["endings"])) == 4 for d in docs)
 
 
+def test_held_out_text_reads_a_parquet_folder_jsonl_and_plain_text_and_names_a_bad_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raylm.eval.domain import read_texts
+
+    split = tmp_path / "kept" / "val"
+    split.mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["première", "", "zweite"]}), split / "part-0.parquet")
+    (split / "_SUCCESS").write_text("")  # the commit marker beside the shards is not a parquet file
+    assert sorted(read_texts(str(split))) == ["première", "zweite"]
+    plain = tmp_path / "val.txt"
+    plain.write_text("one\n\n\ntwo\nlines\n")
+    assert list(read_texts(str(plain))) == ["one", "two\nlines"]
+    lines = tmp_path / "val.jsonl"
+    lines.write_text('{"text": "a"}\n\n["not", "an", "object"]\n')
+    with pytest.raises(ValueError, match=r"val.jsonl:3: expected a JSON object with 'text'"):
+        list(read_texts(str(lines)))
+
+
 def test_extra_multiple_choice_task_by_configuration(shared_data, checkpoint, lm, tmp_path):
     source = shared_data / "benchmarks" / "arc" / "llm-foundry-icl" / "arc_easy_test.jsonl"
     mine = tmp_path / "my_science.jsonl"

@@ -9,33 +9,39 @@ a seed, so the task is the same on every run. It runs through lm-eval as a multi
 
 from __future__ import annotations
 
+import io
 import json
 import random
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
 import yaml
 
 
 def read_texts(path: str) -> Iterator[str]:
-    """Document texts from a parquet file or folder (curated split), jsonl (`text`), or plain text (one doc per blank-line paragraph)."""
-    source = Path(path)
-    if source.is_dir() or source.suffix == ".parquet":
-        # deferred: pulls in pyarrow, slow to import; only this path needs it
-        import pyarrow.dataset as ds
+    """Document texts from a parquet file or folder (curated split), jsonl (`text`), or plain text (one doc per
+    blank-line paragraph), on any store the workspace can be on (a local path, `s3://`, `gs://`)."""
+    # deferred: pulls in pyarrow, slow to import; only this path needs it
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
 
-        table = ds.dataset(str(source), format="parquet").to_table(columns=["text"])
+    from raylm.storage import filesystem_for
+
+    fs, fs_path = filesystem_for(path)
+    suffix = PurePosixPath(fs_path).suffix
+    if suffix == ".parquet" or fs.get_file_info(fs_path).type == pafs.FileType.Directory:
+        table = ds.dataset(fs_path, filesystem=fs, format="parquet").to_table(columns=["text"])
         yield from (t for t in table.column("text").to_pylist() if t)
-    elif source.suffix in (".jsonl", ".json"):
-        with open(source, encoding="utf-8") as handle:
+        return
+    with fs.open_input_stream(fs_path) as raw, io.TextIOWrapper(raw, encoding="utf-8") as handle:
+        if suffix in (".jsonl", ".json"):
             for number, line in enumerate(handle, start=1):
                 if line.strip():
                     try:
                         yield json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError) as error:
-                        raise ValueError(f"{source}:{number}: expected a JSON object with 'text' ({error})") from error
-    else:
-        with open(source, encoding="utf-8") as handle:
+                    except (json.JSONDecodeError, KeyError, TypeError) as error:
+                        raise ValueError(f"{path}:{number}: expected a JSON object with 'text' ({error})") from error
+        else:
             yield from (p.strip() for p in handle.read().split("\n\n") if p.strip())
 
 
