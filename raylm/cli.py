@@ -316,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"raylm: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # a checkpoint that is damaged, incomplete or crafted (generate, export)
+        from raylm.train.checkpoint import CheckpointError
+
+        if not isinstance(error, CheckpointError):
+            raise
+        print(f"raylm: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

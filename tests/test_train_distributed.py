@@ -203,6 +203,24 @@ def test_corrupted_newest_checkpoint_is_refused_and_the_previous_used(runs, ddp1
     assert result.metrics["val_loss"] == pytest.approx(runs.results["ddp1"].metrics["val_loss"], abs=RESUME_TOLERANCE)
 
 
+def test_a_crafted_newest_checkpoint_runs_no_code_on_resume_and_the_previous_is_used(runs, ddp1, tmp_path):
+    """The newest checkpoint verifies (its lists were rewritten) but its metadata is a crafted pickle: the
+    worker refuses it while loading, counts it, and resumes from the one before, running nothing."""
+    import os
+
+    from tests.test_checkpoint_safety import RunsCode, plant_in_metadata
+
+    target = runs.copy_run("ddp1", "crafted")
+    marker = tmp_path / "PWNED"
+    plant_in_metadata(target / "checkpoint_0000020_r000", RunsCode(os.system, f"touch {marker}"))
+    assert verify_checkpoint(str(target / "checkpoint_0000020_r000"))["step"] == 20
+    runs.run_ids["crafted"] = runs.run_ids["ddp1"]
+    result = runs.fit("crafted", workers=1, max_steps=20)
+    assert result.metrics["checkpoints_refused"] == 1 and not marker.exists()
+    assert result.metrics["resumed_from_step"] == 10 and result.metrics["step"] == 20
+    assert result.metrics["val_loss"] == pytest.approx(runs.results["ddp1"].metrics["val_loss"], abs=RESUME_TOLERANCE)
+
+
 def test_early_stopping_keeps_the_best_checkpoint(runs):
     # a learning rate far too high: val loss stops improving after the first evaluations
     result = runs.fit("early", workers=1, lr=0.5, warmup_steps=0, max_steps=60, eval_every=2, checkpoint_every=2,

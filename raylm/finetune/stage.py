@@ -39,12 +39,14 @@ from raylm.train.checkpoint import (
     MODEL_CONFIG,
     TOKENIZER,
     TRAINER_STATE,
-    check_complete,
+    CheckpointError,
     load_tokenizer_json,
     load_training_state,
     local_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
+from raylm.train.safe_dcp import UnsafeCheckpointError, check_metadata
 from raylm.workspace import SUCCESS_MARKER, StageDir, Workspace, content_hash, resolve_stage_dir
 
 log = logging.getLogger("raylm")
@@ -144,8 +146,17 @@ def _from_stage_folder(folder: str, source: str) -> Base:
     return _from_checkpoint(checkpoint, "stage", source, manifest.get("mlflow_run_id"))
 
 
+def check_checkpoint(directory: str, source: str) -> None:
+    """On the driver, so that a damaged or crafted base is one line, not a worker's traceback."""
+    try:
+        verify_checkpoint(directory)
+        check_metadata(directory)
+    except (CheckpointError, UnsafeCheckpointError) as error:
+        raise BaseModelError(f"--from {source}: {error}") from None
+
+
 def _from_checkpoint(directory: str, kind: str, source: str, run_id: str | None = None) -> Base:
-    check_complete(directory)
+    check_checkpoint(directory, source)
     tokenizer_json = load_tokenizer_json(directory)
     if tokenizer_json is None:
         raise BaseModelError(f"--from {source}: checkpoint {directory} has no {TOKENIZER}")
@@ -245,6 +256,8 @@ def check_base_source(source: str) -> None:
     path = local_path(source)
     if is_hf_folder(path):
         check_hf_folder(path)
+    elif os.path.exists(os.path.join(path, MODEL_CONFIG)):
+        check_checkpoint(path, source)
 
 
 def _from_hf(folder: str, workspace: Workspace) -> Base:

@@ -1,14 +1,15 @@
 """Checkpoints as directories: sharded model and optimizer state, plus the trainer state as JSON.
 
 Model and optimizer state go through `torch.distributed.checkpoint` (DCP): every worker writes its
-own shard and rank 0 the metadata, so a checkpoint saved by N workers loads on M, and loading never
-unpickles arbitrary objects. Beside the shards: `trainer_state.json` (step, tokens seen, data
-position, best val loss), `model_config.json`, `tokenizer.json`, and each rank's RNG state.
+own shard and rank 0 the metadata, so a checkpoint saved by N workers loads on M. Loading goes through
+`safe_dcp.load_state`, which reads DCP's pickles with restricted unpicklers: a crafted checkpoint is
+refused, naming the file, and runs no code. Beside the shards: `trainer_state.json` (step, tokens seen,
+data position, best val loss, world size), `model_config.json`, `tokenizer.json`, each rank's RNG state.
 
-Every rank also lists the files it wrote with their sizes and SHA-256 (`files_rank<r>.json`), and rank
-0 writes `trainer_state.json` last, naming the world size. `verify_checkpoint` checks all of that
-before anything is loaded, so a truncated or corrupted checkpoint is refused whole, never half-read;
-`newest_good_checkpoint` walks back from the newest checkpoint of a run to the first one that passes.
+Every rank lists the files it wrote with their sizes and SHA-256 (`files_rank<r>.json`, written last);
+rank 0's list covers the metadata, the trainer state, the model config and the tokenizer. `verify_checkpoint`
+checks all of that before anything is loaded, so a truncated or corrupted checkpoint is refused whole,
+never half-read; `good_checkpoints` walks back from the newest checkpoint of a run through the ones that pass.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from raylm.model import TransformerConfig, build_model
+from raylm.train.safe_dcp import load_state
 
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
@@ -82,7 +84,7 @@ def _sha256(path: str) -> str:
 
 
 def _write_file_list(directory: str, rank: int) -> None:
-    names = sorted(n for n in os.listdir(directory) if n != TRAINER_STATE and not n.startswith("files_rank"))
+    names = sorted(n for n in os.listdir(directory) if not n.startswith("files_rank"))
     listing = {n: {"bytes": os.path.getsize(os.path.join(directory, n)), "sha256": _sha256(os.path.join(directory, n))}
                for n in names if os.path.isfile(os.path.join(directory, n))}
     _write_json(os.path.join(directory, FILES.format(rank=rank)), listing)
@@ -100,49 +102,102 @@ def save_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Opt
         if tokenizer_json is not None:
             with open(os.path.join(directory, TOKENIZER), "w") as handle:
                 handle.write(tokenizer_json)
-    _write_file_list(directory, rank)
-    if rank == 0:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        _write_json(os.path.join(directory, TRAINER_STATE), {**trainer_state, "world_size": world})  # last
+        _write_json(os.path.join(directory, TRAINER_STATE), {**trainer_state, "world_size": world})
+    _write_file_list(directory, rank)  # last: its presence says this rank's part is complete
+
+
+REQUIRED_BY_RANK0 = (DCP_METADATA, TRAINER_STATE, MODEL_CONFIG)
 
 
 def check_complete(directory: str) -> None:
-    missing = [name for name in (DCP_METADATA, TRAINER_STATE, MODEL_CONFIG) if not os.path.exists(os.path.join(directory, name))]
+    required = (*REQUIRED_BY_RANK0, FILES.format(rank=0))
+    missing = [name for name in required if not os.path.exists(os.path.join(directory, name))]
     if missing:
         raise CheckpointError(f"checkpoint {directory} is incomplete: missing {', '.join(missing)}")
 
 
+def _read_json(directory: str, name: str) -> Any:
+    try:
+        with open(os.path.join(directory, name)) as handle:
+            return json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"checkpoint {directory}: {name} is not valid JSON ({error})") from None
+
+
 def read_trainer_state(directory: str) -> dict[str, Any]:
     check_complete(directory)
-    try:
-        with open(os.path.join(directory, TRAINER_STATE)) as handle:
-            return json.load(handle)
-    except ValueError as error:
-        raise CheckpointError(f"checkpoint {directory}: {TRAINER_STATE} is not valid JSON ({error})") from None
+    state = _read_json(directory, TRAINER_STATE)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {directory}: {TRAINER_STATE} is not a JSON object")
+    return state
+
+
+def _check_listed_files(directory: str, rank: int, required: tuple[str, ...]) -> None:
+    name = FILES.format(rank=rank)
+    if not os.path.exists(os.path.join(directory, name)):
+        raise CheckpointError(f"checkpoint {directory} is incomplete: missing {name}")
+    listing = _read_json(directory, name)
+    if not isinstance(listing, dict) or not listing:
+        raise CheckpointError(f"checkpoint {directory}: {name} lists no files")
+    unlisted = [n for n in required if n not in listing]
+    if unlisted:
+        raise CheckpointError(f"checkpoint {directory}: {name} does not cover {', '.join(unlisted)} "
+                              f"(written by an older raylm, or edited)")
+    for listed, expected in listing.items():
+        path = os.path.join(directory, listed)
+        if os.path.basename(listed) != listed or not isinstance(expected, dict):
+            raise CheckpointError(f"checkpoint {directory}: {name} has a bad entry {listed!r}")
+        if not os.path.exists(path):
+            raise CheckpointError(f"checkpoint {directory} is incomplete: missing {listed}")
+        size = os.path.getsize(path)
+        if size != expected.get("bytes"):
+            raise CheckpointError(f"checkpoint {directory} is corrupted: {listed} has {size} bytes, "
+                                  f"expected {expected.get('bytes')} (truncated?)")
+        if _sha256(path) != expected.get("sha256"):
+            raise CheckpointError(f"checkpoint {directory} is corrupted: {listed} fails its SHA-256 check")
 
 
 def verify_checkpoint(directory: str) -> dict[str, Any]:
-    """The trainer state, once every rank's file list checks out (sizes and SHA-256); else CheckpointError."""
+    """The trainer state, once every rank's file list checks out (sizes and SHA-256); else CheckpointError.
+
+    Rank 0's list must cover the metadata, the trainer state and the model config (and the tokenizer
+    when there is one), so the world size that says how many lists to check is itself checked first."""
+    check_complete(directory)
+    rank0 = REQUIRED_BY_RANK0 + ((TOKENIZER,) if os.path.exists(os.path.join(directory, TOKENIZER)) else ())
+    _check_listed_files(directory, 0, (*rank0, "rng_rank0.json"))
     state = read_trainer_state(directory)
-    world = int(state.get("world_size", 1))
-    for rank in range(world):
-        listing_path = os.path.join(directory, FILES.format(rank=rank))
-        if not os.path.exists(listing_path):
-            raise CheckpointError(f"checkpoint {directory} is incomplete: missing {os.path.basename(listing_path)} "
-                                  f"(saved by {world} workers)")
-        with open(listing_path) as handle:
-            listing = json.load(handle)
-        for name, expected in listing.items():
-            path = os.path.join(directory, name)
-            if not os.path.exists(path):
-                raise CheckpointError(f"checkpoint {directory} is incomplete: missing {name}")
-            size = os.path.getsize(path)
-            if size != expected["bytes"]:
-                raise CheckpointError(f"checkpoint {directory} is corrupted: {name} has {size} bytes, "
-                                      f"expected {expected['bytes']} (truncated?)")
-            if _sha256(path) != expected["sha256"]:
-                raise CheckpointError(f"checkpoint {directory} is corrupted: {name} fails its SHA-256 check")
+    world = state.get("world_size", 1)
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise CheckpointError(f"checkpoint {directory}: {TRAINER_STATE} has world_size {world!r}, expected an integer >= 1")
+    for rank in range(1, world):
+        _check_listed_files(directory, rank, (f"rng_rank{rank}.json",))
     return state
+
+
+def good_checkpoints(latest_path: str, filesystem=None, refusals: list[str] | None = None) -> Iterator[str]:
+    """From a run's newest checkpoint back through its older siblings, each one that verifies (lazily:
+    a caller that loads the first one reads no other). Each skipped checkpoint's error goes to `refusals`."""
+    # deferred: pulls in pyarrow, ray, slow to import; only this path needs it
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    if filesystem is None:
+        filesystem, latest_path = pafs.FileSystem.from_uri(latest_path) if "://" in latest_path else (pafs.LocalFileSystem(), latest_path)
+    refusals = [] if refusals is None else refusals
+    parent, latest_name = latest_path.rstrip("/").rsplit("/", 1)
+    siblings = [info.base_name for info in filesystem.get_file_info(pafs.FileSelector(parent))
+                if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")]
+    for name in [latest_name] + sorted((n for n in siblings if n < latest_name), reverse=True):
+        path = f"{parent}/{name}"
+        try:
+            with Checkpoint(path, filesystem).as_directory() as directory:
+                verify_checkpoint(directory)
+        except CheckpointError as error:
+            log.warning("refusing checkpoint: %s", error)
+            refusals.append(str(error))
+            continue
+        yield path
 
 
 def newest_good_checkpoint(latest_path: str, filesystem=None) -> tuple[str, list[str]]:
@@ -151,27 +206,18 @@ def newest_good_checkpoint(latest_path: str, filesystem=None) -> tuple[str, list
     Returns (path, refusals): each refusal is the error of a newer checkpoint that was skipped.
     Raises CheckpointError when none verifies.
     """
-    # deferred: pulls in pyarrow, ray, slow to import; only this path needs it
-    import pyarrow.fs as pafs
-    from ray.train import Checkpoint
-
-    if filesystem is None:
-        filesystem, latest_path = pafs.FileSystem.from_uri(latest_path) if "://" in latest_path else (pafs.LocalFileSystem(), latest_path)
-    parent, latest_name = latest_path.rstrip("/").rsplit("/", 1)
-    siblings = [info.base_name for info in filesystem.get_file_info(pafs.FileSelector(parent))
-                if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")]
-    candidates = [latest_name] + sorted((n for n in siblings if n < latest_name), reverse=True)
-    refusals = []
-    for name in candidates:
-        path = f"{parent}/{name}"
-        try:
-            with Checkpoint(path, filesystem).as_directory() as directory:
-                verify_checkpoint(directory)
-            return path, refusals
-        except CheckpointError as error:
-            log.warning("refusing checkpoint: %s", error)
-            refusals.append(str(error))
+    refusals: list[str] = []
+    for path in good_checkpoints(latest_path, filesystem, refusals):
+        return path, refusals
+    parent = latest_path.rstrip("/").rsplit("/", 1)[0]
     raise CheckpointError(f"no usable checkpoint in {parent}: " + "; ".join(refusals))
+
+
+def _load(state: dict[str, Any], directory: str) -> None:
+    try:
+        load_state(state, directory)
+    except Exception as error:  # noqa: BLE001 - DCP and the safe readers raise many kinds; all mean "unreadable"
+        raise CheckpointError(f"checkpoint {directory} cannot be read: {error}") from None
 
 
 def load_training_state(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -182,10 +228,7 @@ def load_training_state(directory: str, model: nn.Module, optimizer: torch.optim
     trainer_state = verify_checkpoint(directory)
     model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else (get_state_dict(model, [])[0], None)
     state = {"model": model_state} if optim_state is None else {"model": model_state, "optim": optim_state}
-    try:
-        dcp.load(state, checkpoint_id=directory)
-    except Exception as error:  # noqa: BLE001 - DCP raises many kinds; all mean "unreadable"
-        raise CheckpointError(f"checkpoint {directory} cannot be read: {error}") from error
+    _load(state, directory)
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
@@ -215,9 +258,6 @@ def load_model(directory: str, device: str | torch.device = "cpu") -> nn.Module:
     verify_checkpoint(directory)
     model = build_model(load_model_config(directory))
     state = {"model": model.state_dict()}
-    try:
-        dcp.load(state, checkpoint_id=directory)
-    except Exception as error:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {directory} cannot be read: {error}") from error
+    _load(state, directory)
     model.load_state_dict(state["model"])
     return model.to(device).eval()

@@ -24,12 +24,13 @@ its position in the data stream), so resuming, or another worker count, corrupts
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -47,11 +48,13 @@ from raylm.model.loss import bits_per_byte, lm_batch, loss_and_bytes, summed_los
 from raylm.model.sizing import flops_per_token
 from raylm.model.span_corruption import row_seeds
 from raylm.tracking import RunLogger
-from raylm.train.checkpoint import load_training_state, local_checkpoint, newest_good_checkpoint, save_checkpoint
+from raylm.train.checkpoint import CheckpointError, good_checkpoints, load_training_state, local_checkpoint, save_checkpoint
 from raylm.train.data import PackedSequences
 from raylm.train.mfu import mfu, peak_flops
 from raylm.train.optim import build_optimizer, learning_rate
 from raylm.train.parallel import clip_gradients, gradient_sync, wrap_model
+
+log = logging.getLogger("raylm")
 
 
 @dataclass(frozen=True)
@@ -129,12 +132,11 @@ def stop_requested(stop_uri: str | None, device: torch.device) -> bool:
     return _all_reduce([exists], device)[0] > 0
 
 
-def resume_checkpoint() -> tuple[str | None, list[str]]:
-    """The newest verified checkpoint of this run (skipping corrupted newer ones), and what was refused."""
+def resume_candidates(refusals: list[str]) -> Iterator[str]:
+    """This run's checkpoints that verify, newest first (skipping corrupted newer ones into `refusals`)."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None, []
-    return newest_good_checkpoint(checkpoint.path, checkpoint.filesystem)
+    if checkpoint is not None:
+        yield from good_checkpoints(checkpoint.path, checkpoint.filesystem, refusals)
 
 
 class Trainer:
@@ -155,7 +157,11 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         model = build_model(config.model)
-        self.resume_path, self.refusals = resume_checkpoint()
+        self.refusals: list[str] = []
+        candidates = resume_candidates(self.refusals)
+        self.resume_path = next(candidates, None)
+        if self.resume_path is None and ray.train.get_checkpoint() is not None:
+            raise CheckpointError(f"no usable checkpoint to resume from: {'; '.join(self.refusals)}")
         if self.resume_path is None and config.init_checkpoint:
             self._load_init_weights(model)
         if config.finetune is not None:
@@ -169,9 +175,7 @@ class Trainer:
             "model_config": config.model.to_dict(), "tokenizer_fingerprint": config.tokenizer_fingerprint}
         torch.manual_seed(self.train.seed * 1000 + 1 + self.rank)  # per-worker stream (dropout); a checkpoint restores it
         if self.resume_path is not None:
-            with ray.train.Checkpoint(self.resume_path, ray.train.get_checkpoint().filesystem).as_directory() as directory:
-                self.state.update(load_training_state(directory, self.model, self.optimizer, self.rank))
-            self.state["restarts"] += 1
+            self._load_resume_state(candidates)
 
         self.train_data = PackedSequences(config.train_uri)
         val_data = PackedSequences(config.val_uri)
@@ -191,6 +195,22 @@ class Trainer:
                      "checkpoints_refused": len(self.refusals),
                      "resumed_from_step": self.state["step"] if self.resume_path else -1}
         self.window: dict[str, float] = {}
+
+    def _load_resume_state(self, candidates: Iterator[str]) -> None:
+        """Load the newest verified checkpoint; one that verifies but cannot be read (a refused pickle, a
+        shard DCP rejects) is counted as refused and the next older one is tried."""
+        filesystem = ray.train.get_checkpoint().filesystem
+        while self.resume_path is not None:
+            try:
+                with ray.train.Checkpoint(self.resume_path, filesystem).as_directory() as directory:
+                    self.state.update(load_training_state(directory, self.model, self.optimizer, self.rank))
+                self.state["restarts"] += 1
+                return
+            except CheckpointError as error:
+                log.warning("refusing checkpoint: %s", error)
+                self.refusals.append(str(error))
+                self.resume_path = next(candidates, None)
+        raise CheckpointError(f"no usable checkpoint to resume from: {'; '.join(self.refusals)}")
 
     def _load_init_weights(self, model: torch.nn.Module) -> None:
         source = self.config.init_checkpoint
@@ -364,6 +384,24 @@ class Trainer:
         self.checkpoint_wait_s = time.perf_counter() - started
 
 
+def finish_checkpoint_uploads() -> None:
+    """Wait for this worker's background checkpoint uploads (ASYNC mode).
+
+    Ray Train waits for them only when the loop returns; when it raises, an upload still in flight is
+    dropped, and a restart goes back one checkpoint further than it needs to. Ray has no public call
+    for this, hence its private thread pool; on a Ray without it this waits for nothing."""
+    # deferred: a private Ray Train module; only the error path needs it
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    pool = getattr(get_train_context(), "checkpoint_upload_threadpool", None)
+    if pool is not None:
+        pool.shutdown(wait=True)
+
+
 def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     """Ray Train's entry point: its `train_loop_config` is a dict, holding the typed config under `loop`."""
-    Trainer(config["loop"]).run()
+    try:
+        Trainer(config["loop"]).run()
+    except Exception:
+        finish_checkpoint_uploads()  # so the newest checkpoint saved before the error is the one resumed
+        raise
