@@ -172,6 +172,50 @@ def test_whole_pipeline_on_an_s3_workspace_with_glob_and_folder_sources(ray_sess
     assert main(["eval", "--checkpoint", merged, *common]) == 0
 
 
+def newest_registered_checkpoint(workspace: str) -> str | None:
+    """The run folder of a pretrain attempt on the bucket once Ray Train has registered a checkpoint in it
+    (its checkpoint manager snapshot is written after the checkpoint's upload), else None."""
+    fs, base = filesystem_for(workspace)
+    found = fs.get_file_info(pafs.FileSelector(f"{base}/pretrain", recursive=True, allow_not_found=True))
+    snapshots = [info.path for info in found if info.base_name == "checkpoint_manager_snapshot.json" and info.size]
+    return snapshots[0] if snapshots else None
+
+
+@pytest.mark.slow
+def test_pretrain_killed_mid_run_resumes_from_the_bucket_to_the_uninterrupted_loss(ray_session, s3_bucket, tmp_path,
+                                                                                   monkeypatch):
+    """SIGKILL the `raylm pretrain` process (its Ray with it) once a checkpoint is on the bucket; the rerun
+    takes the attempt back and Ray Train restores from the bucket; a forced fresh run ends at the same loss."""
+    import os
+    import signal
+
+    monkeypatch.chdir(tmp_path)
+    workspace = f"{s3_bucket}/ws"
+    common = ["--config", str(CONFIGS / "tiny.yaml"), "--workspace", workspace,
+              "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "--set", "train.max_steps=60",
+              "--set", "train.checkpoint_every=10", "--set", "train.eval_every=10"]
+    assert main(["curate", *common]) == 0 and main(["tokenize", *common]) == 0
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    killed = subprocess.Popen([sys.executable, "-m", "raylm", "pretrain", *common], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while newest_registered_checkpoint(workspace) is None and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    stderr = killed.communicate(timeout=60)[1]
+    assert killed.returncode == -signal.SIGKILL, f"pretrain ended before it could be killed: {stderr[-2000:]}"
+    assert not Workspace(workspace).finished_runs("pretrain")
+
+    assert main(["pretrain", *common]) == 0
+    resumed = Workspace(workspace).finished_runs("pretrain")[0].manifest()
+    assert resumed["metrics"]["resumed_from_step"] >= 10 and resumed["metrics"]["step"] == 60
+    assert resumed["checkpoint"].startswith(f"{workspace}/pretrain/")
+    assert main(["pretrain", *common, "--force"]) == 0
+    fresh = Workspace(workspace).finished_runs("pretrain")[0].manifest()
+    assert fresh["attempt"] != resumed["attempt"] and fresh["metrics"]["resumed_from_step"] == -1
+    assert resumed["metrics"]["val_loss"] == pytest.approx(fresh["metrics"]["val_loss"], abs=1e-5)
+
+
 def committed_rows(workspace: str) -> tuple[dict, list[str]]:
     """The committed curate manifest and the ids of every kept row it lists."""
     manifest = Workspace(workspace).finished_runs("curate")[0].manifest()
