@@ -216,7 +216,7 @@ def _run_eval(config, args: argparse.Namespace) -> int:
 
 
 def _run_stage(name: str, args: argparse.Namespace) -> int:
-    from raylm.pipeline import Pipeline
+    from raylm.pipeline import Pipeline, check_ready
 
     overrides = list(args.overrides)
     if getattr(args, "tokenizer", None):
@@ -231,11 +231,17 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         from raylm.tune import check_sweep
 
         check_sweep(config)
+    if name == "pretrain" and args.init_checkpoint:  # a bad --from is refused before Ray starts
+        from raylm.train.launch import check_init_checkpoint
+
+        check_init_checkpoint(config.model, args.init_checkpoint)
     if name == "finetune":  # a bad --from is refused before Ray starts or the workspace is touched
         from raylm.finetune.stage import check_base_source
 
-        check_base_source(args.base)
+        check_base_source(args.base, config.model)
     check_storage(config, sources=name in ("curate", "pipeline"))  # after the checks that touch no storage
+    if not (name == "pretrain" and args.resume):  # --resume reads the newest run, whatever its config
+        check_ready(config, name)
     force = tuple(name if f == "__self__" else f for f in args.force)
     pipeline = Pipeline(config, force=force)
     if name == "tune":
@@ -316,10 +322,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"raylm: {error}", file=sys.stderr)
         return 2
-    except RuntimeError as error:  # a checkpoint that is damaged, incomplete or crafted (generate, export)
+    except RuntimeError as error:  # a damaged or crafted checkpoint (generate, export); an earlier stage not run
+        from raylm.pipeline import StageNotReady
         from raylm.train.checkpoint import CheckpointError
 
-        if not isinstance(error, CheckpointError):
+        if not isinstance(error, (CheckpointError, StageNotReady)):
             raise
         print(f"raylm: {error}", file=sys.stderr)
         return 2

@@ -571,6 +571,18 @@ class RaylmConfig(Section):
     workspace: WorkspaceConfig = Field(default_factory=WorkspaceConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _batch_tokens_fit_the_model(self) -> "RaylmConfig":
+        tokens, seq_len, workers = self.train.global_batch_tokens, self.model.seq_len, self.train.max_workers
+        if tokens is None:
+            return self
+        if tokens % seq_len:
+            raise ValueError(f"train.global_batch_tokens = {tokens}: expected a multiple of model.seq_len ({seq_len})")
+        if tokens // seq_len < workers:
+            raise ValueError(f"train.global_batch_tokens = {tokens}: {tokens // seq_len} sequence(s) of model.seq_len "
+                             f"{seq_len} per step, expected at least one per worker ({workers}, train.workers)")
+        return self
+
     def section(self, name: str) -> dict[str, Any]:
         """A section as plain JSON-able data (for hashing and MLflow params)."""
         if name == "model":
@@ -672,7 +684,7 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
             valid = ", ".join(sorted(section_fields(parent_model))) if parent_model else "?"
             section = _dotted(loc[:-1]) or "top level"
             problems.append(f"unknown key {dotted!r}; valid keys of {section!r}: {valid}")
-        elif item["type"] == "value_error" and message.startswith(f"{dotted}."):
+        elif item["type"] == "value_error" and (not dotted or message.startswith(f"{dotted}.")):
             problems += message.split("; ")  # a cross-field rule that names its own keys (model.d_model = ...)
         else:
             problems.append(f"{dotted} = {item.get('input')!r}: {message}")

@@ -27,6 +27,24 @@ class StageNotReady(RuntimeError):
     """A stage needs the output of an earlier stage that has not finished for this config."""
 
 
+# The earlier stages each single-stage command reads (its `require` calls), checked before Ray starts.
+NEEDS = {"tokenize": ("curate",), "pretrain": ("tokenize",), "eval": ("pretrain", "tokenize"), "tune": ("tokenize",)}
+
+
+def check_ready(config: RaylmConfig, command: str) -> None:
+    """StageNotReady, before Ray starts, when `raylm <command>` needs a stage that has not finished."""
+    plan = plan_stages(config, Workspace(config.workspace.root))
+    for name in NEEDS.get(command, ()):
+        stage: StageDir = getattr(plan, name)
+        if not stage.is_complete():
+            raise not_ready(name, stage)
+
+
+def not_ready(name: str, stage: StageDir) -> StageNotReady:
+    return StageNotReady(f"stage {name!r} has not finished for this config (expected {stage.uri}); "
+                         f"run `raylm {name}` or `raylm pipeline` first")
+
+
 class Pipeline:
     """The stages of one experiment config, run one at a time or all in order."""
 
@@ -47,8 +65,7 @@ class Pipeline:
         `StageNotReady` when that stage has not finished."""
         stage: StageDir = getattr(self.plan, name)
         if not stage.is_complete():
-            raise StageNotReady(f"stage {name!r} has not finished for this config (expected {stage.uri}); "
-                                f"run `raylm {name}` or `raylm pipeline` first")
+            raise not_ready(name, stage)
         return ARTIFACTS[name].from_manifest(stage.manifest())
 
     def curate(self) -> Curated:

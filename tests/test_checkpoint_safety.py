@@ -200,3 +200,27 @@ def test_a_damaged_or_emptied_list_is_refused_and_the_previous_checkpoint_chosen
         verify_checkpoint(str(newest))
     chosen, refusals = newest_good_checkpoint(str(newest))
     assert chosen.endswith("checkpoint_0000010_r000") and len(refusals) == 1
+
+
+def test_pretrain_and_finetune_from_a_checkpoint_of_another_shape_are_refused_before_ray_starts(clean, tmp_path, capsys):
+    """`clean` is d_model 32, 4 heads, seq_len 32; tiny.yaml asks for d_model 64, 2 heads."""
+    import ray
+
+    started = ray.is_initialized()
+    common = ["--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(tmp_path / "ws"),
+              "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    assert main(["pretrain", "--from", str(clean), *common]) == 2
+    error = capsys.readouterr().err
+    assert f"model.d_model = 64 but --from {clean} has d_model = 32" in error
+    assert "its weights do not fit this model (model." in error
+    data = tmp_path / "domain"
+    data.mkdir()
+    (data / "a.txt").write_text("some text to tune on\n")
+    assert main(["finetune", "--from", str(clean), *common, "--set", f"finetune.data={data}"]) == 2
+    assert f"model.d_model = 64 but the base checkpoint {clean} has d_model = 32" in capsys.readouterr().err
+    # the same architecture passes the check and stops, in one line, at the missing tokenize stage
+    fitting = ["--set", "model.d_model=32", "--set", "model.n_heads=4", "--set", "model.seq_len=32"]
+    assert main(["pretrain", "--from", str(clean), *common, *fitting]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("raylm: stage 'tokenize' has not finished") and "Traceback" not in "".join(lines)
+    assert ray.is_initialized() == started

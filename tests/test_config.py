@@ -100,3 +100,17 @@ def test_bad_files(tmp_path):
 def test_malformed_override():
     assert "expected section.key=value" in refusal("train.lr")
     assert "is not a section" in refusal("train.lr.x=1")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.global_batch_tokens=64", "train.workers=2"],
+     "train.global_batch_tokens = 64: 1 sequence(s) of model.seq_len 64 per step, expected at least one per worker "
+     "(2, train.workers)"),
+    (["train.global_batch_tokens=100"], "train.global_batch_tokens = 100: expected a multiple of model.seq_len (64)"),
+])
+def test_global_batch_tokens_must_give_every_worker_a_sequence(overrides, message):
+    """Found only by gloo, 54 s into the run, before this check."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(CONFIGS / "tiny.yaml"), overrides)
+    assert str(caught.value).splitlines() == [message] or message in str(caught.value)
+    assert load_config(str(CONFIGS / "tiny.yaml"), ["train.global_batch_tokens=128", "train.workers=2"])

@@ -110,11 +110,16 @@ def test_rerun_reuses_every_stage(finished_pipeline):
     assert {r.data.tags["raylm.reused"] for r in children} == {"true"}
 
 
-def test_single_stage_command_needs_its_inputs(ray_session, tmp_path, capsys):
-    from raylm.pipeline import StageNotReady
+def test_single_stage_command_needs_its_inputs(tmp_path, capsys):
+    """One line and exit 2, before Ray starts (it used to be a StageNotReady traceback after Ray's start)."""
+    import ray
 
-    with pytest.raises(StageNotReady, match="run `raylm curate`"):
-        main(["tokenize", "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(tmp_path)])
+    started = ray.is_initialized()
+    for command, missing in (("tokenize", "curate"), ("pretrain", "tokenize"), ("eval", "pretrain"), ("tune", "tokenize")):
+        assert main([command, "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(tmp_path)]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert error[-1].startswith(f"raylm: stage '{missing}' has not finished") and f"run `raylm {missing}`" in error[-1]
+    assert ray.is_initialized() == started
 
 
 def test_cli_help_and_config_errors_exit_before_work(tmp_path):

@@ -249,8 +249,9 @@ def is_hf_folder(path: str) -> bool:
             and not os.path.exists(os.path.join(path, SUCCESS_MARKER)))
 
 
-def check_base_source(source: str) -> None:
-    """The checks on `--from` that need neither Ray nor the workspace (the CLI runs them first)."""
+def check_base_source(source: str, model: TransformerConfig | None = None) -> None:
+    """The checks on `--from` that need neither Ray nor the workspace (the CLI runs them first): a local
+    raylm checkpoint verifies, reads safely and has the architecture the config sets."""
     if is_remote(source):
         return  # read (and checked) when the base is resolved
     path = local_path(source)
@@ -258,6 +259,9 @@ def check_base_source(source: str) -> None:
         check_hf_folder(path)
     elif os.path.exists(os.path.join(path, MODEL_CONFIG)):
         check_checkpoint(path, source)
+        problems = architecture_problems(model, _read_json(os.path.join(path, MODEL_CONFIG)), path) if model else []
+        if problems:
+            raise ConfigError(problems)
 
 
 def _from_hf(folder: str, workspace: Workspace) -> Base:
@@ -313,20 +317,28 @@ def resolve_base(source: str, workspace: Workspace, tracking_uri: str | None = N
     raise BaseModelError(f"--from {source}: not a directory or an MLflow run id")
 
 
+def architecture_problems(model: TransformerConfig, base_config: dict[str, Any], where: str) -> list[str]:
+    """One line per key the config sets explicitly that differs from the base's architecture."""
+    problems = []
+    for key in sorted(model.explicit_keys):
+        if key in NON_ARCHITECTURE_KEYS or key not in base_config:
+            continue
+        mine, theirs = getattr(model, key), base_config[key]
+        if mine != theirs:
+            problems.append(f"model.{key} = {mine!r} but the base checkpoint {where} has {key} = {theirs!r}")
+    if problems:
+        problems.append("fine-tuning keeps the base architecture: drop these keys or match the base")
+    return problems
+
+
 def check_architecture(model: TransformerConfig, base: Base) -> TransformerConfig:
     """The model section for fine-tuning: the base's architecture. Keys the config sets explicitly must
     match the base; a mismatch is an error naming `model.<key>`. The vocabulary stays unset here (the
     fine-tuning data's tokenizer binds it, and must equal the base's)."""
-    chosen = sorted(model.explicit_keys)
-    problems = []
-    for key in chosen:
-        if key in NON_ARCHITECTURE_KEYS or key not in base.model_config:
-            continue
-        mine, theirs = getattr(model, key), base.model_config[key]
-        if mine != theirs:
-            problems.append(f"model.{key} = {mine!r} but the base checkpoint {base.checkpoint} has {key} = {theirs!r}")
+    problems = architecture_problems(model, base.model_config, base.checkpoint)
     if problems:
-        raise ConfigError(problems + ["fine-tuning keeps the base architecture: drop these keys or match the base"])
+        raise ConfigError(problems)
+    chosen = model.explicit_keys
     merged = {k: v for k, v in base.model_config.items() if k != "vocab_size"}
     for key in NON_ARCHITECTURE_KEYS:
         if key in chosen:

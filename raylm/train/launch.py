@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from raylm import tracking
 from raylm.artifacts import Packed, Pretrained
-from raylm.config import TrainConfig
+from raylm.config import ConfigError, TrainConfig
 from raylm.model import TransformerConfig
 from raylm.runtime import cluster_has_gpus
 from raylm.train.loop import LoopConfig, train_loop_per_worker
@@ -202,6 +202,45 @@ def plot_loss_curve(tracking_uri: str, run_id: str):
     axis.grid(alpha=0.3)
     figure.tight_layout()
     return figure
+
+
+# Keys that change no weight's shape or meaning (dropout, memory, init, training objective).
+WEIGHT_FREE_KEYS = ("vocab_size", "preset", "dropout", "activation_checkpointing", "init_std", "source_fraction",
+                    "seq2seq_objective", "noise_density", "mean_span_length")
+
+
+def check_init_checkpoint(model: TransformerConfig, source: str) -> None:
+    """`pretrain --from`, on the driver before Ray starts: the checkpoint verifies, its metadata reads
+    safely, and every weight it holds has the shape this config's model needs (else a ConfigError
+    naming the model keys that differ)."""
+    # deferred: pulls in torch, slow to import; only this path needs it
+    import torch
+
+    from raylm.model import build_model
+    from raylm.train.checkpoint import CheckpointError, load_model_config, local_checkpoint, verify_checkpoint
+    from raylm.train.safe_dcp import UnsafeCheckpointError, check_metadata
+
+    try:
+        with local_checkpoint(source) as directory:
+            verify_checkpoint(directory)
+            metadata = check_metadata(directory)
+            theirs = load_model_config(directory)
+    except (CheckpointError, UnsafeCheckpointError, OSError, ValueError) as error:
+        raise ConfigError([f"--from {source}: {error}"]) from None
+    mine = replace(model, vocab_size=theirs.vocab_size) if model.vocab_size is None else model
+    with torch.device("meta"):
+        needed = {f"model.{name}": tuple(t.shape) for name, t in build_model(mine).state_dict().items()}
+    stored = {name: tuple(entry.size) for name, entry in metadata.state_dict_metadata.items() if hasattr(entry, "size")}
+    misfits = sorted(name for name, shape in needed.items() if stored.get(name) != shape)
+    if not misfits:
+        return
+    mine_dict, theirs_dict = mine.to_dict(), theirs.to_dict()
+    problems = [f"model.{key} = {mine_dict.get(key)!r} but --from {source} has {key} = {value!r}"
+                for key, value in sorted(theirs_dict.items())
+                if key not in WEIGHT_FREE_KEYS and mine_dict.get(key) != value]
+    more = f" and {len(misfits) - 1} more" if len(misfits) > 1 else ""
+    raise ConfigError(problems + [f"--from {source}: its weights do not fit this model ({misfits[0]}: "
+                                  f"{stored.get(misfits[0])} stored, {needed[misfits[0]]} needed{more})"])
 
 
 def pretrain(model: TransformerConfig, train: TrainConfig, packed: Packed, stage: StageDir,
