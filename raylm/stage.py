@@ -51,6 +51,7 @@ def run_stage(stage: StageDir, section: dict[str, Any], tracker: Tracker,
     if stage.is_complete() and not force:
         return reuse(stage, section, tracker, extra_params)
 
+    close_runs_left_open(stage, tracker)
     stage.begin(resumable=resumable and not force)
     log.info("%s: writing %s", stage.name, stage.path())
     try:
@@ -88,6 +89,17 @@ def reuse(stage: StageDir, section: dict[str, Any], tracker: Tracker,
         tracker.log_manifest(manifest)
         tracking.set_tag("raylm.source_run", manifest.get("mlflow_run_id", ""))
     return manifest
+
+
+def close_runs_left_open(stage: StageDir, tracker: Tracker) -> None:
+    """A run killed mid-flight (SIGKILL, a lost node) never ends its MLflow run. Before this stage starts
+    again, its runs still RUNNING whose attempt no live process writes are ended KILLED, with the reason."""
+    live = {stage.attempt_uri(owner.attempt) for owner in stage.owners() if owner.is_live()}
+    for run_id, attempt in tracker.open_stage_runs(stage.name, stage.fingerprint):
+        if attempt not in live:
+            reason = f"found RUNNING when {stage.name} started again; no live process writes {attempt or 'its attempt'}"
+            log.warning("%s: closing MLflow run %s left open by a killed run", stage.name, run_id)
+            tracker.close_run(run_id, "KILLED", reason)
 
 
 def wait_for_other_run(stage: StageDir, poll_s: float = 2.0) -> None:

@@ -144,6 +144,18 @@ class Tracker:
                       tags=tags, nested=mlflow.active_run() is not None) as active:
             yield active
 
+    def open_stage_runs(self, stage: str, fingerprint: str) -> list[tuple[str, str]]:
+        """(run id, attempt folder) of this stage's runs that MLflow still shows RUNNING (reuse runs aside)."""
+        query = (f"tags.`{TAG_PREFIX}stage` = '{stage}' and tags.`{TAG_PREFIX}fingerprint` = '{fingerprint}' "
+                 f"and tags.`{TAG_PREFIX}reused` = 'false' and attributes.status = 'RUNNING'")
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000)
+        return [(run.info.run_id, run.data.tags.get(f"{TAG_PREFIX}output", "")) for run in runs]
+
+    def close_run(self, run_id: str, status: str, reason: str) -> None:
+        """End a run another process left open, saying why (tag `raylm.closed_because`)."""
+        self.client.set_tag(run_id, f"{TAG_PREFIX}closed_because", reason)
+        self.client.set_terminated(run_id, status)
+
     @staticmethod
     def log_params(params: dict[str, Any]) -> None:
         clean = {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:MAX_PARAM_LENGTH]

@@ -203,6 +203,10 @@ class StageDir:
     def fs_path(self, *parts: str) -> str:
         return self.workspace.fs_path(self.name, self.key, *self._attempt_parts(), *parts)
 
+    def attempt_uri(self, attempt: str) -> str:
+        """URI (or absolute local path) of one attempt folder of this stage, as `path()` gives it."""
+        return self.workspace.uri(self.name, self.key, ATTEMPTS, attempt)
+
     def key_fs_path(self, *parts: str) -> str:
         """A path at the key level (the commit, the attempts), whatever the attempt."""
         return self.workspace.fs_path(self.name, self.key, *parts)

@@ -210,6 +210,13 @@ def test_pretrain_killed_mid_run_resumes_from_the_bucket_to_the_uninterrupted_lo
     resumed = Workspace(workspace).finished_runs("pretrain")[0].manifest()
     assert resumed["metrics"]["resumed_from_step"] >= 10 and resumed["metrics"]["step"] == 60
     assert resumed["checkpoint"].startswith(f"{workspace}/pretrain/")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`raylm.stage` = 'pretrain' and tags.`raylm.reused` = 'false'")
+    statuses = sorted(run.info.status for run in runs)
+    assert statuses == ["FINISHED", "KILLED"], statuses  # the killed process's run is closed on the rerun
     assert main(["pretrain", *common, "--force"]) == 0
     fresh = Workspace(workspace).finished_runs("pretrain")[0].manifest()
     assert fresh["attempt"] != resumed["attempt"] and fresh["metrics"]["resumed_from_step"] == -1

@@ -178,3 +178,38 @@ def test_stages_written_by_older_versions_still_read(workspace_dir):
     (folder / SUCCESS_MARKER).write_text("2026-01-01T00:00:00Z\n")
     stage = resolve_stage_dir(str(folder))
     assert stage.manifest()["rows"] == 3 and stage.path("kept") == str(folder / "kept")
+
+
+def test_runs_a_killed_process_left_running_are_closed_killed_when_the_stage_starts_again(tracker):
+    """SIGKILL leaves the stage's MLflow run RUNNING; the next start ends it KILLED with the reason. A run
+    whose attempt a live process still writes (another job on the cluster) is left alone."""
+    import os
+    import socket
+
+    from raylm.workspace import OWNER
+
+    stage = tracker.workspace.stage("pretrain", {"v": 9})
+    client = tracker.client
+
+    def open_run(attempt: str, owner_pid: int, heartbeat_at: float) -> str:
+        folder = tracker.workspace.root + f"/pretrain/{stage.key}/{ATTEMPTS}/{attempt}"
+        os.makedirs(folder)
+        with open(f"{folder}/{OWNER}", "w") as handle:
+            json.dump({"host": socket.gethostname(), "pid": owner_pid, "started_at": "2026-12-05T00:00:00Z",
+                       "heartbeat_at": heartbeat_at}, handle)
+        tags = {"raylm.stage": "pretrain", "raylm.fingerprint": stage.fingerprint, "raylm.reused": "false",
+                "raylm.output": stage.attempt_uri(attempt)}
+        return client.create_run(tracker.experiment_id, tags=tags, run_name="pretrain").info.run_id
+
+    dead_pid = 2 ** 22 + 12345  # above pid_max's default: no such process
+    killed = open_run("20261205T000000-dead", dead_pid, time.time())
+    stale = open_run("20261205T000001-stale", os.getpid(), time.time() - 3600)  # no heartbeat for an hour
+    live = open_run("20261205T000002-live", os.getpid(), time.time())
+    reused = client.create_run(tracker.experiment_id, tags={"raylm.stage": "pretrain", "raylm.reused": "true",
+                                                            "raylm.fingerprint": stage.fingerprint}).info.run_id
+
+    run_stage(stage, {"v": 9}, tracker, lambda stage: {}, force=True)
+    for run_id in (killed, stale):
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED" and "no live process writes" in run.data.tags["raylm.closed_because"]
+    assert client.get_run(live).info.status == client.get_run(reused).info.status == "RUNNING"
