@@ -81,6 +81,18 @@ def sqlite_store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def server_problem(uri: str, error: Exception) -> str:
+    """One line for a tracking server that refuses us or cannot be reached."""
+    status = error.get_http_status_code() if hasattr(error, "get_http_status_code") else None
+    if status in (401, 403):
+        given = "MLFLOW_TRACKING_USERNAME" in os.environ and "MLFLOW_TRACKING_PASSWORD" in os.environ
+        what = "rejected MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD" if given else \
+            "asks for credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        return f"tracking.uri = {uri!r}: the MLflow server {what} (HTTP {status})"
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"tracking.uri = {uri!r}: the MLflow server cannot be used ({first[:300]})"
+
+
 class Tracker:
     """The MLflow side of a raylm command: one experiment, an optional parent run, stage runs."""
 
@@ -97,7 +109,10 @@ class Tracker:
             os.environ["MLFLOW_TRACKING_URI"] = user_setting
         with sqlite_store_lock(self.uri):  # the client opens (and on first use creates) the store
             self.client = MlflowClient(self.uri)
-            self.experiment_id = self._ensure_experiment()
+            try:
+                self.experiment_id = self._ensure_experiment()
+            except mlflow.exceptions.MlflowException as error:
+                raise ConfigError([server_problem(self.uri, error)]) from None
         user_experiment = os.environ.get("MLFLOW_EXPERIMENT_ID")
         mlflow.set_experiment(experiment_id=self.experiment_id)
         # ...and the experiment id too, which would point a later store at an experiment it may lack.

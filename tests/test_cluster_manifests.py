@@ -301,3 +301,77 @@ def test_every_stage_has_a_thin_job_entrypoint():
                                capture_output=True, text=True, timeout=60)
         assert shown.returncode == 0, shown.stderr
         assert f"usage: raylm {stage}" in shown.stdout
+
+
+def _policies() -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc["spec"] for _, doc in manifests() if doc["kind"] == "NetworkPolicy"}
+
+
+def _admits(spec: dict, labels: dict[str, str], port: int) -> bool:
+    """Whether an Ingress policy admits a pod of the namespace with `labels` on `port`."""
+    for rule in spec.get("ingress", []):
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        for peer in rule.get("from", []):
+            wanted = peer.get("podSelector", {}).get("matchLabels", {})
+            if "namespaceSelector" not in peer and wanted.items() <= labels.items():
+                return True
+    return False
+
+
+def test_mlflow_asks_for_credentials_and_only_the_ray_pods_reach_it_or_the_head():
+    import configparser
+
+    mlflow_docs = {d["kind"]: d for _, d in manifests() if d["metadata"]["name"] in ("mlflow", "mlflow-auth")}
+    container = mlflow_docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert "mlflow server --app-name basic-auth" in container["args"][0]
+    assert container["image"].split(":")[0] == "raylm"  # our image: the jobs' MLflow, with its auth extra
+    env = {e["name"]: e for e in container["env"]}
+    for name, key in (("MLFLOW_AUTH_ADMIN_PASSWORD", "password"), ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key")):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "raylm-mlflow-auth", "key": key}
+    ini = configparser.ConfigParser()
+    ini.read_string(mlflow_docs["ConfigMap"]["data"]["basic_auth.ini"])
+    admin = ini["mlflow"]["admin_username"]
+    assert ini["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    mount = env["MLFLOW_AUTH_CONFIG_PATH"]["value"].rsplit("/", 1)[0]
+    assert mount in {m["mountPath"] for m in container["volumeMounts"]}
+    assert "raylm-mlflow-auth" in (KUBERAY / "apply.sh").read_text()
+
+    for pod, spec in _pod_specs(_docs_by_kind()["RayCluster"]):
+        ray_env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        assert ray_env["MLFLOW_TRACKING_USERNAME"]["value"] == admin, pod
+        assert ray_env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "raylm-mlflow-auth",
+                                                                                    "key": "password"}, pod
+
+    policies = _policies()
+    assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    ray_pod = {"ray.io/cluster": "raylm", "ray.io/node-type": "worker"}
+    head = {"ray.io/cluster": "raylm", "ray.io/node-type": "head"}
+    submitter = _docs_by_kind()["RayJob"]["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    stranger = {"app.kubernetes.io/name": "some-other-app"}
+    mlflow_pod = mlflow_docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+
+    def admitted(target: dict[str, str], source: dict[str, str], port: int) -> bool:
+        return any(_admits(spec, source, port) for spec in policies.values()
+                   if spec["podSelector"].get("matchLabels", {}).items() <= target.items())
+
+    assert admitted(mlflow_pod, ray_pod, 5000) and admitted(mlflow_pod, head, 5000)
+    assert not admitted(mlflow_pod, submitter, 5000) and not admitted(mlflow_pod, stranger, 5000)
+    assert admitted(head, ray_pod, 6379) and admitted(head, submitter, 8265)
+    assert not admitted(head, submitter, 6379) and not admitted(head, stranger, 8265)
+    assert not admitted(ray_pod, submitter, 8265) and not admitted(ray_pod, stranger, 10001)
+    operator = next(p for p in policies["ray-head-dashboard-for-jobs"]["ingress"][0]["from"] if "namespaceSelector" in p)
+    assert operator["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp"])
+def test_ray_up_starts_mlflow_with_authentication_and_every_node_logs_in(cloud):
+    launcher = yaml.safe_load((RAY_UP / f"{cloud}.yaml").read_text())
+    head = " ".join(launcher["head_start_ray_commands"])
+    assert "mlflow server --app-name basic-auth" in head
+    assert "MLFLOW_AUTH_CONFIG_PATH=/home/ray/raylm/cluster/ray-up/mlflow_basic_auth.ini" in head
+    assert (RAY_UP / "mlflow_basic_auth.ini").exists()
+    password = "MLFLOW_TRACKING_PASSWORD=$(cat ~/.raylm-mlflow-password)"
+    assert password in head and password in " ".join(launcher["worker_start_ray_commands"])
+    assert launcher["file_mounts"]["/home/ray/.raylm-mlflow-password"] == "~/.raylm/mlflow-password"

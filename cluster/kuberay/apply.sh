@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Apply raylm's Kubernetes objects in order and wait for each to be ready, then (with --run) submit the
 # pipeline RayJob and follow it. Needs kubectl pointing at the cluster, the KubeRay operator (>= 1.5.1)
-# installed, the image built and pushed (set it in kustomization.yaml), and the Secret raylm-ray-token.
+# installed, the image built and pushed (set it in kustomization.yaml). It creates the Secrets raylm-ray-token
+# (Ray's auth token) and raylm-mlflow-auth (MLflow's admin password and CSRF key) with random values if absent.
 #   cluster/kuberay/apply.sh          # namespace, storage, MLflow, Ray cluster
 #   cluster/kuberay/apply.sh --run    # ... and the pipeline RayJob
 set -euo pipefail
@@ -15,6 +16,10 @@ kubectl apply -f "$here/namespace.yaml"
 kubectl -n "$ns" get secret raylm-ray-token >/dev/null 2>&1 || {
   echo "creating the Ray auth token Secret raylm-ray-token"
   kubectl -n "$ns" create secret generic raylm-ray-token --from-literal=auth_token="$(openssl rand -hex 32)"; }
+kubectl -n "$ns" get secret raylm-mlflow-auth >/dev/null 2>&1 || {
+  echo "creating the MLflow credentials Secret raylm-mlflow-auth (user raylm)"
+  kubectl -n "$ns" create secret generic raylm-mlflow-auth --from-literal=password="$(openssl rand -hex 24)" \
+    --from-literal=flask-secret-key="$(openssl rand -hex 32)"; }
 
 kubectl apply -k "$here"
 kubectl -n "$ns" rollout status deployment/mlflow --timeout=10m
