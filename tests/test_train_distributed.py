@@ -187,13 +187,50 @@ def test_checkpoint_saved_by_two_workers_resumes_on_three(runs, fsdp2):
     assert_same_training_state(saved_path, result.checkpoint.path)
 
 
+def checkpoint_at(run_dir: Path, step: int) -> Path:
+    """The one checkpoint folder of `step` in a run (`checkpoint_<step>_r<restarts>_<worker group>`)."""
+    found = sorted(run_dir.glob(f"checkpoint_{step:07d}_r*"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def forget_checkpoint(run_dir: Path, step: int) -> None:
+    """Ray's snapshot as if the run had died after checkpoint `step` was uploaded but before Ray recorded it."""
+    snapshot_file = run_dir / "checkpoint_manager_snapshot.json"
+    snapshot = json.loads(snapshot_file.read_text())
+    kept = [(result, index) for result, index in zip(snapshot["checkpoint_results"], snapshot["checkpoint_report_indices"])
+            if not result["checkpoint_dir_name"].startswith(f"checkpoint_{step:07d}_")]
+    snapshot["checkpoint_results"] = [result for result, _ in kept]
+    snapshot["checkpoint_report_indices"] = [index for _, index in kept]
+    snapshot["latest_checkpoint_result"] = kept[-1][0]
+    snapshot_file.write_text(json.dumps(snapshot))
+
+
+@pytest.mark.parametrize("ray_knows", ["an older checkpoint", "no checkpoint"])
+def test_resume_takes_the_newest_complete_checkpoint_on_disk_whatever_ray_registered(ray_knows, runs, ddp1):
+    """A run killed after checkpoint 20 reached storage but before Ray recorded it (Ray's snapshot names
+    checkpoint 10, or the run died before Ray wrote any snapshot) resumes from 20, the newest checkpoint
+    that verifies; folders carry their worker group's id, so no two groups share one."""
+    name = f"unrecorded-{ray_knows.split()[0]}"
+    target = runs.copy_run("ddp1", name)
+    if ray_knows == "no checkpoint":
+        (target / "checkpoint_manager_snapshot.json").unlink()
+    else:
+        forget_checkpoint(target, 20)
+    runs.run_ids[name] = runs.run_ids["ddp1"]
+    result = runs.fit(name, workers=1, max_steps=20)
+    assert result.metrics["resumed_from_step"] == 20 and result.metrics["checkpoints_refused"] == 0
+    groups = {folder.name.rsplit("_", 1)[1] for folder in target.glob("checkpoint_*")}
+    assert len(groups) >= 2  # the resumed group saved its final checkpoint beside ddp1's, under its own id
+
+
 def test_corrupted_newest_checkpoint_is_refused_and_the_previous_used(runs, ddp1):
     source = runs.run_dir("ddp1")
     target = runs.run_dir("corrupt")
     shutil.copytree(source, target)
     snapshot = target / "checkpoint_manager_snapshot.json"
     snapshot.write_text(snapshot.read_text().replace(str(source), str(target)))
-    newest = target / "checkpoint_0000020_r000"
+    newest = checkpoint_at(target, 20)
     shard = newest / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
     runs.run_ids["corrupt"] = runs.run_ids["ddp1"]  # log beside the original curve
@@ -212,8 +249,8 @@ def test_a_crafted_newest_checkpoint_runs_no_code_on_resume_and_the_previous_is_
 
     target = runs.copy_run("ddp1", "crafted")
     marker = tmp_path / "PWNED"
-    plant_in_metadata(target / "checkpoint_0000020_r000", RunsCode(os.system, f"touch {marker}"))
-    assert verify_checkpoint(str(target / "checkpoint_0000020_r000"))["step"] == 20
+    plant_in_metadata(checkpoint_at(target, 20), RunsCode(os.system, f"touch {marker}"))
+    assert verify_checkpoint(str(checkpoint_at(target, 20)))["step"] == 20
     runs.run_ids["crafted"] = runs.run_ids["ddp1"]
     result = runs.fit("crafted", workers=1, max_steps=20)
     assert result.metrics["checkpoints_refused"] == 1 and not marker.exists()

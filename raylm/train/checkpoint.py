@@ -175,21 +175,23 @@ def verify_checkpoint(directory: str) -> dict[str, Any]:
     return state
 
 
-def good_checkpoints(latest_path: str, filesystem=None, refusals: list[str] | None = None) -> Iterator[str]:
-    """From a run's newest checkpoint back through its older siblings, each one that verifies (lazily:
-    a caller that loads the first one reads no other). Each skipped checkpoint's error goes to `refusals`."""
+def good_checkpoints(run_folder: str, filesystem=None, refusals: list[str] | None = None) -> Iterator[str]:
+    """The run's checkpoints that verify, newest first (by step, then restart, from the folder names),
+    whether or not Ray registered them: a run killed after a checkpoint's upload but before Ray recorded
+    it resumes from that checkpoint. Lazy: a caller that loads the first one reads no other. Each
+    skipped checkpoint's error goes to `refusals`."""
     # deferred: pulls in pyarrow, ray, slow to import; only this path needs it
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 
     if filesystem is None:
-        filesystem, latest_path = pafs.FileSystem.from_uri(latest_path) if "://" in latest_path else (pafs.LocalFileSystem(), latest_path)
+        filesystem, run_folder = pafs.FileSystem.from_uri(run_folder) if "://" in run_folder else (pafs.LocalFileSystem(), run_folder)
     refusals = [] if refusals is None else refusals
-    parent, latest_name = latest_path.rstrip("/").rsplit("/", 1)
-    siblings = [info.base_name for info in filesystem.get_file_info(pafs.FileSelector(parent))
-                if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")]
-    for name in [latest_name] + sorted((n for n in siblings if n < latest_name), reverse=True):
-        path = f"{parent}/{name}"
+    run_folder = run_folder.rstrip("/")
+    names = [info.base_name for info in filesystem.get_file_info(pafs.FileSelector(run_folder, allow_not_found=True))
+             if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")]
+    for name in sorted(names, reverse=True):  # checkpoint_<step:07d>_r<restarts:03d>[_<group>]
+        path = f"{run_folder}/{name}"
         try:
             with Checkpoint(path, filesystem).as_directory() as directory:
                 verify_checkpoint(directory)
@@ -201,15 +203,15 @@ def good_checkpoints(latest_path: str, filesystem=None, refusals: list[str] | No
 
 
 def newest_good_checkpoint(latest_path: str, filesystem=None) -> tuple[str, list[str]]:
-    """From a run's newest checkpoint, the newest one (it or an older sibling) that verifies.
+    """The newest checkpoint that verifies among `latest_path` and its siblings in the run folder.
 
     Returns (path, refusals): each refusal is the error of a newer checkpoint that was skipped.
     Raises CheckpointError when none verifies.
     """
     refusals: list[str] = []
-    for path in good_checkpoints(latest_path, filesystem, refusals):
-        return path, refusals
     parent = latest_path.rstrip("/").rsplit("/", 1)[0]
+    for path in good_checkpoints(parent, filesystem, refusals):
+        return path, refusals
     raise CheckpointError(f"no usable checkpoint in {parent}: " + "; ".join(refusals))
 
 

@@ -29,6 +29,7 @@ import math
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -132,11 +133,22 @@ def stop_requested(stop_uri: str | None, device: torch.device) -> bool:
     return _all_reduce([exists], device)[0] > 0
 
 
-def resume_candidates(refusals: list[str]) -> Iterator[str]:
-    """This run's checkpoints that verify, newest first (skipping corrupted newer ones into `refusals`)."""
+def run_checkpoint_folder() -> tuple[pafs.FileSystem, str]:
+    """Where this run's checkpoints are: the folder of Ray's latest one, or the run's when Ray has none."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        yield from good_checkpoints(checkpoint.path, checkpoint.filesystem, refusals)
+        return checkpoint.filesystem, checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    storage = ray.train.get_context().get_storage()
+    return storage.storage_filesystem, storage.experiment_fs_path
+
+
+def worker_group_token(rank: int) -> str:
+    """A short id shared by this worker group (rank 0's, broadcast), so that no two groups of one run
+    write into the same checkpoint folder."""
+    token = [uuid.uuid4().hex[:6] if rank == 0 else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
 
 
 class Trainer:
@@ -158,10 +170,12 @@ class Trainer:
 
         model = build_model(config.model)
         self.refusals: list[str] = []
-        candidates = resume_candidates(self.refusals)
+        self.checkpoint_fs, run_folder = run_checkpoint_folder()
+        candidates = good_checkpoints(run_folder, self.checkpoint_fs, self.refusals)  # newest first, lazily
         self.resume_path = next(candidates, None)
         if self.resume_path is None and ray.train.get_checkpoint() is not None:
             raise CheckpointError(f"no usable checkpoint to resume from: {'; '.join(self.refusals)}")
+        self.group = worker_group_token(self.rank)
         if self.resume_path is None and config.init_checkpoint:
             self._load_init_weights(model)
         if config.finetune is not None:
@@ -199,10 +213,9 @@ class Trainer:
     def _load_resume_state(self, candidates: Iterator[str]) -> None:
         """Load the newest verified checkpoint; one that verifies but cannot be read (a refused pickle, a
         shard DCP rejects) is counted as refused and the next older one is tried."""
-        filesystem = ray.train.get_checkpoint().filesystem
         while self.resume_path is not None:
             try:
-                with ray.train.Checkpoint(self.resume_path, filesystem).as_directory() as directory:
+                with ray.train.Checkpoint(self.resume_path, self.checkpoint_fs).as_directory() as directory:
                     self.state.update(load_training_state(directory, self.model, self.optimizer, self.rank))
                 self.state["restarts"] += 1
                 return
@@ -378,7 +391,7 @@ class Trainer:
             shutil.rmtree(directory, ignore_errors=True)
             raise
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=f"checkpoint_{step:07d}_r{self.state['restarts']:03d}",
+                         checkpoint_dir_name=f"checkpoint_{step:07d}_r{self.state['restarts']:03d}_{self.group}",
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
                          delete_local_checkpoint_after_upload=True)
         self.checkpoint_wait_s = time.perf_counter() - started
