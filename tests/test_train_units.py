@@ -135,9 +135,8 @@ def test_cpu_peak_is_measured_and_mfu_is_a_fraction():
 def test_global_batch_in_tokens_must_be_a_multiple_of_the_context():
     config = load_config(None, ["train.global_batch_tokens=4096", "model.seq_len=256"])
     assert config.train.global_batch_sequences(config.model.seq_len) == 16
-    config = load_config(None, ["train.global_batch_tokens=1000", "model.seq_len=256"])
-    with pytest.raises(ValueError, match="train.global_batch_tokens = 1000: expected a multiple of model.seq_len"):
-        config.train.global_batch_sequences(config.model.seq_len)
+    with pytest.raises(ConfigError, match="train.global_batch_tokens = 1000: expected a multiple of model.seq_len"):
+        load_config(None, ["train.global_batch_tokens=1000", "model.seq_len=256"])  # refused with the config
     with pytest.raises(ConfigError, match="train.strategy"):
         load_config(None, ["train.strategy=zero3"])
 
