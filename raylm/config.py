@@ -250,6 +250,13 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model")
     global_batch_tokens: int | None = Field(None, gt=0, description="tokens per optimizer step (overrides global_batch_size; a multiple of model.seq_len)")
     elastic_resize_interval_s: float = Field(10.0, gt=0, description="how often an elastic run checks for more workers")
+    health_check_interval_s: float = Field(1.0, gt=0, description="how often Ray Train polls its workers, so how soon "
+                                           "a lost worker is noticed (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's default: 2)")
+    worker_group_start_timeout_s: float | None = Field(None, gt=0, description="how long a restart waits for a worker "
+                                                       "group of the size it asked for before giving up on it "
+                                                       "(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S); default: 15 for an "
+                                                       "elastic run, which then tries fewer workers (a dead node can "
+                                                       "still look alive), Ray's 60 otherwise")
     cpus_per_worker: float | None = Field(None, gt=0, description="CPUs Ray reserves for each training worker (Ray's default: 1; 0 requested on GPU); a fraction such as 0.5 lets more workers than cores share a small machine")
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)

@@ -9,15 +9,11 @@ Prints one JSON line with every report the controller saw.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-
-os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -35,6 +36,7 @@ log = logging.getLogger("raylm")
 RUN_NAME = "train"
 BEST_DIR = "best"
 BEST_POINTER = "best.json"
+ELASTIC_START_TIMEOUT_S = 15.0  # an elastic restart gives up on the old group size this soon (see TrainConfig)
 STOP_FILE = "STOP"  # create it in the run folder to make the run checkpoint and finish at its next report
 
 
@@ -43,6 +45,16 @@ def run_model_config(model: TransformerConfig, train: TrainConfig, vocab_size: i
     `TransformerConfig.for_tokenizer`), with `train.activation_checkpointing` switching on the model's."""
     bound = model.for_tokenizer(vocab_size)
     return replace(bound, activation_checkpointing=True) if train.activation_checkpointing else bound
+
+
+def ray_train_env(train: TrainConfig) -> dict[str, str]:
+    """Ray Train's failure-detection settings for this run (environment variables, Ray has no API for them)."""
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(train.health_check_interval_s)}
+    elastic = train.min_workers < train.max_workers
+    start_timeout = train.worker_group_start_timeout_s or (ELASTIC_START_TIMEOUT_S if elastic else None)
+    if start_timeout is not None:
+        env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(start_timeout)
+    return env
 
 
 def scaling_config(train: TrainConfig) -> ScalingConfig:
@@ -131,6 +143,7 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, 
                       pad_id=packed.tokenizer.pad_id, tokenizer_fingerprint=packed.tokenizer.fingerprint,
                       tracking_uri=tracking_uri, run_id=run_id, init_checkpoint=init_checkpoint,
                       stop_uri=run_uri + "/" + STOP_FILE, finetune=finetune, fail_at_step=fail_at_step)
+    os.environ.update(ray_train_env(train))  # read from the driver's environment at fit(), passed to the controller
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
