@@ -565,6 +565,20 @@ class TrackingConfig(Section):
     experiment: str = "raylm"
 
 
+# Keys that change how a run reacts to failures, not what it computes, added after workspaces existed:
+# left out of a section's data (so of stage hashes) while at their defaults, so finished stages stay reused.
+QUIET_AT_DEFAULT = ("health_check_interval_s", "worker_group_start_timeout_s")
+
+
+def section_data(section: BaseModel) -> dict[str, Any]:
+    data = section.model_dump(mode="json")
+    for key in QUIET_AT_DEFAULT:
+        field = type(section).model_fields.get(key)
+        if field is not None and getattr(section, key) == field.default:
+            data.pop(key)
+    return data
+
+
 class RaylmConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -594,7 +608,7 @@ class RaylmConfig(Section):
         """A section as plain JSON-able data (for hashing and MLflow params)."""
         if name == "model":
             return self.model.section()
-        return getattr(self, name).model_dump(mode="json")
+        return section_data(getattr(self, name))
 
 
 # ----------------------------------------------------------------------------------------------

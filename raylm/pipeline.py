@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from raylm.artifacts import Artifact, Curated, Evaluated, Finetuned, Packed, Pretrained
-from raylm.config import ConfigError, DataConfig, RaylmConfig, SourceConfig, TokenizerConfig
+from raylm.config import ConfigError, DataConfig, RaylmConfig, SourceConfig, TokenizerConfig, section_data
 from raylm.stage import execute
 from raylm.stage_plan import file_fingerprint, plan_stages, source_fingerprint
 from raylm.tracking import Tracker, flatten, ui_command
@@ -123,7 +123,7 @@ class Pipeline:
         model = check_architecture(self.config.model, base)
         train = finetune_train_config(self.config.train, settings)
         packed_stage, packed = self._finetune_data(base, model.seq_len)
-        section = {"finetune": self.config.section("finetune"), "train": train.model_dump(mode="json"),
+        section = {"finetune": self.config.section("finetune"), "train": section_data(train),
                    "model": model.section()}
         stage = self.workspace.stage("finetune", section, {"base": base.fingerprint, "data": packed_stage.fingerprint})
         return execute(stage, section, self.tracker,

@@ -192,3 +192,17 @@ def test_failure_detection_settings_reach_ray_train_and_an_elastic_run_gives_up_
     assert chosen["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "300.0"
     with pytest.raises(ConfigError, match="train.worker_group_start_timeout_s"):
         load_config(None, ["train.worker_group_start_timeout_s=0"])
+
+
+def test_failure_detection_settings_at_their_defaults_leave_stage_hashes_alone(tmp_path):
+    """Finished pretrain stages of earlier versions stay reusable; setting a key is a new stage."""
+    from raylm.stage_plan import plan_stages
+    from raylm.workspace import Workspace
+
+    def pretrain_key(*overrides: str) -> str:
+        config = load_config(None, list(overrides), str(tmp_path))
+        return plan_stages(config, Workspace(str(tmp_path))).pretrain.key
+
+    assert "health_check_interval_s" not in load_config(None, [], str(tmp_path)).section("train")
+    assert pretrain_key() == pretrain_key("train.health_check_interval_s=1.0")
+    assert pretrain_key() != pretrain_key("train.worker_group_start_timeout_s=30")
