@@ -32,6 +32,7 @@ from raylm.artifacts import Finetuned, Packed
 from raylm.config import ConfigError, FinetuneConfig, TrainConfig
 from raylm.finetune.methods import merge_lora, parameter_counts, prepare_for_finetune
 from raylm.model import TransformerConfig, build_model
+from raylm.model.config import NON_ARCHITECTURE_KEYS
 from raylm.model.hf import ExportError, config_from_hf, from_hf_state_dict, import_hf
 from raylm.model.transformer import Transformer
 from raylm.storage import filesystem_for
@@ -52,8 +53,6 @@ from raylm.workspace import SUCCESS_MARKER, StageDir, Workspace, content_hash, r
 log = logging.getLogger("raylm")
 
 RUN_NAME = "train"
-# Keys that may differ between the base and the fine-tuning config (they change no weight shape).
-NON_ARCHITECTURE_KEYS = ("dropout", "activation_checkpointing", "init_std", "preset")
 
 
 class BaseModelError(ValueError):

@@ -33,6 +33,12 @@ POSITIONS = ("rope", "learned", "sinusoidal")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 NORMS = ("rmsnorm", "layernorm")
 NORM_POSITIONS = ("pre", "post")
+# Keys a base checkpoint and a run that starts from it may disagree on: they shape no weight.
+NON_ARCHITECTURE_KEYS = ("dropout", "activation_checkpointing", "init_std", "preset")
+# ...and, for comparing stored weights with a config: the vocabulary (bound to the tokenizer later) and the
+# training objective's settings.
+WEIGHT_FREE_KEYS = (*NON_ARCHITECTURE_KEYS, "vocab_size", "source_fraction", "seq2seq_objective", "noise_density",
+                    "mean_span_length")
 SEQ2SEQ_OBJECTIVES = ("prefix", "span_corruption")
 
 

@@ -27,6 +27,7 @@ from raylm import tracking
 from raylm.artifacts import Packed, Pretrained
 from raylm.config import ConfigError, TrainConfig
 from raylm.model import TransformerConfig
+from raylm.model.config import WEIGHT_FREE_KEYS
 from raylm.runtime import cluster_has_gpus
 from raylm.train.loop import LoopConfig, train_loop_per_worker
 from raylm.workspace import ATTEMPTS, StageDir, Workspace, read_text_uri
@@ -215,11 +216,6 @@ def plot_loss_curve(tracking_uri: str, run_id: str):
     axis.grid(alpha=0.3)
     figure.tight_layout()
     return figure
-
-
-# Keys that change no weight's shape or meaning (dropout, memory, init, training objective).
-WEIGHT_FREE_KEYS = ("vocab_size", "preset", "dropout", "activation_checkpointing", "init_std", "source_fraction",
-                    "seq2seq_objective", "noise_density", "mean_span_length")
 
 
 def check_init_checkpoint(model: TransformerConfig, source: str) -> None:
