@@ -44,10 +44,9 @@ from raylm.train.checkpoint import (
     load_tokenizer_json,
     load_training_state,
     local_checkpoint,
+    check_loadable,
     save_checkpoint,
-    verify_checkpoint,
 )
-from raylm.train.safe_dcp import UnsafeCheckpointError, check_metadata
 from raylm.workspace import SUCCESS_MARKER, StageDir, Workspace, content_hash, resolve_stage_dir
 
 log = logging.getLogger("raylm")
@@ -148,9 +147,8 @@ def _from_stage_folder(folder: str, source: str) -> Base:
 def check_checkpoint(directory: str, source: str) -> None:
     """On the driver, so that a damaged or crafted base is one line, not a worker's traceback."""
     try:
-        verify_checkpoint(directory)
-        check_metadata(directory)
-    except (CheckpointError, UnsafeCheckpointError) as error:
+        check_loadable(directory)
+    except CheckpointError as error:
         raise BaseModelError(f"--from {source}: {error}") from None
 
 

@@ -26,10 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from raylm.model import TransformerConfig, build_model
-from raylm.train.safe_dcp import load_state
+from raylm.train.safe_dcp import UnsafeCheckpointError, check_metadata, load_state
 
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
@@ -173,6 +174,16 @@ def verify_checkpoint(directory: str) -> dict[str, Any]:
     for rank in range(1, world):
         _check_listed_files(directory, rank, (f"rng_rank{rank}.json",))
     return state
+
+
+def check_loadable(directory: str) -> tuple[dict[str, Any], Metadata]:
+    """What a driver checks before it hands a checkpoint to workers: it verifies, and its DCP metadata reads
+    safely (returned). CheckpointError otherwise."""
+    state = verify_checkpoint(directory)
+    try:
+        return state, check_metadata(directory)
+    except UnsafeCheckpointError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def good_checkpoints(run_folder: str, filesystem=None, refusals: list[str] | None = None) -> Iterator[str]:

@@ -226,15 +226,13 @@ def check_init_checkpoint(model: TransformerConfig, source: str) -> None:
     import torch
 
     from raylm.model import build_model
-    from raylm.train.checkpoint import CheckpointError, load_model_config, local_checkpoint, verify_checkpoint
-    from raylm.train.safe_dcp import UnsafeCheckpointError, check_metadata
+    from raylm.train.checkpoint import CheckpointError, check_loadable, load_model_config, local_checkpoint
 
     try:
         with local_checkpoint(source) as directory:
-            verify_checkpoint(directory)
-            metadata = check_metadata(directory)
+            _, metadata = check_loadable(directory)
             theirs = load_model_config(directory)
-    except (CheckpointError, UnsafeCheckpointError, OSError, ValueError) as error:
+    except (CheckpointError, OSError, ValueError) as error:
         raise ConfigError([f"--from {source}: {error}"]) from None
     mine = replace(model, vocab_size=theirs.vocab_size) if model.vocab_size is None else model
     with torch.device("meta"):
