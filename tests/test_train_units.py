@@ -206,3 +206,19 @@ def test_failure_detection_settings_at_their_defaults_leave_stage_hashes_alone(t
     assert "health_check_interval_s" not in load_config(None, [], str(tmp_path)).section("train")
     assert pretrain_key() == pretrain_key("train.health_check_interval_s=1.0")
     assert pretrain_key() != pretrain_key("train.worker_group_start_timeout_s=30")
+
+
+def test_a_fixed_size_run_after_an_elastic_one_in_one_process_gets_rays_start_timeout_back(monkeypatch):
+    """build_trainer sets these in os.environ; an elastic run's 15 s must not outlive it."""
+    import raylm.train.launch as launch
+    from raylm.config import TrainConfig
+
+    monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
+    monkeypatch.setitem(launch._USER_RAY_TRAIN_ENV, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", None)
+    launch.apply_ray_train_env(TrainConfig(workers=(1, 2)))
+    assert os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "15.0"
+    launch.apply_ray_train_env(TrainConfig(workers=2))
+    assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" not in os.environ
+    monkeypatch.setitem(launch._USER_RAY_TRAIN_ENV, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    launch.apply_ray_train_env(TrainConfig(workers=2))
+    assert os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "120"  # the user's own setting stands

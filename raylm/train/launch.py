@@ -48,6 +48,22 @@ def run_model_config(model: TransformerConfig, train: TrainConfig, vocab_size: i
     return replace(bound, activation_checkpointing=True) if train.activation_checkpointing else bound
 
 
+RAY_TRAIN_ENV_KEYS = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+_USER_RAY_TRAIN_ENV = {key: os.environ.get(key) for key in RAY_TRAIN_ENV_KEYS}  # as the user started us
+
+
+def apply_ray_train_env(train: TrainConfig) -> None:
+    """Put this run's settings in the environment Ray Train reads at fit(); a key this run leaves to Ray
+    goes back to what the user set (or away), not to what an earlier run of this process set."""
+    chosen = ray_train_env(train)
+    for key in RAY_TRAIN_ENV_KEYS:
+        value = chosen.get(key, _USER_RAY_TRAIN_ENV[key])
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def ray_train_env(train: TrainConfig) -> dict[str, str]:
     """Ray Train's failure-detection settings for this run (environment variables, Ray has no API for them)."""
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(train.health_check_interval_s)}
@@ -144,7 +160,7 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, 
                       pad_id=packed.tokenizer.pad_id, tokenizer_fingerprint=packed.tokenizer.fingerprint,
                       tracking_uri=tracking_uri, run_id=run_id, init_checkpoint=init_checkpoint,
                       stop_uri=run_uri + "/" + STOP_FILE, finetune=finetune, fail_at_step=fail_at_step)
-    os.environ.update(ray_train_env(train))  # read from the driver's environment at fit(), passed to the controller
+    apply_ray_train_env(train)  # read from the driver's environment at fit(), passed to the controller
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
