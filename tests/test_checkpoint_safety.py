@@ -224,3 +224,17 @@ def test_pretrain_and_finetune_from_a_checkpoint_of_another_shape_are_refused_be
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("raylm: stage 'tokenize' has not finished") and "Traceback" not in "".join(lines)
     assert ray.is_initialized() == started
+
+
+def test_a_garbled_metadata_file_whose_list_matches_is_one_line_for_every_command(clean, tmp_path, capsys):
+    """Damage the file list cannot see (a writer that listed a truncated file): one line, no traceback."""
+    target = tmp_path / "garbled" / "checkpoint_0000010_r000"
+    shutil.copytree(clean, target)
+    (target / ".metadata").write_bytes((target / ".metadata").read_bytes()[:200])
+    relist(target)
+    common = ["--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(tmp_path / "ws"),
+              "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    assert main(["generate", "--checkpoint", str(target), "--prompt", "a"]) == 2
+    assert main(["pretrain", "--from", str(target), *common]) == 2
+    errors = capsys.readouterr().err
+    assert errors.count("not readable as DCP metadata") == 2 and "Traceback" not in errors

@@ -42,7 +42,7 @@ _METADATA_CLASSES = {
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint file that asks to build something a checkpoint never holds."""
+    """A checkpoint file that asks to build something a checkpoint never holds, or cannot be read at all."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -62,7 +62,12 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata_file(path: str) -> Metadata:
     with open(path, "rb") as handle:
-        metadata = _MetadataUnpickler(handle, path).load()
+        try:
+            metadata = _MetadataUnpickler(handle, path).load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a truncated or garbled pickle fails in many ways
+            raise UnsafeCheckpointError(f"{path}: not readable as DCP metadata ({error})") from None
     if not isinstance(metadata, Metadata):
         raise UnsafeCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP metadata")
     return metadata
