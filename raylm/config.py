@@ -127,6 +127,19 @@ class PIIConfig(Section):
     enabled: bool = True
     types: list[Literal["email", "phone", "ip", "credit_card", "ssn", "iban", "secret"]] = Field(
         default_factory=lambda: ["email", "phone", "ip", "credit_card", "ssn", "iban", "secret"])
+    phone_region: str = Field("US", description="ISO 3166 country (two letters) whose national format is read for "
+                                                "phone numbers written without a +country code (libphonenumber)")
+
+    @field_validator("phone_region")
+    @classmethod
+    def _known_region(cls, region: str) -> str:
+        import phonenumbers  # deferred: only this check and data/pii.py need it
+
+        region = region.upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{region!r} is not a region libphonenumber knows; expected an ISO 3166 alpha-2 code "
+                             "such as US, GB, DE, FR, IN")
+        return region
 
 
 class DedupConfig(Section):
@@ -567,16 +580,24 @@ class TrackingConfig(Section):
 
 # Keys that change how a run reacts to failures, not what it computes, added after workspaces existed:
 # left out of a section's data (so of stage hashes) while at their defaults, so finished stages stay reused.
-QUIET_AT_DEFAULT = ("health_check_interval_s", "worker_group_start_timeout_s")
+QUIET_AT_DEFAULT = ("health_check_interval_s", "worker_group_start_timeout_s", "phone_region")
 
 
 def section_data(section: BaseModel) -> dict[str, Any]:
+    """The section as JSON-able data, without the keys of QUIET_AT_DEFAULT left at their default (in
+    nested sections too, e.g. `data.pii.phone_region`), so that adding such a key moves no stage hash."""
     data = section.model_dump(mode="json")
-    for key in QUIET_AT_DEFAULT:
-        field = type(section).model_fields.get(key)
-        if field is not None and getattr(section, key) == field.default:
-            data.pop(key)
+    _drop_quiet_defaults(section, data)
     return data
+
+
+def _drop_quiet_defaults(section: BaseModel, data: dict[str, Any]) -> None:
+    for key, field in type(section).model_fields.items():
+        value = getattr(section, key)
+        if isinstance(value, BaseModel) and isinstance(data.get(key), dict):
+            _drop_quiet_defaults(value, data[key])
+        elif key in QUIET_AT_DEFAULT and value == field.default:
+            data.pop(key, None)
 
 
 class RaylmConfig(Section):

@@ -114,7 +114,8 @@ def mark_documents(config: DataConfig) -> tuple[ray.data.Dataset, dict[str, Any]
     docs = docs.map_batches(clean.clean_batch, batch_format="pandas",
                             fn_kwargs={"min_chars": config.min_chars, "config": config.clean})
     docs = docs.map_batches(pii.pii_batch, batch_format="pandas",
-                            fn_kwargs={"types": list(config.pii.types), "enabled": config.pii.enabled})
+                            fn_kwargs={"types": list(config.pii.types), "enabled": config.pii.enabled,
+                                       "phone_region": config.pii.phone_region})
     docs = docs.map_batches(quality.quality_batch, batch_format="pandas", fn_kwargs={"config": config.quality})
     stats: dict[str, Any] = {}
     if config.decontam.benchmarks:
