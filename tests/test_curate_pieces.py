@@ -50,6 +50,68 @@ def test_boilerplate_lines_are_dropped_and_prose_is_kept():
                     "Cookies are a traditional baked treat in many countries."]
 
 
+PEM_BLOCK = """-----BEGIN CERTIFICATE-----
+Vx5YrW6uEgtG8+/Ii6c55S9FPYUScOUewB7xgqlBEjMSsL5kjA7gWARlL/+vlHmH
+LtITSmVMr5WCWvQl1eRRmKoL1kJ4HpAbDAOsQpEVcGkOU85TbFrP9xHOlUTIYqLV
+jY2OG6j/9sVh81NTdf6u5fX1oU+TMdoFora5kf1DG56xFZ4zy60P4d4kHxLxW5/r
+J3PaM6P/Jx2bhN2Kq6iidHfJeGPKYLjdULrEu/sb3hJGT5XNrrw2GQWVGGrJLE0E
+ab/cd/ef/gh==
+-----END CERTIFICATE-----"""
+CODE_BLOCK = """cat access.log | grep 404 | sort | uniq -c | sort -rn
+ls / | head / tail
+return left | right | mask
+flags = READ | WRITE | EXEC
+x / y / z
+a > b > c
+fn main() -> Result<(), Box<dyn Error>> {
+    print("Please accept cookies to continue")
+    raise RuntimeError("JavaScript is disabled")
+}"""
+TABLE_BLOCK = """| Name | Role | Team |
+|------|------|------|
+| Alice | Lead | Core |
+| Bob | Dev | Data |
+Q1 | Q2 | Q3 | Q4
+12.5 | 13.1 | 9.8 | 11.0"""
+POETRY_BLOCK = """Roses are red / Violets are blue / Sugar is sweet
+Down / down / down
+the rain / the rain / the rain
+O Rose / thou art sick / The invisible worm"""
+DENSE_BLOCK = """sha256/9f86d081884c7d659a2feaa0c55ad015/a3bf4f1b2b0b822cd15d6c15b0f00a08
+/usr/local/lib/python3.11/site-packages
+src/raylm/data/clean.py
+https://example.com/docs/v2/api/index.html
+https://example.com/help/use-cookies/privacy-policy
+A/B/C testing
+Read/Write/Execute
+2024/05/12 > 2024/05/13 > 2024/05/14
+de | ad | be | ef
+>>> 1 > 0 > -1"""
+
+
+@pytest.mark.parametrize("block", [PEM_BLOCK, CODE_BLOCK, TABLE_BLOCK, POETRY_BLOCK, DENSE_BLOCK],
+                         ids=["pem_base64", "code", "tables", "poetry", "dense_tokens"])
+def test_boilerplate_rules_never_remove_code_base64_tables_poetry_or_dense_tokens(block):
+    assert clean.drop_boilerplate_lines(block) == block
+    cleaned = clean.clean_batch(frame([block]))
+    assert cleaned["text"][0] == block and cleaned["stat_clean_boilerplate_docs"][0] == 0
+
+
+def test_comments_and_docstrings_of_a_code_document_keep_their_notices():
+    source = ('# Copyright 2020 Example Corp. All rights reserved.\nimport http.cookiejar\n\n\n'
+              'def load(jar):\n    """Accept cookies from the jar if the policy allows it."""\n    return jar.load()\n')
+    assert clean.drop_boilerplate_lines(source) == source
+    web = "We accept cookies to improve your visit.\nThe museum opens at nine."
+    assert clean.drop_boilerplate_lines(web) == "The museum opens at nine."
+
+
+@pytest.mark.parametrize("menu", ["Home | About us | Contact | Blog", "Home › Products › Running Shoes",
+                                  "Home » News » Sport", "Home / News / Sport / Weather", "HOME | ABOUT | FAQ | SHOP",
+                                  "News • Sport • Weather • Culture"])
+def test_navigation_lines_of_short_menu_words_are_still_dropped(menu):
+    assert clean.drop_boilerplate_lines(f"A sentence.\n{menu}\nAnother.") == "A sentence.\nAnother."
+
+
 def test_terminal_punctuation_rule_of_c4():
     text = "A full sentence.\nmenu item\nAnother one!\n\n\"Quoted.\""
     assert clean.drop_unterminated_lines(text) == "A full sentence.\nAnother one!\n\n\"Quoted.\""

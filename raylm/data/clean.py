@@ -102,25 +102,76 @@ _BOILERPLATE = re.compile(
     r"|share (?:this|on) (?:facebook|twitter))\b", re.IGNORECASE)
 _NAV_SEPARATORS = re.compile(r"\s*(?:\||»|›|•|·|/|>)\s*")
 _TERMINAL = ('.', '!', '?', '"', "'", '”', '’', '…', ':', ';', ')')
+# Small words that menus write in lower case: `About us`, `Terms of use`, `Sign in`, `Food & Drink`.
+_MENU_JOINERS = frozenset({"&", "and", "of", "the", "to", "for", "in", "on", "up", "out", "us", "our", "a", "an", "with",
+                           "my", "your", "me", "at", "by"})
+# Marks of a line of code: a call `f(`, an assignment or arrow, `::`, a brace or `;` ending the line,
+# a line comment or prompt at its start, an import or include.
+_CODE_LINE = re.compile(r"\w\(|\s(?:=|==|!=|:=|\+=|-=|\|=|->|=>|<<|>>)\s|::|[{};]\s*$|^\s*[{}]|"
+                        r"^\s*(?://|/\*|\*/|>>>|\$ |#!|#include\b|import [\w.]+|from [\w.]+ import\b)")
+
+
+def _is_menu_word(word: str) -> bool:
+    """A word a site menu is made of: capitalised (`Home`, `Über`) or all capitals (`FAQ`, `HOME`),
+    letters only (an inner `-` or `'` allowed), 2 to 20 letters; or one of the small joining words."""
+    if word in _MENU_JOINERS:
+        return True
+    letters = word.replace("-", "").replace("'", "").replace("’", "")
+    if not (2 <= len(letters) <= 20 and letters.isalpha()):
+        return False
+    return word[0].isupper() and (word[1:].islower() or word.isupper())
+
+
+def looks_like_code(line: str) -> bool:
+    return bool(_CODE_LINE.search(line))
 
 
 def is_navigation_line(line: str) -> bool:
-    """A line of 3+ short items between separators: `Home | About | Contact`."""
-    parts = [p for p in _NAV_SEPARATORS.split(line.strip()) if p]
-    if len(parts) < 3 or not _NAV_SEPARATORS.search(line):
-        return False
-    return all(len(p.split()) <= 3 for p in parts) and not line.rstrip().endswith(_TERMINAL[:3])
+    """A line of 3+ menu items between separators: `Home | About us | Contact`, `Home › News › Sport`.
 
-
-def is_boilerplate_line(line: str) -> bool:
+    Each item is 1 to 3 menu words (see `_is_menu_word`), the first capitalised. Anything else between
+    the separators keeps the line: digits, symbols, lower-case words, mixed case. So code (`a | b | c`,
+    `cat f | grep x`), base64 (a PEM body's `/` and `+`), paths and URLs, numbers, poetry quoted with
+    slashes (`Roses are red / Violets are blue`) all stay, and so does a Markdown table row (it starts
+    or ends with `|`).
+    """
     stripped = line.strip()
-    if not stripped:
+    if stripped.startswith("|") or stripped.endswith("|") or stripped.endswith(_TERMINAL[:3]):
         return False
-    return bool(_BOILERPLATE.search(stripped)) or is_navigation_line(stripped)
+    parts = [p for p in _NAV_SEPARATORS.split(stripped) if p]
+    if len(parts) < 3 or not _NAV_SEPARATORS.search(stripped):
+        return False
+    for part in parts:
+        item = part.split()
+        if not 1 <= len(item) <= 3 or item[0] in _MENU_JOINERS or not all(map(_is_menu_word, item)):
+            return False
+    return True
+
+
+def is_boilerplate_line(line: str, in_code: bool = False) -> bool:
+    """A cookie/policy/newsletter notice or a navigation line. A line of code, or a single token
+    (no space inside: base64, a hash, a URL, a path), never is; in a document of code (`in_code`) only
+    navigation lines are: its comments and docstrings may well say `All rights reserved` or `cookies`."""
+    stripped = line.strip()
+    if not stripped or not any(c.isspace() for c in stripped) or looks_like_code(stripped):
+        return False
+    return (not in_code and bool(_BOILERPLATE.search(stripped))) or is_navigation_line(stripped)
+
+
+CODE_DOCUMENT_SHARE = 0.1
+"""A document is code when at least this share of its non-blank lines looks like code (Python's standard
+library: 96% of files; the C4 sample: 2% of documents)."""
+
+
+def is_code_document(lines: list[str]) -> bool:
+    filled = [line for line in lines if line.strip()]
+    return bool(filled) and sum(map(looks_like_code, filled)) >= CODE_DOCUMENT_SHARE * len(filled)
 
 
 def drop_boilerplate_lines(text: str) -> str:
-    return "\n".join(line for line in text.split("\n") if not is_boilerplate_line(line))
+    lines = text.split("\n")
+    in_code = is_code_document(lines)
+    return "\n".join(line for line in lines if not is_boilerplate_line(line, in_code))
 
 
 def drop_unterminated_lines(text: str) -> str:
