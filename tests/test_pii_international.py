@@ -42,6 +42,8 @@ PHONE_LOOK_ALIKES = [
     "commit e83c5163316f89bfbde7d9ab23ca2e25604af290", "order ORD-2024-000123 and order #100234987",
     "invoice 2124567890 of 2023", "scores 12 34 56 78 90", "pages 1234-1256", "x = [1, 2, 3, 4, 5, 6, 7]",
     "1,234,567,890 dollars", "uuid 123e4567-e89b-12d3-a456-426614174000", "in 1990 1234 people came",
+    "the ratio was 1.6023628033 overall", "scores 77 18 70 42 70 were logged", "clocked 00:02:30.591557",
+    "see pages 310-1586",
 ]
 
 
@@ -54,6 +56,17 @@ def test_phone_numbers_in_common_forms_are_redacted_whole(number):
 @pytest.mark.parametrize("text", PHONE_LOOK_ALIKES)
 def test_phone_look_alikes_are_left_alone(text):
     assert pii.redact(text, ["phone"]) == (text, {})
+
+
+def test_number_rows_and_decimals_are_not_national_numbers_of_other_regions():
+    for text, region in (("Scores 87 19 33 90 19 were logged.", "IN"), ("Released on 2013-09-04.", "DE"),
+                         ("The ratio was 37.5931596239 overall.", "DE"), ("Invoice 2026-457-0207 is paid.", "DE")):
+        assert pii.redact(text, ["phone"], phone_region=region) == (text, {}), (text, region)
+
+
+def test_an_e164_number_is_a_phone_and_an_iban_is_not_a_card():
+    assert pii.redact("Sent from +4915123454402 today.") == ("Sent from <PHONE> today.", {"phone": 1})
+    assert pii.redact("IBAN DE43 6237 2845 1809 7725 23 now") == ("IBAN <IBAN> now", {"iban": 1})
 
 
 def test_national_numbers_follow_the_configured_region():
@@ -90,6 +103,7 @@ CARD_LOOK_ALIKES = [
     "order 1234567890123452",                                # Luhn-valid, but no network starts with 12
     "tracking 9400 1000 0000 0000 0000 00",                  # 22 digits
     "serial 8888 8888 8888 8888",                            # Luhn-valid, no network starts with 88
+    "scores 53 72 23 49 87 72 47 41 were logged",            # UnionPay prefix and Luhn, but not printed as a card
 ]
 
 

@@ -6,7 +6,7 @@ checksum (an ISBN-13 starts 978/979, which no network issues; numbers introduced
 are skipped whatever their digits), IBANs pass the ISO 13616 mod-97 check, IPv6 addresses Python's
 `ipaddress` parser. Phone numbers are found by Google's libphonenumber (the `phonenumbers` package),
 see `phone_spans`. Secrets run first (a JWT or a key block must not be half-eaten by the phone rule),
-then e-mails, IP addresses, cards, SSNs, IBANs and phone numbers.
+then e-mails, IP addresses, IBANs, cards, SSNs and phone numbers.
 
 An e-mail inside a URL (`https://host/users/jane@example.org/`) is redacted on purpose: the address
 is personal data wherever it sits; the rest of the URL is kept. `password=...` style assignments
@@ -36,6 +36,8 @@ PLACEHOLDERS = {
     "phone": "<PHONE>",
 }
 ORDER = tuple(PLACEHOLDERS)
+# IBANs before cards: a German IBAN's digits (`DE43 6237 2845 1809 7725 23`) can pass for a card.
+DETECTION_ORDER = ("secret", "email", "ip", "iban", "credit_card", "ssn", "phone")
 
 _SECRET_PATTERNS = [
     re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"),
@@ -53,12 +55,15 @@ _ASSIGNMENT = re.compile(
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b")
 _IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.]*\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{0,4}|(?:\d{1,3}\.){3}\d{1,3})(?![\w:])")
-_CARD = re.compile(r"(?<![\w/.-])\d(?:[ -]?\d){12,18}(?![\w-])")
+_CARD = re.compile(r"(?<![\w/.+-])\d(?:[ -]?\d){12,18}(?![\w-])")
 _SSN = re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
 # A number right after one of these words is a book, serial or paper identifier, never a card or a phone.
 _IDENTIFIER_INTRO = re.compile(r"(?i)\b(?:ISBN(?:-?1[03])?|E?-?ISSN|DOI)\b[\s:#.\-]*(?:(?:https?://)?(?:dx\.)?doi\.org/)?$")
-_DIGIT_RUN = re.compile(r"\d(?:[\s().\-/]{0,3}\d){6}")  # seven digits, maybe grouped: the least a phone number has
+# Seven or more digits close together (a phone number has at least that many, its country code included):
+# the only parts of a text the phone matcher reads, with PHONE_WINDOW_PAD characters either side.
+_DIGIT_RUN = re.compile(r"\d(?:[\s().\-/]{0,3}\d){6,}")
+PHONE_WINDOW_PAD = 16
 
 # Card networks: (name, issuer prefix ranges as (low, high) of equal digit counts, lengths), from the
 # networks' published IIN ranges (ISO/IEC 7812 issuer identification numbers).
@@ -147,7 +152,17 @@ def _redact_secrets(text: str) -> tuple[str, int]:
     return text, total + count
 
 
+def _card_grouping(candidate: str) -> bool:
+    """Printed as cards are: no separators, groups of 4 (the last may be shorter), or 4-6-5 / 4-6-4 (Amex,
+    Diners). `53 72 23 49 87 72 47 41` is a row of numbers."""
+    lengths = [len(group) for group in re.split(r"[ -]", candidate)]
+    return (len(lengths) == 1 or lengths in ([4, 6, 5], [4, 6, 4])
+            or (all(n == 4 for n in lengths[:-1]) and 1 <= lengths[-1] <= 4))
+
+
 def _card_check(candidate: str) -> bool:
+    if not _card_grouping(candidate):
+        return False
     digits = re.sub(r"\D", "", candidate)
     if len(digits) == 13 and digits.startswith(("978", "979")):
         return False  # the ISBN-13 form (no network issues 97, so card_network also says no)
@@ -157,28 +172,31 @@ def _card_check(candidate: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Phone numbers
 
-PHONE_LENIENCY = phonenumbers.Leniency.POSSIBLE
-"""The matcher's leniency: POSSIBLE (a plausible length for the country) finds the candidates; each is
-then kept when libphonenumber says the number is valid (assigned ranges: what Leniency.VALID checks),
-or, in North America, when written in the full 3-3-4 grouping: `(555) 123-4567` is the fictional
-number of films and examples, not a valid one, and the rule before libphonenumber caught it."""
-_NOT_BEFORE = frozenset("_-./\\#$€£%+@")  # glued to what precedes: ORD-2024-000123, v1.212.555.0123, #100234987
+CANDIDATE_LENIENCY = phonenumbers.Leniency.POSSIBLE
+PHONE_LENIENCY = phonenumbers.Leniency.STRICT_GROUPING
+"""How phone numbers are found. libphonenumber's PhoneNumberMatcher lists the candidates at Leniency.POSSIBLE
+(a plausible length for the country); a candidate is a phone number when it is written in the full
+North-American 3-3-4 grouping (`(555) 123-4567`: films' and examples' fictional numbers are not valid
+numbers, and the rule before libphonenumber caught them), or else when the matcher finds it again at
+Leniency.STRICT_GROUPING: a valid number (assigned ranges of its country) whose digit groups as written
+are whole groups of the country's format. VALID alone is not enough: `77 18 70 42 70` (a row of scores)
+is a valid US number, and `2013-09-04` or `965-1333` valid German ones."""
+_NOT_BEFORE = frozenset("_-./\\#$\u20ac\u00a3%+@")  # glued to what precedes: ORD-2024-000123, v1.212.555.0123, #100234987
 _NOT_AFTER = frozenset("_-/%@")
 
 
 def _stands_alone(text: str, start: int, end: int) -> bool:
-    """Not glued to the token before or after (Leniency.VALID checks only for letters; a digit run
-    inside an order number or a path is not a phone number), and not the tail of a longer run of
-    numbers (`scores 12 34 56 78 90`)."""
+    """Not glued to the token before or after (a digit run inside an order number, a path or a time is
+    not a phone number), and not the tail of a longer run of numbers (`12 34 56 78 90 ...`)."""
     before = text[start - 1] if start else " "
     if before.isalnum() or before in _NOT_BEFORE:
         return False
-    if start >= 2 and before in " -" and text[start - 2].isdigit():
+    if start >= 2 and before in " -:" and text[start - 2].isdigit():
         return False
     after = text[end] if end < len(text) else " "
     if after.isalnum() or after in _NOT_AFTER:
         return False
-    return not (after in ".," and end + 1 < len(text) and text[end + 1].isdigit())
+    return not (after in ".,:" and end + 1 < len(text) and text[end + 1].isdigit())
 
 
 def _north_american_grouping(raw: str) -> bool:
@@ -188,21 +206,54 @@ def _north_american_grouping(raw: str) -> bool:
     return [len(g) for g in groups] == [3, 3, 4]
 
 
+def _another_kind_of_number(raw: str, number: phonenumbers.PhoneNumber) -> bool:
+    """A decimal (`1.6023628033`), a row of two-digit numbers with neither `+` nor a trunk `0` in front
+    (`87 19 33 90 19`: India's formats allow it), or a North-American number short of its 10 digits
+    (`310-1586`, a page range)."""
+    groups = re.findall(r"\d+", raw)
+    if re.fullmatch(r"\d+[.,]\d+", raw):
+        return True
+    if not raw.startswith(("+", "0")) and all(len(group) <= 2 for group in groups):
+        return True
+    return number.country_code == 1 and len(str(number.national_number)) != 10
+
+
+def _digit_windows(text: str) -> Iterator[tuple[int, int]]:
+    """Stretches of `text` around its runs of 7+ digits (padded, overlaps merged); a phone number lies
+    whole inside one. The matcher parses every digit group it meets (`x = 1234`, `16-Jan-2004`), so on
+    code and tables reading only these stretches is what keeps it affordable."""
+    window: tuple[int, int] | None = None
+    for run in _DIGIT_RUN.finditer(text):
+        start, end = max(0, run.start() - PHONE_WINDOW_PAD), min(len(text), run.end() + PHONE_WINDOW_PAD)
+        if window and start <= window[1]:
+            window = (window[0], end)
+            continue
+        if window:
+            yield window
+        window = (start, end)
+    if window:
+        yield window
+
+
 def phone_spans(text: str, region: str = "US") -> Iterator[tuple[int, int]]:
-    """(start, end) of each phone number in `text`; `region` (ISO 3166 alpha-2) reads numbers written
-    without a country code. Found by libphonenumber's PhoneNumberMatcher (see PHONE_LENIENCY); a bare run
-    of digits with neither `+` nor a separator is taken for an id (order and account numbers), not a phone.
-    A text without seven digits in a row (separators allowed) is not searched at all."""
-    if not _DIGIT_RUN.search(text):
-        return
-    for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=PHONE_LENIENCY):
-        raw, number = match.raw_string, match.number
-        if raw.isdigit() or not _stands_alone(text, match.start, match.end):
-            continue
-        if _introduced_as_identifier(text, match.start):
-            continue
-        if phonenumbers.is_valid_number(number) or (number.country_code == 1 and _north_american_grouping(raw)):
-            yield match.start, match.end
+    """(start, end) of each phone number in `text` (see PHONE_LENIENCY); `region` (ISO 3166 alpha-2) reads
+    the numbers written without a country code. A bare run of digits with neither `+` nor a separator is
+    taken for an id (order and account numbers), not a phone number. Only the stretches of text around
+    runs of 7+ digits are searched (`_digit_windows`); every check of what surrounds a number reads the
+    whole text."""
+    for offset, window_end in _digit_windows(text):
+        window = text[offset:window_end]
+        for match in phonenumbers.PhoneNumberMatcher(window, region, leniency=CANDIDATE_LENIENCY):
+            raw, start = match.raw_string, offset + match.start
+            if raw.isdigit() or not _stands_alone(text, start, start + len(raw)) or _introduced_as_identifier(text, start):
+                continue
+            if match.number.country_code == 1 and _north_american_grouping(raw):
+                yield start, start + len(raw)
+                continue
+            for strict in phonenumbers.PhoneNumberMatcher(raw, region, leniency=PHONE_LENIENCY):
+                if (_stands_alone(text, start + strict.start, start + strict.end)  # a part of the candidate: check again
+                        and not _another_kind_of_number(strict.raw_string, strict.number)):
+                    yield start + strict.start, start + strict.end
 
 
 def redact_phones(text: str, region: str = "US") -> tuple[str, int]:
@@ -233,7 +284,7 @@ REDACTORS: dict[str, Callable[[str], tuple[str, int]]] = {
 def redact(text: str, types: list[str] | tuple[str, ...] = ORDER, phone_region: str = "US") -> tuple[str, dict[str, int]]:
     """The text with every detected value replaced by its placeholder, and counts per type."""
     counts: dict[str, int] = {}
-    for kind in ORDER:
+    for kind in DETECTION_ORDER:
         if kind in types:
             redactor = functools.partial(redact_phones, region=phone_region) if kind == "phone" else REDACTORS[kind]
             text, count = redactor(text)
