@@ -139,20 +139,41 @@ def test_hostile_input_is_accounted_for_and_decontamination_writes_the_index(ray
     assert stats["empty_files"] == {"count": 1, "files": ["empty.jsonl"]}
 
 
-def test_a_corpus_whose_every_document_is_rejected_ends_with_the_accounting_message(ray_light, tmp_path):
-    from raylm.data.curate import AccountingError
+def test_a_failed_curate_says_what_failed_in_one_line_and_logs_the_traceback(ray_light, tmp_path, capfd):
+    """A corpus of one oversize document: every step takes zero live rows, kept/ is an empty dataset,
+    rejected/ holds the row, and the command ends with one line naming stage, step and log (no trace).
+    Then a failure inside a Ray worker (the language filter without `langid`): the worker's traceback
+    goes to the run log only."""
+    import importlib.util
+
+    from raylm.cli import main
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "big.txt").write_text("word " * 400)  # over max_doc_bytes: rejected before near dedup
-    config = DataConfig(sources=[SourceConfig(path=str(corpus))], max_doc_bytes=1000)
-    stage = Workspace(str(tmp_path / "ws")).stage("curate", {"t": 2})
-    stage.prepare(force=True)
-    with pytest.raises(AccountingError, match="no document survived curation"):
-        curate(config, stage)
-    assert pd.read_parquet(stage.fs_path("kept", "train")).empty  # an empty dataset with the columns
-    rejected = pd.read_parquet(stage.fs_path("rejected"))
-    assert rejected["reason"].tolist() == ["too_large"]
+    workspace = tmp_path / "ws"
+    common = ["--config", str(Path(__file__).parents[1] / "configs" / "tiny.yaml"), "--workspace", str(workspace),
+              "--set", f"data.sources=[{{path: {corpus}}}]"]
+    assert main(["curate", *common, "--set", "data.max_doc_bytes=1000"]) == 1
+    console = capfd.readouterr()
+    last = console.err.strip().splitlines()[-1]
+    assert last.startswith("raylm: curate failed in step 'accounting': AccountingError: no document survived"), last
+    log_file = last.split("; full log: ")[1]
+    assert "Traceback" not in console.err + console.out and "Traceback" in Path(log_file).read_text()
+    attempt = next((workspace / "curate").glob("*/attempts/*"))
+    assert pd.read_parquet(attempt / "kept" / "train").empty  # an empty dataset with the columns
+    assert pd.read_parquet(attempt / "rejected")["reason"].tolist() == ["too_large"]
+
+    if importlib.util.find_spec("langid") is not None:
+        return  # the worker failure below needs langid to be absent
+    assert main(["curate", *common, "--set", "data.quality.languages=[en]"]) == 1
+    console = capfd.readouterr()
+    last = console.err.strip().splitlines()[-1]
+    assert last.startswith("raylm: curate failed in step 'read, clean and filter': ImportError: "
+                           "data.quality.languages needs the `langid` package"), last
+    log_text = Path(last.split("; full log: ")[1]).read_text()
+    assert "Traceback" not in console.err + console.out and "ModuleNotFoundError" in log_text
+
 
 
 def test_real_corpora_boilerplate_gutenberg_and_book_duplicates(ray_light, tmp_path, shared_data):

@@ -28,6 +28,7 @@ import xxhash
 from ray.data.aggregate import Sum
 
 from raylm import tracking
+from raylm.failure import step
 from raylm.artifacts import Curated
 from raylm.config import DataConfig
 from raylm.data import clean, decontam, dedup, pii, quality
@@ -129,18 +130,22 @@ def mark_documents(config: DataConfig) -> tuple[ray.data.Dataset, dict[str, Any]
         stats["decontam"] = {"tasks": index.tasks, "benchmark_ngrams": int(len(index.hashes)), "ngram": index.ngram}
         docs = docs.map_batches(decontam.decontam_batch, batch_format="pandas",
                                 fn_kwargs={"index_ref": [ray.put(index)], "mode": config.decontam.mode})
-    docs = docs.materialize()
+    with step("read, clean and filter"):
+        docs = docs.materialize()
     if docs.count() == 0:  # from the materialised blocks' metadata;  # only empty files: no step below has anything to do (a shuffle of nothing has no schema)
         return docs, stats
     if config.dedup.exact:
-        docs = docs.map_batches(dedup.add_dedup_key, batch_format="pandas")
-        docs = docs.groupby(dedup.DEDUP_KEY, num_partitions=partitions).map_groups(
-            dedup.mark_exact_duplicates, batch_format="pandas").drop_columns([dedup.DEDUP_KEY]).materialize()
+        with step("exact dedup"):
+            docs = docs.map_batches(dedup.add_dedup_key, batch_format="pandas")
+            docs = docs.groupby(dedup.DEDUP_KEY, num_partitions=partitions).map_groups(
+                dedup.mark_exact_duplicates, batch_format="pandas").drop_columns([dedup.DEDUP_KEY]).materialize()
     if config.dedup.near:
-        docs, stats["near_dedup"] = dedup.near_dedup(docs, config.dedup, partitions)
-    docs = docs.map_batches(assign_split, batch_format="pandas",
-                            fn_kwargs={"val_fraction": config.val_fraction, "seed": config.seed})
-    return docs.materialize(), stats
+        with step("near dedup"):
+            docs, stats["near_dedup"] = dedup.near_dedup(docs, config.dedup, partitions)
+    with step("train/val split"):
+        docs = docs.map_batches(assign_split, batch_format="pandas",
+                                fn_kwargs={"val_fraction": config.val_fraction, "seed": config.seed})
+        return docs.materialize(), stats
 
 
 def write_rows(rows: ray.data.Dataset, stage: StageDir, relpath: str, columns: list[str]) -> None:
@@ -150,7 +155,8 @@ def write_rows(rows: ray.data.Dataset, stage: StageDir, relpath: str, columns: l
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows.write_parquet(stage.fs_path(relpath), filesystem=stage.fs)
+    with step(f"write {relpath}"):
+        rows.write_parquet(stage.fs_path(relpath), filesystem=stage.fs)
     if count_parquet_rows(stage, relpath) == 0:
         schema = pa.schema([(c, pa.int64() if c == "n_bytes" else pa.string()) for c in columns])
         stage.fs.create_dir(stage.fs_path(relpath))
@@ -251,10 +257,12 @@ def curate(config: DataConfig, stage: StageDir) -> Curated:
     kept = sum(written.values())
     log.info("curate: accounting: input %d = kept %d + rejected %d: %s", rows_input, kept, rejected,
              "holds" if rows_input == kept + rejected else "BROKEN")
-    if rows_input != kept + rejected:
-        raise AccountingError(f"input rows {rows_input} != kept {kept} + rejected {rejected}")
-    if written["train"] == 0:
-        raise AccountingError("no document survived curation into the train split; see rejected/ for reasons")
+    with step("accounting"):
+        if rows_input != kept + rejected:
+            raise AccountingError(f"input rows {rows_input} != kept {kept} + rejected {rejected}")
+        if written["train"] == 0:
+            raise AccountingError("no document survived curation into the train split; see rejected/ for reasons "
+                                  f"({stage.path('rejected')})")
 
     reasons = reason_table(marked)
     totals = step_totals(marked)
