@@ -207,6 +207,9 @@ def test_null_text_is_reported_as_null_and_json_errors_read_well():
     assert details[0] == "n.jsonl:1: text field 'text' null"
     assert details[1] == "n.jsonl:2: text field 'text' missing"
     assert "at at" not in details[2] and "starting at column 10" in details[2], details[2]
+    for name in ("deep.jsonl", "deep.json"):  # nesting deeper than the stack: a rejected row, not a crash
+        rows = list(decode_file({"path": f"/c/{name}", "bytes": b"[" * 200000}, source, "/c"))
+        assert [(r["reason"], r["detail"].split(": ")[1]) for r in rows] == [("parse_error", "JSON nested too deeply to read")]
 
 
 def _lines(count: int) -> bytes:

@@ -212,6 +212,9 @@ def _decode_json_records(raw: bytes, fmt: str, label: str, locator: str, source:
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             yield unreadable(label, locator, f"not valid JSON: {error}", raw)
             return
+        except RecursionError:
+            yield unreadable(label, locator, "JSON nested too deeply to read", raw)
+            return
         records = loaded if isinstance(loaded, list) else [loaded]
         for number, record in enumerate(records):
             yield _record_to_row(record, label, f"{locator}[{number}]", source)
@@ -227,6 +230,9 @@ def _decode_json_records(raw: bytes, fmt: str, label: str, locator: str, source:
             continue
         except json.JSONDecodeError as error:
             yield unreadable(label, where, f"not valid JSON ({error.msg.removesuffix(' at')} at column {error.colno})", line)
+            continue
+        except RecursionError:  # [[[[... deeper than the interpreter's stack
+            yield unreadable(label, where, "JSON nested too deeply to read", line)
             continue
         yield _record_to_row(record, label, where, source)
 
