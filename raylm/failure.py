@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -121,9 +122,17 @@ def quiet_console() -> None:
     Called again once Ray and Ray Data have set up their own loggers."""
     for name in LOGGERS:
         for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
-                    and not isinstance(handler.formatter, OneLineFormatter):
+            if _is_console(handler) and not isinstance(handler.formatter, OneLineFormatter):
                 handler.setFormatter(OneLineFormatter(handler.formatter or logging.Formatter()))
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    """A handler that writes to the terminal: Ray's (which writes to whatever sys.stderr is when it
+    emits) or a stream handler on stdout / stderr; not a file, not a test's capture buffer."""
+    if type(handler).__name__ == "PlainRayHandler":
+        return True
+    streams = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+    return type(handler) is logging.StreamHandler and any(handler.stream is s for s in streams)
 
 
 class OneLineFormatter(logging.Formatter):
