@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
+from raylm import failure
 from raylm.config import ConfigError, load_config
 
 log = logging.getLogger("raylm")
@@ -224,6 +226,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides, args.workspace)
     if name == "eval" and args.checkpoint:
         check_storage(config, sources=False)
+        failure.open_run_log(config.workspace.root, name, verbose=getattr(args, "verbose", False))
         return _run_eval(config, args)
     if name == "pretrain" and args.from_sweep:
         config = _config_from_sweep(args, config, overrides)
@@ -240,6 +243,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
 
         check_base_source(args.base, config.model)
     check_storage(config, sources=name in ("curate", "pipeline"))  # after the checks that touch no storage
+    failure.open_run_log(config.workspace.root, name, verbose=getattr(args, "verbose", False))
     if not (name == "pretrain" and args.resume):  # --resume reads the newest run, whatever its config
         check_ready(config, name)
     force = tuple(name if f == "__self__" else f for f in args.force)
@@ -319,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         from raylm.finetune.stage import BaseModelError
 
         if not isinstance(error, (ChatDataError, FinetuneError, BaseModelError)):
-            raise
+            return _failed(error, args)
         print(f"raylm: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:  # a damaged or crafted checkpoint (generate, export); an earlier stage not run
@@ -327,9 +331,26 @@ def main(argv: list[str] | None = None) -> int:
         from raylm.train.checkpoint import CheckpointError
 
         if not isinstance(error, (CheckpointError, StageNotReady)):
-            raise
+            return _failed(error, args)
         print(f"raylm: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # noqa: BLE001 - any other failure: one line, the traceback in the run log
+        return _failed(error, args)
+    finally:
+        failure.close_run_log()
+
+
+def _failed(error: Exception, args: argparse.Namespace) -> int:
+    """Write the traceback to the run log, print the one line naming stage, step, fault and log; with
+    --verbose (or before a run log exists) the traceback also goes to the console."""
+    path = failure.log_path()
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write("".join(traceback.format_exception(error)))
+    if getattr(args, "verbose", False) or not path:
+        traceback.print_exception(error)
+    print(failure.describe(error, args.command), file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

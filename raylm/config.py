@@ -65,7 +65,9 @@ class SourceConfig(Section):
     format: Literal["auto", "jsonl", "json", "parquet", "text", "markdown"] = "auto"
     text_field: str = "text"
     id_field: str | None = None
-    doc_per: Literal["file", "paragraph"] = "file"
+    doc_per: Literal["file", "paragraph"] = Field(
+        "file", description="text and markdown files: one document per file, or one per blank-line-separated "
+        "block (`paragraph`, located as file#n); JSON rows are one document each either way")
     weight: float = Field(1.0, gt=0)
     max_bytes: int | None = Field(None, gt=0, description="sample the source down to about this many bytes")
     name: str | None = None

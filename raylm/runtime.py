@@ -22,6 +22,7 @@ import ray
 import yaml
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from raylm import failure
 from raylm.config import ClusterConfig, ConfigError
 from raylm.storage import is_object_store, probe_workspace
 
@@ -44,6 +45,7 @@ def init_ray(config: ClusterConfig) -> None:
         ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=config.include_dashboard,
                  runtime_env=runtime_env, log_to_driver=True)
     log.info("ray: %s", ray.cluster_resources())
+    failure.refresh_console()  # Ray set up its console loggers just now
 
 
 def cluster_has_gpus() -> bool:

@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any, Callable, TypeVar
 
-from raylm import tracking
+from raylm import failure, tracking
 from raylm.artifacts import Artifact
 from raylm.tracking import Tracker
 from raylm.workspace import STALE_AFTER_S, StageConflict, StageDir
@@ -46,6 +46,13 @@ def run_stage(stage: StageDir, section: dict[str, Any], tracker: Tracker,
     A `resumable` stage (training) takes back the attempt an interrupted run left, so it can continue
     from there; other stages start a new attempt.
     """
+    with failure.stage(stage.name):
+        return _run_stage(stage, section, tracker, body, force, resumable, extra_params)
+
+
+def _run_stage(stage: StageDir, section: dict[str, Any], tracker: Tracker,
+               body: Callable[[StageDir], dict[str, Any]], force: bool, resumable: bool,
+               extra_params: dict[str, Any] | None) -> dict[str, Any]:
     if not force:
         wait_for_other_run(stage)
     if stage.is_complete() and not force:

@@ -104,6 +104,9 @@ def test_hostile_input_is_accounted_for_and_decontamination_writes_the_index(ray
 
     (corpus / "z.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(json.dumps({"text": texts[2]}).encode()))
     pq.write_table(pa.table({"text": [texts[3], None], "uid": [1, 2]}), corpus / "rows.parquet")
+    cut = gzip.compress((json.dumps({"text": texts[4]}) + "\n").encode())
+    (corpus / "cut.jsonl.gz").write_bytes(cut[:len(cut) - 8])  # truncated (no trailer): its line survives
+    (corpus / "nofooter.parquet").write_bytes((corpus / "rows.parquet").read_bytes()[:200])
 
     config = DataConfig(sources=[SourceConfig(path=str(corpus), id_field="uid")], val_fraction=0.01,
                         decontam={"benchmarks": str(shared_data / "benchmarks"), "tasks": ["gsm8k"]})
@@ -114,12 +117,14 @@ def test_hostile_input_is_accounted_for_and_decontamination_writes_the_index(ray
     kept = read_kept(result)
     rejected = pd.read_parquet(result["outputs"]["rejected"])
     assert list(kept.columns) == ["id", "text", "source", "meta", "n_bytes"]
-    assert result["counts"]["input"] == len(kept) + len(rejected) == 13
-    reasons = rejected["reason"].value_counts().to_dict()
-    assert reasons == {"parse_error": 5, "empty": 1, "too_large": 1, "contaminated": 1, "exact_dup": 1}, rejected
-    assert len(kept) == 4
+    assert result["counts"]["input"] == len(kept) + len(rejected) == 15
+    reasons = rejected["reason"].value_counts().to_dict()  # empty.jsonl gives no row; stats count it
+    assert reasons == {"parse_error": 7, "too_large": 1, "contaminated": 1, "exact_dup": 1}, rejected
+    assert len(kept) == 5
     details = " ".join(rejected["detail"])
     assert "mixed.jsonl:3: not valid JSON" in details and "mixed.jsonl:4: text field 'text' missing" in details
+    assert "cut.jsonl.gz:2: compressed stream ends early" in details
+    assert "nofooter.parquet: cannot be opened as parquet" in details
     assert "latin1.txt: not valid UTF-8" in details and "blob.txt: binary file" in details
     assert f"shares a 13-gram with {leaked.item_id}" in details
     assert rejected.loc[rejected["reason"] == "too_large", "text"].iloc[0] == ""
@@ -131,6 +136,44 @@ def test_hostile_input_is_accounted_for_and_decontamination_writes_the_index(ray
     assert result["metrics"]["pii.email"] == 1 and result["metrics"]["pii.credit_card"] == 1
     stats = json.loads(Path(stage.fs_path("stats.json")).read_text())
     assert stats["accounting"]["holds"] and Path(stage.fs_path("stats.png")).stat().st_size > 1000
+    assert stats["empty_files"] == {"count": 1, "files": ["empty.jsonl"]}
+
+
+def test_a_failed_curate_says_what_failed_in_one_line_and_logs_the_traceback(ray_light, tmp_path, capfd):
+    """A corpus of one oversize document: every step takes zero live rows, kept/ is an empty dataset,
+    rejected/ holds the row, and the command ends with one line naming stage, step and log (no trace).
+    Then a failure inside a Ray worker (the language filter without `langid`): the worker's traceback
+    goes to the run log only."""
+    import importlib.util
+
+    from raylm.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "big.txt").write_text("word " * 400)  # over max_doc_bytes: rejected before near dedup
+    workspace = tmp_path / "ws"
+    common = ["--config", str(Path(__file__).parents[1] / "configs" / "tiny.yaml"), "--workspace", str(workspace),
+              "--set", f"data.sources=[{{path: {corpus}}}]"]
+    assert main(["curate", *common, "--set", "data.max_doc_bytes=1000"]) == 1
+    console = capfd.readouterr()
+    last = console.err.strip().splitlines()[-1]
+    assert last.startswith("raylm: curate failed in step 'accounting': AccountingError: no document survived"), last
+    log_file = last.split("; full log: ")[1]
+    assert "Traceback" not in console.err + console.out and "Traceback" in Path(log_file).read_text()
+    attempt = next((workspace / "curate").glob("*/attempts/*"))
+    assert pd.read_parquet(attempt / "kept" / "train").empty  # an empty dataset with the columns
+    assert pd.read_parquet(attempt / "rejected")["reason"].tolist() == ["too_large"]
+
+    if importlib.util.find_spec("langid") is not None:
+        return  # the worker failure below needs langid to be absent
+    assert main(["curate", *common, "--set", "data.quality.languages=[en]"]) == 1
+    console = capfd.readouterr()
+    last = console.err.strip().splitlines()[-1]
+    assert last.startswith("raylm: curate failed in step 'read, clean and filter': ImportError: "
+                           "data.quality.languages needs the `langid` package"), last
+    log_text = Path(last.split("; full log: ")[1]).read_text()
+    assert "Traceback" not in console.err + console.out and "ModuleNotFoundError" in log_text
+
 
 
 def test_real_corpora_boilerplate_gutenberg_and_book_duplicates(ray_light, tmp_path, shared_data):

@@ -33,9 +33,11 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     assert {"summary.md", "results.json", "scores.png", "samples/arc_easy.jsonl"} <= artifacts
 
 
-def test_eval_command_rejects_unknown_checkpoint(workspace_dir):
-    with pytest.raises(FileNotFoundError, match="neither an existing path nor an MLflow run id"):
-        main(["eval", "--workspace", str(workspace_dir), "--checkpoint", "no-such-run", "--tasks", "arc_easy"])
+def test_eval_command_rejects_unknown_checkpoint(workspace_dir, capsys):
+    assert main(["eval", "--workspace", str(workspace_dir), "--checkpoint", "no-such-run", "--tasks", "arc_easy"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("raylm: eval failed: FileNotFoundError: ") and "neither an existing path nor an MLflow run id" in last
+    assert "; full log: " in last
 
 
 @pytest.mark.slow

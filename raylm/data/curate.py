@@ -28,10 +28,11 @@ import xxhash
 from ray.data.aggregate import Sum
 
 from raylm import tracking
+from raylm.failure import step
 from raylm.artifacts import Curated
 from raylm.config import DataConfig
 from raylm.data import clean, decontam, dedup, pii, quality
-from raylm.data.sources import DOC_COLUMNS, read_source
+from raylm.data.sources import DOC_COLUMNS, empty_files, read_source
 from raylm.workspace import StageDir
 
 log = logging.getLogger("raylm")
@@ -117,22 +118,50 @@ def mark_documents(config: DataConfig) -> tuple[ray.data.Dataset, dict[str, Any]
                             fn_kwargs={"types": list(config.pii.types), "enabled": config.pii.enabled,
                                        "phone_region": config.pii.phone_region})
     docs = docs.map_batches(quality.quality_batch, batch_format="pandas", fn_kwargs={"config": config.quality})
-    stats: dict[str, Any] = {}
+    stats: dict[str, Any] = {"empty_files": {"count": 0, "files": []}}
+    for source in config.sources:  # files without a byte give no row; say so here
+        found = empty_files(source)
+        stats["empty_files"]["count"] += found["count"]
+        stats["empty_files"]["files"] += found["files"]
+    if stats["empty_files"]["count"]:
+        log.info("curate: %d empty file(s) gave no row: %s", stats["empty_files"]["count"],
+                 ", ".join(stats["empty_files"]["files"]))
     if config.decontam.benchmarks:
         index = decontam.build_benchmark_ngrams(config.decontam.benchmarks, config.decontam.ngram, config.decontam.tasks)
         stats["decontam"] = {"tasks": index.tasks, "benchmark_ngrams": int(len(index.hashes)), "ngram": index.ngram}
         docs = docs.map_batches(decontam.decontam_batch, batch_format="pandas",
                                 fn_kwargs={"index_ref": [ray.put(index)], "mode": config.decontam.mode})
+    with step("read, clean and filter"):
+        docs = docs.materialize()
+    if docs.count() == 0:  # from the materialised blocks' metadata;  # only empty files: no step below has anything to do (a shuffle of nothing has no schema)
+        return docs, stats
     if config.dedup.exact:
-        docs = docs.map_batches(dedup.add_dedup_key, batch_format="pandas")
-        docs = docs.groupby(dedup.DEDUP_KEY, num_partitions=partitions).map_groups(
-            dedup.mark_exact_duplicates, batch_format="pandas").drop_columns([dedup.DEDUP_KEY])
-    docs = docs.materialize()
+        with step("exact dedup"):
+            docs = docs.map_batches(dedup.add_dedup_key, batch_format="pandas")
+            docs = docs.groupby(dedup.DEDUP_KEY, num_partitions=partitions).map_groups(
+                dedup.mark_exact_duplicates, batch_format="pandas").drop_columns([dedup.DEDUP_KEY]).materialize()
     if config.dedup.near:
-        docs, stats["near_dedup"] = dedup.near_dedup(docs, config.dedup, partitions)
-    docs = docs.map_batches(assign_split, batch_format="pandas",
-                            fn_kwargs={"val_fraction": config.val_fraction, "seed": config.seed})
-    return docs.materialize(), stats
+        with step("near dedup"):
+            docs, stats["near_dedup"] = dedup.near_dedup(docs, config.dedup, partitions)
+    with step("train/val split"):
+        docs = docs.map_batches(assign_split, batch_format="pandas",
+                                fn_kwargs={"val_fraction": config.val_fraction, "seed": config.seed})
+        return docs.materialize(), stats
+
+
+def write_rows(rows: ray.data.Dataset, stage: StageDir, relpath: str, columns: list[str]) -> None:
+    """Write `rows` as parquet under `relpath`; with no row, one empty file with the columns, so that
+    the folder is always a readable (empty) dataset."""
+    # deferred: pulls in pyarrow, slow to import; only this path needs it
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with step(f"write {relpath}"):
+        rows.write_parquet(stage.fs_path(relpath), filesystem=stage.fs)
+    if count_parquet_rows(stage, relpath) == 0:
+        schema = pa.schema([(c, pa.int64() if c == "n_bytes" else pa.string()) for c in columns])
+        stage.fs.create_dir(stage.fs_path(relpath))
+        pq.write_table(schema.empty_table(), stage.fs_path(relpath, "empty.parquet"), filesystem=stage.fs)
 
 
 def count_parquet_rows(stage: StageDir, relpath: str) -> int:
@@ -219,20 +248,22 @@ def curate(config: DataConfig, stage: StageDir) -> Curated:
     rows_input = marked.count()
 
     for split in SPLITS:
-        marked.map_batches(select_rows, batch_format="pandas", fn_kwargs={"kept": True, "split": split}) \
-            .write_parquet(stage.fs_path("kept", split), filesystem=stage.fs)
-    marked.map_batches(select_rows, batch_format="pandas", fn_kwargs={"kept": False}) \
-        .write_parquet(stage.fs_path("rejected"), filesystem=stage.fs)
+        write_rows(marked.map_batches(select_rows, batch_format="pandas", fn_kwargs={"kept": True, "split": split}),
+                   stage, f"kept/{split}", KEPT_COLUMNS)
+    write_rows(marked.map_batches(select_rows, batch_format="pandas", fn_kwargs={"kept": False}),
+               stage, "rejected", REJECTED_COLUMNS)
 
     written = {split: count_parquet_rows(stage, f"kept/{split}") for split in SPLITS}
     rejected = count_parquet_rows(stage, "rejected")
     kept = sum(written.values())
     log.info("curate: accounting: input %d = kept %d + rejected %d: %s", rows_input, kept, rejected,
              "holds" if rows_input == kept + rejected else "BROKEN")
-    if rows_input != kept + rejected:
-        raise AccountingError(f"input rows {rows_input} != kept {kept} + rejected {rejected}")
-    if written["train"] == 0:
-        raise AccountingError("no document survived curation into the train split; see rejected/ for reasons")
+    with step("accounting"):
+        if rows_input != kept + rejected:
+            raise AccountingError(f"input rows {rows_input} != kept {kept} + rejected {rejected}")
+        if written["train"] == 0:
+            raise AccountingError("no document survived curation into the train split; see rejected/ for reasons "
+                                  f"({stage.path('rejected')})")
 
     reasons = reason_table(marked)
     totals = step_totals(marked)
@@ -249,6 +280,7 @@ def curate(config: DataConfig, stage: StageDir) -> Curated:
         "rows_kept_val": written["val"],
         "bytes_input": sum(r["bytes"] for r in reasons),
         "accounting_ok": 1,
+        "files_empty": stats["empty_files"]["count"],
     }
     for row in reasons:
         name = metric_name(row["reason"] or "kept")

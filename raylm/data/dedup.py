@@ -299,6 +299,12 @@ def near_dedup(docs: Any, config: Any, num_partitions: int) -> tuple[Any, dict[s
     import ray
 
     live = docs.filter(expr="reason == ''").select_columns(["id", "text"])
+    if live.count() == 0:  # every row rejected before this step: nothing to shuffle (an empty shuffle has no schema)
+        mode = verify_mode(config.verify)
+        lsh_threshold = config.threshold - EXACT_LSH_MARGIN if mode == "exact" else config.threshold
+        bands, rows = lsh_parameters(lsh_threshold, config.num_perm, config.false_negative_weight)
+        return docs, {"bands": bands, "rows_per_band": rows, "verify": mode, "candidates": 0, "pairs": 0,
+                      "clusters": 0, "duplicates": 0, "cluster_sizes": {}}
     pairs, stats = near_duplicate_pairs(live, config.num_perm, config.shingle_size, config.threshold,
                                         config.seed, config.false_negative_weight, config.verify,
                                         config.max_bucket, num_partitions)

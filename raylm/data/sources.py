@@ -4,7 +4,11 @@
 Every source becomes rows of the document contract `{id, text, source, meta}` plus the curation
 bookkeeping columns `reason` and `detail` (empty while a row is kept) and `n_bytes`. A line or file
 that cannot be read (bad JSON, undecodable bytes, a missing text field) becomes a row already marked
-`parse_error` with the file and line in `detail`: it is counted and rejected, never dropped.
+`parse_error` with the file and line in `detail`: it is counted and rejected, never dropped. A
+compressed or parquet file damaged part way (a truncated download, a broken footer) keeps every row
+read before the damage and adds one `parse_error` row saying where the stream broke; a file that
+cannot be opened at all is one `parse_error` row. A JSON-lines file with no record gives no row (the
+stage counts such files in its stats).
 
 The per-file decoding is a plain function (`decode_file`), so it is tested without Ray; the driver
 only lists file names, never reads the corpus.
@@ -14,15 +18,16 @@ from __future__ import annotations
 
 import bz2
 import glob
-import gzip
 import hashlib
 import json
 import logging
 import os
 import sysconfig
+import zlib
 from typing import Any, Iterator
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import zstandard
 
 from raylm.config import SourceConfig
@@ -87,18 +92,29 @@ def detect_format(path: str, declared: str) -> str:
 
 
 def decode_file(row: dict[str, Any], source: SourceConfig, root: str | None = None) -> Iterator[dict[str, Any]]:
-    """Turn one file (`{"bytes", "path"}` from `read_binary_files`) into document rows."""
+    """Turn one file (`{"bytes", "path"}`) into document rows; a compressed file damaged part way keeps
+    the rows before the damage and ends with one `parse_error` row saying where the stream broke."""
     path, raw = row["path"], row["bytes"]
     label = source.label
-    locator = os.path.relpath(path, root) if root and not path.startswith(("s3:", "gs:")) else path
+    locator = file_locator(path, root)
     fmt = detect_format(path, source.format)
-    raw = _decompress(path, raw)
-    if isinstance(raw, str):  # decompression failed: the message
-        yield unreadable(label, locator, raw)
+    raw, broken = decompress(path, raw)
+    if broken is not None and fmt != "jsonl" and source.doc_per != "paragraph":
+        yield unreadable(label, locator, broken)  # one document per file: a part of it is not that document
         return
     if fmt in ("jsonl", "json"):
-        yield from _decode_json(raw, fmt, label, locator, source)
+        if broken is not None:  # the complete lines before the damage are rows; the cut line is not
+            complete = raw[:raw.rfind(b"\n") + 1]
+            lines = complete.count(b"\n")
+            yield from _decode_json_records(complete, fmt, label, locator, source)
+            yield unreadable(label, f"{locator}:{lines + 1}",
+                             f"{broken}; the {lines} line(s) before it were read", raw[len(complete):])
+            return
+        yield from _decode_json_records(raw, fmt, label, locator, source)
         return
+    if broken is not None:  # paragraphs: those complete before the damage are documents
+        cut = raw.rfind(b"\n\n")
+        raw, rest = (raw[:cut], raw[cut:]) if cut >= 0 else (b"", raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -108,55 +124,96 @@ def decode_file(row: dict[str, Any], source: SourceConfig, root: str | None = No
         yield unreadable(label, locator, "binary file (NUL bytes)", raw)
         return
     if source.doc_per == "paragraph":
-        for number, block in enumerate(_paragraphs(text)):
+        blocks = _paragraphs(text)
+        for number, block in enumerate(blocks):
             yield document(label, f"{locator}#{number}", block)
+        if broken is not None:
+            yield unreadable(label, f"{locator}#{len(blocks)}",
+                             f"{broken}; the {len(blocks)} paragraph(s) before it were read", rest)
     else:
         yield document(label, locator, text)
 
 
+def file_locator(path: str, root: str | None) -> str:
+    return os.path.relpath(path, root) if root and not path.startswith(("s3:", "gs:")) else path
+
+
+def read_and_decode_file(row: dict[str, Any], source: SourceConfig, root: str | None,
+                         filesystem: pafs.FileSystem | None) -> Iterator[dict[str, Any]]:
+    """Read one file's bytes as they are on disk (no codec applied) and decode them; a file that
+    cannot be read at all is one `parse_error` row."""
+    path = row["path"]
+    try:
+        raw = read_raw_bytes(path, filesystem)
+    except OSError as error:
+        yield unreadable(source.label, file_locator(path, root), f"cannot be read: {error}")
+        return
+    yield from decode_file({"path": path, "bytes": raw}, source, root)
+
+
+def read_raw_bytes(path: str, filesystem: pafs.FileSystem | None) -> bytes:
+    """The file's stored bytes; `compression=None` stops Arrow decompressing by extension (a truncated
+    `.gz` then fails in the reader, before any row of it is kept)."""
+    filesystem = filesystem or pafs.LocalFileSystem()
+    with filesystem.open_input_stream(path, compression=None) as stream:
+        return stream.read()
+
+
 _MAGIC = {".gz": b"\x1f\x8b", ".zst": b"\x28\xb5\x2f\xfd", ".bz2": b"BZh"}
+_DECOMPRESSORS = {
+    ".gz": lambda: zlib.decompressobj(wbits=31),
+    ".zst": lambda: zstandard.ZstdDecompressor().decompressobj(),
+    ".bz2": bz2.BZ2Decompressor,
+}
+DECOMPRESS_CHUNK = 1 << 16
 
 
-def _decompress(path: str, raw: bytes) -> bytes | str:
-    """Decompress by extension; bytes without the codec's magic number are taken as already
-    decompressed (Ray Data's `read_binary_files` infers the codec from the extension and may have)."""
+def decompress(path: str, raw: bytes) -> tuple[bytes, str | None]:
+    """Decompress by extension, streaming: the bytes decoded, and None or where and why the stream broke
+    (the bytes then are those decoded before the damage). Several members / frames one after the
+    other are read in turn; bytes without the codec's magic number are taken as not compressed."""
     suffix = next((s for s in _MAGIC if path.endswith(s)), None)
     if suffix is None or not raw.startswith(_MAGIC[suffix]):
-        return raw
-    try:
-        if path.endswith(".gz"):
-            return gzip.decompress(raw)
-        if path.endswith(".zst"):
-            return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
-        if path.endswith(".bz2"):
-            return bz2.decompress(raw)
-    except Exception as error:  # noqa: BLE001 - any codec failure is a parse error of that file
-        return f"cannot decompress: {error}"
-    return raw
+        return raw, None
+    decoded: list[bytes] = []
+    start = 0
+    while start < len(raw):
+        decompressor = _DECOMPRESSORS[suffix]()
+        member_start = start
+        while not decompressor.eof:
+            if start >= len(raw):
+                size = sum(len(piece) for piece in decoded)
+                return b"".join(decoded), (f"compressed stream ends early (truncated) at compressed byte {len(raw)}, "
+                                           f"after {size} decompressed bytes")
+            piece = raw[start:start + DECOMPRESS_CHUNK]
+            try:
+                decoded.append(decompressor.decompress(piece))
+            except Exception as error:  # noqa: BLE001 - any codec failure is damage at this place of the file
+                size = sum(len(chunk) for chunk in decoded)
+                return b"".join(decoded), (f"compressed stream corrupt within compressed bytes {start}-"
+                                           f"{start + len(piece)}, after {size} decompressed bytes ({error})")
+            start += len(piece)
+        start -= len(decompressor.unused_data)
+        if start <= member_start or not raw[start:].strip(b"\0"):  # trailing zero padding ends the file
+            break
+    return b"".join(decoded), None
 
 
 def _paragraphs(text: str) -> list[str]:
     return [block for block in text.replace("\r\n", "\n").split("\n\n") if block.strip()]
 
 
-def _decode_json(raw: bytes, fmt: str, label: str, locator: str, source: SourceConfig) -> Iterator[dict[str, Any]]:
-    """Rows of a JSON / JSON-lines file; a file with no record at all is one `empty` row, not nothing."""
-    produced = False
-    for row in _decode_json_records(raw, fmt, label, locator, source):
-        produced = True
-        yield row
-    if not produced:
-        row = unreadable(label, locator, "file has no records", raw)
-        row["reason"] = "empty"
-        yield row
-
-
 def _decode_json_records(raw: bytes, fmt: str, label: str, locator: str, source: SourceConfig) -> Iterator[dict[str, Any]]:
     if fmt == "json":
+        if not raw.strip():  # an empty file holds no record: no row
+            return
         try:
             loaded = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             yield unreadable(label, locator, f"not valid JSON: {error}", raw)
+            return
+        except RecursionError:
+            yield unreadable(label, locator, "JSON nested too deeply to read", raw)
             return
         records = loaded if isinstance(loaded, list) else [loaded]
         for number, record in enumerate(records):
@@ -172,7 +229,10 @@ def _decode_json_records(raw: bytes, fmt: str, label: str, locator: str, source:
             yield unreadable(label, where, f"not valid UTF-8 at byte {error.start}", line)
             continue
         except json.JSONDecodeError as error:
-            yield unreadable(label, where, f"not valid JSON ({error.msg} at column {error.colno})", line)
+            yield unreadable(label, where, f"not valid JSON ({error.msg.removesuffix(' at')} at column {error.colno})", line)
+            continue
+        except RecursionError:  # [[[[... deeper than the interpreter's stack
+            yield unreadable(label, where, "JSON nested too deeply to read", line)
             continue
         yield _record_to_row(record, label, where, source)
 
@@ -182,7 +242,10 @@ def _record_to_row(record: Any, label: str, where: str, source: SourceConfig) ->
         return unreadable(label, where, f"expected a JSON object, got {type(record).__name__}")
     text = record.get(source.text_field)
     if not isinstance(text, str):
-        why = "missing" if text is None else f"not a string ({type(text).__name__})"
+        if source.text_field not in record:
+            why = "missing"
+        else:
+            why = "null" if text is None else f"not a string ({type(text).__name__})"
         return unreadable(label, where, f"text field {source.text_field!r} {why}", json.dumps(record)[:64].encode())
     meta = {k: v for k, v in record.items() if k not in (source.text_field, source.id_field)}
     doc_id = None
@@ -283,33 +346,70 @@ def _hf_row_to_doc(row: dict[str, Any], source: SourceConfig, where: str) -> dic
 
 def read_source(source: SourceConfig, num_blocks: int | None = None):
     """A Ray Dataset of document rows for one source."""
-    # deferred: pulls in ray, slow to import; only this path needs it
-    import ray.data
-
     if source.path.startswith("hf://"):
         return read_huggingface(source)
     files, root, filesystem = list_source_files(source)
     if not files:
         raise FileNotFoundError(f"data source {source.path!r} has no files")
-    parquet = [f for f in files if detect_format(f, source.format) == "parquet"]
-    others = [f for f in files if f not in set(parquet)]
+    parquet = set(f for f in files if detect_format(f, source.format) == "parquet")
+    others = [f for f in files if f not in parquet]
     parts = []
+    # Each task reads its files itself (not `read_binary_files` / `read_parquet`): a damaged file then
+    # becomes rows plus one `parse_error` row inside the task instead of an error that ends the stage.
     if others:
-        raw = ray.data.read_binary_files(others, include_paths=True, filesystem=filesystem,
-                                         override_num_blocks=num_blocks)
-        parts.append(raw.flat_map(decode_file, fn_kwargs={"source": source, "root": root}))
+        parts.append(_file_rows(others, num_blocks).flat_map(
+            read_and_decode_file, fn_kwargs={"source": source, "root": root, "filesystem": filesystem}))
     if parquet:
-        table = ray.data.read_parquet(parquet, filesystem=filesystem, override_num_blocks=num_blocks,
-                                      include_paths=True)
-        parts.append(table.map(_parquet_row_to_doc, fn_kwargs={"source": source, "root": root}))
+        parts.append(_file_rows(sorted(parquet), num_blocks).flat_map(
+            decode_parquet_file, fn_kwargs={"source": source, "root": root, "filesystem": filesystem}))
     dataset = parts[0]
     for extra in parts[1:]:
         dataset = dataset.union(extra)
     return dataset
 
 
-def _parquet_row_to_doc(row: dict[str, Any], source: SourceConfig, root: str | None) -> dict[str, Any]:
-    path = row.pop("path", "?")
-    locator = os.path.relpath(path, root) if root else path
-    locator = f"{locator}:{row.get(source.id_field) if source.id_field else ''}"
-    return _record_to_row(row, source.label, locator, source)
+def _file_rows(files: list[str], num_blocks: int | None):
+    """One `{"path"}` row per file, in up to `num_blocks` blocks (by default one per file, up to 200)."""
+    # deferred: pulls in ray, slow to import; only this path needs it
+    import ray.data
+
+    blocks = min(len(files), num_blocks or 200)
+    return ray.data.from_items([{"path": path} for path in files], override_num_blocks=blocks)
+
+
+def decode_parquet_file(row: dict[str, Any], source: SourceConfig, root: str | None,
+                        filesystem: pafs.FileSystem | None, batch_size: int = 1024) -> Iterator[dict[str, Any]]:
+    """Document rows of one parquet file. A file whose footer cannot be read is one `parse_error` row;
+    one damaged part way keeps the rows of the batches before the damage and adds one `parse_error`
+    row naming the row group and row where reading broke."""
+    path = row["path"]
+    label, locator = source.label, file_locator(path, root)
+    try:
+        parquet = pq.ParquetFile(path, filesystem=filesystem)
+    except Exception as error:  # noqa: BLE001 - a broken footer, not parquet at all, unreadable: this file only
+        yield unreadable(label, locator, f"cannot be opened as parquet: {error}")
+        return
+    rows = 0
+    group = 0
+    try:
+        for group in range(parquet.num_row_groups):
+            for batch in parquet.iter_batches(batch_size=batch_size, row_groups=[group]):
+                for record in batch.to_pylist():
+                    rows += 1
+                    key = record.get(source.id_field) if source.id_field else ""
+                    yield _record_to_row(record, label, f"{locator}:{key}", source)
+    except Exception as error:  # noqa: BLE001 - damage inside the file: what was read before it stands
+        yield unreadable(label, f"{locator}#row_group={group}",
+                         f"parquet data damaged in row group {group} of {parquet.num_row_groups}, "
+                         f"after row {rows}; the {rows} row(s) before it were read ({error})")
+
+
+def empty_files(source: SourceConfig, shown: int = 20) -> dict[str, Any]:
+    """How many of a source's files hold no byte (they give no row), and the first `shown` of them:
+    from the listing's metadata, no file is read."""
+    if source.path.startswith("hf://"):
+        return {"count": 0, "files": []}
+    files, root, filesystem = list_source_files(source)
+    infos = (filesystem or pafs.LocalFileSystem()).get_file_info(files)
+    empty = [file_locator(info.path, root) for info in infos if info.size == 0]
+    return {"count": len(empty), "files": empty[:shown]}
