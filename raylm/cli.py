@@ -240,7 +240,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         from raylm.finetune.stage import check_base_source
 
         settings = config.finetune
-        if settings.data is not None and not settings.data.startswith("hf://"):  # hf:// is read in the stage
+        if settings.data is not None:
             choose_format(settings.data, settings.format, settings.columns)
 
         check_base_source(args.base, config.model)

@@ -444,6 +444,11 @@ class LoraSettings(Section):
                                              "[qkv, proj] (default: every attention and feed-forward Linear)")
 
 
+# The column names of the fine-tuning layouts (raylm/data/chat_layouts.py): the keys of `finetune.columns`.
+COLUMN_NAMES = ("messages", "prompt", "completion", "response", "conversations", "instruction", "input", "output",
+                "text")
+
+
 class FinetuneConfig(Section):
     method: Literal["full", "frozen", "lora"] = "full"
     data: str | None = Field(None, description="chat or instruction records (.jsonl, .json, .parquet, compressed, "
@@ -473,9 +478,6 @@ class FinetuneConfig(Section):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, columns: dict[str, str]) -> dict[str, str]:
-        # deferred: the layouts module reads files; only the names are needed here
-        from raylm.data.chat_layouts import COLUMN_NAMES
-
         unknown = sorted(set(columns) - set(COLUMN_NAMES))
         if unknown:
             raise ValueError(f"finetune.columns has the key(s) {unknown}: the keys are layout column names, one of "

@@ -175,3 +175,36 @@ def test_cli_refuses_unknown_layout_before_ray_in_one_line(tmp_path):
     assert "Started a local Ray" not in done.stderr and "ray.init" not in done.stderr
     assert not (tmp_path / "ws").exists()
     assert seconds < 10, seconds
+
+
+def test_real_public_question_answer_set_through_a_column_mapping(shared_data):
+    """No instruction set is in shared/data; GSM8K's `{"question", "answer"}` rows are the real-data case of
+    `finetune.columns` (and of the refusal without it)."""
+    path = str(shared_data / "benchmarks" / "gsm8k" / "test.jsonl")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is absent from the shared data folder")
+    with pytest.raises(LayoutError, match=r"\['answer', 'question'\] match no fine-tuning layout"):
+        choose_format(path, "auto")
+    columns = {"prompt": "question", "response": "answer"}
+    assert choose_format(path, "auto", columns) == "prompt_response"
+    rows = []
+    for row in read_chat(path, layout="prompt_response", columns=columns):
+        rows.append(row)
+        if len(rows) == 300:
+            break
+    assert len(rows) == 300 and rows[299].where == f"{path}:300"
+    assert all(row.turns[1]["content"].split("#### ")[-1].strip().lstrip("-").replace(",", "").isdigit() for row in rows)
+
+
+def test_huggingface_dataset_with_layout_columns(tmp_path, monkeypatch):
+    """`hf://` goes through `datasets.load_dataset` (a local dataset folder here: no network)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "hfset"
+    folder.mkdir()
+    write(folder / "train.parquet", [SAME_CONVERSATION["sharegpt"]] * 4, "parquet")
+    assert choose_format(f"hf://{folder}", "auto") == "sharegpt"
+    rows = list(read_chat(f"hf://{folder}"))
+    assert [row.turns for row in rows] == [[USER, ASSISTANT]] * 4 and rows[3].where == f"hf://{folder}[3]"
+    with pytest.raises(LayoutError, match=r"finetune.data 'hf://.*:nosuchsplit' cannot be loaded"):
+        choose_format(f"hf://{folder}:nosuchsplit", "auto")

@@ -26,12 +26,11 @@ import json
 import os
 from typing import Any, Iterator
 
+from raylm.config import COLUMN_NAMES  # noqa: F401 - the keys of finetune.columns, named with the layouts
 from raylm.data.sources import _decompress, detect_format
 
 LAYOUTS = ("messages", "prompt_completion", "prompt_response", "sharegpt", "alpaca")
 FORMATS = ("auto", *LAYOUTS, "text", "chat")  # chat: any chat layout, never text (the older setting)
-COLUMN_NAMES = ("messages", "prompt", "completion", "response", "conversations", "instruction", "input", "output",
-                "text")
 REQUIRED = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"),
             "prompt_response": ("prompt", "response"), "sharegpt": ("conversations",),
             "alpaca": ("instruction", "output")}
