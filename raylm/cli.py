@@ -238,8 +238,13 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         from raylm.train.launch import check_init_checkpoint
 
         check_init_checkpoint(config.model, args.init_checkpoint)
-    if name == "finetune":  # a bad --from is refused before Ray starts or the workspace is touched
+    if name == "finetune":  # bad data or a bad --from is refused before Ray starts or the workspace is touched
+        from raylm.data.chat_layouts import choose_format
         from raylm.finetune.stage import check_base_source
+
+        settings = config.finetune
+        if settings.data is not None:
+            choose_format(settings.data, settings.format, settings.columns)
 
         check_base_source(args.base, config.model)
     check_storage(config, sources=name in ("curate", "pipeline"))  # after the checks that touch no storage
@@ -319,10 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ValueError as error:  # bad fine-tuning input: chat rows, base model, method settings
         from raylm.data.chat import ChatDataError
+        from raylm.data.chat_layouts import LayoutError
         from raylm.finetune import FinetuneError
         from raylm.finetune.stage import BaseModelError
 
-        if not isinstance(error, (ChatDataError, FinetuneError, BaseModelError)):
+        if not isinstance(error, (ChatDataError, LayoutError, FinetuneError, BaseModelError)):
             return _failed(error, args)
         print(f"raylm: {error}", file=sys.stderr)
         return 2

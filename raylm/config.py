@@ -459,10 +459,20 @@ class LoraSettings(Section):
                                              "[qkv, proj] (default: every attention and feed-forward Linear)")
 
 
+# The column names of the fine-tuning layouts (raylm/data/chat_layouts.py): the keys of `finetune.columns`.
+COLUMN_NAMES = ("messages", "prompt", "completion", "response", "conversations", "instruction", "input", "output",
+                "text")
+
+
 class FinetuneConfig(Section):
     method: Literal["full", "frozen", "lora"] = "full"
-    data: str | None = Field(None, description="plain text (any data source) or chat jsonl")
-    format: Literal["auto", "text", "chat"] = Field("auto", description="auto: chat for .jsonl/.json rows with messages or prompt/response")
+    data: str | None = Field(None, description="chat or instruction records (.jsonl, .json, .parquet, compressed, "
+                                              "hf://org/name[:split]) or plain text (any data source)")
+    format: Literal["auto", "messages", "prompt_completion", "prompt_response", "sharegpt", "alpaca", "text", "chat"] = Field(
+        "auto", description="auto: the layout the first rows' keys match (text when they have only a text field); "
+                            "chat: any chat layout, never text; or one named layout")
+    columns: dict[str, str] = Field(default_factory=dict, description="layout name -> the data's column name, e.g. "
+                                                                      "{prompt: question, response: answer}")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the fine-tuning data held out for val loss")
     system_prompt: str | None = Field(None, description="system message for prompt/response rows")
     lr: float = Field(1e-4, gt=0)
@@ -479,6 +489,15 @@ class FinetuneConfig(Section):
     @classmethod
     def _data_exists(cls, path: str | None) -> str | None:
         return None if path is None else _check_local_path_exists(path)
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(columns) - set(COLUMN_NAMES))
+        if unknown:
+            raise ValueError(f"finetune.columns has the key(s) {unknown}: the keys are layout column names, one of "
+                             f"{list(COLUMN_NAMES)}, each mapped to the data's own column name")
+        return columns
 
     @model_validator(mode="after")
     def _method_settings(self) -> "FinetuneConfig":
@@ -580,9 +599,10 @@ class TrackingConfig(Section):
     experiment: str = "raylm"
 
 
-# Keys that change how a run reacts to failures, not what it computes, added after workspaces existed:
-# left out of a section's data (so of stage hashes) while at their defaults, so finished stages stay reused.
-QUIET_AT_DEFAULT = ("health_check_interval_s", "worker_group_start_timeout_s", "phone_region")
+# Keys added after workspaces existed (how a run reacts to failures; data.pii.phone_region; finetune.columns,
+# whose default renames nothing): left out of a section's data (so of stage hashes) while at their defaults, so finished stages
+# stay reused.
+QUIET_AT_DEFAULT = ("health_check_interval_s", "worker_group_start_timeout_s", "phone_region", "columns")
 
 
 def section_data(section: BaseModel) -> dict[str, Any]:

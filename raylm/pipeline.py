@@ -23,6 +23,19 @@ STAGES = ("curate", "tokenize", "pretrain", "eval")
 ARTIFACTS: dict[str, type] = {"curate": Curated, "tokenize": Packed, "pretrain": Pretrained, "eval": Evaluated}
 
 
+def finetune_data_line(figures: dict[str, float]) -> str:
+    """The fine-tuning data's figures in one line (rows per layout, turns, tokens, dropped rows and why)."""
+    layouts = {key.removeprefix("data_rows_layout_"): int(value) for key, value in figures.items()
+               if key.startswith("data_rows_layout_")}
+    if not layouts:
+        return ""
+    per_layout = ", ".join(f"{count:,} {layout}" for layout, count in sorted(layouts.items()))
+    tokens = int(figures.get("data_train_tokens", 0) + figures.get("data_val_tokens", 0))
+    return (f"rows {int(figures.get('data_rows_input', 0)):,} ({per_layout}), turns {int(figures.get('data_turns', 0)):,}, "
+            f"tokens {tokens:,} packed (targets {int(figures.get('data_train_targets', 0)):,} train), "
+            f"dropped {int(figures.get('data_rows_rejected_too_long', 0)):,} (longer than seq_len)")
+
+
 class StageNotReady(RuntimeError):
     """A stage needs the output of an earlier stage that has not finished for this config."""
 
@@ -131,23 +144,31 @@ class Pipeline:
                        Finetuned, force="finetune" in self.force, resumable=True)
 
     def _finetune_data(self, base, seq_len: int) -> tuple[StageDir, Packed]:
-        """Chat jsonl -> `sft-data`; plain text -> `finetune-curate` and `finetune-tokenize` with the base's tokenizer."""
+        """Chat or instruction records -> `sft-data`; plain text -> `finetune-curate` and `finetune-tokenize`
+        with the base's tokenizer. Which one is `finetune.format` (`auto`: `choose_format` on the first rows)."""
         # deferred: pulls in pandas, slow to import; only this path needs it
-        from raylm.data.chat import looks_like_chat
+        from raylm.data.chat_layouts import choose_format
 
         settings = self.config.finetune
-        chat = settings.format == "chat" or (settings.format == "auto" and looks_like_chat(settings.data))
-        if chat:
+        chosen = choose_format(settings.data, settings.format, settings.columns)
+        if settings.format in ("auto", "chat"):
+            log.info("finetune.format = %s: the first rows of %s read as %s%s", settings.format, settings.data, chosen,
+                     "" if chosen == "text" else " (each row by the layout its keys match)")
+        if chosen != "text":
             # deferred: pulls in pandas, ray, slow to import; only this path needs it
             from raylm.data.sft import sft_data
 
+            layout = settings.format if settings.format not in ("auto", "chat") else None
             section = {"data": settings.data, "val_fraction": settings.val_fraction, "seed": settings.seed,
                        "system_prompt": settings.system_prompt, "seq_len": seq_len}
-            stage = self.workspace.stage("sft-data", section, {"file": file_fingerprint(settings.data),
-                                                               "tokenizer": content_hash(base.tokenizer_json)})
+            if layout or settings.columns:  # left out at their defaults: earlier sft-data stages stay reused
+                section.update(format=settings.format, columns=settings.columns)
+            inputs = {"file": settings.data if settings.data.startswith("hf://") else file_fingerprint(settings.data),
+                      "tokenizer": content_hash(base.tokenizer_json)}
+            stage = self.workspace.stage("sft-data", section, inputs)
             packed = execute(stage, section, self.tracker,
                              lambda st: sft_data(settings.data, base.tokenizer_json, seq_len, settings.val_fraction,
-                                                 settings.seed, settings.system_prompt, st),
+                                                 settings.seed, settings.system_prompt, st, layout, settings.columns),
                              Packed, force="finetune" in self.force)
             return stage, packed
         # deferred: pulls in pandas, ray, slow to import; only this path needs it
@@ -155,7 +176,8 @@ class Pipeline:
         from raylm.data.tokenize import tokenize
 
         # the experiment's curation settings (cleaning, quality, dedup, ...) on the fine-tuning source
-        data = DataConfig.model_validate({**self.config.data.model_dump(), "sources": [SourceConfig(path=settings.data)],
+        source = SourceConfig(path=settings.data, text_field=settings.columns.get("text", "text"))
+        data = DataConfig.model_validate({**self.config.data.model_dump(), "sources": [source],
                                           "val_fraction": settings.val_fraction, "seed": settings.seed})
         data_config = self.config.model_copy(update={"data": data})
         curate_stage = self.workspace.stage("finetune-curate", {"data": data.model_dump(mode="json"),
@@ -194,6 +216,9 @@ class Pipeline:
             lines.append(f"  checkpoint {tuned.checkpoint} ({tuned.method}, base {tuned.base['checkpoint']})")
             lines.append(f"  trainable parameters {figures['params_trainable']:,} of {figures['params_total']:,}; "
                          f"val loss {figures['val_loss_before']:.4f} -> {figures['val_loss_after']:.4f}")
+            data_line = finetune_data_line(figures)
+            if data_line:
+                lines.append(f"  data {data_line}")
         evaluation = artifacts.get("eval")
         if evaluation:
             figures = evaluation.metrics

@@ -36,6 +36,29 @@ def chat_rows(count: int, seed: int) -> list[dict]:
     return rows
 
 
+LAYOUTS = ("messages", "prompt_completion", "prompt_response", "sharegpt", "alpaca")
+
+
+def in_every_layout(rows: list[dict]) -> list[dict]:
+    """The same conversations, each row written in the next layout of LAYOUTS in turn (auto reads each by its keys)."""
+    written = []
+    for index, row in enumerate(rows):
+        turns = row.get("messages") or [{"role": "user", "content": row["prompt"]},
+                                        {"role": "assistant", "content": row["response"]}]
+        user, answer = turns[-2]["content"], turns[-1]["content"]
+        layout = LAYOUTS[index % len(LAYOUTS)]
+        if layout == "messages":
+            written.append({"messages": turns})
+        elif layout == "prompt_completion":
+            written.append({"prompt": user, "completion": answer})
+        elif layout == "prompt_response":
+            written.append({"prompt": user, "response": answer})
+        elif layout == "sharegpt":
+            names = {"system": "system", "user": "human", "assistant": "gpt"}
+            written.append({"conversations": [{"from": names[t["role"]], "value": t["content"]} for t in turns]})
+        else:
+            written.append({"instruction": user, "input": "", "output": answer})
+    return written
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +96,24 @@ def write_chat(tmp_path, rows) -> str:
 def test_sft_lowers_held_out_val_loss_and_logs_lineage(ray_light, tmp_path, base_checkpoint):
     from raylm.pipeline import Pipeline
 
-    pipeline = Pipeline(make_config(tmp_path, write_chat(tmp_path, chat_rows(240, seed=2)), "full"))
+    pipeline = Pipeline(make_config(tmp_path, write_chat(tmp_path, in_every_layout(chat_rows(240, seed=2))), "full"))
     manifest = pipeline.finetune(base_checkpoint)
     figures = manifest.metrics
     assert figures["val_loss_after"] < figures["val_loss_before"] - 0.5, figures
+    # every layout went through the stage, and the data's figures reach the run and the summary
+    assert {layout: figures[f"data_rows_layout_{layout}"] for layout in LAYOUTS} == {layout: 48 for layout in LAYOUTS}
+    assert figures["data_rows_input"] == 240 and figures["data_turns"] == 240 * 2 + 48  # system turns: even rows as messages or sharegpt
+    assert figures["data_train_tokens"] + figures["data_val_tokens"] == figures["data_tokens_rendered"]
     assert figures["params_trainable"] == figures["params_total"] > 0
     run = mlflow.get_run(manifest.record.mlflow_run_id)
     assert run.data.tags["raylm.finetune.method"] == "full"
     assert run.data.tags["raylm.base.checkpoint"] == base_checkpoint
     assert run.data.metrics["val_loss_after"] == pytest.approx(figures["val_loss_after"])
     assert run.data.metrics["params_trainable"] == figures["params_trainable"]
-    assert "finetune" in pipeline.summary({"finetune": manifest})
+    assert run.data.metrics["data_rows_layout_alpaca"] == 48
+    assert run.data.tags["raylm.finetune.data_layouts"] == ",".join(sorted(LAYOUTS))
+    summary = pipeline.summary({"finetune": manifest})
+    assert "finetune" in summary and "data rows 240 (48 alpaca, 48 messages" in summary, summary
     assert type(load_model(manifest.checkpoint)) is Transformer
 
 

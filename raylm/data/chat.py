@@ -1,6 +1,7 @@
 """Instruction (chat) data: reading jsonl, the chat template, the loss mask, and whole-conversation packing.
 
-Rows are `{"prompt": ..., "response": ...}` or `{"messages": [{"role": ..., "content": ...}, ...]}`.
+Rows are in any layout of `raylm.data.chat_layouts` (messages, prompt/completion, prompt/response,
+ShareGPT, Alpaca), read there into one list of {role, content} turns.
 Roles: an optional `system` first, then `user` and `assistant` strictly alternating, starting with
 `user` and ending with `assistant`. A row that breaks this is an error naming the file and line.
 
@@ -16,8 +17,6 @@ splitting one across rows; a conversation longer than a row is a counted rejecti
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -26,6 +25,8 @@ import pandas as pd
 import pyarrow as pa
 from tokenizers import Tokenizer
 
+from raylm.data.chat_layouts import (ACCEPTED, LayoutError, choose_format, layout_of, read_records, rename_columns,
+                                     turns_of)
 from raylm.data.tokenizer import (
     ASSISTANT,
     BOS,
@@ -57,33 +58,18 @@ def chat_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     return ids
 
 
-def conversation_of(row: Any, system_prompt: str | None = None) -> list[dict[str, str]]:
-    """A validated list of {role, content} turns from one row (ValueError says what is wrong)."""
+def conversation_of(row: Any, system_prompt: str | None = None, layout: str | None = None) -> list[dict[str, str]]:
+    """A validated list of {role, content} turns from one row read as `layout` (None: the layout its keys
+    match); ValueError says what is wrong."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list):
-            raise ValueError(f"`messages` must be a list, got {type(messages).__name__}")
-        turns = []
-        for index, message in enumerate(messages):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise ValueError(f"messages[{index}] must be an object with `role` and `content`")
-            if message["role"] not in ROLES:
-                raise ValueError(f"messages[{index}].role = {message['role']!r}: expected one of {list(ROLES)}")
-            if not isinstance(message["content"], str):
-                raise ValueError(f"messages[{index}].content must be a string")
-            turns.append({"role": message["role"], "content": message["content"]})
-    elif "prompt" in row or "response" in row:
-        if not isinstance(row.get("prompt"), str):
-            raise ValueError("`prompt` must be a string")
-        if not isinstance(row.get("response"), str):
-            raise ValueError("row has no assistant turn: `response` is missing or not a string")
-        turns = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
-        if system_prompt:
-            turns.insert(0, {"role": "system", "content": system_prompt})
-    else:
-        raise ValueError(f"expected `messages` or `prompt`/`response`, got keys {sorted(row)}")
+    layout = layout or layout_of(row)
+    if layout is None:
+        raise ValueError(f"expected `messages` or `prompt`/`response` (or another layout: {ACCEPTED}), "
+                         f"got keys {sorted(row)}")
+    turns = turns_of(row, layout, system_prompt)
+    if not turns:
+        raise ValueError("row has no assistant turn (no turns at all)")
     check_roles(turns)
     return turns
 
@@ -104,41 +90,43 @@ def check_roles(turns: list[dict[str, str]]) -> None:
 
 @dataclass
 class ChatRow:
-    line: int
+    where: str  # file:line (file[index] in a JSON array)
     turns: list[dict[str, str]]
+    layout: str
 
 
-def read_chat_jsonl(path: str, system_prompt: str | None = None, max_errors: int = 10) -> Iterator[ChatRow]:
-    """Validated conversations of a jsonl file; raises ChatDataError naming file:line of each bad row."""
+def read_chat(path: str, system_prompt: str | None = None, layout: str | None = None,
+              columns: dict[str, str] | None = None, max_errors: int = 10) -> Iterator[ChatRow]:
+    """Validated conversations of a chat file or hf:// set (any layout of raylm.data.chat_layouts; `layout`
+    None: each row by its keys); raises ChatDataError naming file:line of each bad row, after reading all."""
     problems, bad = [], 0
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield ChatRow(number, conversation_of(json.loads(line), system_prompt))
-            except (ValueError, json.JSONDecodeError) as error:
-                bad += 1
-                if len(problems) < max_errors:
-                    problems.append(f"{path}:{number}: {error}")
+    for where, record in read_records(path):
+        try:
+            if isinstance(record, Exception):  # a line that is not JSON
+                raise ValueError(f"not valid JSON ({record})")
+            row = rename_columns(record, columns or {}) if isinstance(record, dict) else record
+            row_layout = layout or (layout_of(row) if isinstance(row, dict) else None)
+            yield ChatRow(where, conversation_of(row, system_prompt, row_layout), row_layout or "")
+        except ValueError as error:
+            bad += 1
+            if len(problems) < max_errors:
+                problems.append(f"{where}: {error}")
     if problems:
         more = f"\n  ... and {bad - len(problems)} more" if bad > len(problems) else ""
         raise ChatDataError(f"{bad} bad chat row(s):\n  " + "\n  ".join(problems) + more)
 
 
+def read_chat_jsonl(path: str, system_prompt: str | None = None, max_errors: int = 10) -> Iterator[ChatRow]:
+    """`read_chat` with each row read by the layout its keys match."""
+    return read_chat(path, system_prompt, max_errors=max_errors)
+
+
 def looks_like_chat(path: str) -> bool:
-    """True for a .jsonl/.json file whose first row has `messages` or `prompt`."""
-    if not os.path.isfile(path) or not path.endswith((".jsonl", ".json")):
+    """True for a record file whose first rows match a chat layout."""
+    try:
+        return choose_format(path, "auto") != "text"
+    except LayoutError:
         return False
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    return False
-                return isinstance(row, dict) and ("messages" in row or "prompt" in row)
-    return False
 
 
 def render(turns: list[dict[str, str]], tokenizer: Tokenizer, ids: dict[str, int]) -> tuple[list[int], list[int]]:

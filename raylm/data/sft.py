@@ -1,4 +1,5 @@
-"""The `sft-data` stage: chat jsonl -> packed train/val shards with a loss mask, in the tokenize layout.
+"""The `sft-data` stage: chat records (any layout of raylm/data/chat_layouts.py) -> packed train/val shards
+with a loss mask, in the tokenize layout.
 
 One streaming pass: every row is validated (errors name file:line), rendered with the chat template,
 and sent to `train` or `val` by a stable hash of its turns (`val_fraction` held out). Conversations
@@ -8,6 +9,9 @@ with `tokens` and `loss_mask`. The manifest has the same shape as the `tokenize`
 trainer reads either. This runs in one process on purpose: instruction sets are small (the Rust
 tokenizer renders tens of thousands of conversations a second), and on this scale Ray Data's
 per-dataset start-up cost more than the work; memory stays bounded by one shard.
+
+The data's figures (rows per layout, turns, tokens, rows dropped and why) are the stage's metrics
+(`data_stats`), logged to MLflow by the stage and carried into the fine-tune run and its summary.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raylm.artifacts import Packed, TokenizerRef
-from raylm.data.chat import ChatDataError, chat_token_ids, pack_chat_batch, read_chat_jsonl, render
+from raylm.data.chat import ChatDataError, chat_token_ids, pack_chat_batch, read_chat, render
 from raylm.data.curate import split_of
 from raylm.data.tokenizer import fingerprint, tokenizer_from_json
 from raylm.workspace import StageDir
@@ -66,14 +70,20 @@ class ShardWriter:
 
 
 def sft_data(path: str, tokenizer_json: str, seq_len: int, val_fraction: float, seed: int,
-             system_prompt: str | None, stage: StageDir) -> Packed:
+             system_prompt: str | None, stage: StageDir, layout: str | None = None,
+             columns: dict[str, str] | None = None) -> Packed:
+    """`layout`: read every row as this layout (None: each row by the layout its keys match)."""
     tokenizer = tokenizer_from_json(tokenizer_json)
     ids = chat_token_ids(tokenizer)
     writers = {split: ShardWriter(stage, split, tokenizer_json, seq_len) for split in SPLITS}
     counts = {"rows": 0, "rejected_too_long": 0}
-    for row in read_chat_jsonl(path, system_prompt):
+    stats: dict[str, int] = {"turns": 0, "tokens_rendered": 0}
+    for row in read_chat(path, system_prompt, layout, columns):
         counts["rows"] += 1
+        stats[f"rows_layout_{row.layout}"] = stats.get(f"rows_layout_{row.layout}", 0) + 1
+        stats["turns"] += len(row.turns)
         tokens, mask = render(row.turns, tokenizer, ids)
+        stats["tokens_rendered"] += len(tokens)
         if len(tokens) > seq_len + 1:
             counts["rejected_too_long"] += 1
             continue
@@ -89,7 +99,8 @@ def sft_data(path: str, tokenizer_json: str, seq_len: int, val_fraction: float, 
                                 f"{val_fraction} of {counts['rows']} rows ({counts['rejected_too_long']} too long "
                                 f"for seq_len {seq_len}); add rows or change finetune.val_fraction")
     stage.write_text("tokenizer.json", tokenizer_json)
-    metrics: dict[str, float] = {"rows_input": counts["rows"], "rows_rejected_too_long": counts["rejected_too_long"]}
+    metrics: dict[str, float] = {"rows_input": counts["rows"], "rows_rejected_too_long": counts["rejected_too_long"],
+                                 **stats}
     for split, writer in writers.items():
         for name, value in writer.totals.items():
             metrics[f"{split}_{name}"] = value

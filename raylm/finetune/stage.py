@@ -8,7 +8,8 @@ MLflow logging) started from the base weights, with its `finetune` spec telling 
 worker to call `raylm.finetune.prepare_for_finetune` before wrapping the model. After training a
 LoRA run's adapters are folded into the weights and written as a plain checkpoint (`merged/`), which
 is what export and evaluation read. Logged: trainable and total parameters, val loss on the
-fine-tuning data before and after, the method, and the base's lineage.
+fine-tuning data before and after, the method, the base's lineage, and the data's figures (`data_*`:
+rows per layout, turns, tokens, rows dropped and why).
 """
 
 from __future__ import annotations
@@ -359,6 +360,13 @@ def finetune_train_config(train: TrainConfig, finetune: FinetuneConfig) -> Train
         raise ConfigError([f"finetune: the train settings it derives are invalid: {error}"]) from None
 
 
+def data_stats(packed: Packed) -> dict[str, float]:
+    """The fine-tuning data's figures (sft-data: rows per layout, turns, tokens, rows dropped and why;
+    text: the tokenize stage's), prefixed `data_`, for the fine-tune run's metrics and summary."""
+    return {f"data_{key}": value for key, value in packed.metrics.items()
+            if isinstance(value, (int, float)) and key != "stage_seconds"}
+
+
 def finetune_spec(finetune: FinetuneConfig) -> dict[str, Any]:
     """What every worker's `prepare_for_finetune` needs (JSON-able)."""
     return {"method": finetune.method, "frozen": finetune.frozen.model_dump(mode="json"),
@@ -427,6 +435,9 @@ def finetune(model: TransformerConfig, train: TrainConfig, finetune_config: Fine
     before, after = metrics.get("val_loss_initial", float("nan")), metrics.get("val_loss", float("nan"))
     metrics.update(counts, params_trainable_fraction=counts["params_trainable"] / counts["params_total"],
                    val_loss_before=before, val_loss_after=after, val_loss_delta=after - before)
+    metrics.update(data_stats(packed))
+    layouts = sorted(key.removeprefix("data_rows_layout_") for key in metrics if key.startswith("data_rows_layout_"))
+    tracking.set_tag("raylm.finetune.data_layouts", ",".join(layouts) or "text")
     checkpoint = best_checkpoint(stage.path(RUN_NAME)) or result.checkpoint.path
     adapter_checkpoint = merged_checkpoint = None
     if spec["method"] == "lora":
