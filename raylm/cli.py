@@ -149,7 +149,7 @@ def _model_commands(commands) -> None:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--no-cache", action="store_true", help="recompute every step instead of using the KV cache")
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face transformers model folder",
-                                 description="Export a decoder checkpoint as a transformers folder (Llama or GPT-2).")
+                                 description="Export a decoder checkpoint as a transformers folder (Llama, Qwen2 or GPT-2).")
     export.add_argument("--checkpoint", required=True, help="checkpoint directory or URI")
     export.add_argument("--out", required=True, help="output folder")
 

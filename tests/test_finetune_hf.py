@@ -58,7 +58,7 @@ def _three_layers(config: dict) -> None:
 
 
 @pytest.mark.parametrize("edit, drop, reason", [
-    (_bert, (), r"model_type = 'bert': raylm imports 'llama' and 'gpt2'"),
+    (_bert, (), r"model_type = 'bert': raylm imports 'llama', 'qwen2' and 'gpt2'"),
     (_three_layers, (), r"weights missing from the folder: model\.layers\.2\."),
     (None, ("model.safetensors",), r"no model\.safetensors"),
     (None, ("tokenizer.json",), r"no tokenizer\.json"),
@@ -139,3 +139,31 @@ def test_a_gpt2_folder_resolves_to_an_imported_base_with_the_folders_tokenizer(h
         assert torch.allclose(model(tokens), hf(tokens).logits, atol=1e-4)
     # a second resolve reuses the converted checkpoint (the finetune-base stage)
     assert resolve_base(folder, Workspace(str(tmp_path / "workspace"))).checkpoint == base.checkpoint
+
+
+@pytest.mark.parametrize("family", ["llama3-rope-scaling", "qwen2"])
+def test_published_llama3_and_qwen2_folders_resolve_to_bases_with_equal_logits(hf_folder, tmp_path, family):
+    """As transformers saves them (random weights): checked, imported once, and stored as a raylm checkpoint
+    whose model_config.json (with `rope_scaling` / `qkv_bias`) loads back to the same logits."""
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(f"{hf_folder}/tokenizer.json").get_vocab_size()
+    sizes = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128)
+    if family == "qwen2":
+        hf_config = transformers.Qwen2Config(**sizes, rope_theta=1e6)
+    else:
+        hf_config = transformers.LlamaConfig(**sizes, rope_theta=500000.0, rope_scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32))
+    torch.manual_seed(2)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    folder = tmp_path / family
+    hf.save_pretrained(folder)
+    shutil.copy(f"{hf_folder}/tokenizer.json", folder / "tokenizer.json")
+    base = resolve_base(str(folder), Workspace(str(tmp_path / "workspace")))
+    assert base.kind == "hf" and base.model_config["qkv_bias"] == (family == "qwen2")
+    assert (base.model_config["rope_scaling"] is None) == (family == "qwen2")
+    model = load_model(base.checkpoint).eval()
+    tokens = torch.randint(0, vocab, (1, 100))
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-5

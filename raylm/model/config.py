@@ -6,7 +6,12 @@ option is one field here (with its constraint and description), and its use in t
 rotary), feed-forward activation (ReLU, GELU, SwiGLU), norm (LayerNorm, RMSNorm) and its position
 (post-norm as in the original transformer, or pre-norm), grouped-query attention, biases, weight
 tying, and the architecture (`decoder` or `encoder-decoder`). The defaults are a modern decoder:
-RoPE, SwiGLU, RMSNorm, pre-norm, no biases, tied embeddings.
+RoPE, SwiGLU, RMSNorm, pre-norm, no biases, tied embeddings. Two options exist for the base models
+people import from Hugging Face (raylm/model/hf.py): `qkv_bias` (biases on the query/key/value
+projections only, Qwen2's layout) and `rope_scaling` (Llama 3.x's RoPE frequency scaling); the
+activation `gelu_tanh` is GPT-2's tanh approximation of GELU. Both keys are left out of the `model`
+section (so of stage hashes) at their defaults (`QUIET_AT_DEFAULT`), and a `model_config.json` written
+before they existed loads with those defaults.
 
 `preset` fills in the sizes of a named model (keys given win). `vocab_size` is normally unset in the
 YAML and bound to the trained tokenizer's by `for_tokenizer` (plus the sentinel ids span corruption
@@ -30,7 +35,7 @@ from pydantic_core import ArgsKwargs
 
 ARCHITECTURES = ("decoder", "encoder-decoder")
 POSITIONS = ("rope", "learned", "sinusoidal")
-ACTIVATIONS = ("swiglu", "gelu", "relu")
+ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu")
 NORMS = ("rmsnorm", "layernorm")
 NORM_POSITIONS = ("pre", "post")
 # Keys a base checkpoint and a run that starts from it may disagree on: they shape no weight.
@@ -40,6 +45,10 @@ NON_ARCHITECTURE_KEYS = ("dropout", "activation_checkpointing", "init_std", "pre
 WEIGHT_FREE_KEYS = (*NON_ARCHITECTURE_KEYS, "vocab_size", "source_fraction", "seq2seq_objective", "noise_density",
                     "mean_span_length")
 SEQ2SEQ_OBJECTIVES = ("prefix", "span_corruption")
+ROPE_SCALING_TYPES = ("llama3",)
+# Keys added after workspaces existed: left out of `section()` (stage hashes, MLflow params) while at their
+# defaults, so every config that does not use them hashes as it always did.
+QUIET_AT_DEFAULT = ("qkv_bias", "rope_scaling")
 
 
 def span_counts(row_len: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
@@ -90,6 +99,20 @@ def _preset_sizes(data: Any) -> Any:
     return ArgsKwargs(data.args, merged) if isinstance(data, ArgsKwargs) else merged
 
 
+@dataclass(config=ConfigDict(extra="forbid"))
+class RopeScaling:
+    """Llama 3.x's RoPE frequency scaling (`rope_type: llama3`, the names of Hugging Face's
+    `rope_scaling`): wavelengths longer than `original_max_position_embeddings / low_freq_factor` are
+    stretched by `factor`, those shorter than `original_max_position_embeddings / high_freq_factor` are
+    kept, and the ones between are interpolated. The defaults are Llama 3.1's (Llama 3.2 uses factor 32)."""
+
+    rope_type: str = Field("llama3", description="llama3 (the only scaling raylm computes)")
+    factor: float = Field(8.0, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_max_position_embeddings: int = Field(8192, gt=0, description="context length of pretraining before scaling")
+
+
 @dataclass(config=ConfigDict(extra="forbid", validate_assignment=True))
 class TransformerConfig:
     """The transformer, validated: the YAML `model` section, a checkpoint's `model_config.json` and what
@@ -109,12 +132,16 @@ class TransformerConfig:
     dropout: float = Field(0.0, ge=0, lt=1)
     tie_embeddings: bool = True
     rope_theta: float = Field(10000.0, gt=0)
+    rope_scaling: RopeScaling | None = Field(None, description="Llama 3.x RoPE scaling (rope_type llama3, factor, "
+                                             "low_freq_factor, high_freq_factor, original_max_position_embeddings)")
     position: str = Field("rope", description="rope | learned | sinusoidal")
     activation: str = Field("swiglu", description="swiglu | gelu | relu")
     norm: str = Field("rmsnorm", description="rmsnorm | layernorm")
     norm_position: str = Field("pre", description="pre | post (the original transformer's)")
     norm_eps: float = Field(1e-5, gt=0)
     bias: bool = Field(False, description="biases in linear layers and LayerNorm")
+    qkv_bias: bool = Field(False, description="biases on the attention's query/key/value projections even "
+                           "without `bias` (Qwen2)")
     init_std: float = Field(0.02, gt=0, description="std of the normal init; residual projections get / sqrt(2 * layers)")
     activation_checkpointing: bool = Field(False, description="recompute each block in the backward pass to save memory")
     source_fraction: float = Field(0.5, description="encoder-decoder, prefix objective: share of each packed row used as the source")
@@ -156,6 +183,8 @@ class TransformerConfig:
             problems.append(f"model.d_model = {self.d_model}: must be divisible by model.n_heads = {self.n_heads}")
         elif self.position == "rope" and self.head_dim % 2:
             problems.append(f"model.d_model / model.n_heads = {self.head_dim}: must be even for RoPE")
+        if self.rope_scaling is not None:
+            problems += self._rope_scaling_problems()
         if self.n_heads % self.kv_heads:
             problems.append(f"model.n_kv_heads = {self.n_kv_heads}: must divide model.n_heads = {self.n_heads}")
         if not 0 < self.source_fraction < 1:
@@ -170,9 +199,26 @@ class TransformerConfig:
             raise ValueError("; ".join(problems))
         return self
 
+    def _rope_scaling_problems(self) -> list[str]:
+        scaling, problems = self.rope_scaling, []
+        if self.position != "rope":
+            problems.append(f"model.rope_scaling needs model.position = 'rope', got {self.position!r}")
+        if scaling.rope_type not in ROPE_SCALING_TYPES:
+            problems.append(f"model.rope_scaling.rope_type = {scaling.rope_type!r}: expected one of "
+                            f"{', '.join(ROPE_SCALING_TYPES)}")
+        if scaling.high_freq_factor <= scaling.low_freq_factor:
+            problems.append(f"model.rope_scaling.high_freq_factor = {scaling.high_freq_factor}: expected more than "
+                            f"model.rope_scaling.low_freq_factor = {scaling.low_freq_factor}")
+        return problems
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def attention_qkv_bias(self) -> bool:
+        """Whether the query/key/value projections carry biases (`bias` gives every linear layer one)."""
+        return self.bias or self.qkv_bias
 
     @property
     def kv_heads(self) -> int:
@@ -227,10 +273,14 @@ class TransformerConfig:
 
     def section(self) -> dict[str, Any]:
         """The YAML `model` section as JSON-able data (stage hashes, MLflow params): an unset vocabulary
-        is left out, so a section that never names one hashes as it always did."""
+        is left out, so a section that never names one hashes as it always did, and so are the
+        `QUIET_AT_DEFAULT` keys at their defaults."""
         data = self.to_dict()
         if data["vocab_size"] is None:
             del data["vocab_size"]
+        for key in QUIET_AT_DEFAULT:
+            if data[key] == self.__pydantic_fields__[key].default:
+                del data[key]
         return data
 
 

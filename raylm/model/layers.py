@@ -1,8 +1,10 @@
 """The transformer's parts, each selectable from `TransformerConfig`.
 
-Norms (LayerNorm, RMSNorm), positional encodings (sinusoidal, learned, rotary), multi-head attention
+Norms (LayerNorm, RMSNorm), positional encodings (sinusoidal, learned, rotary with optional Llama 3.x
+frequency scaling), multi-head attention
 through `scaled_dot_product_attention` (causal, padding and cross-attention masks, grouped-query
-attention, a KV cache), feed-forward networks (ReLU, GELU, SwiGLU), and the residual block in
+attention, a KV cache), feed-forward networks (ReLU, GELU exact or
+tanh-approximated as in GPT-2, SwiGLU), and the residual block in
 post-norm (the original transformer's) or pre-norm form, with optional cross-attention for the
 encoder-decoder's decoder. Everything is plain tensor code that `torch.compile` traces without breaks.
 """
@@ -15,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raylm.model.config import TransformerConfig
+from raylm.model.config import RopeScaling, TransformerConfig
 
 
 def make_norm(config: TransformerConfig) -> nn.Module:
@@ -28,10 +30,28 @@ def make_norm(config: TransformerConfig) -> nn.Module:
 # Positions
 
 
-def rotary_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def llama3_scaled_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.x's RoPE scaling of the rotation frequencies (as Meta's reference code and `transformers`
+    compute it): wavelengths above `original / low_freq_factor` are divided by `factor`, those below
+    `original / high_freq_factor` kept, and those between interpolated smoothly. It changes the low
+    frequencies at every position, not only past the original context."""
+    original = scaling.original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    stretched = torch.where(wavelength > original / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+    smooth = (original / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    interpolated = (1 - smooth) * stretched / scaling.factor + smooth * stretched
+    medium = (wavelength >= original / scaling.high_freq_factor) & (wavelength <= original / scaling.low_freq_factor)
+    return torch.where(medium, interpolated, stretched)
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device=None,
+                  scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE's (cos, sin) over the whole head dimension [seq_len, head_dim], in the half-split layout
-    (dimension i pairs with i + head_dim/2, as in Llama); sin carries the sign of the rotation."""
+    (dimension i pairs with i + head_dim/2, as in Llama); sin carries the sign of the rotation.
+    `scaling` applies Llama 3.x's frequency scaling."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_scaled_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return torch.cat([angles.cos(), angles.cos()], -1), torch.cat([-angles.sin(), angles.sin()], -1)
 
@@ -75,7 +95,8 @@ class PositionalEncoding(nn.Module):
         elif self.kind == "sinusoidal":
             self.register_buffer("sinusoid", sinusoidal_table(config.seq_len, config.d_model), persistent=False)
         else:
-            cos, sin = rotary_tables(config.seq_len, config.head_dim, config.rope_theta)
+            cos, sin = rotary_tables(config.seq_len, config.head_dim, config.rope_theta,
+                                     scaling=config.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -145,12 +166,12 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
         self.cross, self.layer, self.dropout = cross, layer, config.dropout
-        kv_width = 2 * self.kv_heads * self.head_dim
+        kv_width, qkv_bias = 2 * self.kv_heads * self.head_dim, config.attention_qkv_bias
         if cross:
-            self.q = nn.Linear(config.d_model, config.d_model, bias=config.bias)
-            self.kv = nn.Linear(config.d_model, kv_width, bias=config.bias)
+            self.q = nn.Linear(config.d_model, config.d_model, bias=qkv_bias)
+            self.kv = nn.Linear(config.d_model, kv_width, bias=qkv_bias)
         else:
-            self.qkv = nn.Linear(config.d_model, config.d_model + kv_width, bias=config.bias)
+            self.qkv = nn.Linear(config.d_model, config.d_model + kv_width, bias=qkv_bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
 
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -193,7 +214,7 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     """SwiGLU (`down(silu(gate(x)) * up(x))`) or the guide's two-layer network `down(act(up(x)))`
-    with ReLU or GELU; hidden width `config.hidden` (the guide's 512 -> 2048 is d_model=512, ffn_hidden=2048)."""
+    with ReLU, GELU or GELU's tanh approximation (`gelu_tanh`, GPT-2's); hidden width `config.hidden` (the guide's 512 -> 2048 is d_model=512, ffn_hidden=2048)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -207,7 +228,9 @@ class FeedForward(nn.Module):
         if self.activation == "swiglu":
             return self.down(F.silu(self.gate(x)) * self.up(x))
         hidden = self.up(x)
-        return self.down(F.relu(hidden) if self.activation == "relu" else F.gelu(hidden))
+        if self.activation == "relu":
+            return self.down(F.relu(hidden))
+        return self.down(F.gelu(hidden, approximate="tanh" if self.activation == "gelu_tanh" else "none"))
 
 
 # ----------------------------------------------------------------------------------------------

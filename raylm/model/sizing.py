@@ -34,12 +34,13 @@ def _linear(n_in: int, n_out: int, bias: bool) -> int:
 
 def _self_attention(config: TransformerConfig) -> int:
     d, kv = config.d_model, config.kv_heads * config.head_dim
-    return _linear(d, d + 2 * kv, config.bias) + _linear(d, d, config.bias)
+    return _linear(d, d + 2 * kv, config.attention_qkv_bias) + _linear(d, d, config.bias)
 
 
 def _cross_attention(config: TransformerConfig) -> int:
     d, kv = config.d_model, config.kv_heads * config.head_dim
-    return _linear(d, d, config.bias) + _linear(d, 2 * kv, config.bias) + _linear(d, d, config.bias)
+    qkv_bias = config.attention_qkv_bias
+    return _linear(d, d, qkv_bias) + _linear(d, 2 * kv, qkv_bias) + _linear(d, d, config.bias)
 
 
 def _feed_forward(config: TransformerConfig) -> int:
