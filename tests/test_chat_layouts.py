@@ -136,6 +136,20 @@ def test_unknown_layout_is_one_line_naming_file_keys_and_layouts(tmp_path):
         assert layout in message
 
 
+@pytest.mark.parametrize("name", ["cut.jsonl.gz", "cut.jsonl.zst"])
+def test_a_truncated_compressed_file_is_refused_naming_the_file_and_where_it_broke(tmp_path, name):
+    rows = [{"prompt": f"Add {n} and 1.", "response": f"{n + 1}."} for n in range(2000)]
+    path = write(tmp_path / name, rows)
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+    with pytest.raises(LayoutError) as caught:
+        list(read_chat(path))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(path) and "truncated" in message
+
+
 @pytest.mark.parametrize("row, expected", [
     ({"instruction": "a", "output": None}, "no assistant turn"),
     ({"instruction": "a", "input": 3, "output": "b"}, "`input` is a int"),

@@ -27,7 +27,7 @@ import os
 from typing import Any, Iterator
 
 from raylm.config import COLUMN_NAMES  # noqa: F401 - the keys of finetune.columns, named with the layouts
-from raylm.data.sources import _decompress, detect_format
+from raylm.data.sources import decompress, detect_format
 
 LAYOUTS = ("messages", "prompt_completion", "prompt_response", "sharegpt", "alpaca")
 FORMATS = ("auto", *LAYOUTS, "text", "chat")  # chat: any chat layout, never text (the older setting)
@@ -156,9 +156,9 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
                 yield f"{path}:{number}", record
         return
     with open(path, "rb") as handle:
-        raw = _decompress(path, handle.read())
-    if isinstance(raw, str):  # the codec's message
-        raise LayoutError(f"{path}: {raw}")
+        raw, damage = decompress(path, handle.read())
+    if damage is not None:  # fine-tuning data is small and curated: a damaged file is refused, not cut short
+        raise LayoutError(f"{path}: {damage}")
     if fmt == "json":
         try:
             loaded = json.loads(raw.decode("utf-8"))
