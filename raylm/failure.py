@@ -20,48 +20,36 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import ContextManager, Iterator
 
-_stages: list[str] = []
-_steps: list[str] = []
 _log_path: str | None = None
 _quiet = False
 _handler: logging.FileHandler | None = None
 LOGGERS = ("", "ray", "ray.data", "ray.train", "ray.tune")  # "" is the root logger (raylm's records)
 
 
-@contextmanager
-def stage(name: str) -> Iterator[None]:
+def stage(name: str) -> ContextManager[None]:
     """Code running inside stage `name`; an exception leaving it is tagged with the stage."""
-    _stages.append(name)
-    try:
-        yield
-    except BaseException as error:
-        _tag(error, "raylm_stage", name)
-        raise
-    finally:
-        _stages.pop()
+    return _tagging_errors("raylm_stage", name)
+
+
+def step(name: str) -> ContextManager[None]:
+    """Code running step `name` of the current stage; the innermost step is the one named."""
+    return _tagging_errors("raylm_step", name)
 
 
 @contextmanager
-def step(name: str) -> Iterator[None]:
-    """Code running step `name` of the current stage; the innermost step is the one named."""
-    _steps.append(name)
+def _tagging_errors(attribute: str, value: str) -> Iterator[None]:
+    """An exception leaving the block gets `attribute = value` unless an inner block set it first."""
     try:
         yield
     except BaseException as error:
-        _tag(error, "raylm_step", name)
+        if getattr(error, attribute, None) is None:
+            try:
+                setattr(error, attribute, value)
+            except (AttributeError, TypeError):  # an exception type that refuses attributes: untagged
+                pass
         raise
-    finally:
-        _steps.pop()
-
-
-def _tag(error: BaseException, attribute: str, value: str) -> None:
-    if getattr(error, attribute, None) is None:
-        try:
-            setattr(error, attribute, value)
-        except (AttributeError, TypeError):  # an exception type that refuses attributes: untagged
-            pass
 
 
 def log_path() -> str | None:
