@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from raylm.config import COLUMN_NAMES  # noqa: F401 - the keys of finetune.columns, named with the layouts
-from raylm.data.sources import decompress, detect_format
+from raylm.data.sources import COMPRESSED_SUFFIXES, decompress, detect_format
 
 LAYOUTS = ("messages", "prompt_completion", "prompt_response", "sharegpt", "alpaca")
 FORMATS = ("auto", *LAYOUTS, "text", "chat")  # chat: any chat layout, never text (the older setting)
@@ -155,6 +155,10 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
                 number += 1
                 yield f"{path}:{number}", record
         return
+    if fmt == "jsonl" and not path.endswith(COMPRESSED_SUFFIXES):  # line by line: a peek reads only the start
+        with open(path, "rb") as handle:
+            yield from _json_lines(path, handle)
+        return
     with open(path, "rb") as handle:
         raw, damage = decompress(path, handle.read())
     if damage is not None:  # fine-tuning data is small and curated: a damaged file is refused, not cut short
@@ -167,7 +171,11 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
         for index, record in enumerate(loaded if isinstance(loaded, list) else [loaded]):
             yield f"{path}[{index}]", record
         return
-    for number, line in enumerate(raw.split(b"\n"), 1):
+    yield from _json_lines(path, raw.split(b"\n"))
+
+
+def _json_lines(path: str, lines: Iterable[bytes]) -> Iterator[tuple[str, Any]]:
+    for number, line in enumerate(lines, 1):
         if line.strip():
             try:
                 yield f"{path}:{number}", json.loads(line.decode("utf-8"))

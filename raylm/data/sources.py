@@ -166,6 +166,7 @@ _DECOMPRESSORS = {
     ".bz2": bz2.BZ2Decompressor,
 }
 DECOMPRESS_CHUNK = 1 << 16
+COMPRESSED_SUFFIXES = tuple(_MAGIC)
 
 
 def decompress(path: str, raw: bytes) -> tuple[bytes, str | None]:
