@@ -132,3 +132,13 @@ def _frame(texts):
     import pandas as pd
 
     return pd.DataFrame([document("src", f"doc{i}", t) for i, t in enumerate(texts)])
+
+
+@pytest.mark.parametrize("separator", [" ", "\n", ", ", " / "])
+def test_international_numbers_one_after_another_are_each_redacted(separator):
+    """A number written with its country code is not the tail of the number before it (found trying a
+    contact line where numbers follow each other with only a space between them)."""
+    text = "Tel +49 30 1234567" + separator + "+44 20 7946 0958" + separator + "+33 1 23 45 67 89."
+    redacted, counts = pii.redact(text)
+    assert counts == {"phone": 3}, redacted
+    assert "49" not in redacted and "7946" not in redacted and "45 67" not in redacted

@@ -191,8 +191,8 @@ def _stands_alone(text: str, start: int, end: int) -> bool:
     before = text[start - 1] if start else " "
     if before.isalnum() or before in _NOT_BEFORE:
         return False
-    if start >= 2 and before in " -:" and text[start - 2].isdigit():
-        return False
+    if start >= 2 and before in " -:" and text[start - 2].isdigit() and text[start] != "+":
+        return False  # (a number written with its country code starts anew, even right after another)
     after = text[end] if end < len(text) else " "
     if after.isalnum() or after in _NOT_AFTER:
         return False
