@@ -49,7 +49,8 @@ def put_corpus(bucket: str, documents: list[dict]) -> None:
     half = len(documents) // 2
     for part, chunk in enumerate((documents[:half // 2], documents[half // 2:half])):
         lines = "".join(json.dumps(doc) + "\n" for doc in chunk).encode()
-        with fs.open_output_stream(f"{base}/corpus/part-{part}.jsonl.gz") as out:
+        # compression=None: Arrow would otherwise gzip the already gzipped bytes again (it detects by extension)
+        with fs.open_output_stream(f"{base}/corpus/part-{part}.jsonl.gz", compression=None) as out:
             out.write(gzip.compress(lines))
     with fs.open_output_stream(f"{base}/corpus/README.txt") as out:  # not matched by the glob
         out.write(b"not a corpus file")
