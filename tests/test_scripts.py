@@ -28,6 +28,8 @@ SMALL_RUNS = {
     "eval.py": ("eval", ["--limit", "4", "--d-model", "32", "--layers", "1", "--seq-len", "64", "--batch-size", "4"]),
     "finetune.py": ("finetune", ["--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "64", "--batch", "2",
                                  "--steps", "3", "--warmup", "1"]),
+    "finetune_layouts.py": ("finetune_layouts", ["--layouts", "alpaca", "--conversations", "24", "--steps", "2",
+                                                 "--d-model", "32", "--layers", "1"]),
     "pii.py": ("pii", ["--docs", "60", "--repeats", "1"]),
     "model.py": ("model", ["--batch", "2", "--seq", "32", "--rounds", "1", "--steps", "1", "--gen-batch", "1",
                            "--gen-prompt", "4", "--gen-tokens", "4"]),
