@@ -182,11 +182,33 @@ def newest_registered_checkpoint(workspace: str) -> str | None:
     return snapshots[0] if snapshots else None
 
 
+def plant_stale_checkpoints(workspace: str) -> tuple[pafs.FileSystem, str, int, list[str]]:
+    """Beside what the killed run left in its run folder on the bucket, what other kills leave: a newest
+    checkpoint whose rank-0 upload was cut off (no DCP metadata) and two older complete ones Ray no longer
+    lists; and a folder that is no checkpoint. Returns the filesystem, the run folder, the newest step Ray
+    registered, and the planted checkpoint names that must be rotated away (the partial one and the
+    oldest: two newer complete checkpoints exist, the registered one and `..._r000_5ca1e2`)."""
+    fs, _ = filesystem_for(workspace)
+    snapshot = newest_registered_checkpoint(workspace)
+    run = snapshot.rsplit("/", 1)[0]
+    with fs.open_input_stream(snapshot) as stream:
+        registered = json.loads(stream.read())["latest_checkpoint_result"]["checkpoint_dir_name"]
+    stale = ["checkpoint_9999990_r000_5ca1e0", "checkpoint_0000001_r000_5ca1e1"]
+    for name in [*stale, "checkpoint_0000002_r000_5ca1e2"]:
+        pafs.copy_files(f"{run}/{registered}", f"{run}/{name}", source_filesystem=fs, destination_filesystem=fs)
+    fs.delete_file(f"{run}/{stale[0]}/.metadata")
+    with fs.open_output_stream(f"{run}/checkpoint_notes/keep.txt") as out:
+        out.write(b"not a checkpoint")
+    return fs, run, int(registered.split("_")[1]), stale
+
+
 @pytest.mark.slow
 def test_pretrain_killed_mid_run_resumes_from_the_bucket_to_the_uninterrupted_loss(ray_session, s3_bucket, tmp_path,
                                                                                    monkeypatch):
     """SIGKILL the `raylm pretrain` process (its Ray with it) once a checkpoint is on the bucket; the rerun
-    takes the attempt back and Ray Train restores from the bucket; a forced fresh run ends at the same loss."""
+    takes the attempt back, rotates away the checkpoint folders Ray never registered that resuming does
+    not need (planted ones among them), and Ray Train restores from the bucket; a forced fresh run ends at
+    the same loss."""
     import os
     import signal
 
@@ -206,10 +228,14 @@ def test_pretrain_killed_mid_run_resumes_from_the_bucket_to_the_uninterrupted_lo
     stderr = killed.communicate(timeout=60)[1]
     assert killed.returncode == -signal.SIGKILL, f"pretrain ended before it could be killed: {stderr[-2000:]}"
     assert not Workspace(workspace).finished_runs("pretrain")
+    fs, run, registered_step, stale = plant_stale_checkpoints(workspace)
 
     assert main(["pretrain", *common]) == 0
     resumed = Workspace(workspace).finished_runs("pretrain")[0].manifest()
-    assert resumed["metrics"]["resumed_from_step"] >= 10 and resumed["metrics"]["step"] == 60
+    assert resumed["metrics"]["resumed_from_step"] >= registered_step and resumed["metrics"]["step"] == 60
+    left = {info.base_name for info in fs.get_file_info(pafs.FileSelector(run))}
+    assert not left & set(stale) and "checkpoint_notes" in left, left  # rotated before the resume; others untouched
+    assert resumed["metrics"]["checkpoints_refused"] == 0  # the partial ones were gone before the workers looked
     assert resumed["checkpoint"].startswith(f"{workspace}/pretrain/")
     from mlflow.tracking import MlflowClient
 
@@ -218,6 +244,8 @@ def test_pretrain_killed_mid_run_resumes_from_the_bucket_to_the_uninterrupted_lo
                               filter_string="tags.`raylm.stage` = 'pretrain' and tags.`raylm.reused` = 'false'")
     statuses = sorted(run.info.status for run in runs)
     assert statuses == ["FINISHED", "KILLED"], statuses  # the killed process's run is closed on the rerun
+    finished = next(run for run in runs if run.info.status == "FINISHED")
+    assert finished.data.metrics["checkpoints_rotated"] >= len(stale)
     assert main(["pretrain", *common, "--force"]) == 0
     fresh = Workspace(workspace).finished_runs("pretrain")[0].manifest()
     assert fresh["attempt"] != resumed["attempt"] and fresh["metrics"]["resumed_from_step"] == -1

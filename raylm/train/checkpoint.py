@@ -20,7 +20,8 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Iterator
+import re
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ MODEL_CONFIG = "model_config.json"
 TOKENIZER = "tokenizer.json"
 DCP_METADATA = ".metadata"
 FILES = "files_rank{rank}.json"
+CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{7,})_r(\d{3,})(?:_[0-9a-f]+)?")  # as `loop.Trainer` names its folders
 
 log = logging.getLogger("raylm")
 
@@ -186,6 +188,14 @@ def check_loadable(directory: str) -> tuple[dict[str, Any], Metadata]:
         raise CheckpointError(str(error)) from None
 
 
+def newest_first(names: Iterable[str]) -> list[str]:
+    """Checkpoint folder names (`CHECKPOINT_NAME`), newest first: by step, then restart count, then name."""
+    def order(name: str) -> tuple[int, int, str]:
+        step, restarts = CHECKPOINT_NAME.fullmatch(name).groups()
+        return int(step), int(restarts), name
+    return sorted(names, key=order, reverse=True)
+
+
 def good_checkpoints(run_folder: str, filesystem=None, refusals: list[str] | None = None) -> Iterator[str]:
     """The run's checkpoints that verify, newest first (by step, then restart, from the folder names),
     whether or not Ray registered them: a run killed after a checkpoint's upload but before Ray recorded
@@ -200,8 +210,8 @@ def good_checkpoints(run_folder: str, filesystem=None, refusals: list[str] | Non
     refusals = [] if refusals is None else refusals
     run_folder = run_folder.rstrip("/")
     names = [info.base_name for info in filesystem.get_file_info(pafs.FileSelector(run_folder, allow_not_found=True))
-             if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")]
-    for name in sorted(names, reverse=True):  # checkpoint_<step:07d>_r<restarts:03d>[_<group>]
+             if info.type == pafs.FileType.Directory and CHECKPOINT_NAME.fullmatch(info.base_name)]
+    for name in newest_first(names):  # checkpoint_<step:07d>_r<restarts:03d>[_<group>]; other folders are not ours
         path = f"{run_folder}/{name}"
         try:
             with Checkpoint(path, filesystem).as_directory() as directory:

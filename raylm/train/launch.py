@@ -4,7 +4,8 @@
 `pretrain` runs it as a stage. The run's storage is the stage folder itself
 (`RunConfig(storage_path=<stage>, name="train")`), so checkpoints live in the workspace, on shared
 storage on a cluster, and rerunning the same stage resumes from the run's latest checkpoint instead
-of starting over. Ray keeps the last `train.keep_checkpoints` checkpoints; `KeepBestCheckpoint`
+of starting over. Ray keeps the last `train.keep_checkpoints` checkpoints it registered, and a restart
+first deletes the ones a killed run left unregistered and unused (`raylm.train.rotation`); `KeepBestCheckpoint`
 copies each new best one (by val loss) to `<run>/best`, so the best survives their rotation.
 """
 
@@ -30,6 +31,7 @@ from raylm.model import TransformerConfig
 from raylm.model.config import WEIGHT_FREE_KEYS
 from raylm.runtime import cluster_has_gpus
 from raylm.train.loop import LoopConfig, train_loop_per_worker
+from raylm.train.rotation import rotate_unused_checkpoints
 from raylm.workspace import ATTEMPTS, StageDir, Workspace, read_text_uri
 
 log = logging.getLogger("raylm")
@@ -147,6 +149,9 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, 
     `init_checkpoint` loads model weights only (`--from`); a `finetune` spec makes every worker call
     `raylm.finetune.prepare_for_finetune`; `fail_at_step` injects one failure (tests, drills);
     `callbacks` go to `RunConfig(callbacks=...)`. Metrics go to MLflow run `run_id` from rank 0.
+
+    When the run folder exists (a restart), the checkpoint folders an earlier killed run left unused are
+    deleted first (`raylm.train.rotation`); their count goes to `run_id` as metric `checkpoints_rotated`.
     """
     val_uri = packed.require_val("raise data.val_fraction or add data")
     tokenizer_json = read_text_uri(packed.tokenizer.path)
@@ -160,6 +165,9 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, 
                       pad_id=packed.tokenizer.pad_id, tokenizer_fingerprint=packed.tokenizer.fingerprint,
                       tracking_uri=tracking_uri, run_id=run_id, init_checkpoint=init_checkpoint,
                       stop_uri=run_uri + "/" + STOP_FILE, finetune=finetune, fail_at_step=fail_at_step)
+    rotated = rotate_unused_checkpoints(run_uri, train.keep_checkpoints)
+    if rotated and run_id is not None:
+        tracking.client(tracking_uri).log_metric(run_id, "checkpoints_rotated", len(rotated))
     apply_ray_train_env(train)  # read from the driver's environment at fit(), passed to the controller
     return TorchTrainer(
         train_loop_per_worker,
