@@ -33,11 +33,70 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     assert {"summary.md", "results.json", "scores.png", "samples/arc_easy.jsonl"} <= artifacts
 
 
-def test_eval_command_rejects_unknown_checkpoint(workspace_dir, capsys):
-    assert main(["eval", "--workspace", str(workspace_dir), "--checkpoint", "no-such-run", "--tasks", "arc_easy"]) == 1
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("raylm: eval failed: FileNotFoundError: ") and "neither an existing path nor an MLflow run id" in last
-    assert "; full log: " in last
+ARC_ROW = {"query": "Question: Which gas do plants take in?", "choices": ["carbon dioxide", "oxygen"], "gold": 0}
+
+
+def _bad_inputs(tmp_path):
+    """Each case: (arguments after `raylm`, what the one line must name). Inputs a stranger gets wrong."""
+    import json
+
+    checkpoint = str(make_checkpoint(tmp_path / "ckpt", seq_len=32))
+    rows = {"missing_field": [ARC_ROW, {k: v for k, v in ARC_ROW.items() if k != "gold"}],
+            "bad_json": [ARC_ROW, '{"query": "x",']}
+    configs = {}
+    for name, lines in rows.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(f"eval:\n  extra_tasks: [{{name: quiz, layout: arc, path: {path}}}]\n")
+    csv_file = tmp_path / "quiz.csv"
+    csv_file.write_text("q,a,b,c,d,A\nq2,a,b,c,D\n")
+    configs["columns"] = tmp_path / "columns.yaml"
+    configs["columns"].write_text(f"eval:\n  extra_tasks: [{{name: quiz, layout: mmlu, path: {csv_file}}}]\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    quiz = ["--checkpoint", checkpoint, "--tasks", "quiz"]
+    return {
+        "missing checkpoint": (["eval", "--checkpoint", str(tmp_path / "nope"), "--tasks", "arc_easy"], "--checkpoint"),
+        "not a checkpoint": (["eval", "--checkpoint", str(empty), "--tasks", "arc_easy"], "missing .metadata"),
+        "unknown task": (["eval", "--checkpoint", checkpoint, "--tasks", "nosuch", "--benchmark-data", str(empty)],
+                         "unknown task 'nosuch'"),
+        "missing field": (["eval", "--config", str(configs["missing_field"]), *quiz], "missing_field.jsonl:2: missing field 'gold'"),
+        "bad json line": (["eval", "--config", str(configs["bad_json"]), *quiz], "bad_json.jsonl:2: not valid JSON"),
+        "column count": (["eval", "--config", str(configs["columns"]), *quiz], "quiz.csv:2: 5 columns; expected 6"),
+        "missing benchmark folder": (["eval", "--checkpoint", checkpoint, "--tasks", "arc_easy", "--benchmark-data",
+                                      str(tmp_path / "nope")], "--benchmark-data"),
+        "benchmark folder without the task": (["eval", "--checkpoint", checkpoint, "--tasks", "arc_easy",
+                                               "--benchmark-data", str(empty)], "no file for 'arc_easy'"),
+        "missing text file": (["eval", "--checkpoint", checkpoint, "--tasks", "quiz", "--config", str(configs["columns"]),
+                               "--text-file", str(tmp_path / "nope.txt")], "--text-file"),
+        "missing base": (["finetune", "--from", str(tmp_path / "nope")], "--from"),
+        "no --from": (["finetune"], "--from"),
+    }
+
+
+CASES = ["missing checkpoint", "not a checkpoint", "unknown task", "missing field", "bad json line", "column count",
+         "missing benchmark folder", "benchmark folder without the task", "missing text file", "missing base", "no --from"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_before_ray(case, tmp_path):
+    """Issue 21: each of these ended after Ray's start-up (25-50 s), with exit 1, or without naming the file or line."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    arguments, named = _bad_inputs(tmp_path)[case]
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "raylm", *arguments, "--workspace", str(tmp_path / "ws")],
+                          capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    seconds = time.perf_counter() - started
+    said = [line for line in done.stderr.splitlines() if line.startswith("raylm")]
+    assert done.returncode == 2 and len(said) == 1 and named in said[0], done.stderr
+    assert "Traceback" not in done.stderr and "Started a local Ray" not in done.stderr, done.stderr
+    print(f"{case}: {seconds:.1f} s")
 
 
 @pytest.mark.slow
