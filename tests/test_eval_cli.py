@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from eval_helpers import make_checkpoint
+from eval_helpers import make_checkpoint, write_long_quiz
 from raylm.cli import main
 
 
@@ -16,9 +16,11 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     text.write_text("The cat sat on the mat. Water boils at 100 degrees.\n" * 5)
     index = tmp_path / "index.json"
     index.write_text('{"ngram": 13, "contaminated_documents": 1, "tasks": {"arc_easy": ["arc_easy/1"]}}')
-    code = main(["eval", "--workspace", str(workspace_dir), "--checkpoint", str(checkpoint), "--tasks", "arc_easy",
-                 "--limit", "2", "--benchmark-data", str(shared_data / "benchmarks"), "--contamination-index",
-                 str(index), "--text-file", str(text), "--set", "eval.batch_size=4"])
+    quiz = write_long_quiz(tmp_path / "long_quiz.jsonl")  # items longer than the context: issue 21
+    code = main(["eval", "--workspace", str(workspace_dir), "--checkpoint", str(checkpoint), "--tasks",
+                 "arc_easy,long_quiz", "--limit", "3", "--benchmark-data", str(shared_data / "benchmarks"),
+                 "--contamination-index", str(index), "--text-file", str(text), "--set", "eval.batch_size=4",
+                 "--set", f"eval.extra_tasks=[{{name: long_quiz, layout: arc, path: {quiz}}}]"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "arc_easy" in printed and "MLflow run" in printed
@@ -28,6 +30,10 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     metrics = run.data.metrics
     assert {"arc_easy/acc", "arc_easy/acc_norm", "arc_easy/acc.clean", "bpb/notes.txt"} <= set(metrics)
     assert metrics["arc_easy/n_contaminated"] == 1
+    assert (metrics["long_quiz/n_items"], metrics["long_quiz/truncated"], metrics["long_quiz/windowed"]) == (3, 2, 1)
+    assert "arc_easy/truncated" in metrics
+    summary = open(client.download_artifacts(run_id, "summary.md", str(tmp_path))).read()
+    assert "truncated" in summary.splitlines()[0] and "bpb/notes.txt: " in summary and str(text) in summary
     assert run.data.tags["raylm.checkpoint"] == str(checkpoint)
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "samples")}
     assert {"summary.md", "results.json", "scores.png", "samples/arc_easy.jsonl"} <= artifacts
