@@ -34,6 +34,13 @@ STAGE_HELP = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line naming the flag (and where the help is), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="experiment YAML (default: configs/laptop.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -64,7 +71,7 @@ def _eval_flags(sub: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raylm", description="Build a language model from scratch on Ray.")
+    parser = OneLineParser(prog="raylm", description="Build a language model from scratch on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in STAGE_HELP.items():
         sub = commands.add_parser(name, help=text, description=text)
@@ -145,13 +152,20 @@ def _model_commands(commands) -> None:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=float, default=None)
-    generate.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    generate.add_argument("--stop", action="append", default=[], type=decode_escapes,
+                          help='stop at this text (repeatable); escapes are decoded: --stop "\\n\\n" stops at a blank line')
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--no-cache", action="store_true", help="recompute every step instead of using the KV cache")
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face transformers model folder",
                                  description="Export a decoder checkpoint as a transformers folder (Llama, Qwen2 or GPT-2).")
     export.add_argument("--checkpoint", required=True, help="checkpoint directory or URI")
     export.add_argument("--out", required=True, help="output folder")
+
+
+def decode_escapes(text: str) -> str:
+    """Python's backslash escapes in a command-line argument (`\\n`, `\\t`, `\\u00e9`) decoded; other
+    characters, non-ASCII included, kept as they are."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
 def _load_for_generation(path: str):
@@ -245,8 +259,9 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         settings = config.finetune
         if settings.data is not None:
             choose_format(settings.data, settings.format, settings.columns)
-
         check_base_source(args.base, config.model)
+        if settings.data is None:
+            raise ConfigError(["finetune.data = None: set the fine-tuning data (plain text or chat jsonl)"])
     check_storage(config, sources=name in ("curate", "pipeline"))  # after the checks that touch no storage
     failure.open_run_log(config.workspace.root, name, verbose=getattr(args, "verbose", False))
     if not (name == "pretrain" and args.resume):  # --resume reads the newest run, whatever its config
@@ -258,7 +273,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
 
         manifest = run_sweep(config, pipeline.workspace, pipeline.tracker, pipeline.require("tokenize"),
                              pipeline.plan.tokenize.fingerprint, force="tune" in pipeline.force)
-        print("\n".join([pipeline.summary({}, {name: manifest["uri"]}), *summary_lines(manifest)]))
+        print("\n".join([pipeline.summary({}, {name: manifest["uri"]}, command=name), *summary_lines(manifest)]))
         return 0
     if name == "pipeline":
         artifacts = pipeline.run_all()
@@ -268,7 +283,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         artifacts = {name: pipeline.finetune(args.base)}
     else:
         artifacts = {name: getattr(pipeline, name)()}
-    print(pipeline.summary(artifacts))
+    print(pipeline.summary(artifacts, command=name))
     return 0
 
 
@@ -322,13 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"raylm: {error}", file=sys.stderr)
         return 2
-    except ValueError as error:  # bad fine-tuning input: chat rows, base model, method settings
+    except ValueError as error:  # bad input: fine-tuning rows, base model, method settings; eval tasks and files
+        from raylm.data.benchmarks import BenchmarkFileError
         from raylm.data.chat import ChatDataError
         from raylm.data.chat_layouts import LayoutError
+        from raylm.eval.tasks import EvalInputError
         from raylm.finetune import FinetuneError
         from raylm.finetune.stage import BaseModelError
 
-        if not isinstance(error, (ChatDataError, LayoutError, FinetuneError, BaseModelError)):
+        if not isinstance(error, (ChatDataError, LayoutError, FinetuneError, BaseModelError, EvalInputError,
+                                  BenchmarkFileError)):
             return _failed(error, args)
         print(f"raylm: {error}", file=sys.stderr)
         return 2

@@ -201,9 +201,11 @@ class Pipeline:
                 artifacts[name] = getattr(self, name)()
         return artifacts
 
-    def summary(self, artifacts: dict[str, Artifact], other_stages: dict[str, str] | None = None) -> str:
-        """What finished and where; `other_stages`: name -> folder of stages without an artifact (tune)."""
-        lines = ["", "raylm pipeline finished:"]
+    def summary(self, artifacts: dict[str, Artifact], other_stages: dict[str, str] | None = None,
+                command: str = "pipeline") -> str:
+        """What `raylm <command>` finished and where; `other_stages`: name -> folder of stages without an
+        artifact (tune)."""
+        lines = ["", f"raylm {command} finished:"]
         folders = {**{name: artifact.record.uri for name, artifact in artifacts.items()}, **(other_stages or {})}
         for name, uri in folders.items():
             lines.append(f"  {name:<9} {uri}")

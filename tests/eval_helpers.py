@@ -34,3 +34,19 @@ def make_checkpoint(directory: Path, seq_len: int = 128, d_model: int = 32, n_la
     optimizer = torch.optim.AdamW(model.parameters())
     save_checkpoint(str(directory), model, optimizer, {"step": 0}, config.to_dict(), tokenizer.to_str(), rank=0)
     return directory
+
+
+def write_long_quiz(path: Path, long_choice: bool = True) -> Path:
+    """An ARC-layout quiz whose items outgrow a small model's context: one short item, one whose question
+    is far longer than the window (its context is left-truncated) and, with `long_choice`, one whose
+    choice alone is longer than the window (scored in windows)."""
+    import json
+
+    rows = [{"query": "Question: Which gas do plants take in?", "choices": [" carbon dioxide", " oxygen"], "gold": 0},
+            {"query": "Question: " + "Water boils at 100 degrees. The cat sat on the mat. " * 30 + "Why?",
+             "choices": [" it is warm", " ice melts"], "gold": 0}]
+    if long_choice:
+        rows.append({"query": "Question: What did the cat do?",
+                     "choices": [" The cat sat on the mat. " * 40, " nothing"], "gold": 0})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

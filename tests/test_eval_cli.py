@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from eval_helpers import make_checkpoint
+from eval_helpers import make_checkpoint, write_long_quiz
 from raylm.cli import main
 
 
@@ -16,9 +16,11 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     text.write_text("The cat sat on the mat. Water boils at 100 degrees.\n" * 5)
     index = tmp_path / "index.json"
     index.write_text('{"ngram": 13, "contaminated_documents": 1, "tasks": {"arc_easy": ["arc_easy/1"]}}')
-    code = main(["eval", "--workspace", str(workspace_dir), "--checkpoint", str(checkpoint), "--tasks", "arc_easy",
-                 "--limit", "2", "--benchmark-data", str(shared_data / "benchmarks"), "--contamination-index",
-                 str(index), "--text-file", str(text), "--set", "eval.batch_size=4"])
+    quiz = write_long_quiz(tmp_path / "long_quiz.jsonl")  # items longer than the context: issue 21
+    code = main(["eval", "--workspace", str(workspace_dir), "--checkpoint", str(checkpoint), "--tasks",
+                 "arc_easy,long_quiz", "--limit", "3", "--benchmark-data", str(shared_data / "benchmarks"),
+                 "--contamination-index", str(index), "--text-file", str(text), "--set", "eval.batch_size=4",
+                 "--set", f"eval.extra_tasks=[{{name: long_quiz, layout: arc, path: {quiz}}}]"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "arc_easy" in printed and "MLflow run" in printed
@@ -28,16 +30,79 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     metrics = run.data.metrics
     assert {"arc_easy/acc", "arc_easy/acc_norm", "arc_easy/acc.clean", "bpb/notes.txt"} <= set(metrics)
     assert metrics["arc_easy/n_contaminated"] == 1
+    assert (metrics["long_quiz/n_items"], metrics["long_quiz/truncated"], metrics["long_quiz/windowed"]) == (3, 2, 1)
+    assert "arc_easy/truncated" in metrics
+    summary = open(client.download_artifacts(run_id, "summary.md", str(tmp_path))).read()
+    assert "truncated" in summary.splitlines()[0] and "bpb/notes.txt: " in summary and str(text) in summary
     assert run.data.tags["raylm.checkpoint"] == str(checkpoint)
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "samples")}
     assert {"summary.md", "results.json", "scores.png", "samples/arc_easy.jsonl"} <= artifacts
 
 
-def test_eval_command_rejects_unknown_checkpoint(workspace_dir, capsys):
-    assert main(["eval", "--workspace", str(workspace_dir), "--checkpoint", "no-such-run", "--tasks", "arc_easy"]) == 1
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("raylm: eval failed: FileNotFoundError: ") and "neither an existing path nor an MLflow run id" in last
-    assert "; full log: " in last
+ARC_ROW = {"query": "Question: Which gas do plants take in?", "choices": ["carbon dioxide", "oxygen"], "gold": 0}
+
+
+def _bad_inputs(tmp_path):
+    """Each case: (arguments after `raylm`, what the one line must name). Inputs a stranger gets wrong."""
+    import json
+
+    checkpoint = str(make_checkpoint(tmp_path / "ckpt", seq_len=32))
+    rows = {"missing_field": [ARC_ROW, {k: v for k, v in ARC_ROW.items() if k != "gold"}],
+            "bad_json": [ARC_ROW, '{"query": "x",']}
+    configs = {}
+    for name, lines in rows.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(f"eval:\n  extra_tasks: [{{name: quiz, layout: arc, path: {path}}}]\n")
+    csv_file = tmp_path / "quiz.csv"
+    csv_file.write_text("q,a,b,c,d,A\nq2,a,b,c,D\n")
+    configs["columns"] = tmp_path / "columns.yaml"
+    configs["columns"].write_text(f"eval:\n  extra_tasks: [{{name: quiz, layout: mmlu, path: {csv_file}}}]\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    quiz = ["--checkpoint", checkpoint, "--tasks", "quiz"]
+    return {
+        "missing checkpoint": (["eval", "--checkpoint", str(tmp_path / "nope"), "--tasks", "arc_easy"], "--checkpoint"),
+        "not a checkpoint": (["eval", "--checkpoint", str(empty), "--tasks", "arc_easy"], "missing .metadata"),
+        "unknown task": (["eval", "--checkpoint", checkpoint, "--tasks", "nosuch", "--benchmark-data", str(empty)],
+                         "unknown task 'nosuch'"),
+        "missing field": (["eval", "--config", str(configs["missing_field"]), *quiz], "missing_field.jsonl:2: missing field 'gold'"),
+        "bad json line": (["eval", "--config", str(configs["bad_json"]), *quiz], "bad_json.jsonl:2: not valid JSON"),
+        "column count": (["eval", "--config", str(configs["columns"]), *quiz], "quiz.csv:2: 5 columns; expected 6"),
+        "missing benchmark folder": (["eval", "--checkpoint", checkpoint, "--tasks", "arc_easy", "--benchmark-data",
+                                      str(tmp_path / "nope")], "--benchmark-data"),
+        "benchmark folder without the task": (["eval", "--checkpoint", checkpoint, "--tasks", "arc_easy",
+                                               "--benchmark-data", str(empty)], "no file for 'arc_easy'"),
+        "missing text file": (["eval", "--checkpoint", checkpoint, "--tasks", "quiz", "--config", str(configs["columns"]),
+                               "--text-file", str(tmp_path / "nope.txt")], "--text-file"),
+        "missing base": (["finetune", "--from", str(tmp_path / "nope")], "--from"),
+        "no --from": (["finetune"], "--from"),
+    }
+
+
+CASES = ["missing checkpoint", "not a checkpoint", "unknown task", "missing field", "bad json line", "column count",
+         "missing benchmark folder", "benchmark folder without the task", "missing text file", "missing base", "no --from"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_before_ray(case, tmp_path):
+    """Issue 21: each of these ended after Ray's start-up (25-50 s), with exit 1, or without naming the file or line."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    arguments, named = _bad_inputs(tmp_path)[case]
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "raylm", *arguments, "--workspace", str(tmp_path / "ws")],
+                          capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    seconds = time.perf_counter() - started
+    said = [line for line in done.stderr.splitlines() if line.startswith("raylm")]
+    assert done.returncode == 2 and len(said) == 1 and named in said[0], done.stderr
+    assert "Traceback" not in done.stderr and "Started a local Ray" not in done.stderr, done.stderr
+    print(f"{case}: {seconds:.1f} s")
 
 
 @pytest.mark.slow

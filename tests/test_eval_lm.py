@@ -133,3 +133,27 @@ def test_lm_eval_own_cli_runs_the_raylm_model(tmp_path, shared_data):
                            str(tmp_path / "suite"), "--limit", "2"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "arc_easy" in done.stdout and "acc_norm" in done.stdout
+
+
+def test_continuation_longer_than_the_window_is_scored_in_windows_and_counted(lm):
+    """An item whose continuation alone exceeds the context length (issue 21: it crashed the run)."""
+    context, continuation = "Question: Which gas?\nAnswer:", " The cat sat on the mat." * 60
+    context_ids, continuation_ids = lm._encode_pair(context, continuation)
+    assert len(continuation_ids) > 2 * lm.max_length
+    reqs = [Instance("loglikelihood", {}, (context, continuation), 0, ("quiz", 7, 1)),
+            Instance("loglikelihood", {}, ("Water boils at 100 degrees. " * 40, " mat"), 1, ("quiz", 8, 1)),
+            Instance("loglikelihood", {}, ("The cat sat on the", " mat"), 2, ("quiz", 9, 1))]
+    lm.long_items.clear()
+    (logprob, greedy), _, short = lm.loglikelihood(reqs)
+    expected, done, whole = 0.0, 0, context_ids + continuation_ids
+    while done < len(continuation_ids):  # disjoint windows, each after as much preceding text as fits
+        piece = continuation_ids[done:done + lm.max_length]
+        end = len(context_ids) + done + len(piece)
+        row = whole[end - lm.max_length - 1:end]
+        with torch.no_grad():
+            logprobs = lm.model(torch.tensor([row[:-1]])).log_softmax(-1)[0]
+        expected += float(logprobs[-len(piece):].gather(-1, torch.tensor(piece)[:, None]).sum())
+        done += len(piece)
+    assert logprob == pytest.approx(expected, rel=1e-4) and greedy is False
+    assert short[0] == pytest.approx(_direct(lm, "The cat sat on the", " mat"), abs=1e-4)
+    assert {k: sorted(v) for k, v in lm.long_items["quiz"].items()} == {"truncated": [7, 8], "windowed": [7]}

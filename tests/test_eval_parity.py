@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from eval_helpers import make_checkpoint
+from eval_helpers import make_checkpoint, write_long_quiz
 from raylm.eval.suite import EvalSettings, evaluate_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -35,13 +35,19 @@ def test_same_predictions_and_scores_as_lm_eval_hf(shared_data, tmp_path):
     folder = export(checkpoint, tmp_path / "hf")
     hf = HFLM(pretrained=folder, device="cpu", batch_size=4, max_length=96)
     ours = RaylmLM(checkpoint=str(checkpoint), batch_size=4, max_gen_toks=16)
-    settings = EvalSettings(tasks=["arc_easy", "hellaswag", "truthfulqa_mc2", "gsm8k"], limit=3, num_fewshot=0,
-                            benchmark_data=str(shared_data / "benchmarks"), max_gen_toks=16,
-                            gen_kwargs={"max_gen_toks": 16})
+    # long_quiz: an item whose context is far longer than the window, left-truncated by both (issue 21);
+    # hf stops on a continuation longer than the window, so that case is tested against direct logits only
+    quiz = write_long_quiz(tmp_path / "long_quiz.jsonl", long_choice=False)
+    settings = EvalSettings(tasks=["arc_easy", "hellaswag", "truthfulqa_mc2", "gsm8k", "long_quiz"], limit=3,
+                            num_fewshot=0, benchmark_data=str(shared_data / "benchmarks"), max_gen_toks=16,
+                            gen_kwargs={"max_gen_toks": 16},
+                            extra_tasks=[{"name": "long_quiz", "layout": "arc", "path": str(quiz)}])
     theirs_results = evaluate_checkpoint(str(checkpoint), settings, str(tmp_path / "hf_out"), lm=hf)
     ours_results = evaluate_checkpoint(str(checkpoint), settings, str(tmp_path / "raylm_out"), lm=ours)
-    for task in ("arc_easy", "hellaswag", "truthfulqa_mc2"):
+    assert ours_results["tasks"]["long_quiz"]["truncated"] == 1
+    for task in ("arc_easy", "hellaswag", "truthfulqa_mc2", "long_quiz"):
         a, b = _rows(ours_results["files"][task]), _rows(theirs_results["files"][task])
+        assert len(a) == len(b) == (2 if task == "long_quiz" else 3)
         for x, y in zip(a, b):
             ll_x = [float(v[0]) for v in x["filtered_resps"]]
             ll_y = [float(v[0]) for v in y["filtered_resps"]]

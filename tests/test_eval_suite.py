@@ -194,3 +194,22 @@ def test_humaneval_is_refused_without_the_fence(shared_data, checkpoint, tmp_pat
     with pytest.raises(sandbox.SandboxUnavailable, match="mount_setattr.*sandbox_allow_weak"):
         evaluate_checkpoint(checkpoint, settings, str(tmp_path), lm=object())
     sandbox.allow_code_execution(False)
+
+
+def test_bits_per_byte_of_text_files_with_the_same_name_are_kept_apart(lm, tmp_path):
+    from raylm.eval.suite import bits_per_byte_of_files, text_file_labels
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second, val = tmp_path / "a" / "val.txt", tmp_path / "b" / "val.txt", tmp_path / "split.txt"
+    first.write_text("The cat sat on the mat. " * 4)
+    second.write_text("def add(a, b):\n    return a + b\n" * 4)
+    val.write_text("Water boils at 100 degrees. " * 4)
+    paths = [str(first), str(second), str(val)]
+    assert text_file_labels(paths, {str(val): "val"}) == {str(first): str(first), str(second): str(second),
+                                                          str(val): "val"}
+    assert text_file_labels([str(first), str(val)], {str(val): "val"})[str(first)] == "val.txt"
+    figures = bits_per_byte_of_files(lm, paths, {str(val): "val"})
+    assert set(figures) == {f"bpb/{first}", f"bpb/{second}", "bpb/val"}
+    assert figures[f"bpb/{first}"]["file"] == str(first)
+    assert figures[f"bpb/{first}"]["bpb"] != figures[f"bpb/{second}"]["bpb"]

@@ -112,8 +112,8 @@ def test_sft_lowers_held_out_val_loss_and_logs_lineage(ray_light, tmp_path, base
     assert run.data.metrics["params_trainable"] == figures["params_trainable"]
     assert run.data.metrics["data_rows_layout_alpaca"] == 48
     assert run.data.tags["raylm.finetune.data_layouts"] == ",".join(sorted(LAYOUTS))
-    summary = pipeline.summary({"finetune": manifest})
-    assert "finetune" in summary and "data rows 240 (48 alpaca, 48 messages" in summary, summary
+    summary = pipeline.summary({"finetune": manifest}, command="finetune")
+    assert "raylm finetune finished" in summary and "pipeline" not in summary and "data rows 240 (48 alpaca, 48 messages" in summary, summary
     assert type(load_model(manifest.checkpoint)) is Transformer
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -29,6 +31,8 @@ def test_export_then_generate_from_both(checkpoint, tmp_path, capsys):
     directory, model = checkpoint
     out = str(tmp_path / "hf")
     assert main(["export", "--checkpoint", directory, "--out", out]) == 0
+    modes = {name: os.stat(os.path.join(out, name)).st_mode & 0o777 for name in os.listdir(out)}
+    assert len(set(modes.values())) == 1, modes  # model.safetensors as readable as the other files
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     tokens = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
@@ -44,6 +48,21 @@ def test_export_then_generate_from_both(checkpoint, tmp_path, capsys):
     assert main(["generate", "--checkpoint", directory, "--prompt", "def", "--temperature", "0.9",
                  "--top-k", "20", "--top-p", "0.9", "--stop", "x"]) == 0
     assert "x" not in capsys.readouterr().out.removeprefix("def")
+    # --stop takes escape sequences: the first two generated characters, written escaped, stop at once
+    assert main(["generate", "--checkpoint", directory, "--prompt", "def", "--max-new-tokens", "8"]) == 0
+    free = capsys.readouterr().out.removeprefix("def").removesuffix("\n")
+    escaped = free[:2].encode("unicode_escape").decode("ascii")
+    assert main(["generate", "--checkpoint", directory, "--prompt", "def", "--max-new-tokens", "8",
+                 "--stop", escaped]) == 0
+    assert capsys.readouterr().out == "def\n"
+
+
+def test_stop_sequences_decode_escapes_and_keep_other_text():
+    from raylm.cli import build_parser, decode_escapes
+
+    assert decode_escapes("\\n\\n") == "\n\n" and decode_escapes("é\\t中") == "é\t中"
+    args = build_parser().parse_args(["generate", "--checkpoint", "c", "--prompt", "p", "--stop", "\\n\\n"])
+    assert args.stop == ["\n\n"]
 
 
 def test_export_refuses_the_encoder_decoder(tmp_path, capsys):

@@ -13,6 +13,9 @@ Layouts (see the data folder's README):
 - GSM8K (jsonl): `{"question", "answer"}`, the answer ends with `#### N`
 - HumanEval (gzip jsonl): `{"task_id", "prompt", "canonical_solution", "test", "entry_point"}`
 - MT-Bench (jsonl): `{"question_id", "category", "turns": [...]}`
+
+A file that does not parse, or a record without a field its layout needs, raises `BenchmarkFileError`
+naming the file, the line and what was expected.
 """
 
 from __future__ import annotations
@@ -37,12 +40,30 @@ class BenchmarkItem:
     text: str = field(compare=False)
 
 
-def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
+class BenchmarkFileError(ValueError):
+    """A benchmark file that cannot be read in its layout: names the file, the line and what was expected."""
+
+
+def _jsonl(path: Path, fields: tuple[str, ...] = (),
+           check: Callable[[dict[str, Any]], str | None] | None = None) -> Iterator[dict[str, Any]]:
+    """The file's JSON objects; each must have `fields`, and `check(record)` say no problem."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise BenchmarkFileError(f"{path}:{number}: not valid JSON ({error})") from None
+            missing = [name for name in fields if not isinstance(record, dict) or name not in record]
+            if missing:
+                raise BenchmarkFileError(f"{path}:{number}: missing field {', '.join(map(repr, missing))}; "
+                                         f"expected a JSON object with {', '.join(fields)}")
+            problem = check(record) if check else None
+            if problem:
+                raise BenchmarkFileError(f"{path}:{number}: {problem}")
+            yield record
 
 
 def _items(task: str, records: Iterator[dict[str, Any]], text: Callable[[dict[str, Any]], str]) -> Iterator[BenchmarkItem]:
@@ -50,11 +71,21 @@ def _items(task: str, records: Iterator[dict[str, Any]], text: Callable[[dict[st
         yield BenchmarkItem(task, f"{task}/{index}", record, text(record))
 
 
+def _arc_problem(raw: dict[str, Any]) -> str | None:
+    choices, gold = raw["choices"], raw["gold"]
+    if (isinstance(raw["query"], str) and isinstance(choices, list) and len(choices) >= 2
+            and all(isinstance(c, str) for c in choices) and type(gold) is int and 0 <= gold < len(choices)):
+        return None
+    count = len(choices) if isinstance(choices, list) else type(choices).__name__
+    return (f"gold {gold!r} with {count} choices; expected query a string, choices a list of at least 2 "
+            f"strings and gold an index into them")
+
+
 def read_arc(path: Path, task: str) -> Iterator[BenchmarkItem]:
     def records():
-        for raw in _jsonl(path):
+        for raw in _jsonl(path, ("query", "choices", "gold"), _arc_problem):
             yield {"question": raw["query"].removeprefix("Question:").strip(), "choices": list(raw["choices"]),
-                   "gold": int(raw["gold"])}
+                   "gold": raw["gold"]}
     return _items(task, records(), lambda r: " ".join([r["question"], *r["choices"]]))
 
 
@@ -62,9 +93,14 @@ def read_hellaswag(path: Path, task: str = "hellaswag") -> Iterator[BenchmarkIte
     def records():
         with bz2.open(path, "rt", encoding="utf-8") as handle:
             lines = [line.rstrip("\n") for line in handle]
+        if len(lines) % 6:
+            raise BenchmarkFileError(f"{path}: {len(lines)} lines; expected 6 per item (label: context, gold "
+                                     f"index, 4 endings)")
         for start in range(0, len(lines) - 5, 6):
             header, gold, *endings = lines[start:start + 6]
             label, _, context = header.partition(": ")
+            if gold.strip() not in ("0", "1", "2", "3"):
+                raise BenchmarkFileError(f"{path}:{start + 2}: gold index {gold!r}; expected 0, 1, 2 or 3")
             yield {"activity_label": label, "context": context, "endings": endings, "gold": int(gold)}
     return _items(task, records(), lambda r: " ".join([r["context"], *r["endings"]]))
 
@@ -72,9 +108,13 @@ def read_hellaswag(path: Path, task: str = "hellaswag") -> Iterator[BenchmarkIte
 def read_mmlu(path: Path, task: str) -> Iterator[BenchmarkItem]:
     def records():
         with open(path, newline="", encoding="utf-8") as handle:
-            for row in csv.reader(handle):
+            rows = csv.reader(handle)
+            for row in rows:
                 if len(row) != 6:
-                    raise ValueError(f"{path}: expected 6 columns (question, A-D, answer), got {len(row)}: {row[:2]}")
+                    raise BenchmarkFileError(f"{path}:{rows.line_num}: {len(row)} columns; expected 6 (question, "
+                                             f"A, B, C, D, answer letter)")
+                if row[5].strip() not in MMLU_LETTERS:
+                    raise BenchmarkFileError(f"{path}:{rows.line_num}: answer {row[5]!r}; expected one of A, B, C, D")
                 yield {"question": row[0], "choices": row[1:5], "gold": MMLU_LETTERS.index(row[5].strip())}
     return _items(task, records(), lambda r: " ".join([r["question"], *r["choices"]]))
 
@@ -88,15 +128,16 @@ def read_truthfulqa(path: Path, task: str = "truthfulqa_mc") -> Iterator[Benchma
 
 
 def read_gsm8k(path: Path, task: str = "gsm8k") -> Iterator[BenchmarkItem]:
-    return _items(task, _jsonl(path), lambda r: f"{r['question']} {r['answer']}")
+    return _items(task, _jsonl(path, ("question", "answer")), lambda r: f"{r['question']} {r['answer']}")
 
 
 def read_humaneval(path: Path, task: str = "humaneval") -> Iterator[BenchmarkItem]:
-    return _items(task, _jsonl(path), lambda r: f"{r['prompt']}{r['canonical_solution']}")
+    return _items(task, _jsonl(path, ("task_id", "prompt", "canonical_solution", "test", "entry_point")),
+                  lambda r: f"{r['prompt']}{r['canonical_solution']}")
 
 
 def read_mt_bench(path: Path, task: str = "mt_bench") -> Iterator[BenchmarkItem]:
-    return _items(task, _jsonl(path), lambda r: " ".join(r["turns"]))
+    return _items(task, _jsonl(path, ("question_id", "turns")), lambda r: " ".join(r["turns"]))
 
 
 def benchmark_files(root: str | os.PathLike) -> dict[str, tuple[Path, Callable[..., Iterator[BenchmarkItem]]]]:

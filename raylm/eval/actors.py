@@ -96,12 +96,24 @@ class ActorPoolLM(LM):
         return results
 
     def _loglikelihood(self, encoded: list[tuple], shared: bool | None = None) -> dict[int, tuple[float, bool]]:
-        batches = self.planner.plan_loglikelihood(encoded, shared)
-        tokens = lambda batch: sum(len(encoded[i][1]) + len(encoded[i][2]) for i in _flat(batch[1]))  # noqa: E731
-        return self._spread("run_loglikelihood", batches, tokens, encoded)
+        # deferred: pulls in torch, slow to import; only this path needs it
+        from raylm.eval.lm import join_pieces, split_long_requests
+
+        pieces, owners = split_long_requests(encoded, self.planner.max_length)
+        batches = self.planner.plan_loglikelihood(pieces, shared)
+        tokens = lambda batch: sum(len(pieces[i][1]) + len(pieces[i][2]) for i in _flat(batch[1]))  # noqa: E731
+        return join_pieces(self._spread("run_loglikelihood", batches, tokens, pieces), owners)
+
+    @property
+    def long_items(self) -> dict[str, dict[str, set]]:
+        return self.planner.long_items
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # deferred: pulls in torch, slow to import; only this path needs it
+        from raylm.eval.lm import record_long_items
+
         encoded = self.planner.encode_loglikelihood([tuple(req.args) for req in requests])
+        record_long_items(self.planner.long_items, requests, encoded, self.planner.max_length)
         results = self._loglikelihood(encoded)
         out = [tuple(results[i]) for i in range(len(requests))]
         for req, value in zip(requests, out):

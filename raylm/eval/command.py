@@ -17,12 +17,42 @@ from typing import Any
 from raylm.artifacts import Curated
 from raylm.config import RaylmConfig
 from raylm.eval.domain import read_texts
-from raylm.eval.suite import EvalSettings, evaluate_checkpoint, log_to_mlflow, resolve_checkpoint, summary_text
+from raylm.eval.suite import (
+    EvalSettings,
+    evaluate_checkpoint,
+    log_to_mlflow,
+    prepare_tasks,
+    resolve_checkpoint,
+    summary_text,
+)
+from raylm.eval.tasks import EvalInputError
 from raylm.stage_plan import plan_stages
 from raylm.tracking import Tracker
 from raylm.workspace import Workspace, content_hash
 
 log = logging.getLogger("raylm")
+
+
+def looks_like_run_id(reference: str) -> bool:
+    return len(reference) == 32 and all(c in "0123456789abcdef" for c in reference)
+
+
+def check_checkpoint_reference(reference: str) -> None:
+    """Before MLflow or Ray: a local checkpoint folder has its files; anything else local must be an MLflow run id."""
+    # deferred: pulls in torch, slow to import; only this path needs it
+    from raylm.train.checkpoint import CheckpointError, check_complete
+
+    if "://" in reference:
+        return  # read (and checked) by the actors
+    path = reference.removeprefix("file://")
+    if os.path.isdir(path):
+        try:
+            check_complete(path)
+        except CheckpointError as error:
+            raise EvalInputError(f"--checkpoint {reference}: {error}") from None
+    elif not looks_like_run_id(reference):
+        raise EvalInputError(f"--checkpoint {reference}: no such checkpoint folder, and not an MLflow run id "
+                             f"(32 hex digits)")
 
 
 def curated_val_split(config: RaylmConfig) -> str | None:
@@ -51,10 +81,12 @@ def run_eval_command(config: RaylmConfig, checkpoint_ref: str, overrides: dict[s
     # deferred: pulls in ray, slow to import; only this path needs it
     from raylm.runtime import init_ray
 
+    settings = EvalSettings.from_config(config.eval, **overrides)
+    check_checkpoint_reference(checkpoint_ref)
     workspace = Workspace(config.workspace.root)
     tracker = Tracker(config.tracking, workspace)
     checkpoint, source_run = resolve_checkpoint(checkpoint_ref, tracker.client)
-    settings = EvalSettings.from_config(config.eval, **overrides)
+    check_checkpoint_reference(checkpoint)
     val_split = curated_val_split(config) if ({"bpb", "domain"} & set(settings.tasks)) else None
     if "domain" in settings.tasks and not settings.domain_data:
         if val_split is None:
@@ -62,18 +94,19 @@ def run_eval_command(config: RaylmConfig, checkpoint_ref: str, overrides: dict[s
         settings.domain_data = val_split
     stage = workspace.stage("benchmarks", settings.__dict__, {"checkpoint": content_hash(checkpoint)})
     stage.prepare(force=True)
-    init_ray(config.cluster)
     with tempfile.TemporaryDirectory(prefix="raylm-eval-") as scratch:
         out_dir = stage.fs_path() if workspace.is_local else scratch
+        prepared = prepare_tasks(settings, out_dir)  # every input read and checked before Ray starts
+        init_ray(config.cluster)
         if val_split is None and "bpb" in settings.tasks:
             log.warning("eval: no curated val split for this config (run `raylm curate`): skipping bpb")
             settings.tasks = [t for t in settings.tasks if t != "bpb"]
-        if "bpb" in settings.tasks:
-            settings.text_files = [*settings.text_files, val_text_file(val_split, settings.limit, scratch)]
+        names = {}
+        if "bpb" in settings.tasks:  # the val split's figure is `bpb/val`, whatever the --text-file names
+            val_file = val_text_file(val_split, settings.limit, scratch)
+            settings.text_files, names[val_file] = [*settings.text_files, val_file], "val"
             settings.tasks = [t for t in settings.tasks if t != "bpb"]
-        results = evaluate_checkpoint(checkpoint, settings, out_dir)
-        if val_split is not None and "bpb/val.txt" in results["metrics"]:
-            results["metrics"]["bpb/val"] = results["metrics"].pop("bpb/val.txt")
+        results = evaluate_checkpoint(checkpoint, settings, out_dir, text_names=names, prepared=prepared)
         run_id = log_to_mlflow(results, settings, tracker, source_run, out_dir)
     manifest = stage.finish({"metrics": results["metrics"], "summary": results["summary"], "checkpoint": checkpoint,
                              "source_run": source_run, "mlflow_run_id": run_id, "tasks": results["tasks"]})

@@ -10,6 +10,10 @@ conversion step. It implements lm-eval's three request types:
   choices. Rows are batched and sorted by length (longest first). When a group would not fit the
   model's context length, or the model is not the structure this file knows, requests fall back to
   the plain path: one `context + continuation` row each, left-truncated like lm-eval's `hf` model.
+  A continuation longer than the context length itself (where lm-eval's `hf` model stops on an
+  assertion) is scored in disjoint windows, each with as much of what precedes it as fits, and the
+  windows' log-likelihoods summed. Per task, the items whose context was cut (`truncated`) and whose
+  continuation needed windows (`windowed`) are counted in `long_items` (`record_long_items`).
 - `loglikelihood_rolling`: lm-eval's disjoint rolling windows of the model's context length, for
   perplexity and bits-per-byte of whole documents.
 - `generate_until`: greedy, batched decoding with the model's KV cache, stopped at the first stop
@@ -94,6 +98,60 @@ def rolling_totals(requests: list[Any], owners: list[int], scored: dict[int, tup
     return totals
 
 
+def continuation_windows(context: list[int], continuation: list[int], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """One request as `(context, continuation)` pieces that each fit `max_length + 1` tokens.
+
+    A continuation that fits is one piece (its context is left-truncated when the row is formed);
+    a longer one is cut into disjoint pieces of `max_length` tokens, each scored after as much of the
+    text before it (context, then the earlier pieces) as fits."""
+    if len(continuation) <= max_length:
+        return [(context, continuation)]
+    pieces = []
+    for start in range(0, len(continuation), max_length):
+        piece = continuation[start:start + max_length]
+        pieces.append(((context + continuation[:start])[-(max_length + 1 - len(piece)):], piece))
+    return pieces
+
+
+def split_long_requests(requests: list[tuple[Any, list[int], list[int]]],
+                        max_length: int) -> tuple[list[tuple[Any, list[int], list[int]]], list[int]]:
+    """Every request's pieces (`continuation_windows`), and the request each piece belongs to."""
+    pieces, owners = [], []
+    for owner, (key, context, continuation) in enumerate(requests):
+        for piece in continuation_windows(context, continuation, max_length):
+            pieces.append((key, *piece))
+            owners.append(owner)
+    return pieces, owners
+
+
+def join_pieces(scored: dict[int, tuple[float, bool]], owners: list[int]) -> dict[int, tuple[float, bool]]:
+    """Per request: the sum of its pieces' log-likelihoods, greedy when every piece is."""
+    joined: dict[int, tuple[float, bool]] = {}
+    for i, owner in enumerate(owners):
+        logprob, greedy = scored[i]
+        if owner in joined:
+            logprob, greedy = joined[owner][0] + logprob, joined[owner][1] and greedy
+        joined[owner] = (logprob, greedy)
+    return joined
+
+
+def record_long_items(counts: dict[str, dict[str, set]], instances: list[Any],
+                      encoded: list[tuple[Any, list[int], list[int]]], max_length: int) -> None:
+    """Add to `counts[task]["truncated" | "windowed"]` the documents with a request whose context is
+    cut to fit the window, or whose continuation alone is longer than the window."""
+    for instance, (_, context, continuation) in zip(instances, encoded):
+        task = getattr(instance, "task_name", None) or "(untasked)"
+        entry = counts.setdefault(task, {"truncated": set(), "windowed": set()})
+        if len(context) + len(continuation) > max_length + 1:
+            entry["truncated"].add(instance.doc_id)
+        if len(continuation) > max_length:
+            entry["windowed"].add(instance.doc_id)
+
+
+def long_item_counts(counts: dict[str, dict[str, set]]) -> dict[str, dict[str, int]]:
+    return {task: {kind: len(docs) for kind, docs in entry.items()} for task, entry in counts.items()}
+
+
 @register_model("raylm")
 class RaylmLM(TemplateLM):
     """An lm-eval model backed by a raylm checkpoint directory (or s3://, gs:// URI)."""
@@ -126,6 +184,7 @@ class RaylmLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_gen_toks = int(max_gen_toks)
         self.stats = {"forward_rows": 0, "forward_tokens": 0}
+        self.long_items: dict[str, dict[str, set]] = {}
 
     @classmethod
     def planner(cls, checkpoint: str, batch_size: int, max_gen_toks: int, shared_context: bool) -> "RaylmLM":
@@ -262,9 +321,15 @@ class RaylmLM(TemplateLM):
             encoded.append(((context, continuation), *pair))
         return encoded
 
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        encoded = self.encode_loglikelihood([tuple(req.args) for req in requests])
+        record_long_items(self.long_items, requests, encoded, self.max_length)
+        return self._loglikelihood_tokens(encoded)
+
     def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        results = self.run_loglikelihood(requests, self.plan_loglikelihood(requests))
+        pieces, owners = split_long_requests(requests, self.max_length)
+        results = join_pieces(self.run_loglikelihood(pieces, self.plan_loglikelihood(pieces)), owners)
         for i, request in enumerate(requests):
             if request[0] is not None:
                 self.cache_hook.add_partial("loglikelihood", request[0], results[i])

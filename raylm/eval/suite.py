@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,14 @@ from raylm.eval.sandbox import (
     require_code_execution,
     run_on_ray_resource,
 )
-from raylm.eval.tasks import ExtraTask, build_local_suite, expand_tasks
+from raylm.eval.tasks import (
+    LM_EVAL_TASKS,
+    SUITE_GROUPS,
+    EvalInputError,
+    ExtraTask,
+    build_local_suite,
+    expand_tasks,
+)
 
 log = logging.getLogger("raylm")
 
@@ -76,15 +84,28 @@ def metric_name(task: str, key: str, clean: bool = False) -> str:
     return name + (".clean" if clean else "")
 
 
-def bits_per_byte_of_files(lm: Any, paths: list[str]) -> dict[str, float]:
+def text_file_labels(paths: list[str], named: dict[str, str] | None = None) -> dict[str, str]:
+    """Path -> the name its bits-per-byte is reported under (`bpb/<name>`): `named` paths keep their
+    given name, the others their file name, or the path as given where file names repeat or clash."""
+    named = dict(named or {})
+    counts = Counter(Path(path).name for path in dict.fromkeys(paths) if path not in named)
+    labels = {}
+    for path in paths:
+        name = Path(path).name
+        labels[path] = named.get(path) or (name if counts[name] == 1 and name not in named.values() else path)
+    return labels
+
+
+def bits_per_byte_of_files(lm: Any, paths: list[str], named: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """`bpb/<label>` -> {"file": path, "bpb": bits per byte} for every text file (labels: `text_file_labels`)."""
     # deferred: pulls in lm_eval, slow to import; only this path needs it
     from lm_eval.api.instance import Instance
 
     out = {}
-    for path in paths:
+    for path, label in text_file_labels(paths, named).items():
         text = Path(path).read_text(encoding="utf-8")
         (logprob,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
-        out[f"bpb/{Path(path).name}"] = -logprob / math.log(2) / max(1, len(text.encode("utf-8")))
+        out[f"bpb/{label}"] = {"file": path, "bpb": -logprob / math.log(2) / max(1, len(text.encode("utf-8")))}
     return out
 
 
@@ -107,15 +128,35 @@ def make_model(checkpoint: str, settings: EvalSettings, in_process: bool = False
                        batch_size=settings.batch_size, max_gen_toks=settings.max_gen_toks)
 
 
-def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, lm: Any = None,
-                        in_process: bool = False) -> dict[str, Any]:
-    """Run every requested task; write per-sample jsonl files under `out_dir`; return the results."""
-    # deferred: pulls in lm_eval, slow to import; only this path needs it
-    import lm_eval
+@dataclass
+class PreparedTasks:
+    """What `prepare_tasks` made ready: every input read and checked, no model loaded."""
 
+    tasks: list[str]  # every requested task, groups expanded
+    lm_tasks: list[str]  # what lm-eval runs
+    task_manager: Any = None  # lm-eval's, over the local suite (None: lm-eval's standard tasks)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # group -> its tasks (mmlu)
+    index: dict[str, set[str]] | None = None  # the contamination index
+    isolation: str | None = None  # HumanEval's sandbox isolation level
+
+
+def prepare_tasks(settings: EvalSettings, out_dir: str) -> PreparedTasks:
+    """Everything before the model: task names, benchmark files converted (a bad file, line or field is an
+    `EvalInputError` naming it), the sandbox, the contamination index, the text files. The CLI runs it
+    before Ray starts, so a wrong input costs seconds."""
     out = Path(out_dir)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     tasks = expand_tasks(settings.tasks)
+    for path in settings.text_files:
+        if not Path(path).is_file():
+            raise EvalInputError(f"--text-file / eval.text_files: {path} is not a file")
+    if "mt_bench" in tasks and not settings.benchmark_data:
+        raise EvalInputError("--benchmark-data / eval.benchmark_data: MT-Bench needs the local question file")
+    if settings.benchmark_data and not Path(settings.benchmark_data).is_dir():
+        raise EvalInputError(f"--benchmark-data / eval.benchmark_data: {settings.benchmark_data} is not a folder")
+    if settings.contamination_index and not Path(settings.contamination_index).is_file():
+        raise EvalInputError(f"--contamination-index / eval.contamination_index: {settings.contamination_index} "
+                             f"is not a file")
     allow_code_execution(settings.allow_code_execution,
                          SandboxLimits(timeout_s=settings.sandbox_timeout_s, memory_mb=settings.sandbox_memory_mb))
     allow_weak_isolation(settings.sandbox_allow_weak)
@@ -128,27 +169,57 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
     extras = [ExtraTask.from_dict(raw, f"eval.extra_tasks[{i}]") for i, raw in enumerate(settings.extra_tasks)]
     index = load_index(settings.contamination_index) if settings.contamination_index else None
     lm_tasks = [t for t in tasks if t not in RAYLM_TASKS]
-    started = time.perf_counter()
-    lm = lm if lm is not None else make_model(checkpoint, settings, in_process)
-    results: dict[str, Any] = {"checkpoint": checkpoint, "tasks": {}, "metrics": {}, "files": {}}
-    if isolation:
-        results["sandbox_isolation"] = isolation
-
-    task_manager, groups = None, {}
+    prepared = PreparedTasks(tasks=tasks, lm_tasks=lm_tasks, index=index, isolation=isolation)
     if settings.benchmark_data or "domain" in tasks or extras:
         if lm_tasks and not settings.benchmark_data and not all(t in {e.name for e in extras} for t in lm_tasks):
-            raise ValueError("eval.benchmark_data is needed to run standard tasks together with local ones")
+            raise EvalInputError("--benchmark-data / eval.benchmark_data is needed to run standard tasks together "
+                                 "with local ones")
         suite = build_local_suite(settings.benchmark_data or ".", out / "tasks", lm_tasks, extras,
                                   settings.limit, settings.num_fewshot)
         if "domain" in tasks:
             if not settings.domain_data:
-                raise ValueError("eval.domain_data: the domain task needs held-out text (the curated val split)")
+                raise EvalInputError("eval.domain_data: the domain task needs held-out text (the curated val split)")
             items = build_items(read_texts(settings.domain_data), n_items=settings.domain_items, seed=settings.seed)
             suite.tasks.append(write_domain_task(items, out / "tasks"))
-        lm_tasks = suite.tasks
-        task_manager = suite.task_manager()
-        if "mmlu" in lm_tasks:
-            groups["mmlu"] = sorted(t for t in suite.source_task if t.startswith("mmlu_"))
+        prepared.lm_tasks = suite.tasks
+        prepared.task_manager = suite.task_manager()
+        if "mmlu" in suite.tasks:
+            prepared.groups["mmlu"] = sorted(t for t in suite.source_task if t.startswith("mmlu_"))
+    elif any(t not in LM_EVAL_TASKS for t in lm_tasks):  # lm-eval's own registry (downloads its data)
+        # deferred: pulls in lm_eval, slow to import; only this path needs it
+        from lm_eval.tasks import TaskManager
+
+        prepared.task_manager = TaskManager()
+        unknown = [t for t in lm_tasks if t not in prepared.task_manager.all_tasks]
+        if unknown:
+            raise EvalInputError(f"--tasks / eval.tasks: unknown task {unknown[0]!r}: neither raylm's "
+                                 f"({', '.join(sorted(LM_EVAL_TASKS | RAYLM_TASKS))}, groups "
+                                 f"{', '.join(sorted(SUITE_GROUPS))}) nor one of lm-eval's")
+    return prepared
+
+
+def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, lm: Any = None,
+                        in_process: bool = False, text_names: dict[str, str] | None = None,
+                        prepared: PreparedTasks | None = None) -> dict[str, Any]:
+    """Run every requested task; write per-sample jsonl files under `out_dir`; return the results.
+    `text_names`: path -> name for text files whose bits-per-byte is reported under a chosen name;
+    `prepared`: `prepare_tasks`' result for these settings and `out_dir` (made here when None)."""
+    # deferred: pulls in lm_eval, slow to import; only this path needs it
+    import lm_eval
+
+    prepared = prepared or prepare_tasks(settings, out_dir)
+    tasks, lm_tasks, task_manager, groups, index = (prepared.tasks, prepared.lm_tasks, prepared.task_manager,
+                                                    prepared.groups, prepared.index)
+    out = Path(out_dir)
+    started = time.perf_counter()
+    lm = lm if lm is not None else make_model(checkpoint, settings, in_process)
+    long_items = getattr(lm, "long_items", None)  # raylm's models count over-long items per task
+    if long_items is not None:
+        long_items.clear()
+    results: dict[str, Any] = {"checkpoint": checkpoint, "tasks": {}, "metrics": {}, "files": {}}
+    if prepared.isolation:
+        results["sandbox_isolation"] = prepared.isolation
+
     if lm_tasks:
         evaluated = lm_eval.simple_evaluate(
             model=lm, tasks=lm_tasks, task_manager=task_manager, limit=settings.limit, num_fewshot=settings.num_fewshot,
@@ -175,13 +246,14 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
                 entry["all"][key], entry["clean"][key] = value["all"], value["clean"]
             if not split["metrics"]:  # a group without samples of its own: lm-eval's aggregate
                 entry["all"] = dict(reported)
+            if long_items is not None:
+                for kind in ("truncated", "windowed"):
+                    entry[kind] = sum(len(long_items.get(t, {}).get(kind, ())) for t in groups.get(task, [task]))
             results["tasks"][task] = entry
     if "mt_bench" in tasks:
         # deferred: pulls in lm_eval, slow to import; only this path needs it
         from raylm.eval.mtbench import run_mt_bench
 
-        if not settings.benchmark_data:
-            raise ValueError("eval.benchmark_data: MT-Bench needs the local question file")
         summary = run_mt_bench(lm, settings.benchmark_data, str(out / "samples" / "mt_bench.jsonl"), settings.limit,
                                settings.judge_url, settings.judge_model, settings.max_gen_toks)
         results["files"]["mt_bench"] = summary["answers"]
@@ -190,8 +262,8 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
                                         "all": {"score,none": summary["score"]} if summary["scored"] else {},
                                         "clean": {}}
     if settings.text_files:
-        results["bpb"] = bits_per_byte_of_files(lm, settings.text_files)
-        results["metrics"].update(results["bpb"])
+        results["bpb"] = bits_per_byte_of_files(lm, settings.text_files, text_names)
+        results["metrics"].update({key: value["bpb"] for key, value in results["bpb"].items()})
     for task, entry in results["tasks"].items():
         for key, value in entry["all"].items():
             results["metrics"][metric_name(task, key)] = value
@@ -201,6 +273,9 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
             if entry.get("n_contaminated") is not None:
                 results["metrics"][f"{task}/n_contaminated"] = entry["n_contaminated"]
         results["metrics"][f"{task}/n_items"] = entry.get("n_items", 0)
+        for kind in ("truncated", "windowed"):
+            if kind in entry:
+                results["metrics"][f"{task}/{kind}"] = entry[kind]
     results["summary"] = summary_rows(results, index is not None)
     results["metrics"]["eval_seconds"] = time.perf_counter() - started
     if hasattr(lm, "shutdown"):
@@ -223,6 +298,8 @@ def summary_rows(results: dict[str, Any], with_index: bool) -> list[dict[str, An
                "score": entry["all"].get(key) if key else None}
         if with_index:
             row.update(clean=entry["clean"].get(key) if key else None, n_clean=entry.get("n_clean"))
+        if "truncated" in entry:  # items cut to the model's context length (see raylm/eval/lm.py)
+            row.update(truncated=entry["truncated"], windowed=entry["windowed"])
         if task == "mt_bench" and not entry.get("scored"):
             row["metric"], row["score"] = "UNSCORED (no judge configured)", None
         rows.append(row)
@@ -243,6 +320,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def summary_text(results: dict[str, Any]) -> str:
     """The summary table, and the HumanEval sandbox's isolation level where HumanEval ran."""
     table = format_table(results["summary"])
+    if results.get("bpb"):
+        table += "\n\n" + "\n".join(f"{key}: {value['bpb']:.4f} bits per byte of {value['file']}"
+                                     for key, value in results["bpb"].items())
     if results.get("sandbox_isolation"):
         table += f"\n\nHumanEval sandbox isolation: {results['sandbox_isolation']}"
     return table
@@ -283,10 +363,12 @@ def resolve_checkpoint(reference: str, client: Any) -> tuple[str, str | None]:
     try:
         run = client.get_run(reference)
     except Exception as error:  # noqa: BLE001 - MLflow raises several kinds for an unknown id
-        raise FileNotFoundError(f"--checkpoint {reference!r} is neither an existing path nor an MLflow run id") from error
+        raise EvalInputError(f"--checkpoint {reference}: neither an existing path nor an MLflow run id "
+                             f"({type(error).__name__})") from None
     checkpoint = run.data.tags.get("raylm.checkpoint")
     if not checkpoint:
-        raise FileNotFoundError(f"MLflow run {reference} has no raylm.checkpoint tag (not a training run?)")
+        raise EvalInputError(f"--checkpoint {reference}: MLflow run {reference} has no raylm.checkpoint tag "
+                             f"(not a training run?)")
     return checkpoint, reference
 
 

@@ -37,6 +37,10 @@ def lm_eval_task_dir() -> Path:
     return Path(lm_eval.tasks.__file__).parent
 
 
+class EvalInputError(ValueError):
+    """A task name, benchmark file or evaluation setting that cannot be used: one line naming it."""
+
+
 # ---- converters: reader records -> the HF schema each lm-eval task reads -------------------------
 
 def arc_doc(item: bm.BenchmarkItem) -> dict[str, Any]:
@@ -118,15 +122,15 @@ class ExtraTask:
         known = {"name", "layout", "path", "fewshot_path", "description"}
         unknown = set(raw) - known
         if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
+            raise EvalInputError(f"{where}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
         missing = {"name", "layout", "path"} - set(raw)
         if missing:
-            raise ValueError(f"{where}: missing keys {sorted(missing)} in {raw}")
+            raise EvalInputError(f"{where}: missing keys {sorted(missing)} in {raw}")
         if raw["layout"] not in EXTRA_LAYOUTS:
-            raise ValueError(f"{where}.layout: {raw['layout']!r} is not one of {sorted(EXTRA_LAYOUTS)}")
+            raise EvalInputError(f"{where}.layout: {raw['layout']!r} is not one of {sorted(EXTRA_LAYOUTS)}")
         for key in ("path", "fewshot_path"):
             if raw.get(key) and not Path(raw[key]).exists():
-                raise ValueError(f"{where}.{key}: {raw[key]} does not exist")
+                raise EvalInputError(f"{where}.{key}: {raw[key]} does not exist")
         return cls(**raw)
 
 
@@ -202,7 +206,7 @@ def expand_tasks(names: list[str]) -> list[str]:
 
 def _need(files: dict[str, Any], task: str, root: Path) -> Path:
     if task not in files:
-        raise FileNotFoundError(f"benchmark data for {task!r} not found under {root} (see the shared data README "
+        raise EvalInputError(f"--benchmark-data {root}: no file for {task!r} (see the shared data README "
                                 f"for the expected layout)")
     return files[task][0]
 
@@ -253,7 +257,7 @@ def build_local_suite(benchmark_dir: str | os.PathLike, out_dir: str | os.PathLi
         elif task == "mmlu" or task.startswith(MMLU_SUBJECT_PREFIX):
             subjects = sorted(t for t in files if t.startswith(MMLU_SUBJECT_PREFIX)) if task == "mmlu" else [task]
             if not subjects:
-                raise FileNotFoundError(f"no MMLU subject files under {root / 'mmlu' / 'test'}")
+                raise EvalInputError(f"--benchmark-data {root}: no MMLU subject files under {root / 'mmlu' / 'test'}")
             for subject_task in subjects:
                 subject = subject_task.removeprefix(MMLU_SUBJECT_PREFIX)
                 test = str(out / "data" / f"{subject_task}.jsonl")
@@ -298,7 +302,7 @@ def build_local_suite(benchmark_dir: str | os.PathLike, out_dir: str | os.PathLi
         elif task in ("mt_bench", "domain", "bpb"):
             continue
         else:
-            raise ValueError(f"eval.tasks: unknown task {task!r}; known: {sorted(LM_EVAL_TASKS | {'mt_bench', 'domain', 'bpb'})}, "
+            raise EvalInputError(f"--tasks / eval.tasks: unknown task {task!r}; known: {sorted(LM_EVAL_TASKS | {'mt_bench', 'domain', 'bpb'})}, "
                              f"mmlu_<subject>, groups {sorted(SUITE_GROUPS)} or a name from eval.extra_tasks")
     return suite
 

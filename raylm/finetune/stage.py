@@ -260,6 +260,8 @@ def check_base_source(source: str, model: TransformerConfig | None = None) -> No
         problems = architecture_problems(model, _read_json(os.path.join(path, MODEL_CONFIG)), path) if model else []
         if problems:
             raise ConfigError(problems)
+    elif not os.path.exists(path) and not (len(source) == 32 and all(c in "0123456789abcdef" for c in source)):
+        raise BaseModelError(f"--from {source}: no such file or folder, and not an MLflow run id (32 hex digits)")
 
 
 def _from_hf(folder: str, workspace: Workspace) -> Base:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict
 from typing import Any
 
@@ -341,7 +342,9 @@ def export_hf(model: nn.Module, model_config: TransformerConfig | dict[str, Any]
     state = to_hf_state_dict(model, config)
     os.makedirs(out_dir, exist_ok=True)
     hf.save_pretrained(out_dir)
-    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    weights = os.path.join(out_dir, "model.safetensors")
+    save_file(state, weights, metadata={"format": "pt"})
+    shutil.copymode(os.path.join(out_dir, "config.json"), weights)  # safetensors writes 0600; the folder is shared alike
     if tokenizer_json is not None:
         write_tokenizer_files(tokenizer_json, out_dir, config.seq_len)
     return out_dir
