@@ -190,3 +190,24 @@ def test_reading_a_split_several_times_larger_than_the_rss_budget_stays_within_i
         growth, split_bytes = rss_growth(str(large_split), 12, 64)
         budget = split_bytes // 2  # 4 cached row groups of 1 MB, and pyarrow's decoding buffers
     assert growth < budget, f"RSS grew {growth / 2**20:.0f} MB reading a {split_bytes / 2**20:.0f} MB split"
+
+
+def test_sft_data_writes_token_files_with_the_loss_mask(tmp_path):
+    from raylm.config import TokenizerConfig
+    from raylm.data.chat import TEMPLATE_TOKENS
+    from raylm.data.sft import sft_data
+    from raylm.data.tokenizer import train_tokenizer
+    from raylm.workspace import Workspace
+
+    rows = [{"instruction": f"Add {a} and {b}.", "output": f"{a} plus {b} is {a + b}."} for a in range(12) for b in range(5)]
+    tokenizer = train_tokenizer([json.dumps(row) for row in rows], TokenizerConfig(
+        vocab_size=300, min_frequency=1, special_tokens=list(TEMPLATE_TOKENS.values())))
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    stage = Workspace(str(tmp_path / "ws")).stage("sft-data", {})
+    stage.prepare()
+    packed = sft_data(str(tmp_path / "chat.jsonl"), tokenizer.to_str(), 48, 0.2, 0, None, stage)
+    for split in ("train", "val"):
+        reader, old = PackedSequences(packed.outputs[split]), InMemoryReader(packed.outputs[split])
+        assert isinstance(reader.source, TokenFileRows) and reader.has_mask
+        rows_read, mask = reader.take(np.arange(len(reader)))
+        assert np.array_equal(rows_read, old.rows) and np.array_equal(mask, old.mask) and mask.any()
