@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raylm.artifacts import Packed, TokenizerRef
 from raylm.config import TokenizerConfig
 from raylm.data.pack import encode_and_pack
+from raylm.data.token_files import token_dtype, write_index, write_shard_files
 from raylm.data.tokenizer import EOS, PAD, fingerprint, special_id, train_tokenizer
 
 
@@ -43,11 +45,13 @@ def stdlib_texts(limit_bytes: int) -> list[str]:
 
 
 def stdlib_packed(folder: str | Path, seq_len: int, vocab_size: int = 512, corpus_bytes: int = 150_000,
-                  val_fraction: float = 0.1, train_shards: int = 2, loss_mask: bool = False) -> Packed:
+                  val_fraction: float = 0.1, train_shards: int = 2, loss_mask: bool = False,
+                  token_files: bool = True) -> Packed:
     """Train a BPE tokenizer on the stdlib sample and pack it into train/val parquet shards under `folder`.
 
     `loss_mask=True` adds a `loss_mask` column that masks out the first half of every row (as chat
-    data masks its prompts), for exercising masked training.
+    data masks its prompts), for exercising masked training. `token_files=False` leaves out the
+    fixed-width token files the stages write beside the shards (a workspace from before they existed).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -56,10 +60,12 @@ def stdlib_packed(folder: str | Path, seq_len: int, vocab_size: int = 512, corpu
     tokenizer_json = tokenizer.to_str()
     (folder / "tokenizer.json").write_text(tokenizer_json)
     split = max(1, int(len(texts) * (1 - val_fraction)))
+    filesystem, dtype, width = pafs.LocalFileSystem(), token_dtype(tokenizer.get_vocab_size()).str, seq_len + 1
     outputs = {}
     for name, chunk in (("train", texts[:split]), ("val", texts[split:])):
         (folder / name).mkdir(exist_ok=True)
         parts = train_shards if name == "train" else 1
+        shards = []
         for part in range(parts):
             docs = chunk[part::parts]
             table = encode_and_pack(pd.DataFrame({"text": docs}), tokenizer_json, seq_len)
@@ -69,6 +75,11 @@ def stdlib_packed(folder: str | Path, seq_len: int, vocab_size: int = 512, corpu
                 mask[:, : width // 2] = 0
                 table = table.append_column("loss_mask", pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), width))
             pq.write_table(table, folder / name / f"part-{part}.parquet")
+            if token_files:
+                shards.append(write_shard_files(table.to_batches(), filesystem, str(folder / name),
+                                                str(folder / name / f"part-{part}.parquet"), loss_mask, dtype, width))
+        if token_files:
+            write_index(filesystem, str(folder / name), shards, dtype, width)
         outputs[name] = str(folder / name)
     reference = TokenizerRef(path=str(folder / "tokenizer.json"), vocab_size=tokenizer.get_vocab_size(),
                              pad_id=special_id(tokenizer, PAD), eos_id=special_id(tokenizer, EOS),

@@ -22,9 +22,11 @@ from raylm.artifacts import Curated
 from raylm.config import ConfigError, TokenizerConfig, load_config
 from raylm.data.pack import document_tokenizer, encode_and_pack, pack_best_fit, pack_greedy
 from raylm.data.sources import list_stdlib_files
+from raylm.data.token_files import TokenFileRows
 from raylm.data.tokenizer import (ASSISTANT, BOS, CHAT_TOKENS, DEFAULT_SPECIAL_TOKENS, END, EOS, PAD, SYSTEM, USER,
                                   fingerprint, load_tokenizer, save_tokenizer, special_token_ids,
                                   token_byte_lengths, train_tokenizer)
+from raylm.train.data import PackedSequences
 from tests.conftest import CONFIGS
 
 STDLIB_TEXT = [Path(p).read_text(encoding="utf-8", errors="replace") for p in list_stdlib_files(300_000)]
@@ -287,6 +289,9 @@ def check_counts(out: dict, splits: dict[str, list[str]], seq_len: int) -> None:
         assert counts["tokens"] == expected
         assert counts["bytes"] == sum(len(t.encode()) for t in texts) == sum(table.column("n_bytes").to_pylist())
         assert counts["documents"] == len(texts) == int((rows == 1).sum())
+        reader = PackedSequences(out["outputs"][split])  # the trainer's reader: the stage's token files, same rows
+        assert isinstance(reader.source, TokenFileRows) and reader.source.dtype == np.uint16
+        assert np.array_equal(reader.take(np.arange(len(rows)))[0], rows)
     val = out["splits"]["val"]
     assert out["metrics"]["val_bytes_per_token"] == pytest.approx(val["bytes"] / val["tokens"])
 

@@ -30,10 +30,12 @@ def masked_packed(tmp_path_factory):
 
 def test_reader_returns_the_loss_mask_aligned_with_tokens(masked_packed):
     data = PackedSequences(masked_packed.train_uri)
-    assert data.mask is not None and data.mask.shape == data.rows.shape
+    assert data.has_mask
+    all_rows, all_mask = data.take(np.arange(len(data)))
+    assert all_mask.shape == all_rows.shape and set(np.unique(all_mask)) == {0, 1}
     rows, mask = data.worker_batch(0, 6, seed=0, rank=1, world=2)
-    assert len(rows) == 3 and (mask == data.mask[data.worker_indices(0, 6, 0, 1, 2)]).all()
-    assert (data.rows[data.worker_indices(0, 6, 0, 1, 2)] == rows).all()
+    assert len(rows) == 3 and (mask == all_mask[data.worker_indices(0, 6, 0, 1, 2)]).all()
+    assert (all_rows[data.worker_indices(0, 6, 0, 1, 2)] == rows).all()
 
 
 def test_masked_targets_only_count_where_the_mask_is_one(masked_packed):

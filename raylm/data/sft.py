@@ -5,7 +5,7 @@ One streaming pass: every row is validated (errors name file:line), rendered wit
 and sent to `train` or `val` by a stable hash of its turns (`val_fraction` held out). Conversations
 longer than a row are counted rejections. Every `SHARD_CONVERSATIONS` conversations of a split are
 packed whole into rows (`pack_chat_batch`, a plain batch function) and written as one parquet shard
-with `tokens` and `loss_mask`. The manifest has the same shape as the `tokenize` stage's, so the
+with `tokens` and `loss_mask`, and as the fixed-width token files the trainer reads (`raylm.data.token_files`). The manifest has the same shape as the `tokenize` stage's, so the
 trainer reads either. This runs in one process on purpose: instruction sets are small (the Rust
 tokenizer renders tens of thousands of conversations a second), and on this scale Ray Data's
 per-dataset start-up cost more than the work; memory stays bounded by one shard.
@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from raylm.artifacts import Packed, TokenizerRef
 from raylm.data.chat import ChatDataError, chat_token_ids, pack_chat_batch, read_chat, render
 from raylm.data.curate import split_of
+from raylm.data.token_files import token_dtype, write_index, write_shard_files
 from raylm.data.tokenizer import fingerprint, tokenizer_from_json
 from raylm.workspace import StageDir
 
@@ -43,6 +44,8 @@ class ShardWriter:
         self.stage, self.split, self.tokenizer_json, self.seq_len = stage, split, tokenizer_json, seq_len
         self.pending: list[tuple[list[int], list[int]]] = []
         self.shards = 0
+        self.dtype = token_dtype(tokenizer_from_json(tokenizer_json).get_vocab_size()).str
+        self.token_shards: list[dict] = []
         self.totals = {"sequences": 0, "tokens": 0, "bytes": 0, "targets": 0, "conversations": 0}
         stage.fs.create_dir(stage.fs_path(split), recursive=True)
 
@@ -56,7 +59,10 @@ class ShardWriter:
             return
         batch = pd.DataFrame({"tokens": [t for t, _ in self.pending], "loss_mask": [m for _, m in self.pending]})
         table = pack_chat_batch(batch, self.tokenizer_json, self.seq_len)
-        pq.write_table(table, self.stage.fs_path(self.split, f"part-{self.shards:05d}.parquet"), filesystem=self.stage.fs)
+        path = self.stage.fs_path(self.split, f"part-{self.shards:05d}.parquet")
+        pq.write_table(table, path, filesystem=self.stage.fs)
+        self.token_shards.append(write_shard_files(table.to_batches(), self.stage.fs, self.stage.fs_path(self.split),
+                                                   path, True, self.dtype, self.seq_len + 1))
         sums = {key: int(pc.sum(table.column(column)).as_py() or 0)
                 for column, key in zip(FIGURES, ("tokens", "bytes", "targets", "conversations"))}
         if sums["conversations"] != len(self.pending):
@@ -67,6 +73,10 @@ class ShardWriter:
             self.totals[key] += value
         self.shards += 1
         self.pending = []
+
+    def write_index(self) -> None:
+        """The split's token-file index (`raylm.data.token_files`), once every shard is written."""
+        write_index(self.stage.fs, self.stage.fs_path(self.split), self.token_shards, self.dtype, self.seq_len + 1)
 
 
 def sft_data(path: str, tokenizer_json: str, seq_len: int, val_fraction: float, seed: int,
@@ -90,6 +100,7 @@ def sft_data(path: str, tokenizer_json: str, seq_len: int, val_fraction: float, 
         writers[split_of(json.dumps(row.turns, sort_keys=True), val_fraction, seed)].add(tokens, mask)
     for writer in writers.values():
         writer.flush()
+        writer.write_index()
     if counts["rejected_too_long"]:
         log.warning("sft-data: %d of %d conversations are longer than seq_len + 1 = %d tokens and were rejected",
                     counts["rejected_too_long"], counts["rows"], seq_len + 1)

@@ -5,7 +5,8 @@ Ray Data into the trainer batch by batch; the val split is held out from it. Reu
 `tokenizer.path` (a tokenizer.json, a folder holding one, or `runs:/RUN_ID/tokenizer` of an earlier
 tokenize run in MLflow). Encoding and packing run in Ray Data `map_batches`, one task per piece of the
 split (batched encoding, then greedy or best-fit packing per batch of `batch_size` documents), and write
-parquet shards per split from the same tasks, plus a manifest with the
+parquet shards per split from the same tasks; then one task per shard writes its rows again as a
+fixed-width token file (`raylm.data.token_files`: what the trainer reads, a row at a time). A manifest has the
 tokenizer fingerprint, the sequence length and, per split, the sequences, tokens and bytes behind them.
 The tokenizer folder (loadable by `transformers`) is saved in the stage and logged to MLflow.
 """
@@ -28,6 +29,7 @@ from raylm.artifacts import Curated, Packed, TokenizerRef
 from raylm.config import TokenizerConfig
 from raylm.data.pack import encode_and_pack
 from raylm.data.parquet_pieces import parquet_pieces, read_piece
+from raylm.data.token_files import convert_shard, split_parquet_files, token_dtype, write_index
 from raylm.data.tokenizer import (
     BOS,
     BYTE_ALPHABET_SIZE,
@@ -146,9 +148,20 @@ def write_packed(source_uri: str, tokenizer_json: str, seq_len: int, config: Tok
     packed.write_parquet(path, filesystem=filesystem, concurrency=config.concurrency)
 
 
+def write_token_files(filesystem: pafs.FileSystem, path: str, vocab_size: int, width: int) -> None:
+    """The split's fixed-width token files (`raylm.data.token_files`), what the trainer reads: one Ray task
+    per parquet shard, each streaming its shard a batch of rows at a time, then the index."""
+    dtype = token_dtype(vocab_size).str
+    convert = ray.remote(num_cpus=1)(convert_shard)
+    shards = ray.get([convert.remote(filesystem, path, shard, dtype, width)
+                      for shard in split_parquet_files(filesystem, path)])
+    write_index(filesystem, path, shards, dtype, width)
+
+
 def pack_split(source_uri: str, tokenizer_json: str, seq_len: int, config: TokenizerConfig,
-               stage: StageDir, split: str) -> dict[str, int]:
+               stage: StageDir, split: str, vocab_size: int) -> dict[str, int]:
     write_packed(source_uri, tokenizer_json, seq_len, config, stage.fs_path(split), stage.fs)
+    write_token_files(stage.fs, stage.fs_path(split), vocab_size, seq_len + 1)
     return count_packed(stage, split)
 
 
@@ -178,7 +191,8 @@ def tokenize(config: TokenizerConfig, seq_len: int, curated: Curated, stage: Sta
             splits[split] = {"documents": 0, "sequences": 0, "tokens": 0, "bytes": 0}
             continue
         splits[split] = {"documents": documents,
-                         **pack_split(outputs[split], tokenizer_json, seq_len, config, stage, split)}
+                         **pack_split(outputs[split], tokenizer_json, seq_len, config, stage, split,
+                                                 tokenizer.get_vocab_size())}
     if splits["train"]["sequences"] == 0:
         raise ValueError("packing produced no train sequences")
 

@@ -9,6 +9,7 @@ next to the data, and returns three numbers.
 
 from __future__ import annotations
 
+import numpy as np
 import ray
 import torch
 
@@ -29,15 +30,16 @@ def evaluate_bpb(checkpoint: str, data_uri: str, pad_id: int, batch_size: int = 
     if tokenizer_json is None:
         raise FileNotFoundError(f"checkpoint {checkpoint} has no tokenizer.json")
     token_bytes = torch.from_numpy(token_byte_lengths(tokenizer_from_json(tokenizer_json)))
-    rows = PackedSequences(data_uri).rows[:limit]
+    data = PackedSequences(data_uri)
+    sequences = len(data) if limit is None else min(limit, len(data))
     nll = count = nll_bytes = n_bytes = 0.0
-    for start in range(0, len(rows), batch_size):
-        inputs, targets = lm_batch(torch.from_numpy(rows[start:start + batch_size]).long(), model_config, ignore_id=pad_id,
-                                   objective="prefix")
+    for start in range(0, sequences, batch_size):
+        rows, _ = data.take(np.arange(start, min(start + batch_size, sequences)))
+        inputs, targets = lm_batch(torch.from_numpy(rows).long(), model_config, ignore_id=pad_id, objective="prefix")
         a, b, c, d = loss_and_bytes(model(**inputs), targets, pad_id, token_bytes)
         nll, count, nll_bytes, n_bytes = nll + a, count + b, nll_bytes + c, n_bytes + d
     return {"val_loss": nll / max(count, 1), "val_bpb": bits_per_byte(nll_bytes, int(n_bytes)),
-            "val_tokens": count, "val_bytes": n_bytes, "val_sequences": len(rows)}
+            "val_tokens": count, "val_bytes": n_bytes, "val_sequences": sequences}
 
 
 def evaluate_stage(trained: Pretrained, packed: Packed, batch_size: int, limit: int | None) -> Evaluated:

@@ -193,9 +193,8 @@ class Trainer:
 
         self.train_data = PackedSequences(config.train_uri)
         val_data = PackedSequences(config.val_uri)
-        held_out = slice(0, self.train.eval_sequences)
-        self.val_rows = val_data.rows[held_out][self.rank::self.world]
-        self.val_mask = None if val_data.mask is None else val_data.mask[held_out][self.rank::self.world]
+        held_out = np.arange(min(self.train.eval_sequences, len(val_data)))  # the fixed slice, this worker's share
+        self.val_rows, self.val_mask = val_data.take(held_out[self.rank::self.world])
         self.token_bytes = torch.from_numpy(token_byte_lengths(tokenizer_from_json(config.tokenizer_json))).to(self.device)
         self.logger = RunLogger(config.tracking_uri, config.run_id) if self.rank == 0 and config.run_id else None
 
