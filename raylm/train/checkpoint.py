@@ -196,6 +196,16 @@ def newest_first(names: Iterable[str]) -> list[str]:
     return sorted(names, key=order, reverse=True)
 
 
+def checkpoint_folders(filesystem, run_folder: str) -> list[str]:
+    """Names of the run's checkpoint folders (`CHECKPOINT_NAME`) on a pyarrow `filesystem`, newest first;
+    other folders are not ours."""
+    import pyarrow.fs as pafs  # deferred, as in good_checkpoints
+
+    children = filesystem.get_file_info(pafs.FileSelector(run_folder, allow_not_found=True))
+    return newest_first(info.base_name for info in children
+                        if info.type == pafs.FileType.Directory and CHECKPOINT_NAME.fullmatch(info.base_name))
+
+
 def good_checkpoints(run_folder: str, filesystem=None, refusals: list[str] | None = None) -> Iterator[str]:
     """The run's checkpoints that verify, newest first (by step, then restart, from the folder names),
     whether or not Ray registered them: a run killed after a checkpoint's upload but before Ray recorded
@@ -209,9 +219,7 @@ def good_checkpoints(run_folder: str, filesystem=None, refusals: list[str] | Non
         filesystem, run_folder = pafs.FileSystem.from_uri(run_folder) if "://" in run_folder else (pafs.LocalFileSystem(), run_folder)
     refusals = [] if refusals is None else refusals
     run_folder = run_folder.rstrip("/")
-    names = [info.base_name for info in filesystem.get_file_info(pafs.FileSelector(run_folder, allow_not_found=True))
-             if info.type == pafs.FileType.Directory and CHECKPOINT_NAME.fullmatch(info.base_name)]
-    for name in newest_first(names):  # checkpoint_<step:07d>_r<restarts:03d>[_<group>]; other folders are not ours
+    for name in checkpoint_folders(filesystem, run_folder):
         path = f"{run_folder}/{name}"
         try:
             with Checkpoint(path, filesystem).as_directory() as directory:

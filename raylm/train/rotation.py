@@ -31,7 +31,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from raylm.storage import filesystem_for
-from raylm.train.checkpoint import CHECKPOINT_NAME, FILES, REQUIRED_BY_RANK0, TRAINER_STATE, newest_first
+from raylm.train.checkpoint import FILES, REQUIRED_BY_RANK0, TRAINER_STATE, checkpoint_folders, newest_first
 
 log = logging.getLogger("raylm")
 
@@ -116,9 +116,7 @@ def rotate_unused_checkpoints(run_uri: str, keep: int) -> list[str]:
     yet (a new run) has none."""
     filesystem, run_folder = filesystem_for(run_uri)
     run_folder = run_folder.rstrip("/")
-    children = filesystem.get_file_info(pafs.FileSelector(run_folder, allow_not_found=True))
-    names = [info.base_name for info in children
-             if info.type == pafs.FileType.Directory and CHECKPOINT_NAME.fullmatch(info.base_name)]
+    names = checkpoint_folders(filesystem, run_folder)
     if not names:
         return []
     registered = registered_checkpoints(filesystem, run_folder)
