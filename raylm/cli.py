@@ -93,7 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
             _eval_flags(sub)
     _model_commands(commands)
     _plan_command(commands)
+    _report_command(commands)
     return parser
+
+
+def _report_command(commands) -> None:
+    text = "write the report card (report.md, report.html) of this config's finished stages (no Ray)"
+    report = commands.add_parser("report", help=text, description=text)
+    report.add_argument("--config", "-c", help="experiment YAML (default: configs/laptop.yaml)")
+    report.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (repeatable): the same as the pipeline was run with")
+    report.add_argument("--workspace", "-w", help="workspace root (default: RAYLM_WORKSPACE or workspace.root)")
+    report.add_argument("--samples", type=int, default=3, help="greedy samples from the final model (0: none)")
+    report.add_argument("--verbose", "-v", action="store_true")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from raylm.report_stage import finished_manifests, report_paths, write_report
+    from raylm.tracking import Tracker
+    from raylm.workspace import Workspace
+
+    config = load_config(args.config, args.overrides, args.workspace)
+    finished_manifests(config)  # nothing finished: one line, before the MLflow store is opened
+    manifest = write_report(config, Tracker(config.tracking, Workspace(config.workspace.root)), args.samples)
+    markdown, page = report_paths(manifest)
+    print(f"raylm report: {page}\n              {markdown}")
+    return 0
 
 
 def _plan_command(commands) -> None:
@@ -333,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "report":
+            return _report(args)
         return _run_stage(args.command, args)
     except ConfigError as error:
         print(f"raylm: {error}", file=sys.stderr)
@@ -352,9 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as error:  # a damaged or crafted checkpoint (generate, export); an earlier stage not run
         from raylm.pipeline import StageNotReady
+        from raylm.report_stage import NothingToReport
         from raylm.train.checkpoint import CheckpointError
 
-        if not isinstance(error, (CheckpointError, StageNotReady)):
+        if not isinstance(error, (CheckpointError, StageNotReady, NothingToReport)):
             return _failed(error, args)
         print(f"raylm: {error}", file=sys.stderr)
         return 2

@@ -69,6 +69,7 @@ class Pipeline:
         self.force = set(STAGES) if "all" in force else set(force)
         self.workspace = Workspace(config.workspace.root)
         self.tracker = Tracker(config.tracking, self.workspace)
+        self.report: dict | None = None  # the report stage's manifest, once `run_all` wrote it
         self.plan = plan_stages(config, self.workspace)
         init_ray(config.cluster)
         check_shared_storage(config.cluster, self.workspace.root, self.tracker.uri)
@@ -199,7 +200,15 @@ class Pipeline:
                                                                "raylm.workspace": self.workspace.root}):
             for name in STAGES:
                 artifacts[name] = getattr(self, name)()
+            self.report = self.write_report()
         return artifacts
+
+    def write_report(self) -> dict:
+        """The report card of this config's finished stages (raylm/report_stage.py): its manifest."""
+        # deferred: pulls in matplotlib and torch, slow to import; only this path needs it
+        from raylm.report_stage import write_report
+
+        return write_report(self.config, self.tracker)
 
     def summary(self, artifacts: dict[str, Artifact], other_stages: dict[str, str] | None = None,
                 command: str = "pipeline") -> str:
@@ -225,5 +234,7 @@ class Pipeline:
         if evaluation:
             figures = evaluation.metrics
             lines.append(f"  val loss {figures['val_loss']:.4f}, val bits-per-byte {figures['val_bpb']:.4f}")
+        if self.report:
+            lines.append(f"  report    {self.report['outputs']['html']}")
         lines.append(f"  MLflow: {ui_command(self.tracker.uri)}")
         return "\n".join(lines)

@@ -73,7 +73,7 @@ def _run_stage(stage: StageDir, section: dict[str, Any], tracker: Tracker,
                 tracking.set_tag("raylm.superseded", str(conflict))
                 manifest = None
             else:
-                tracker.log_metrics(metrics)
+                log_summary(tracker, metrics)
                 tracker.log_manifest(manifest)
     finally:
         stage.release()
@@ -86,13 +86,26 @@ def _run_stage(stage: StageDir, section: dict[str, Any], tracker: Tracker,
     return manifest
 
 
+# Summary figures that say nothing at these values (they stay in the manifest): None means never logged.
+QUIET_SUMMARY = {"evaluated": None, "checkpoints_refused": 0, "resumed_from_step": -1}
+
+
+def log_summary(tracker: Tracker, metrics: dict[str, Any]) -> None:
+    """A stage's summary figures to its MLflow run, at the stage's last step when it trains (so a summary
+    ends the curves the run logged while training, instead of adding a point at step 0)."""
+    last_step = metrics.get("step")
+    shown = {key: value for key, value in metrics.items()
+             if key not in QUIET_SUMMARY or (QUIET_SUMMARY[key] is not None and value != QUIET_SUMMARY[key])}
+    tracker.log_metrics(shown, step=int(last_step) if isinstance(last_step, (int, float)) and last_step == last_step else None)
+
+
 def reuse(stage: StageDir, section: dict[str, Any], tracker: Tracker,
           extra_params: dict[str, Any] | None) -> dict[str, Any]:
     """Log a finished stage's manifest to a run tagged `raylm.reused=true` and return it."""
     manifest = stage.manifest()
     log.info("%s: reusing finished result %s", stage.name, stage.uri)
     with tracker.stage_run(stage, section, reused=True, extra_params=extra_params):
-        tracker.log_metrics(manifest.get("metrics", {}))
+        log_summary(tracker, manifest.get("metrics", {}))
         tracker.log_manifest(manifest)
         tracking.set_tag("raylm.source_run", manifest.get("mlflow_run_id", ""))
     return manifest

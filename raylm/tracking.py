@@ -27,6 +27,9 @@ from raylm.config import ConfigError, TrackingConfig
 from raylm.workspace import StageDir, Workspace, code_version, content_hash
 
 TAG_PREFIX = "raylm."
+# MLflow 3's UI opens an experiment by its kind: this one shows the runs table and metric charts (model
+# training), not the GenAI traces overview an untagged experiment may open on.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 MAX_PARAM_LENGTH = 6000
 
 
@@ -124,12 +127,15 @@ class Tracker:
     def _ensure_experiment(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment_name)
         if found is not None:
+            if EXPERIMENT_KIND[0] not in found.tags:  # made before raylm tagged its experiments, or by hand
+                self.client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
             return found.experiment_id
         artifact_location = None
         if self.uri.startswith("sqlite:///") and self.workspace.is_local:
             artifact_location = os.path.join(self.workspace.root, "mlartifacts", self.experiment_name)
         try:
-            return self.client.create_experiment(self.experiment_name, artifact_location=artifact_location)
+            return self.client.create_experiment(self.experiment_name, artifact_location=artifact_location,
+                                                 tags=dict([EXPERIMENT_KIND]))
         except mlflow.exceptions.MlflowException:  # created concurrently by another process
             return self.client.get_experiment_by_name(self.experiment_name).experiment_id
 

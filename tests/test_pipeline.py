@@ -35,7 +35,7 @@ def test_parent_and_nested_runs_with_params_and_metrics(finished_pipeline):
     parents = [r for r in runs if r.info.run_name == "pipeline"]
     assert len(parents) == 1
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"curate", "tokenize", "pretrain", "eval"}
+    assert set(children) == {"curate", "tokenize", "pretrain", "eval", "report"}
     assert parents[0].data.params["train.max_steps"] == "30"
     assert children["curate"].data.params["curate.val_fraction"] == "0.1"
     assert children["curate"].data.metrics["rows_input"] > 0
@@ -106,8 +106,8 @@ def test_rerun_reuses_every_stage(finished_pipeline):
     _, runs = runs_by_name(finished_pipeline)
     latest_parent = [r for r in runs if r.info.run_name == "pipeline"][-1]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == latest_parent.info.run_id]
-    assert len(children) == 4
-    assert {r.data.tags["raylm.reused"] for r in children} == {"true"}
+    assert sorted(r.info.run_name for r in children) == ["curate", "eval", "pretrain", "report", "tokenize"]
+    assert {r.data.tags["raylm.reused"] for r in children if r.info.run_name != "report"} == {"true"}
 
 
 def test_single_stage_command_needs_its_inputs(tmp_path, capsys):
@@ -134,3 +134,67 @@ def test_cli_help_and_config_errors_exit_before_work(tmp_path):
     assert refused.returncode == 2
     assert "train.lr = -1" in refused.stderr and "greater than 0" in refused.stderr
     assert not workspace.exists()
+
+
+def test_mlflow_curves_start_at_the_first_real_step_and_constants_are_not_charted(finished_pipeline):
+    """The stage summary used to be logged at step 0, over the curves (the chart then started with the final
+    loss); per-report constants (workers, evaluated, ...) drew flat lines beside the real curves."""
+    client, runs = runs_by_name(finished_pipeline)
+    pretrain = next(r for r in runs if r.info.run_name == "pretrain")
+    run_id, metrics = pretrain.info.run_id, pretrain.data.metrics
+
+    def points(metric):
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
+
+    val = points("val_loss")
+    assert val[0] == (0, pytest.approx(metrics["val_loss_initial"]))  # step 0 is the untrained model's loss
+    assert [step for step, _ in val].count(0) == 1 and val[-1][0] == metrics["step"]
+    assert all(step > 0 for step, _ in points("step_loss")) and all(step > 0 for step, _ in points("tokens_per_s"))
+    assert len(points("workers")) == 1 and points("workers")[0][0] == metrics["step"]  # the summary's, not a curve
+    assert "evaluated" not in metrics and "resumed_from_step" not in metrics
+    experiment = client.get_experiment(pretrain.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_pipeline_ends_with_a_report_card(finished_pipeline):
+    """report.md and a self-contained report.html with every section, in the workspace and in MLflow."""
+    from raylm.report import SECTIONS, TITLES
+
+    client, runs = runs_by_name(finished_pipeline)
+    report = [r for r in runs if r.info.run_name == "report"][-1]  # a rerun writes the report again
+    folder = report.data.tags["raylm.output"]
+    markdown = open(os.path.join(folder, "report.md"), encoding="utf-8").read()
+    page = open(os.path.join(folder, "report.html"), encoding="utf-8").read()
+    for name in SECTIONS:
+        assert f"## {TITLES[name]}" in markdown and f"<section id='{name}'>" in page
+    assert "![loss.png](figures/loss.png)" in markdown and os.path.exists(os.path.join(folder, "figures", "loss.png"))
+    assert "data:image/png;base64," in page and "src='http" not in page and "href='http" not in page
+    assert "| rejected: empty |" in markdown  # the standard library's empty __init__.py files
+    pretrain = next(r for r in runs if r.info.run_name == "pretrain")
+    assert pretrain.info.run_id in markdown  # lineage
+    assert markdown.count("\n- `") == 3  # three samples from the final checkpoint
+    logged = {a.path for a in client.list_artifacts(report.info.run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/loss.png"} <= logged
+
+
+def test_report_renders_in_a_headless_browser(finished_pipeline, tmp_path):
+    """Chromium (Debian's package) opens report.html with no network, and every section and figure is there."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine (Debian package `chromium`; .ci/run installs it)")
+    client, runs = runs_by_name(finished_pipeline)
+    folder = [r for r in runs if r.info.run_name == "report"][-1].data.tags["raylm.output"]
+    page = f"file://{folder}/report.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    from raylm.report import SECTIONS
+
+    for name in SECTIONS:
+        assert f'<section id="{name}">' in dom
+    assert dom.count("<img ") >= 2
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1000,2400", page],
+                   capture_output=True, timeout=120)
+    assert shot.stat().st_size > 20_000  # a rendered page, not a blank one

@@ -58,6 +58,21 @@ from raylm.train.parallel import clip_gradients, gradient_sync, wrap_model
 log = logging.getLogger("raylm")
 
 
+# Figures every report carries for Ray (and Tune) that stay the same for a worker group's life. Charted in
+# MLflow at every report they draw flat lines over the real curves, so they go there only at the first
+# report after a restart (when they are news: the new worker count, the restart, refused checkpoints); the
+# stage's summary at the last step has them too. `evaluated` only marks a report for the best-checkpoint
+# callback.
+STEADY_FIGURES = frozenset({"workers", "grad_accum_steps", "restarts", "checkpoints_refused", "resumed_from_step"})
+NOT_CHARTED = frozenset({"step", "evaluated"})
+
+
+def charted_figures(metrics: dict[str, float], with_steady: bool) -> dict[str, float]:
+    """The figures of one report that go to the MLflow run (`with_steady`: the steady ones too)."""
+    return {key: value for key, value in metrics.items()
+            if key not in NOT_CHARTED and (with_steady or key not in STEADY_FIGURES)}
+
+
 @dataclass(frozen=True)
 class LoopConfig:
     """Everything a training worker needs, validated on the driver and pickled to the workers."""
@@ -208,6 +223,7 @@ class Trainer:
                      "checkpoints_refused": len(self.refusals),
                      "resumed_from_step": self.state["step"] if self.resume_path else -1}
         self.window: dict[str, float] = {}
+        self.steady_charted = False
 
     def _load_resume_state(self, candidates: Iterator[str]) -> None:
         """Load the newest verified checkpoint; one that verifies but cannot be read (a refused pickle, a
@@ -325,7 +341,7 @@ class Trainer:
         """Report `metrics`, with a checkpoint on the `checkpoint_every` cadence and at the last step.
         MLflow gets val figures when they are measured; Ray (Tune) gets the latest every time."""
         if self.logger:
-            self.logger.log({k: v for k, v in metrics.items() if k != "step"}, step=self.state["step"])
+            self.logger.log(charted_figures(metrics, self._steady_news()), step=self.state["step"])
             self.logger.flush()
         metrics = {**metrics, "val_loss": self.state["val_loss"], "val_bpb": self.state["val_bpb"]}
         if not (last_step or self.due(self.train.checkpoint_every)):
@@ -333,6 +349,12 @@ class Trainer:
         else:
             self._save_and_report(metrics)
         self._open_window()
+
+    def _steady_news(self) -> bool:
+        """True once, at this worker group's first MLflow report, when it follows a restart."""
+        news = not self.steady_charted and self.state["restarts"] > 0
+        self.steady_charted = True
+        return news
 
     # ------------------------------------------------------------------------------------------
     # Pieces
@@ -344,7 +366,7 @@ class Trainer:
         metrics = {"step": 0, "loss": math.nan, "lr": 0.0, "tokens_seen": 0, "val_loss": figures["val_loss"],
                    "val_bpb": figures["val_bpb"], **self.base}
         if self.logger:
-            self.logger.log({k: v for k, v in metrics.items() if k != "step"}, step=0)
+            self.logger.log(charted_figures(metrics, self._steady_news()), step=0)
             self.logger.flush()
         ray.train.report(metrics)
 
