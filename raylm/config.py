@@ -30,9 +30,12 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names every offending key."""
 
     def __init__(self, problems: list[str], origin: str | None = None):
-        self.problems = problems
+        self.problems, self.origin = problems, origin
         head = f"invalid configuration{f' in {origin}' if origin else ''}:"
         super().__init__("\n".join([head, *[f"  - {p}" for p in problems]]))
+
+    def __reduce__(self):  # raised in a Ray worker, it is pickled to the driver: rebuild it from its parts
+        return type(self), (self.problems, self.origin)
 
 
 class Section(BaseModel):
@@ -51,6 +54,13 @@ def _check_local_path_exists(path: str) -> str:
         elif not os.path.exists(path):
             raise ValueError(f"path does not exist: {os.path.abspath(path)}")
     return path
+
+
+def _existing_absolute_path(path: str) -> str:
+    """A local path that exists, made absolute: Ray's workers (a Tune trial re-reading the config, an
+    evaluation actor) run in other folders than the command. Remote URIs are kept as they are."""
+    _check_local_path_exists(path)
+    return os.path.abspath(path) if _is_local_path(path) else path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,7 +498,7 @@ class FinetuneConfig(Section):
     @field_validator("data")
     @classmethod
     def _data_exists(cls, path: str | None) -> str | None:
-        return None if path is None else _check_local_path_exists(path)
+        return None if path is None else _existing_absolute_path(path)
 
     @field_validator("columns")
     @classmethod
@@ -516,7 +526,7 @@ class EvalExtraTask(Section):
     fewshot_path: str | None = None
     description: str | None = None
 
-    _exists = field_validator("path", "fewshot_path")(lambda path: None if path is None else _check_local_path_exists(path))
+    _exists = field_validator("path", "fewshot_path")(lambda path: None if path is None else _existing_absolute_path(path))
 
 
 class EvalConfig(Section):
@@ -552,12 +562,12 @@ class EvalConfig(Section):
     @field_validator("benchmark_data", "contamination_index", "domain_data")
     @classmethod
     def _paths_exist(cls, path: str | None) -> str | None:
-        return None if path is None else _check_local_path_exists(path)
+        return None if path is None else _existing_absolute_path(path)
 
     @field_validator("text_files")
     @classmethod
     def _files_exist(cls, paths: list[str]) -> list[str]:
-        return [_check_local_path_exists(path) for path in paths]
+        return [_existing_absolute_path(path) for path in paths]
 
 
 class ClusterConfig(Section):
@@ -572,6 +582,16 @@ class ClusterConfig(Section):
 class GpuTypeConfig(Section):
     peak_bf16_tflops: float = Field(gt=0, description="dense bf16 peak, TFLOP/s")
     memory_gib: float = Field(gt=0)
+
+
+class PipelineConfig(Section):
+    """Which of the recipe's optional steps `raylm pipeline` runs around curate, tokenize, pretrain and eval."""
+
+    plan: bool = Field(True, description="print the plan (as `raylm plan`) first and log it to the pipeline's run")
+    tune: bool = Field(False, description="run the `tune` sweep before pretraining; its best values train the model")
+    finetune: bool = Field(True, description="fine-tune the pretrained model on finetune.data when that is set")
+    benchmarks: bool = Field(True, description="run eval.tasks (other than bpb alone) on the final model")
+    report: bool = Field(True, description="write the report card last (as `raylm report`)")
 
 
 class PlanConfig(Section):
@@ -632,6 +652,7 @@ class RaylmConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     workspace: WorkspaceConfig = Field(default_factory=WorkspaceConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -20,7 +20,9 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import ContextManager, Iterator
+from typing import Iterator
+
+from raylm.console import ours_or_warning, quiet_progress_bars
 
 _log_path: str | None = None
 _quiet = False
@@ -28,14 +30,29 @@ _handler: logging.FileHandler | None = None
 LOGGERS = ("", "ray", "ray.data", "ray.train", "ray.tune")  # "" is the root logger (raylm's records)
 
 
-def stage(name: str) -> ContextManager[None]:
+_stages: list[str] = []  # the stages running now, innermost last (a pipeline's fine-tuning runs curate inside)
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
     """Code running inside stage `name`; an exception leaving it is tagged with the stage."""
-    return _tagging_errors("raylm_stage", name)
+    _stages.append(name)
+    try:
+        with _tagging_errors("raylm_stage", name):
+            yield
+    finally:
+        _stages.pop()
 
 
-def step(name: str) -> ContextManager[None]:
-    """Code running step `name` of the current stage; the innermost step is the one named."""
-    return _tagging_errors("raylm_step", name)
+@contextmanager
+def step(name: str) -> Iterator[None]:
+    """Code running step `name` of the current stage; the innermost step is the one named. A step that
+    finishes says so on the console with its wall time (the progress of a stage that has no live line)."""
+    started = time.perf_counter()
+    with _tagging_errors("raylm_step", name):
+        yield
+    logging.getLogger("raylm").info("%s: %s done in %.1f s", _stages[-1] if _stages else "raylm", name,
+                                    time.perf_counter() - started)
 
 
 @contextmanager
@@ -54,6 +71,11 @@ def _tagging_errors(attribute: str, value: str) -> Iterator[None]:
 
 def log_path() -> str | None:
     return _log_path
+
+
+def quiet() -> bool:
+    """A run log is open and `--verbose` was not given: the console shows raylm's lines, not Ray's."""
+    return _quiet
 
 
 def open_run_log(workspace_root: str, command: str, verbose: bool) -> str:
@@ -100,6 +122,7 @@ def close_run_log() -> None:
         for handler in logger.handlers:
             if isinstance(handler.formatter, OneLineFormatter):
                 handler.setFormatter(handler.formatter.inner)
+            handler.removeFilter(ours_or_warning)
     if _handler is not None:
         _handler.close()
     _handler, _log_path, _quiet = None, None, False
@@ -108,10 +131,13 @@ def close_run_log() -> None:
 def quiet_console() -> None:
     """Console handlers of raylm's and Ray's loggers print a record's first line only, no traceback.
     Called again once Ray and Ray Data have set up their own loggers."""
+    quiet_progress_bars()
     for name in LOGGERS:
         for handler in logging.getLogger(name).handlers:
             if _is_console(handler) and not isinstance(handler.formatter, OneLineFormatter):
                 handler.setFormatter(OneLineFormatter(handler.formatter or logging.Formatter()))
+            if name == "" and _is_console(handler) and ours_or_warning not in handler.filters:
+                handler.addFilter(ours_or_warning)
 
 
 def _is_console(handler: logging.Handler) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from raylm import tracking
 from raylm.artifacts import Artifact, Curated, Evaluated, Finetuned, Packed, Pretrained
 from raylm.config import ConfigError, DataConfig, RaylmConfig, SourceConfig, TokenizerConfig, section_data
 from raylm.stage import execute
@@ -69,7 +70,10 @@ class Pipeline:
         self.force = set(STAGES) if "all" in force else set(force)
         self.workspace = Workspace(config.workspace.root)
         self.tracker = Tracker(config.tracking, self.workspace)
-        self.report: dict | None = None  # the report stage's manifest, once `run_all` wrote it
+        # manifests `run_all` fills: the sweep (pipeline.tune), the benchmark run, the report card
+        self.sweep: dict | None = None
+        self.benchmarks: dict | None = None
+        self.report: dict | None = None
         self.plan = plan_stages(config, self.workspace)
         init_ray(config.cluster)
         check_shared_storage(config.cluster, self.workspace.root, self.tracker.uri)
@@ -194,14 +198,63 @@ class Pipeline:
         return stage, packed
 
     def run_all(self) -> dict[str, Artifact]:
+        """The whole recipe: plan, curate, tokenize, tune (`pipeline.tune`), pretrain, eval, finetune (when
+        `finetune.data` is set), the benchmark tasks of `eval.tasks` on the final model, report. Each step
+        that finished before is reused; the optional ones follow the `pipeline` section."""
+        steps = self.config.pipeline
         artifacts: dict[str, Artifact] = {}
         params = flatten(self.config.model_dump(mode="json"))
         with self.tracker.run("pipeline", params=params, tags={"raylm.stage": "pipeline",
                                                                "raylm.workspace": self.workspace.root}):
-            for name in STAGES:
-                artifacts[name] = getattr(self, name)()
-            self.report = self.write_report()
+            if steps.plan:
+                self.log_plan()
+            artifacts["curate"] = self.curate()
+            artifacts["tokenize"] = self.tokenize()
+            if steps.tune:
+                self.tune_first()
+            artifacts["pretrain"] = self.pretrain()
+            artifacts["eval"] = self.eval()
+            final = artifacts["pretrain"].checkpoint
+            if steps.finetune and self.config.finetune.data is not None:
+                artifacts["finetune"] = self.finetune(final)
+                final = artifacts["finetune"].checkpoint
+            if steps.benchmarks and set(self.config.eval.tasks) - {"bpb"}:
+                self.benchmarks = self.run_benchmarks(final)
+            if steps.report:
+                self.report = self.write_report()
         return artifacts
+
+    def log_plan(self) -> None:
+        """`raylm plan`'s table on the console and as the pipeline run's `plan.txt`."""
+        # deferred: plan pulls in the sizing helpers; only this path needs it
+        from raylm.plan import format_table, make_plan
+
+        table = format_table(make_plan(self.config))
+        print(f"plan (raylm plan):\n{table}", flush=True)
+        tracking.log_text(table + "\n", "plan.txt")
+
+    def tune_first(self) -> None:
+        """The `tune` sweep on this config's packed data; its best values become this pipeline's config (so
+        pretrain, eval and report plan their folders from the tuned config)."""
+        # deferred: pulls in ray, slow to import; only this path needs it
+        from raylm.tune import run_sweep, trial_config
+
+        manifest = run_sweep(self.config, self.workspace, self.tracker, self.require("tokenize"),
+                             self.plan.tokenize.fingerprint, force="tune" in self.force)
+        self.sweep = manifest
+        best = manifest["best"]["params"]
+        log.info("tune: pretraining with the sweep's best values %s", best)
+        self.config = trial_config(self.config, best)
+        self.plan = plan_stages(self.config, self.workspace)
+
+    def run_benchmarks(self, checkpoint: str) -> dict:
+        """`raylm eval --checkpoint <final>`: the tasks of eval.tasks on the final model (its manifest)."""
+        # deferred: pulls in ray, torch and lm-eval, slow to import; only this path needs it
+        from raylm.eval.command import run_eval_command
+
+        manifest = run_eval_command(self.config, checkpoint, {}, force="eval" in self.force)
+        log.info("eval: benchmarks of %s in %s", checkpoint, manifest["uri"])
+        return manifest
 
     def write_report(self) -> dict:
         """The report card of this config's finished stages (raylm/report_stage.py): its manifest."""
@@ -212,29 +265,60 @@ class Pipeline:
 
     def summary(self, artifacts: dict[str, Artifact], other_stages: dict[str, str] | None = None,
                 command: str = "pipeline") -> str:
-        """What `raylm <command>` finished and where; `other_stages`: name -> folder of stages without an
-        artifact (tune)."""
+        """What `raylm <command>` finished, as a table (stage, wall time, key figures, folder), then the
+        checkpoint, the benchmark scores and where to look; `other_stages`: name -> folder of stages without
+        an artifact (tune)."""
+        rows = [(name, _wall_time(artifact.metrics), key_figures(name, artifact), artifact.record.uri)
+                for name, artifact in artifacts.items()]
+        rows += [(name, "", "", uri) for name, uri in (other_stages or {}).items()]
+        if self.sweep:
+            best = self.sweep["best"]
+            rows.insert(2, ("tune", _wall_time(self.sweep.get("metrics", {})),
+                            f"best {best['params']} ({best['metric']} {best['value']:.4f}), "
+                            f"{int(self.sweep['metrics'].get('trials', 0))} trials", self.sweep["uri"]))
+        if self.benchmarks:
+            rows.append(("benchmarks", "", f"{len(self.benchmarks.get('tasks') or [])} tasks", self.benchmarks["uri"]))
+        if self.report:
+            rows.append(("report", "", "report.md, report.html", self.report["outputs"]["html"]))
+        widths = [max(len(row[i]) for row in rows) if rows else 0 for i in range(3)]
         lines = ["", f"raylm {command} finished:"]
-        folders = {**{name: artifact.record.uri for name, artifact in artifacts.items()}, **(other_stages or {})}
-        for name, uri in folders.items():
-            lines.append(f"  {name:<9} {uri}")
-        trained = artifacts.get("pretrain")
-        if trained:
-            lines.append(f"  checkpoint {trained.checkpoint}")
+        lines += [f"  {name:<{widths[0]}}  {time:>{widths[1]}}  {figures:<{widths[2]}}  {folder}".rstrip()
+                  for name, time, figures, folder in rows]
+        final = artifacts.get("finetune") or artifacts.get("pretrain")
+        if final:
+            lines.append(f"  checkpoint {final.checkpoint}")
         tuned = artifacts.get("finetune")
         if tuned:
-            figures = tuned.metrics
-            lines.append(f"  checkpoint {tuned.checkpoint} ({tuned.method}, base {tuned.base['checkpoint']})")
-            lines.append(f"  trainable parameters {figures['params_trainable']:,} of {figures['params_total']:,}; "
-                         f"val loss {figures['val_loss_before']:.4f} -> {figures['val_loss_after']:.4f}")
-            data_line = finetune_data_line(figures)
+            data_line = finetune_data_line(tuned.metrics)
             if data_line:
                 lines.append(f"  data {data_line}")
-        evaluation = artifacts.get("eval")
-        if evaluation:
-            figures = evaluation.metrics
-            lines.append(f"  val loss {figures['val_loss']:.4f}, val bits-per-byte {figures['val_bpb']:.4f}")
-        if self.report:
-            lines.append(f"  report    {self.report['outputs']['html']}")
+        if self.benchmarks:
+            lines += ["    " + line for line in self.benchmarks["table"].splitlines()]
         lines.append(f"  MLflow: {ui_command(self.tracker.uri)}")
         return "\n".join(lines)
+
+
+def _wall_time(metrics: dict[str, float]) -> str:
+    seconds = metrics.get("stage_seconds")
+    return f"{seconds:.0f} s" if isinstance(seconds, (int, float)) else ""
+
+
+def key_figures(name: str, artifact: Artifact) -> str:
+    """The one-line outcome of a stage for the summary table."""
+    figures = artifact.metrics
+    if isinstance(artifact, Curated):
+        return (f"{artifact.rows('input'):,} rows -> {artifact.rows('kept'):,} kept "
+                f"({artifact.rows('train'):,} train, {artifact.rows('val'):,} val), {artifact.rows('rejected'):,} rejected")
+    if isinstance(artifact, Packed):
+        return (f"vocab {artifact.tokenizer.vocab_size:,}, {figures.get('val_bytes_per_token', float('nan')):.2f} "
+                f"bytes/token, {int(figures.get('train_tokens', 0)):,} train tokens")
+    if isinstance(artifact, Finetuned):
+        return (f"{artifact.method}: val loss {figures.get('val_loss_before', float('nan')):.4f} -> "
+                f"{figures.get('val_loss_after', float('nan')):.4f}, {int(figures.get('params_trainable', 0)):,} of "
+                f"{int(figures.get('params_total', 0)):,} parameters trained")
+    if isinstance(artifact, Pretrained):
+        return (f"{int(figures.get('step', 0)):,} steps, val loss {figures.get('val_loss_initial', float('nan')):.4f} -> "
+                f"{figures.get('val_loss', float('nan')):.4f}, {figures.get('tokens_per_s', 0):,.0f} tokens/s")
+    if isinstance(artifact, Evaluated):
+        return f"val loss {figures['val_loss']:.4f}, val bits-per-byte {figures['val_bpb']:.4f}"
+    return ""

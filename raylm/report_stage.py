@@ -37,6 +37,11 @@ def finished_manifests(config: RaylmConfig) -> dict[str, dict[str, Any]]:
     """Manifests of the config's planned stages that finished; NothingToReport when none did."""
     workspace = Workspace(config.workspace.root)
     plan = plan_stages(config, workspace)
+    if config.pipeline.tune and plan.tokenize.is_complete():  # the pipeline pretrained with the sweep's best values
+        # deferred: pulls in ray's Tune helpers; only this path needs it
+        from raylm.tune import tuned_config
+
+        plan = plan_stages(tuned_config(config, workspace, plan.tokenize.fingerprint), workspace)
     manifests = {}
     for name in PLAN_STAGES:
         stage: StageDir = getattr(plan, name)

@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raylm import failure
 from raylm.config import ClusterConfig, ConfigError
+from raylm.console import quiet_ray
 from raylm.storage import is_object_store, probe_workspace
 
 log = logging.getLogger("raylm")
@@ -39,13 +40,19 @@ def init_ray(config: ClusterConfig) -> None:
     if config.runtime_env:
         with open(config.runtime_env) as handle:
             runtime_env = yaml.safe_load(handle)
+    forward = not failure.quiet()  # workers' output on the console only with --verbose (else Ray's session logs)
+    if failure.quiet():
+        quiet_ray()  # Ray's own start-up lines (auth token, dashboard) too
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=forward)
     else:  # "local": always a new instance, never a cluster some other `ray start` left running
-        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=config.include_dashboard,
-                 runtime_env=runtime_env, log_to_driver=True)
-    log.info("ray: %s", ray.cluster_resources())
+        context = ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=config.include_dashboard,
+                           runtime_env=runtime_env, log_to_driver=forward)
     failure.refresh_console()  # Ray set up its console loggers just now
+    if failure.quiet():
+        quiet_ray()
+    resources = {key: value for key, value in ray.cluster_resources().items() if not key.startswith("node:")}
+    log.info("ray: %s; worker logs in %s/logs", resources, context.address_info.get("session_dir", "?"))
 
 
 def cluster_has_gpus() -> bool:

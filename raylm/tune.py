@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from raylm import tracking
+from raylm import failure, tracking
 from raylm.artifacts import Packed
 from raylm.config import ConfigError, RaylmConfig, apply_override, dump_config, validate_config
 from raylm.stage import run_stage
@@ -51,7 +51,7 @@ TRIAL_DRIVER_MEMORY = 128 * 1024**2  # the trial function only waits on its trai
 
 def trial_config(config: RaylmConfig, params: dict[str, Any]) -> RaylmConfig:
     """The experiment with one trial's sampled values (`{"train.lr": 1e-3, ...}`) applied, validated."""
-    tree = config.model_dump(mode="json")
+    tree = config.model_dump(mode="json", exclude_unset=True)  # keys left to defaults stay so (model.explicit_keys)
     for key, value in params.items():
         apply_override(tree, key.split("."), value)
     return validate_config(tree, f"tune trial {params}")
@@ -308,11 +308,28 @@ def plan_tune_stage(config: RaylmConfig, workspace: Workspace, packed_fingerprin
     return workspace.stage("tune", section, {"packed": packed_fingerprint})
 
 
+def tuned_config(config: RaylmConfig, workspace: Workspace, packed_fingerprint: str) -> RaylmConfig:
+    """`config` with the best values of its finished sweep on this packed data (unchanged without one)."""
+    stage = plan_tune_stage(config, workspace, packed_fingerprint)
+    if not stage.is_complete():
+        return config
+    return trial_config(config, stage.manifest()["best"]["params"])
+
+
 def _read_state(stage: StageDir) -> dict[str, Any]:
     try:
         return stage.read_json(STATE_FILE)
     except (FileNotFoundError, OSError):
         return {}
+
+
+def quiet_tune() -> dict[str, Any]:
+    """Tune's status tables only with --verbose (raylm logs the sweep's outcome; the run log has the rest).
+    Tune's new output engine prints its experiment table even when silent; its classic reporter does not."""
+    if not failure.quiet():
+        return {}
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    return {"verbose": 0}
 
 
 def _trainable(setup: dict[str, Any]):
@@ -373,7 +390,7 @@ def run_sweep(config: RaylmConfig, workspace: Workspace, tracker: Tracker, packe
                                             search_alg=search_algorithm(config, concurrency)),
                 run_config=tune.RunConfig(name=SWEEP_DIR, storage_path=stage.path(),
                                           failure_config=tune.FailureConfig(max_failures=0),
-                                          callbacks=[release]),
+                                          callbacks=[release], **quiet_tune()),
             )
         grid = tuner.fit()
         outputs = summarize(config, grid, stage, tracker)

@@ -114,3 +114,26 @@ def test_global_batch_tokens_must_give_every_worker_a_sequence(overrides, messag
         load_config(str(CONFIGS / "tiny.yaml"), overrides)
     assert str(caught.value).splitlines() == [message] or message in str(caught.value)
     assert load_config(str(CONFIGS / "tiny.yaml"), ["train.global_batch_tokens=128", "train.workers=2"])
+
+
+def test_config_error_survives_pickling_as_ray_sends_it():
+    """Raised in a Tune trial, it reached the driver as one problem per character of its message."""
+    import pickle
+
+    from raylm.config import ConfigError
+
+    error = pickle.loads(pickle.dumps(ConfigError(["train.lr = -1: expected > 0"], "tune trial")))
+    assert error.problems == ["train.lr = -1: expected > 0"] and str(error).count("\n  - ") == 1
+
+
+def test_relative_files_for_workers_become_absolute(tmp_path, monkeypatch):
+    """Tune trials and eval actors read the config in other folders than the command's."""
+    from raylm.config import validate_config
+
+    (tmp_path / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    (tmp_path / "quiz.jsonl").write_text('{"query": "q", "choices": ["a", "b"], "gold": 0}\n')
+    monkeypatch.chdir(tmp_path)
+    config = validate_config({"finetune": {"data": "chat.jsonl"},
+                              "eval": {"extra_tasks": [{"name": "quiz", "layout": "arc", "path": "quiz.jsonl"}]}})
+    assert config.finetune.data == str(tmp_path / "chat.jsonl")
+    assert config.eval.extra_tasks[0].path == str(tmp_path / "quiz.jsonl")

@@ -16,10 +16,23 @@ from tests.conftest import CONFIGS, REPO
 pytestmark = pytest.mark.slow
 
 
+# The whole recipe on the tiny config, run once for this module: a two-trial sweep picks the learning rate,
+# pretraining uses it, the chat set shipped in configs/data fine-tunes the model, and the quiz shipped there
+# scores the fine-tuned model. The tiny config's own sections stay as they are, so the single-stage commands
+# below (`--config tiny.yaml`) find its curate and tokenize folders.
+RECIPE = ["--set", "pipeline.tune=true", "--set", "tune.search_space={train.lr: {grid: [0.003, 0.01]}}",
+          "--set", "tune.num_samples=1", "--set", "tune.budget_steps=10", "--set", "tune.grace_period=5",
+          "--set", "tune.max_concurrent=2",
+          "--set", f"finetune.data={REPO / 'configs' / 'data' / 'chat-python.jsonl'}", "--set", "finetune.max_steps=6",
+          "--set", "finetune.eval_every=3", "--set", "finetune.warmup_steps=1",
+          "--set", "eval.tasks=[bpb, python_quiz]", "--set", "eval.limit=8",
+          "--set", f"eval.extra_tasks=[{{name: python_quiz, layout: arc, path: {REPO / 'configs' / 'data' / 'python-quiz.jsonl'}}}]"]
+
+
 @pytest.fixture(scope="module")
 def finished_pipeline(ray_session, tmp_path_factory):
     workspace = tmp_path_factory.mktemp("pipeline")
-    assert main(["pipeline", "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(workspace)]) == 0
+    assert main(["pipeline", "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(workspace), *RECIPE]) == 0
     return workspace
 
 
@@ -35,7 +48,8 @@ def test_parent_and_nested_runs_with_params_and_metrics(finished_pipeline):
     parents = [r for r in runs if r.info.run_name == "pipeline"]
     assert len(parents) == 1
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"curate", "tokenize", "pretrain", "eval", "report"}
+    assert set(children) == {"curate", "tokenize", "tune", "pretrain", "eval", "sft-data", "finetune", "report"}
+    assert {r.data.tags.get("raylm.stage") for r in runs if r.info.run_name == "eval"} == {"eval"}  # bpb + benchmarks
     assert parents[0].data.params["train.max_steps"] == "30"
     assert children["curate"].data.params["curate.val_fraction"] == "0.1"
     assert children["curate"].data.metrics["rows_input"] > 0
@@ -102,11 +116,13 @@ def test_encoder_decoder_trains_by_span_corruption_and_evaluates_on_prefix(finis
 
 
 def test_rerun_reuses_every_stage(finished_pipeline):
-    assert main(["pipeline", "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(finished_pipeline)]) == 0
+    assert main(["pipeline", "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(finished_pipeline),
+                 *RECIPE]) == 0
     _, runs = runs_by_name(finished_pipeline)
     latest_parent = [r for r in runs if r.info.run_name == "pipeline"][-1]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == latest_parent.info.run_id]
-    assert sorted(r.info.run_name for r in children) == ["curate", "eval", "pretrain", "report", "tokenize"]
+    assert sorted(r.info.run_name for r in children) == ["curate", "eval", "finetune", "pretrain", "report",
+                                                         "sft-data", "tokenize", "tune"]
     assert {r.data.tags["raylm.reused"] for r in children if r.info.run_name != "report"} == {"true"}
 
 
@@ -170,6 +186,9 @@ def test_pipeline_ends_with_a_report_card(finished_pipeline):
     assert "![loss.png](figures/loss.png)" in markdown and os.path.exists(os.path.join(folder, "figures", "loss.png"))
     assert "data:image/png;base64," in page and "src='http" not in page and "href='http" not in page
     assert "| rejected: empty |" in markdown  # the standard library's empty __init__.py files
+    assert "not run for this config" not in markdown  # the recipe ran every step: tune, finetune, benchmarks
+    assert "| python_quiz | acc |" in markdown and "| val loss before -> after |" in markdown
+    assert markdown.count("lr=0.0") >= 2  # both trials of the sweep
     pretrain = next(r for r in runs if r.info.run_name == "pretrain")
     assert pretrain.info.run_id in markdown  # lineage
     assert markdown.count("\n- `") == 3  # three samples from the final checkpoint

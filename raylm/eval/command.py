@@ -93,6 +93,11 @@ def run_eval_command(config: RaylmConfig, checkpoint_ref: str, overrides: dict[s
             raise ValueError("the domain task needs held-out text: set eval.domain_data or run `raylm curate` first")
         settings.domain_data = val_split
     stage = workspace.stage("benchmarks", settings.__dict__, {"checkpoint": content_hash(checkpoint)})
+    if not force and stage.is_complete():  # `raylm pipeline` run again: the same tasks on the same checkpoint
+        log.info("eval: reusing finished benchmarks %s", stage.uri)
+        manifest = stage.manifest()
+        manifest["table"] = summary_text({"summary": manifest["summary"]})
+        return manifest
     stage.prepare(force=True)
     with tempfile.TemporaryDirectory(prefix="raylm-eval-") as scratch:
         out_dir = stage.fs_path() if workspace.is_local else scratch

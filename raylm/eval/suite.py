@@ -375,13 +375,16 @@ def resolve_checkpoint(reference: str, client: Any) -> tuple[str, str | None]:
 def log_to_mlflow(results: dict[str, Any], settings: EvalSettings, tracker: Any, source_run: str | None,
                   out_dir: str) -> str:
     tags = {"raylm.stage": "eval", "raylm.checkpoint": results["checkpoint"]}
+    nested = tracking.in_run()  # inside `raylm pipeline`: a child of the pipeline's run
     if source_run:
-        tags.update({"raylm.source_run": source_run, "mlflow.parentRunId": source_run})
+        tags["raylm.source_run"] = source_run
+        if not nested:  # on its own: shown under the run that made the checkpoint
+            tags["mlflow.parentRunId"] = source_run
     params = {f"eval.{k}": v for k, v in settings.__dict__.items()}
     if results.get("sandbox_isolation"):
         tags["raylm.sandbox_isolation"] = results["sandbox_isolation"].split()[0]
         params["eval.sandbox_isolation"] = results["sandbox_isolation"]
-    with tracker.run("eval", params=params, tags=tags) as run:
+    with tracker.run("eval", params=params, tags=tags, nested=nested) as run:
         tracker.log_metrics(results["metrics"])
         for task, path in results["files"].items():
             tracking.log_artifact(path, "samples")

@@ -324,6 +324,8 @@ def architecture_problems(model: TransformerConfig, base_config: dict[str, Any],
         if key in NON_ARCHITECTURE_KEYS or key not in base_config:
             continue
         mine, theirs = getattr(model, key), base_config[key]
+        if key == "vocab_size" and mine is None:  # None: the tokenizer's, which must equal the base's anyway
+            continue
         if mine != theirs:
             problems.append(f"model.{key} = {mine!r} but the base checkpoint {where} has {key} = {theirs!r}")
     if problems:
@@ -409,7 +411,7 @@ def export_merged(checkpoint: str, spec: dict[str, Any], stage: StageDir, tokeni
 def finetune(model: TransformerConfig, train: TrainConfig, finetune_config: FinetuneConfig, base: Base,
              packed: Packed, stage: StageDir, tracking_uri: str) -> Finetuned:
     # deferred: pulls in ray, slow to import; only this path needs it
-    from raylm.train.launch import best_checkpoint, build_trainer
+    from raylm.train.launch import best_checkpoint, build_trainer, fit_with_progress
 
     packed.require_val("raise finetune.val_fraction or add data")
     if packed.tokenizer.vocab_size != base.model_config["vocab_size"]:
@@ -428,7 +430,7 @@ def finetune(model: TransformerConfig, train: TrainConfig, finetune_config: Fine
     trainer = build_trainer(model, train, packed, stage.path(), RUN_NAME, tracking_uri,
                             run_id, init_checkpoint=base.checkpoint,
                             finetune=spec)
-    result = trainer.fit()
+    result = fit_with_progress(trainer, "finetune", model, train, tracking_uri, run_id)
     if result.error:
         raise result.error
     if result.checkpoint is None:

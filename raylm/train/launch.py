@@ -27,6 +27,7 @@ from ray.train.torch import TorchTrainer
 from raylm import tracking
 from raylm.artifacts import Packed, Pretrained
 from raylm.config import ConfigError, TrainConfig
+from raylm.console import TrainingProgress
 from raylm.model import TransformerConfig
 from raylm.model.config import WEIGHT_FREE_KEYS
 from raylm.runtime import cluster_has_gpus
@@ -183,6 +184,14 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, 
     )
 
 
+def fit_with_progress(trainer: TorchTrainer, what: str, model: TransformerConfig, train: TrainConfig,
+                      tracking_uri: str, run_id: str | None):
+    """`trainer.fit()`, with a live progress line on the console (raylm/console.py) while it runs."""
+    tokens_per_step = train.global_batch_sequences(model.seq_len) * model.seq_len
+    with TrainingProgress(what, tracking_uri, run_id, train.max_steps, tokens_per_step):
+        return trainer.fit()
+
+
 def best_checkpoint(run_uri: str) -> str | None:
     """The best checkpoint's folder as `best.json` names it (None before the first evaluated checkpoint)."""
     best_uri = run_uri.rstrip("/") + "/" + BEST_DIR
@@ -282,7 +291,7 @@ def pretrain(model: TransformerConfig, train: TrainConfig, packed: Packed, stage
                                         "file://" + stage.path(RUN_NAME, STOP_FILE))
     if fs.get_file_info(stop).type == pafs.FileType.File:
         fs.delete_file(stop)  # a stop request of an earlier run does not stop this one
-    result = trainer.fit()
+    result = fit_with_progress(trainer, "pretrain", model, train, tracking_uri, run_id)
     if result.error:
         raise result.error
     if result.checkpoint is None:
