@@ -60,7 +60,7 @@ def test_kept_set_is_the_same_for_any_blocks_and_workers(ray_light, tmp_path):
     saved = context.execution_options.resource_limits
     outcomes = []
     try:
-        for blocks, cpus in ((1, 1), (3, 2), (8, 2)):  # 1, 3 and 8 blocks; 1 and 2 workers
+        for blocks, cpus in ((1, 1), (8, 2)):  # 1 block on 1 worker against 8 blocks on 2 (a third case cost CI 30 s)
             context.execution_options.resource_limits = ExecutionResources(cpu=cpus)
             config = DataConfig(sources=[SourceConfig(path=str(tmp_path / "corpus"))], num_blocks=blocks)
             marked, stats = mark_documents(config)
