@@ -34,6 +34,7 @@ from raylm.eval.tasks import (
     EvalInputError,
     ExtraTask,
     build_local_suite,
+    check_choices,
     expand_tasks,
 )
 
@@ -67,6 +68,7 @@ class EvalSettings:
     judge_model: str = "gpt-4"
     max_gen_toks: int = 256
     extra_tasks: list[dict[str, Any]] = field(default_factory=list)
+    task_paths: list[str] = field(default_factory=list)  # lm-eval task YAMLs (files or folders)
     seed: int = 0
     gen_kwargs: dict[str, Any] | None = None  # overrides every generation task's own (e.g. max_gen_toks)
 
@@ -170,12 +172,13 @@ def prepare_tasks(settings: EvalSettings, out_dir: str) -> PreparedTasks:
     index = load_index(settings.contamination_index) if settings.contamination_index else None
     lm_tasks = [t for t in tasks if t not in RAYLM_TASKS]
     prepared = PreparedTasks(tasks=tasks, lm_tasks=lm_tasks, index=index, isolation=isolation)
-    if settings.benchmark_data or "domain" in tasks or extras:
-        if lm_tasks and not settings.benchmark_data and not all(t in {e.name for e in extras} for t in lm_tasks):
+    if settings.benchmark_data or "domain" in tasks or extras or settings.task_paths:
+        suite = build_local_suite(settings.benchmark_data or ".", out / "tasks", lm_tasks, extras,
+                                  settings.limit, settings.num_fewshot, settings.task_paths)
+        local = {e.name for e in extras} | set(suite.path_tasks)
+        if lm_tasks and not settings.benchmark_data and not all(t in local for t in lm_tasks):
             raise EvalInputError("--benchmark-data / eval.benchmark_data is needed to run standard tasks together "
                                  "with local ones")
-        suite = build_local_suite(settings.benchmark_data or ".", out / "tasks", lm_tasks, extras,
-                                  settings.limit, settings.num_fewshot)
         if "domain" in tasks:
             if not settings.domain_data:
                 raise EvalInputError("eval.domain_data: the domain task needs held-out text (the curated val split)")
@@ -183,6 +186,9 @@ def prepare_tasks(settings: EvalSettings, out_dir: str) -> PreparedTasks:
             suite.tasks.append(write_domain_task(items, out / "tasks"))
         prepared.lm_tasks = suite.tasks
         prepared.task_manager = suite.task_manager()
+        used = {name: path for name, path in suite.path_tasks.items() if name in suite.tasks}
+        if used:
+            check_choices(prepared.task_manager, used)
         if "mmlu" in suite.tasks:
             prepared.groups["mmlu"] = sorted(t for t in suite.source_task if t.startswith("mmlu_"))
     elif any(t not in LM_EVAL_TASKS for t in lm_tasks):  # lm-eval's own registry (downloads its data)

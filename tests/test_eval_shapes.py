@@ -1,0 +1,98 @@
+"""Every scoring shape a user adds by configuration alone (issue 21): per-choice contexts (WinoGrande),
+cloze (LAMBADA), generation with a regex-extracted answer (GSM8K), renamed fields (PIQA's layout) and an
+lm-eval task YAML by path, through the real lm-eval, each with an item longer than the context; and the
+inputs refused before any model loads."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from eval_helpers import make_checkpoint, write_shapes
+from raylm.eval.suite import EvalSettings, evaluate_checkpoint, prepare_tasks
+from raylm.eval.tasks import EvalInputError
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_every_scoring_shape_by_configuration(tmp_path):
+    from raylm.eval.lm import RaylmLM
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt", seq_len=96)
+    extra, paths, names = write_shapes(tmp_path / "data")
+    settings = EvalSettings(tasks=names, extra_tasks=extra, task_paths=paths, gen_kwargs={"max_gen_toks": 8})
+    results = evaluate_checkpoint(str(checkpoint), settings, str(tmp_path / "out"),
+                                  lm=RaylmLM(checkpoint=str(checkpoint), batch_size=4))
+    tasks = results["tasks"]
+    assert {task: tasks[task]["n_items"] for task in names} == dict.fromkeys(names, 3)
+    for task in ("my_piqa", "my_wino", "my_lambada", "yes_no"):  # the long item, left-truncated, not fatal
+        assert tasks[task]["truncated"] == 1, task
+    piqa, wino, lambada, gsm, yes_no = (_rows(results["files"][task]) for task in names)
+    # fields: PIQA's goal / sol1, sol2 / label read as query / choices / gold
+    doc = piqa[2]["doc"]
+    assert doc["question"] == "Ice melts" and doc["choices"]["text"] == ["when it gets warm.", "when the cat sits."]
+    assert doc["answerKey"] == "B"
+    # partial: one continuation scored after each context; gold "1" counts from 1
+    assert [a[1] for a in wino[0]["arguments"]] == [" was warm.", " was warm."]
+    assert [a[0] for a in wino[0]["arguments"]] == wino[0]["doc"]["context_options"] and wino[0]["doc"]["gold"] == 0
+    # cloze: greedy accuracy and perplexity of the continuation, as lm-eval aggregates them
+    assert lambada[0]["arguments"][0] == ["The cat sat on the", " mat"]
+    assert set(tasks["my_lambada"]["all"]) == {"perplexity,none", "acc,none"}
+    lls = [row["resps"][0][0][0] for row in lambada]
+    assert tasks["my_lambada"]["all"]["perplexity,none"] == pytest.approx(math.exp(-sum(lls) / 3))
+    assert tasks["my_lambada"]["all"] == pytest.approx(tasks["my_lambada"]["reported"])
+    # generation: the reference answer extracted by the configured pattern, the prediction by the same
+    assert [row["target"] for row in gsm] == ["42", "100", "5"]
+    assert gsm[0]["arguments"][0][0] == "Question: What is 40 plus 2?\nAnswer:"
+    assert tasks["my_gsm"]["all"] == pytest.approx(tasks["my_gsm"]["reported"]) and "exact_match,regex" in tasks["my_gsm"]["all"]
+    # a task YAML by path, its data file relative to it
+    assert yes_no[1]["doc"]["label"] == 1 and len(yes_no[1]["arguments"]) == 2
+    table = results["summary"]
+    assert [row["task"] for row in table] == names
+
+
+def _refused(tmp_path, **settings):
+    with pytest.raises(EvalInputError) as error:
+        prepare_tasks(EvalSettings(**settings), str(tmp_path / "out"))
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_shapes_refused_before_any_model(tmp_path):
+    """One line naming the task, key, file and line: no model loaded, no Ray."""
+    one_choice = tmp_path / "one.jsonl"
+    one_choice.write_text('{"query": "Q?", "choices": ["a", "b"], "gold": 0}\n{"q": "Q?", "opts": ["only"], "g": 0}\n')
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"q": "Q?", "opts": ["a", "b"], "g": 0}\n')
+    fields = {"query": "q", "choices": "opts", "gold": "g"}
+    message = _refused(tmp_path, tasks=["quiz"], extra_tasks=[
+        {"name": "quiz", "layout": "arc", "path": str(one_choice), "fields": fields}])
+    assert "quiz" in message and "one.jsonl:1" in message  # line 1 lacks the renamed fields
+    one_choice.write_text('{"q": "Q?", "opts": ["a", "b"], "g": 0}\n{"q": "Q?", "opts": ["only"], "g": 0}\n')
+    message = _refused(tmp_path, tasks=["quiz"], extra_tasks=[
+        {"name": "quiz", "layout": "arc", "path": str(one_choice), "fields": fields}])
+    assert "quiz" in message and "one.jsonl:2" in message and "one-choice" in message
+    assert "rows.jsonl:1: gold 0 ('g') is not an index (from 1)" in _refused(tmp_path, tasks=["quiz"], extra_tasks=[
+        {"name": "quiz", "layout": "partial", "path": str(rows), "gold_base": 1,
+         "fields": {"context_options": "opts", "continuation": "q", "gold": "g"}}])
+    assert "answer_pattern" in _refused(tmp_path, tasks=["quiz"], extra_tasks=[
+        {"name": "quiz", "layout": "generation", "path": str(rows), "answer_pattern": "(unclosed"}])
+    assert "fields: ['choices']" in _refused(tmp_path, tasks=["quiz"], extra_tasks=[
+        {"name": "quiz", "layout": "cloze", "path": str(rows), "fields": {"choices": "opts"}}])
+    # a task YAML by path: its data file missing; a multiple-choice task with one choice
+    yaml_dir = tmp_path / "yaml"
+    yaml_dir.mkdir()
+    task = ("task: solo\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {file}\ntest_split: test\n"
+            "output_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: '{{{{opts}}}}'\ndoc_to_target: g\n"
+            "metric_list:\n  - metric: acc\n")
+    (yaml_dir / "solo.yaml").write_text(task.format(file="nope.jsonl"))
+    message = _refused(tmp_path, tasks=["solo"], task_paths=[str(yaml_dir)])
+    assert "solo.yaml" in message and "nope.jsonl" in message
+    (yaml_dir / "solo.yaml").write_text(task.format(file="../one.jsonl"))
+    message = _refused(tmp_path, tasks=["solo"], task_paths=[str(yaml_dir)])
+    assert "solo.yaml" in message and "'solo', item 1: 1 choice" in message
