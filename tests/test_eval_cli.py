@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from eval_helpers import make_checkpoint, write_long_quiz
+from eval_helpers import make_checkpoint, write_long_quiz, write_shapes
 from raylm.cli import main
 
 
@@ -17,10 +18,14 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     index = tmp_path / "index.json"
     index.write_text('{"ngram": 13, "contaminated_documents": 1, "tasks": {"arc_easy": ["arc_easy/1"]}}')
     quiz = write_long_quiz(tmp_path / "long_quiz.jsonl")  # items longer than the context: issue 21
-    code = main(["eval", "--workspace", str(workspace_dir), "--checkpoint", str(checkpoint), "--tasks",
-                 "arc_easy,long_quiz", "--limit", "3", "--benchmark-data", str(shared_data / "benchmarks"),
-                 "--contamination-index", str(index), "--text-file", str(text), "--set", "eval.batch_size=4",
-                 "--set", f"eval.extra_tasks=[{{name: long_quiz, layout: arc, path: {quiz}}}]"])
+    extra, paths, shapes = write_shapes(tmp_path / "shapes")  # every scoring shape, by configuration alone
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"eval": {"extra_tasks": [{"name": "long_quiz", "layout": "arc", "path": str(quiz)},
+                                                               *extra], "task_paths": paths, "max_gen_toks": 8}}))
+    code = main(["eval", "--config", str(config), "--workspace", str(workspace_dir), "--checkpoint", str(checkpoint),
+                 "--tasks", ",".join(["arc_easy", "long_quiz", *shapes]), "--limit", "3", "--benchmark-data",
+                 str(shared_data / "benchmarks"), "--contamination-index", str(index), "--text-file", str(text),
+                 "--set", "eval.batch_size=4"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "arc_easy" in printed and "MLflow run" in printed
@@ -32,6 +37,8 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     assert metrics["arc_easy/n_contaminated"] == 1
     assert (metrics["long_quiz/n_items"], metrics["long_quiz/truncated"], metrics["long_quiz/windowed"]) == (3, 2, 1)
     assert "arc_easy/truncated" in metrics
+    assert {f"{task}/n_items" for task in shapes} <= set(metrics) and "my_lambada/perplexity" in metrics
+    assert all(metrics[f"{task}/truncated"] == 1 for task in ("my_piqa", "my_wino", "my_lambada", "yes_no"))
     summary = open(client.download_artifacts(run_id, "summary.md", str(tmp_path))).read()
     assert "truncated" in summary.splitlines()[0] and "bpb/notes.txt: " in summary and str(text) in summary
     assert run.data.tags["raylm.checkpoint"] == str(checkpoint)

@@ -96,3 +96,30 @@ def test_shapes_refused_before_any_model(tmp_path):
     (yaml_dir / "solo.yaml").write_text(task.format(file="../one.jsonl"))
     message = _refused(tmp_path, tasks=["solo"], task_paths=[str(yaml_dir)])
     assert "solo.yaml" in message and "'solo', item 1: 1 choice" in message
+
+
+def test_summary_puts_aggregates_first_and_draws_subjects_apart(tmp_path):
+    """Issue 21: summary.md leads with tasks and group aggregates, then each group's subtasks;
+    scores.png has one bar per task or group (clean beside all), scores_subtasks.png the subjects."""
+    from raylm.eval.suite import score_charts, summary_rows, summary_text
+
+    def entry(score):
+        return {"all": {"acc,none": score}, "clean": {"acc,none": score / 2}, "n_items": 4, "n_clean": 2}
+
+    tasks = {"mmlu_anatomy": entry(0.25), "mmlu_virology": entry(0.5), "arc_easy": entry(0.75), "mmlu": entry(0.375),
+             "truthfulqa_mc2": entry(0.4)}
+    results = {"tasks": tasks, "groups": {"mmlu": ["mmlu_anatomy", "mmlu_virology"]}}
+    results["summary"] = summary_rows(results, with_index=True)
+    assert [row["task"] for row in results["summary"]] == ["arc_easy", "mmlu", "truthfulqa_mc2", "mmlu_anatomy",
+                                                          "mmlu_virology"]
+    text = summary_text(results)
+    top, subjects = text.split("### mmlu: 2 subtasks")
+    assert "| arc_easy |" in top and "| mmlu |" in top and "mmlu_anatomy" not in top
+    assert "| mmlu_anatomy |" in subjects and "| mmlu_virology |" in subjects
+    charts = score_charts(results, str(tmp_path))
+    assert [c.rsplit("/", 1)[1] for c in charts] == ["scores.png", "scores_subtasks.png"]
+    assert all((tmp_path / name).stat().st_size > 1000 for name in ("scores.png", "scores_subtasks.png"))
+    without_groups = {"tasks": {"arc_easy": entry(0.75)}}
+    without_groups["summary"] = summary_rows(without_groups, with_index=False)
+    (tmp_path / "plain").mkdir()
+    assert [c.rsplit("/", 1)[1] for c in score_charts(without_groups, str(tmp_path / "plain"))] == ["scores.png"]

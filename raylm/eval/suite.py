@@ -240,6 +240,8 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
                 for sample in samples_of_task:
                     handle.write(json.dumps(sample, default=_json_default, ensure_ascii=False) + "\n")
             results["files"][task] = str(path)
+        groups = {**{g: list(m) for g, m in (evaluated.get("group_subtasks") or {}).items() if m}, **groups}
+        results["groups"] = groups
         for group, members in groups.items():
             samples[group] = [s for m in members for s in samples.get(m, [])]
         for task in list(evaluated["results"]):
@@ -296,9 +298,23 @@ def main_metric(entry: dict[str, Any]) -> str | None:
     return next(iter(entry.get("all", {})), None)
 
 
+def summary_order(results: dict[str, Any]) -> list[str]:
+    """Tasks and group aggregates first (MMLU, ARC, TruthfulQA, ...), then each group's members (subjects)."""
+    members = [m for group in results.get("groups", {}).values() for m in group if m in results["tasks"]]
+    return [t for t in results["tasks"] if t not in members] + list(dict.fromkeys(members))
+
+
+def subject_rows(results: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The summary's rows split into (tasks and group aggregates, group members)."""
+    members = {m for group in results.get("groups", {}).values() for m in group}
+    return ([r for r in results["summary"] if r["task"] not in members],
+            [r for r in results["summary"] if r["task"] in members])
+
+
 def summary_rows(results: dict[str, Any], with_index: bool) -> list[dict[str, Any]]:
     rows = []
-    for task, entry in results["tasks"].items():
+    for task in summary_order(results):
+        entry = results["tasks"][task]
         key = main_metric(entry)
         row = {"task": task, "metric": key.replace(",none", "") if key else "", "n_items": entry.get("n_items", 0),
                "score": entry["all"].get(key) if key else None}
@@ -324,8 +340,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def summary_text(results: dict[str, Any]) -> str:
-    """The summary table, and the HumanEval sandbox's isolation level where HumanEval ran."""
-    table = format_table(results["summary"])
+    """The summary table (tasks and group aggregates, then each group's members), bits-per-byte, and the
+    HumanEval sandbox's isolation level where HumanEval ran."""
+    top, members = subject_rows(results)
+    table = format_table(top) if top else ""
+    for group, names in results.get("groups", {}).items():
+        rows = [r for r in members if r["task"] in names]
+        if rows:
+            table += f"\n\n### {group}: {len(rows)} subtasks\n\n" + format_table(rows)
+    table = table.strip("\n")
     if results.get("bpb"):
         table += "\n\n" + "\n".join(f"{key}: {value['bpb']:.4f} bits per byte of {value['file']}"
                                      for key, value in results["bpb"].items())
@@ -334,7 +357,16 @@ def summary_text(results: dict[str, Any]) -> str:
     return table
 
 
-def bar_chart(rows: list[dict[str, Any]], path: str) -> str | None:
+def score_charts(results: dict[str, Any], out_dir: str) -> list[str]:
+    """`scores.png`: one bar per task or group aggregate (clean items beside all items where an index
+    was given); `scores_subtasks.png`: the groups' members (MMLU's subjects)."""
+    top, members = subject_rows(results)
+    charts = [bar_chart(top, os.path.join(out_dir, "scores.png"), "tasks and group aggregates"),
+              bar_chart(members, os.path.join(out_dir, "scores_subtasks.png"), "subtasks of the groups")]
+    return [chart for chart in charts if chart]
+
+
+def bar_chart(rows: list[dict[str, Any]], path: str, title: str | None = None) -> str | None:
     scored = [r for r in rows if isinstance(r.get("score"), (int, float))]
     if not scored:
         return None
@@ -353,6 +385,8 @@ def bar_chart(rows: list[dict[str, Any]], path: str) -> str | None:
         ax.barh([i - 0.2 for i in y], [r.get("clean") or 0 for r in scored], height=0.4, label="clean items")
     ax.set_yticks(list(y), names)
     ax.set_xlabel("score")
+    if title:
+        ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -395,8 +429,7 @@ def log_to_mlflow(results: dict[str, Any], settings: EvalSettings, tracker: Any,
         tracking.log_text(table + "\n", "summary.md")
         tracking.log_table({k: [r.get(k) for r in results["summary"]] for k in
                             dict.fromkeys(k for r in results["summary"] for k in r)}, "summary.json")
-        chart = bar_chart(results["summary"], os.path.join(out_dir, "scores.png"))
-        if chart:
+        for chart in score_charts(results, out_dir):
             tracking.log_artifact(chart)
         tracking.log_dict({k: v for k, v in results.items() if k != "files"}, "results.json")
         return run.info.run_id
