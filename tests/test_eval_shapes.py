@@ -123,3 +123,32 @@ def test_summary_puts_aggregates_first_and_draws_subjects_apart(tmp_path):
     without_groups["summary"] = summary_rows(without_groups, with_index=False)
     (tmp_path / "plain").mkdir()
     assert [c.rsplit("/", 1)[1] for c in score_charts(without_groups, str(tmp_path / "plain"))] == ["scores.png"]
+
+
+def test_lm_eval_chatter_goes_to_the_run_log_and_progress_to_the_console(tmp_path, capfd):
+    """Issue 21: without --verbose, what lm-eval and its subprocesses write to stderr lands in the run log;
+    the progress lines (tasks, request counts) still reach the console."""
+    import logging
+    import subprocess
+
+    from raylm import failure
+    from raylm.eval.progress import Progress
+
+    class Request:
+        def __init__(self, task):
+            self.task_name = task
+
+    path = failure.open_run_log(str(tmp_path), "eval", verbose=False)
+    try:
+        with failure.chatter_to_log("raylm.progress"):
+            logging.getLogger("lm_eval.api.task").warning("Building contexts for arc_easy on rank 0...")
+            subprocess.run(["sh", "-c", "echo 'fatal: not a git repository' >&2"], check=True)
+            progress = Progress("loglikelihood", [Request("arc_easy")] * 3 + [Request("mmlu_anatomy")])
+            progress.finish()
+    finally:
+        failure.close_run_log()
+    console = capfd.readouterr().err
+    assert "eval: loglikelihood: 4 requests (arc_easy 3, mmlu_anatomy 1)" in console
+    assert "fatal" not in console and "Building contexts" not in console
+    logged = open(path).read()
+    assert "fatal: not a git repository" in logged and "Building contexts" in logged and "4 requests" in logged

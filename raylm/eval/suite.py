@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from raylm import tracking
+from raylm.eval.progress import LOGGER as PROGRESS_LOGGER
+from raylm.failure import chatter_to_log
 from raylm.eval.contamination import load_index, split_scores
 from raylm.eval.domain import build_items, read_texts, write_domain_task
 from raylm.eval.sandbox import (
@@ -227,12 +229,13 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
         results["sandbox_isolation"] = prepared.isolation
 
     if lm_tasks:
-        evaluated = lm_eval.simple_evaluate(
-            model=lm, tasks=lm_tasks, task_manager=task_manager, limit=settings.limit, num_fewshot=settings.num_fewshot,
-            log_samples=True, confirm_run_unsafe_code=settings.allow_code_execution, bootstrap_iters=0,
-            gen_kwargs=settings.gen_kwargs,
-            random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
-            fewshot_random_seed=settings.seed)
+        with chatter_to_log(PROGRESS_LOGGER):  # unless --verbose, lm-eval's chatter goes to the run log
+            evaluated = lm_eval.simple_evaluate(
+                model=lm, tasks=lm_tasks, task_manager=task_manager, limit=settings.limit, num_fewshot=settings.num_fewshot,
+                log_samples=True, confirm_run_unsafe_code=settings.allow_code_execution, bootstrap_iters=0,
+                gen_kwargs=settings.gen_kwargs,
+                random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
+                fewshot_random_seed=settings.seed)
         samples = evaluated.get("samples", {})
         for task, samples_of_task in samples.items():
             path = out / "samples" / f"{task}.jsonl"
