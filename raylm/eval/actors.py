@@ -148,8 +148,10 @@ class ActorPoolLM(LM):
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         # deferred: pulls in torch, slow to import; only this path needs it
         from raylm.eval.generation import plan_generation
+        from raylm.eval.lm import record_long_prompts
 
         jobs = self.planner.generation_jobs([tuple(req.args) for req in requests], self.planner.max_gen_toks)
+        record_long_prompts(self.planner.long_items, requests, jobs, self.planner.tok_encode, self.planner.max_length)
         encoded, batches = plan_generation(self.planner, jobs)
         cost = lambda batch: sum(len(encoded[i]) + jobs[i][2] for i in batch)  # noqa: E731
         progress = Progress("generate_until", requests)

@@ -13,7 +13,8 @@ conversion step. It implements lm-eval's three request types:
   A continuation longer than the context length itself (where lm-eval's `hf` model stops on an
   assertion) is scored in disjoint windows, each with as much of what precedes it as fits, and the
   windows' log-likelihoods summed. Per task, the items whose context was cut (`truncated`) and whose
-  continuation needed windows (`windowed`) are counted in `long_items` (`record_long_items`).
+  continuation needed windows (`windowed`) are counted in `long_items` (`record_long_items`; a
+  generation prompt cut to fit, `record_long_prompts`).
 - `loglikelihood_rolling`: lm-eval's disjoint rolling windows of the model's context length, for
   perplexity and bits-per-byte of whole documents.
 - `generate_until`: greedy, batched decoding with the model's KV cache, stopped at the first stop
@@ -147,6 +148,16 @@ def record_long_items(counts: dict[str, dict[str, set]], instances: list[Any],
             entry["truncated"].add(instance.doc_id)
         if len(continuation) > max_length:
             entry["windowed"].add(instance.doc_id)
+
+
+def record_long_prompts(counts: dict[str, dict[str, set]], instances: list[Any],
+                        jobs: list[tuple[str, list[str], int]], encode: Any, max_length: int) -> None:
+    """Add to `counts[task]["truncated"]` the documents whose generation prompt is left-truncated so that
+    it and the tokens to generate fit the window (`raylm.eval.generation.plan_generation`)."""
+    for instance, (context, _, max_new) in zip(instances, jobs):
+        if len(encode(context)) > max(1, max_length - max_new):
+            task = getattr(instance, "task_name", None) or "(untasked)"
+            counts.setdefault(task, {"truncated": set(), "windowed": set()})["truncated"].add(instance.doc_id)
 
 
 def long_item_counts(counts: dict[str, dict[str, set]]) -> dict[str, dict[str, int]]:
@@ -383,7 +394,9 @@ class RaylmLM(TemplateLM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         progress = Progress("generate_until", requests)
-        outputs = generate_texts(self, self.generation_jobs([req.args for req in requests], self.max_gen_toks))
+        jobs = self.generation_jobs([req.args for req in requests], self.max_gen_toks)
+        record_long_prompts(self.long_items, requests, jobs, self.tok_encode, self.max_length)
+        outputs = generate_texts(self, jobs)
         progress.finish()
         for req, text in zip(requests, outputs):
             self.cache_hook.add_partial("generate_until", req.args, text)
