@@ -15,6 +15,7 @@ from typing import Any
 
 LOGGER = "raylm.progress"
 PROGRESS_BATCHES = 8  # batches run between two progress updates
+SHOWN_TASKS = 8  # tasks named in a request-count line
 log = logging.getLogger(LOGGER)
 log.setLevel(logging.INFO)  # shown whatever the root's level: progress is what the console is for
 
@@ -22,7 +23,11 @@ log.setLevel(logging.INFO)  # shown whatever the root's level: progress is what 
 class Progress:
     def __init__(self, kind: str, requests: list[Any], rows: int | None = None, every_s: float = 10.0):
         counts = Counter(getattr(r, "task_name", None) or "(untasked)" for r in requests)
-        tasks = ", ".join(f"{task} {count}" for task, count in counts.items())
+        shown = list(counts.items())[:SHOWN_TASKS]
+        tasks = ", ".join(f"{task} {count}" for task, count in shown)
+        if len(counts) > SHOWN_TASKS:  # MMLU alone is 57 subjects
+            rest = len(requests) - sum(count for _, count in shown)
+            tasks += f" and {len(counts) - SHOWN_TASKS} more tasks {rest}"
         log.info("eval: %s: %d requests (%s)", kind, len(requests), tasks)
         self.kind, self.rows, self.done, self.every_s = kind, rows or len(requests), 0, every_s
         self.started = self.last = time.perf_counter()

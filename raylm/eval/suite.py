@@ -190,7 +190,8 @@ def prepare_tasks(settings: EvalSettings, out_dir: str) -> PreparedTasks:
         prepared.task_manager = suite.task_manager()
         used = {name: path for name, path in suite.path_tasks.items() if name in suite.tasks}
         if used:
-            check_choices(prepared.task_manager, used)
+            with chatter_to_log(PROGRESS_LOGGER):  # lm-eval loads the tasks: its chatter goes to the run log
+                check_choices(prepared.task_manager, used)
         if "mmlu" in suite.tasks:
             prepared.groups["mmlu"] = sorted(t for t in suite.source_task if t.startswith("mmlu_"))
     elif any(t not in LM_EVAL_TASKS for t in lm_tasks):  # lm-eval's own registry (downloads its data)
@@ -220,7 +221,8 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
                                                     prepared.groups, prepared.index)
     out = Path(out_dir)
     started = time.perf_counter()
-    lm = lm if lm is not None else make_model(checkpoint, settings, in_process)
+    with chatter_to_log(PROGRESS_LOGGER):  # the actors' start-up warnings, like lm-eval's, to the run log
+        lm = lm if lm is not None else make_model(checkpoint, settings, in_process)
     long_items = getattr(lm, "long_items", None)  # raylm's models count over-long items per task
     if long_items is not None:
         long_items.clear()
@@ -387,6 +389,7 @@ def bar_chart(rows: list[dict[str, Any]], path: str, title: str | None = None) -
     if any("clean" in r for r in scored):
         ax.barh([i - 0.2 for i in y], [r.get("clean") or 0 for r in scored], height=0.4, label="clean items")
     ax.set_yticks(list(y), names)
+    ax.invert_yaxis()  # the summary's order, top to bottom
     ax.set_xlabel("score")
     if title:
         ax.set_title(title)
