@@ -534,8 +534,8 @@ class EvalExtraTask(Section):
 class EvalConfig(Section):
     tasks: list[str] = Field(default_factory=lambda: ["bpb"],
                              description="bpb, arc_easy, arc_challenge, hellaswag, mmlu, mmlu_<subject>, truthfulqa_mc1, "
-                                         "truthfulqa_mc2, gsm8k, humaneval, mt_bench, domain, an extra task, or a group "
-                                         "(arc, truthfulqa, standard)")
+                                         "truthfulqa_mc2, gsm8k, humaneval, mt_bench, domain, an extra task, a task of "
+                                         "task_paths, or a group (arc, truthfulqa, standard)")
     limit: int | None = Field(None, gt=0, description="the first N items of each task (per task: MMLU's 57 "
                                                        "subjects give 57 x N items)")
     num_fewshot: int | None = Field(None, ge=0)

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from raylm import tracking
-from raylm.eval.progress import LOGGER as PROGRESS_LOGGER
-from raylm.failure import chatter_to_log
 from raylm.eval.contamination import load_index, split_scores
 from raylm.eval.domain import build_items, read_texts, write_domain_task
+from raylm.eval.progress import LOGGER as PROGRESS_LOGGER
 from raylm.eval.sandbox import (
     SandboxLimits,
     allow_code_execution,
@@ -39,6 +38,7 @@ from raylm.eval.tasks import (
     check_choices,
     expand_tasks,
 )
+from raylm.failure import chatter_to_log
 
 log = logging.getLogger("raylm")
 
