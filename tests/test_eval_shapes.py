@@ -93,6 +93,9 @@ def test_shapes_refused_before_any_model(tmp_path):
     (yaml_dir / "solo.yaml").write_text(task.format(file="nope.jsonl"))
     message = _refused(tmp_path, tasks=["solo"], task_paths=[str(yaml_dir)])
     assert "solo.yaml" in message and "nope.jsonl" in message
+    (yaml_dir / "solo.yaml").write_text(task.format(file="../one.jsonl").replace("json\n", "no_such_loader\n", 1))
+    message = _refused(tmp_path, tasks=["solo"], task_paths=[str(yaml_dir)])
+    assert "could not load solo" in message and "solo.yaml" in message
     (yaml_dir / "solo.yaml").write_text(task.format(file="../one.jsonl"))
     message = _refused(tmp_path, tasks=["solo"], task_paths=[str(yaml_dir)])
     assert "solo.yaml" in message and "'solo', item 1: 1 choice" in message

@@ -332,7 +332,12 @@ def write_task_paths(paths: list[str], out: Path) -> dict[str, str]:
 def check_choices(task_manager: Any, names: dict[str, str]) -> None:
     """A multiple-choice task with fewer than two choices on some item scores 1.0 whatever the model:
     refused, naming the task, its YAML and the item."""
-    loaded = task_manager.load(list(names))["tasks"]
+    try:
+        loaded = task_manager.load(list(names))["tasks"]
+    except Exception as error:  # noqa: BLE001 - a dataset that cannot be read, a bad template, ...: name the YAMLs
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise EvalInputError(f"eval.task_paths: lm-eval could not load {', '.join(sorted(names))} "
+                             f"({', '.join(sorted(set(names.values())))}): {type(error).__name__}: {first}") from None
     for task_name, task in loaded.items():
         if getattr(task, "OUTPUT_TYPE", None) != "multiple_choice":
             continue
