@@ -56,7 +56,8 @@ def _eval_flags(sub: argparse.ArgumentParser) -> None:
                                           "(default: this config's pretrain stage, val bits-per-byte only)")
     sub.add_argument("--tasks", help="comma-separated: bpb, arc_easy, arc_challenge, hellaswag, mmlu, truthfulqa_mc1, "
                                      "truthfulqa_mc2, gsm8k, humaneval, mt_bench, domain, groups arc|truthfulqa|standard")
-    sub.add_argument("--limit", type=int, help="evaluate the first N items of each task")
+    sub.add_argument("--limit", type=int, help="evaluate the first N items of each task (per task: mmlu's 57 "
+                                                 "subjects give 57 x N items)")
     sub.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
     sub.add_argument("--benchmark-data", help="local benchmark folder (the layout of shared/data/benchmarks)")
     sub.add_argument("--actors", type=int, help="evaluation actors")

@@ -518,13 +518,25 @@ class FinetuneConfig(Section):
 
 
 class EvalExtraTask(Section):
-    """A multiple-choice benchmark in a known layout, added by configuration alone."""
+    """A benchmark added by configuration alone: a multiple-choice layout (arc, mmlu, hellaswag) or a
+    scoring shape (partial, cloze, generation) of a jsonl file; see raylm/eval/tasks.py."""
 
     name: str
-    layout: Literal["arc", "mmlu", "hellaswag"]
+    layout: Literal["arc", "mmlu", "hellaswag", "partial", "cloze", "generation"]
     path: str
     fewshot_path: str | None = None
     description: str | None = None
+    fields: dict[str, str | list[str]] | None = Field(
+        None, description="the layout's field -> the file's field (a list: fields gathered into one list), e.g. "
+                          "{query: goal, choices: [sol1, sol2], gold: label}")
+    gold_base: Literal[0, 1] = Field(0, description="gold indices in the file count from 0 or 1")
+    target_delimiter: str = Field(" ", description="between context and continuation / choice")
+    prompt: str | None = Field(None, description="generation: jinja prompt over `query` (default 'Question: "
+                                                 "{{query}}\\nAnswer:')")
+    answer_pattern: str | None = Field(None, description="generation: regex whose first match (group) is the "
+                                                         "answer, in the output and the reference (default: "
+                                                         "'#### (number)', GSM8K's)")
+    until: list[str] | None = Field(None, description="generation: stop sequences (default blank line, 'Question:')")
 
     _exists = field_validator("path", "fewshot_path")(lambda path: None if path is None else _existing_absolute_path(path))
 
@@ -532,9 +544,10 @@ class EvalExtraTask(Section):
 class EvalConfig(Section):
     tasks: list[str] = Field(default_factory=lambda: ["bpb"],
                              description="bpb, arc_easy, arc_challenge, hellaswag, mmlu, mmlu_<subject>, truthfulqa_mc1, "
-                                         "truthfulqa_mc2, gsm8k, humaneval, mt_bench, domain, an extra task, or a group "
-                                         "(arc, truthfulqa, standard)")
-    limit: int | None = Field(None, gt=0)
+                                         "truthfulqa_mc2, gsm8k, humaneval, mt_bench, domain, an extra task, a task of "
+                                         "task_paths, or a group (arc, truthfulqa, standard)")
+    limit: int | None = Field(None, gt=0, description="the first N items of each task (per task: MMLU's 57 "
+                                                       "subjects give 57 x N items)")
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(16, gt=0)
     actors: int = Field(1, gt=0, description="evaluation actors (each loads the checkpoint once)")
@@ -557,6 +570,8 @@ class EvalConfig(Section):
     judge_model: str = "gpt-4"
     max_gen_toks: int = Field(256, gt=0)
     extra_tasks: list[EvalExtraTask] = Field(default_factory=list)
+    task_paths: list[str] = Field(default_factory=list, description="lm-eval task YAMLs (files or folders), their "
+                                                                    "data in local files; run by their task names")
     seed: int = 0
 
     @field_validator("benchmark_data", "contamination_index", "domain_data")
@@ -564,7 +579,7 @@ class EvalConfig(Section):
     def _paths_exist(cls, path: str | None) -> str | None:
         return None if path is None else _existing_absolute_path(path)
 
-    @field_validator("text_files")
+    @field_validator("text_files", "task_paths")
     @classmethod
     def _files_exist(cls, paths: list[str]) -> list[str]:
         return [_existing_absolute_path(path) for path in paths]

@@ -78,6 +78,38 @@ def quiet() -> bool:
     return _quiet
 
 
+@contextmanager
+def chatter_to_log(progress_logger: str) -> Iterator[None]:
+    """Unless --verbose: while the block runs, whatever the process writes to its stderr (fd 2) goes to
+    the run log (a library's log records and progress bars, a subprocess's complaints), and records of
+    `progress_logger` still reach the console, one line each. Without a run log, or verbose: no change."""
+    if _handler is None or not _quiet or _log_path is None:
+        yield
+        return
+    logger = logging.getLogger(progress_logger)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log_fd = os.open(_log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    console = logging.StreamHandler(os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8"))
+    console.setFormatter(OneLineFormatter(logging.Formatter("%(message)s")))
+    propagate = logger.propagate
+    logger.propagate = False  # the root's console handler writes to fd 2, now the log: no second copy
+    logger.addHandler(console)
+    logger.addHandler(_handler)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        logger.removeHandler(console)
+        logger.removeHandler(_handler)
+        logger.propagate = propagate
+        console.close()
+
+
 def open_run_log(workspace_root: str, command: str, verbose: bool) -> str:
     """Send every log record to a new log file and, unless `verbose`, keep console records to one line."""
     global _log_path

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from eval_helpers import make_checkpoint, write_long_quiz
+from eval_helpers import make_checkpoint, write_long_quiz, write_shapes
 from raylm.cli import main
 
 
@@ -17,10 +18,14 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     index = tmp_path / "index.json"
     index.write_text('{"ngram": 13, "contaminated_documents": 1, "tasks": {"arc_easy": ["arc_easy/1"]}}')
     quiz = write_long_quiz(tmp_path / "long_quiz.jsonl")  # items longer than the context: issue 21
-    code = main(["eval", "--workspace", str(workspace_dir), "--checkpoint", str(checkpoint), "--tasks",
-                 "arc_easy,long_quiz", "--limit", "3", "--benchmark-data", str(shared_data / "benchmarks"),
-                 "--contamination-index", str(index), "--text-file", str(text), "--set", "eval.batch_size=4",
-                 "--set", f"eval.extra_tasks=[{{name: long_quiz, layout: arc, path: {quiz}}}]"])
+    extra, paths, shapes = write_shapes(tmp_path / "shapes")  # every scoring shape, by configuration alone
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"eval": {"extra_tasks": [{"name": "long_quiz", "layout": "arc", "path": str(quiz)},
+                                                               *extra], "task_paths": paths, "max_gen_toks": 8}}))
+    code = main(["eval", "--config", str(config), "--workspace", str(workspace_dir), "--checkpoint", str(checkpoint),
+                 "--tasks", ",".join(["arc_easy", "long_quiz", *shapes]), "--limit", "3", "--benchmark-data",
+                 str(shared_data / "benchmarks"), "--contamination-index", str(index), "--text-file", str(text),
+                 "--set", "eval.batch_size=4"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "arc_easy" in printed and "MLflow run" in printed
@@ -32,6 +37,10 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     assert metrics["arc_easy/n_contaminated"] == 1
     assert (metrics["long_quiz/n_items"], metrics["long_quiz/truncated"], metrics["long_quiz/windowed"]) == (3, 2, 1)
     assert "arc_easy/truncated" in metrics
+    assert {f"{task}/n_items" for task in shapes} <= set(metrics) and "my_lambada/perplexity" in metrics
+    (log_file,) = (workspace_dir / "logs").glob("eval-*.log")  # progress by request type, in the run log too
+    assert "eval: loglikelihood: " in log_file.read_text() and "my_wino 6" in log_file.read_text()
+    assert all(metrics[f"{task}/truncated"] == 1 for task in shapes)
     summary = open(client.download_artifacts(run_id, "summary.md", str(tmp_path))).read()
     assert "truncated" in summary.splitlines()[0] and "bpb/notes.txt: " in summary and str(text) in summary
     assert run.data.tags["raylm.checkpoint"] == str(checkpoint)
@@ -55,6 +64,11 @@ def _bad_inputs(tmp_path):
         path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
         configs[name] = tmp_path / f"{name}.yaml"
         configs[name].write_text(f"eval:\n  extra_tasks: [{{name: quiz, layout: arc, path: {path}}}]\n")
+    one_choice = tmp_path / "one_choice.jsonl"  # a cloze task in disguise: would score 1.0 as multiple choice
+    one_choice.write_text(json.dumps({"goal": "Q?", "sols": ["only"], "label": 0}) + "\n")
+    configs["one_choice"] = tmp_path / "one_choice.yaml"
+    configs["one_choice"].write_text(f"eval:\n  extra_tasks: [{{name: quiz, layout: arc, path: {one_choice}, "
+                                     f"fields: {{query: goal, choices: sols, gold: label}}}}]\n")
     csv_file = tmp_path / "quiz.csv"
     csv_file.write_text("q,a,b,c,d,A\nq2,a,b,c,D\n")
     configs["columns"] = tmp_path / "columns.yaml"
@@ -70,6 +84,8 @@ def _bad_inputs(tmp_path):
         "missing field": (["eval", "--config", str(configs["missing_field"]), *quiz], "missing_field.jsonl:2: missing field 'gold'"),
         "bad json line": (["eval", "--config", str(configs["bad_json"]), *quiz], "bad_json.jsonl:2: not valid JSON"),
         "column count": (["eval", "--config", str(configs["columns"]), *quiz], "quiz.csv:2: 5 columns; expected 6"),
+        "one-choice task": (["eval", "--config", str(configs["one_choice"]), *quiz],
+                            "(quiz): " + str(one_choice) + ":1: 'sols' has 1 option; a one-choice item"),
         "missing benchmark folder": (["eval", "--checkpoint", checkpoint, "--tasks", "arc_easy", "--benchmark-data",
                                       str(tmp_path / "nope")], "--benchmark-data"),
         "benchmark folder without the task": (["eval", "--checkpoint", checkpoint, "--tasks", "arc_easy",
@@ -87,6 +103,7 @@ def bad_inputs(tmp_path_factory):
 
 
 CASES = ["missing checkpoint", "not a checkpoint", "unknown task", "missing field", "bad json line", "column count",
+         "one-choice task",
          "missing benchmark folder", "benchmark folder without the task", "missing text file", "missing base", "no --from"]
 
 

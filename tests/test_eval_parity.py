@@ -57,3 +57,37 @@ def test_same_predictions_and_scores_as_lm_eval_hf(shared_data, tmp_path):
     # generation: same greedy text before the stop sequences
     a, b = _rows(ours_results["files"]["gsm8k"]), _rows(theirs_results["files"]["gsm8k"])
     assert [x["resps"] for x in a] == [y["resps"] for y in b]
+
+
+@pytest.mark.slow
+def test_every_scoring_shape_matches_lm_eval_hf(tmp_path):
+    """Issue 21: each shape added by configuration (per-choice contexts, cloze, generation, renamed fields,
+    a task YAML by path), each with an item longer than the context, gives lm-eval's `hf` backend's
+    predictions on the exported model."""
+    from lm_eval.models.huggingface import HFLM
+
+    from eval_helpers import write_shapes
+    from raylm.eval.lm import RaylmLM
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt", seq_len=96)
+    hf = HFLM(pretrained=export(checkpoint, tmp_path / "hf"), device="cpu", batch_size=4, max_length=96)
+    extra, paths, names = write_shapes(tmp_path / "data")
+    settings = EvalSettings(tasks=names, extra_tasks=extra, task_paths=paths, max_gen_toks=8,
+                            gen_kwargs={"max_gen_toks": 8})
+    theirs = evaluate_checkpoint(str(checkpoint), settings, str(tmp_path / "hf_out"), lm=hf)
+    ours = evaluate_checkpoint(str(checkpoint), settings, str(tmp_path / "raylm_out"),
+                               lm=RaylmLM(checkpoint=str(checkpoint), batch_size=4, max_gen_toks=8))
+    for task in names:
+        a, b = _rows(ours["files"][task]), _rows(theirs["files"][task])
+        assert len(a) == len(b) == 3, task
+        for x, y in zip(a, b):
+            if task == "my_gsm":
+                assert x["resps"] == y["resps"] and x["filtered_resps"] == y["filtered_resps"], task
+                continue
+            responses = x["filtered_resps"] if isinstance(x["filtered_resps"][0], list) else [x["filtered_resps"]]
+            theirs_responses = y["filtered_resps"] if isinstance(y["filtered_resps"][0], list) else [y["filtered_resps"]]
+            ll_x, ll_y = [float(v[0]) for v in responses], [float(v[0]) for v in theirs_responses]
+            assert ll_x == pytest.approx(ll_y, abs=2e-4), task
+            assert ll_x.index(max(ll_x)) == ll_y.index(max(ll_y)), task
+            assert [bool(v[1]) for v in responses] == [bool(v[1]) for v in theirs_responses], task  # greedy
+        assert ours["tasks"][task]["all"] == pytest.approx(theirs["tasks"][task]["all"], rel=1e-4), task

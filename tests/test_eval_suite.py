@@ -48,6 +48,8 @@ def test_mmlu_group_five_shot(shared_data, checkpoint, lm, tmp_path):
     subjects = [t for t in results["tasks"] if t.startswith("mmlu_")]
     assert len(subjects) == 57
     assert results["tasks"]["mmlu"]["n_items"] == 57
+    order = [row["task"] for row in results["summary"]]  # the aggregate first, its 57 subjects after
+    assert order[0] == "mmlu" and order[1:] == results["groups"]["mmlu"] and len(order) == 58
     sample = json.loads(open(results["files"]["mmlu_anatomy"]).readline())
     prompt = sample["arguments"]["gen_args_0"]["arg_0"] if isinstance(sample["arguments"], dict) else sample["arguments"][0][0]
     assert prompt.count("Answer:") == 6  # five dev examples, then the question

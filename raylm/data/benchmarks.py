@@ -14,6 +14,13 @@ Layouts (see the data folder's README):
 - HumanEval (gzip jsonl): `{"task_id", "prompt", "canonical_solution", "test", "entry_point"}`
 - MT-Bench (jsonl): `{"question_id", "category", "turns": [...]}`
 
+Scoring shapes a user's own jsonl can take (`read_shape`), each under the field names its file uses
+(`fields`: shape field -> the file's field, or a list of fields gathered into one list):
+- `arc` (multiple choice, shared context): `query`, `choices`, `gold`
+- `partial` (per-choice contexts, one continuation; WinoGrande's): `context_options`, `continuation`, `gold`
+- `cloze` (last word / continuation, LAMBADA's): `context`, `continuation`
+- `generation` (free answer, exact match; GSM8K's): `query`, `answer`
+
 A file that does not parse, or a record without a field its layout needs, raises `BenchmarkFileError`
 naming the file, the line and what was expected.
 """
@@ -87,6 +94,80 @@ def read_arc(path: Path, task: str) -> Iterator[BenchmarkItem]:
             yield {"question": raw["query"].removeprefix("Question:").strip(), "choices": list(raw["choices"]),
                    "gold": raw["gold"]}
     return _items(task, records(), lambda r: " ".join([r["question"], *r["choices"]]))
+
+
+SHAPE_FIELDS = {
+    "arc": ("query", "choices", "gold"),
+    "partial": ("context_options", "continuation", "gold"),
+    "cloze": ("context", "continuation"),
+    "generation": ("query", "answer"),
+}
+OPTIONS = {"arc": "choices", "partial": "context_options"}  # the field a gold index points into
+LETTERS = "ABCDEFGHIJ"
+
+
+def _gold_index(gold: Any, options: list[str], base: int) -> int | None:
+    """An index into `options` from an int, a digit string, a letter (A, B, ...) or the right option's text."""
+    if type(gold) is int or (isinstance(gold, str) and gold.strip().isdigit()):
+        index = int(gold) - base
+    elif isinstance(gold, str) and len(gold.strip()) == 1 and gold.strip() in LETTERS:
+        index = LETTERS.index(gold.strip())
+    elif isinstance(gold, str) and gold in options:
+        index = options.index(gold)
+    else:
+        return None
+    return index if 0 <= index < len(options) else None
+
+
+def shape_record(raw: dict[str, Any], shape: str, fields: dict[str, str | list[str]],
+                 gold_base: int = 0) -> dict[str, Any] | str:
+    """One file record in a scoring shape's own field names, or what is wrong with it."""
+    record = {name: raw[source] if isinstance(source, str) else [raw[s] for s in source]
+              for name, source in fields.items()}
+    options = OPTIONS.get(shape)
+    if options:
+        values = record[options]
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            return f"{fields[options]!r} is {type(values).__name__}; expected a list of strings"
+        if len(values) < 2:
+            return (f"{fields[options]!r} has {len(values)} option; a one-choice item is not multiple choice "
+                    f"(it would always score 1.0): use layout cloze for a single continuation")
+        index = _gold_index(record["gold"], values, gold_base)
+        if index is None:
+            return (f"gold {record['gold']!r} ({fields['gold']!r}) is not an index (from {gold_base}), a letter or "
+                    f"the text of one of the {len(values)} options")
+        record["gold"] = index
+    for name in ("query", "context", "continuation"):
+        if name in record and not isinstance(record[name], str):
+            return f"{fields[name]!r} is {type(record[name]).__name__}; expected a string"
+    if shape == "cloze" and not record["continuation"]:
+        return f"{fields['continuation']!r} is empty"
+    if "answer" in record:
+        record["answer"] = str(record["answer"])
+    return record
+
+
+def read_shape(path: Path, task: str, shape: str, fields: dict[str, str | list[str]] | None = None,
+               gold_base: int = 0) -> Iterator[BenchmarkItem]:
+    """A jsonl file in one of `SHAPE_FIELDS`' shapes; `fields` renames (shape field -> file field)."""
+    mapping = {name: (fields or {}).get(name, name) for name in SHAPE_FIELDS[shape]}
+    needed = tuple(dict.fromkeys(f for source in mapping.values() for f in ([source] if isinstance(source, str) else source)))
+
+    def problem(raw: dict[str, Any]) -> str | None:
+        record = shape_record(raw, shape, mapping, gold_base)
+        return record if isinstance(record, str) else None
+
+    def records():
+        for raw in _jsonl(path, needed, problem):
+            record = shape_record(raw, shape, mapping, gold_base)
+            if shape == "arc":
+                record["question"] = record.pop("query").removeprefix("Question:").strip()
+            yield record
+
+    def text(record: dict[str, Any]) -> str:
+        parts = [record.get(name) for name in ("question", "query", "context", "continuation", "answer")]
+        return " ".join([*(p for p in parts if p), *record.get("choices", []), *record.get("context_options", [])])
+    return _items(task, records(), text)
 
 
 def read_hellaswag(path: Path, task: str = "hellaswag") -> Iterator[BenchmarkItem]:

@@ -19,6 +19,8 @@ import ray
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 
+from raylm.eval.progress import PROGRESS_BATCHES, Progress
+
 
 class EvalActor:
     """One model replica. Created through `ray.remote` with the pool's resources."""
@@ -85,24 +87,35 @@ class ActorPoolLM(LM):
         self.planner = RaylmLM.planner(checkpoint, batch_size, max_gen_toks, shared)
         self.checkpoint, self.resources = checkpoint, resources
 
-    def _spread(self, method: str, batches: list, cost, *arguments: Any) -> dict[int, Any]:
+    def _spread(self, method: str, batches: list, cost, *arguments: Any, progress: Any = None) -> dict[int, Any]:
+        """Each actor's share of the batches, sent a few batches per call (an actor runs its calls in
+        order, so the numbers are the same) so that `progress` hears as parts come back."""
         refs = [ray.put(argument) for argument in arguments]
         shares = assign([float(cost(b)) for b in batches], len(self.actors))
-        futures = [getattr(actor, method).remote(*refs, [batches[i] for i in share])
-                   for actor, share in zip(self.actors, shares) if share]
+        rows = {}
+        for actor, share in zip(self.actors, shares):
+            for start in range(0, len(share), PROGRESS_BATCHES):
+                part = [batches[i] for i in share[start:start + PROGRESS_BATCHES]]
+                rows[getattr(actor, method).remote(*refs, part)] = sum(len(_flat(b[1]) if isinstance(b, tuple) else b)
+                                                                       for b in part)
         results: dict[int, Any] = {}
-        for part in ray.get(futures):
-            results.update(part)
+        pending = list(rows)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            results.update(ray.get(done[0]))
+            if progress is not None:
+                progress.advance(rows[done[0]])
         return results
 
-    def _loglikelihood(self, encoded: list[tuple], shared: bool | None = None) -> dict[int, tuple[float, bool]]:
+    def _loglikelihood(self, encoded: list[tuple], shared: bool | None = None,
+                       progress: Any = None) -> dict[int, tuple[float, bool]]:
         # deferred: pulls in torch, slow to import; only this path needs it
         from raylm.eval.lm import join_pieces, split_long_requests
 
         pieces, owners = split_long_requests(encoded, self.planner.max_length)
         batches = self.planner.plan_loglikelihood(pieces, shared)
         tokens = lambda batch: sum(len(pieces[i][1]) + len(pieces[i][2]) for i in _flat(batch[1]))  # noqa: E731
-        return join_pieces(self._spread("run_loglikelihood", batches, tokens, pieces), owners)
+        return join_pieces(self._spread("run_loglikelihood", batches, tokens, pieces, progress=progress), owners)
 
     @property
     def long_items(self) -> dict[str, dict[str, set]]:
@@ -114,7 +127,9 @@ class ActorPoolLM(LM):
 
         encoded = self.planner.encode_loglikelihood([tuple(req.args) for req in requests])
         record_long_items(self.planner.long_items, requests, encoded, self.planner.max_length)
-        results = self._loglikelihood(encoded)
+        progress = Progress("loglikelihood", requests)
+        results = self._loglikelihood(encoded, progress=progress)
+        progress.finish()
         out = [tuple(results[i]) for i in range(len(requests))]
         for req, value in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", req.args, value)
@@ -125,16 +140,23 @@ class ActorPoolLM(LM):
         from raylm.eval.lm import rolling_totals
 
         windows, owners = self.planner.rolling_windows([req.args[0] for req in requests])
-        return rolling_totals(requests, owners, self._loglikelihood(windows, shared=False), self.cache_hook)
+        progress = Progress("loglikelihood_rolling", requests, rows=len(windows))
+        scored = self._loglikelihood(windows, shared=False, progress=progress)
+        progress.finish()
+        return rolling_totals(requests, owners, scored, self.cache_hook)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         # deferred: pulls in torch, slow to import; only this path needs it
         from raylm.eval.generation import plan_generation
+        from raylm.eval.lm import record_long_prompts
 
         jobs = self.planner.generation_jobs([tuple(req.args) for req in requests], self.planner.max_gen_toks)
+        record_long_prompts(self.planner.long_items, requests, jobs, self.planner.tok_encode, self.planner.max_length)
         encoded, batches = plan_generation(self.planner, jobs)
         cost = lambda batch: sum(len(encoded[i]) + jobs[i][2] for i in batch)  # noqa: E731
-        results = self._spread("run_generation", batches, cost, jobs, encoded)
+        progress = Progress("generate_until", requests)
+        results = self._spread("run_generation", batches, cost, jobs, encoded, progress=progress)
+        progress.finish()
         out = [results[i] for i in range(len(requests))]
         for req, text in zip(requests, out):
             self.cache_hook.add_partial("generate_until", req.args, text)

@@ -86,6 +86,11 @@ def _metric_values(sample: dict[str, Any]) -> dict[str, float]:
     return values
 
 
+# A sample's value is not always the metric itself: lm-eval's `perplexity` sample is a log-likelihood,
+# aggregated as exp(-mean) (its `perplexity` aggregation).
+AGGREGATE = {"perplexity": lambda mean_loglikelihood: math.exp(-mean_loglikelihood)}
+
+
 def split_scores(samples: Iterable[dict[str, Any]], index: dict[str, set[str]] | None) -> dict[str, Any]:
     """Per metric (`metric,filter`): mean over all samples and over clean ones, with the counts."""
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0.0, 0])
@@ -109,6 +114,7 @@ def split_scores(samples: Iterable[dict[str, Any]], index: dict[str, set[str]] |
                            "n_clean": len(ids_all) - len(ids_dirty) if checked else None, "checked": checked,
                            "metrics": {}}
     for key, (total, count, clean_total, clean_count) in sums.items():
-        out["metrics"][key] = {"all": total / count if count else math.nan,
-                               "clean": clean_total / clean_count if clean_count and checked else math.nan}
+        aggregate = AGGREGATE.get(key.split(",")[0], lambda mean: mean)
+        out["metrics"][key] = {"all": aggregate(total / count) if count else math.nan,
+                               "clean": aggregate(clean_total / clean_count) if clean_count and checked else math.nan}
     return out

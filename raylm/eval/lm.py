@@ -13,7 +13,8 @@ conversion step. It implements lm-eval's three request types:
   A continuation longer than the context length itself (where lm-eval's `hf` model stops on an
   assertion) is scored in disjoint windows, each with as much of what precedes it as fits, and the
   windows' log-likelihoods summed. Per task, the items whose context was cut (`truncated`) and whose
-  continuation needed windows (`windowed`) are counted in `long_items` (`record_long_items`).
+  continuation needed windows (`windowed`) are counted in `long_items` (`record_long_items`; a
+  generation prompt cut to fit, `record_long_prompts`).
 - `loglikelihood_rolling`: lm-eval's disjoint rolling windows of the model's context length, for
   perplexity and bits-per-byte of whole documents.
 - `generate_until`: greedy, batched decoding with the model's KV cache, stopped at the first stop
@@ -39,6 +40,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from raylm.data.tokenizer import tokenizer_from_json
 from raylm.eval.generation import generate_texts
+from raylm.eval.progress import PROGRESS_BATCHES, Progress
 from raylm.train.checkpoint import load_model, load_model_config, load_tokenizer_json, local_checkpoint
 
 log = logging.getLogger("raylm")
@@ -146,6 +148,16 @@ def record_long_items(counts: dict[str, dict[str, set]], instances: list[Any],
             entry["truncated"].add(instance.doc_id)
         if len(continuation) > max_length:
             entry["windowed"].add(instance.doc_id)
+
+
+def record_long_prompts(counts: dict[str, dict[str, set]], instances: list[Any],
+                        jobs: list[tuple[str, list[str], int]], encode: Any, max_length: int) -> None:
+    """Add to `counts[task]["truncated"]` the documents whose generation prompt is left-truncated so that
+    it and the tokens to generate fit the window (`raylm.eval.generation.plan_generation`)."""
+    for instance, (context, _, max_new) in zip(instances, jobs):
+        if len(encode(context)) > max(1, max_length - max_new):
+            task = getattr(instance, "task_name", None) or "(untasked)"
+            counts.setdefault(task, {"truncated": set(), "windowed": set()})["truncated"].add(instance.doc_id)
 
 
 def long_item_counts(counts: dict[str, dict[str, set]]) -> dict[str, dict[str, int]]:
@@ -324,12 +336,27 @@ class RaylmLM(TemplateLM):
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         encoded = self.encode_loglikelihood([tuple(req.args) for req in requests])
         record_long_items(self.long_items, requests, encoded, self.max_length)
-        return self._loglikelihood_tokens(encoded)
+        progress = Progress("loglikelihood", requests)
+        results = self._loglikelihood_tokens(encoded, progress=progress)
+        progress.finish()
+        return results
+
+    def run_with_progress(self, requests: list[tuple[Any, list[int], list[int]]], batches: list[Batch],
+                          progress: Progress | None) -> dict[int, tuple[float, bool]]:
+        """`run_loglikelihood`, a few batches at a time, telling `progress` how many rows are scored."""
+        results: dict[int, tuple[float, bool]] = {}
+        for start in range(0, len(batches), PROGRESS_BATCHES):
+            chunk = batches[start:start + PROGRESS_BATCHES]
+            results.update(self.run_loglikelihood(requests, chunk))
+            if progress is not None:
+                progress.advance(sum(len(members) for _, members in chunk))
+        return results
 
     def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
-                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+                              disable_tqdm: bool = False, progress: Progress | None = None,
+                              **kwargs: Any) -> list[tuple[float, bool]]:
         pieces, owners = split_long_requests(requests, self.max_length)
-        results = join_pieces(self.run_loglikelihood(pieces, self.plan_loglikelihood(pieces)), owners)
+        results = join_pieces(self.run_with_progress(pieces, self.plan_loglikelihood(pieces), progress), owners)
         for i, request in enumerate(requests):
             if request[0] is not None:
                 self.cache_hook.add_partial("loglikelihood", request[0], results[i])
@@ -348,8 +375,10 @@ class RaylmLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         windows, owners = self.rolling_windows([req.args[0] for req in requests])
+        progress = Progress("loglikelihood_rolling", requests, rows=len(windows))
         # Rolling windows never share a context: they all go the plain path.
-        scored = self.run_loglikelihood(windows, self.plan_loglikelihood(windows, shared=False))
+        scored = self.run_with_progress(windows, self.plan_loglikelihood(windows, shared=False), progress)
+        progress.finish()
         return rolling_totals(requests, owners, scored, self.cache_hook)
 
     # ---- generation -----------------------------------------------------------------------------
@@ -364,7 +393,11 @@ class RaylmLM(TemplateLM):
         return jobs
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        outputs = generate_texts(self, self.generation_jobs([req.args for req in requests], self.max_gen_toks))
+        progress = Progress("generate_until", requests)
+        jobs = self.generation_jobs([req.args for req in requests], self.max_gen_toks)
+        record_long_prompts(self.long_items, requests, jobs, self.tok_encode, self.max_length)
+        outputs = generate_texts(self, jobs)
+        progress.finish()
         for req, text in zip(requests, outputs):
             self.cache_hook.add_partial("generate_until", req.args, text)
         return outputs

@@ -20,6 +20,7 @@ from typing import Any
 from raylm import tracking
 from raylm.eval.contamination import load_index, split_scores
 from raylm.eval.domain import build_items, read_texts, write_domain_task
+from raylm.eval.progress import LOGGER as PROGRESS_LOGGER
 from raylm.eval.sandbox import (
     SandboxLimits,
     allow_code_execution,
@@ -34,8 +35,10 @@ from raylm.eval.tasks import (
     EvalInputError,
     ExtraTask,
     build_local_suite,
+    check_choices,
     expand_tasks,
 )
+from raylm.failure import chatter_to_log
 
 log = logging.getLogger("raylm")
 
@@ -67,6 +70,7 @@ class EvalSettings:
     judge_model: str = "gpt-4"
     max_gen_toks: int = 256
     extra_tasks: list[dict[str, Any]] = field(default_factory=list)
+    task_paths: list[str] = field(default_factory=list)  # lm-eval task YAMLs (files or folders)
     seed: int = 0
     gen_kwargs: dict[str, Any] | None = None  # overrides every generation task's own (e.g. max_gen_toks)
 
@@ -170,12 +174,13 @@ def prepare_tasks(settings: EvalSettings, out_dir: str) -> PreparedTasks:
     index = load_index(settings.contamination_index) if settings.contamination_index else None
     lm_tasks = [t for t in tasks if t not in RAYLM_TASKS]
     prepared = PreparedTasks(tasks=tasks, lm_tasks=lm_tasks, index=index, isolation=isolation)
-    if settings.benchmark_data or "domain" in tasks or extras:
-        if lm_tasks and not settings.benchmark_data and not all(t in {e.name for e in extras} for t in lm_tasks):
+    if settings.benchmark_data or "domain" in tasks or extras or settings.task_paths:
+        suite = build_local_suite(settings.benchmark_data or ".", out / "tasks", lm_tasks, extras,
+                                  settings.limit, settings.num_fewshot, settings.task_paths)
+        local = {e.name for e in extras} | set(suite.path_tasks)
+        if lm_tasks and not settings.benchmark_data and not all(t in local for t in lm_tasks):
             raise EvalInputError("--benchmark-data / eval.benchmark_data is needed to run standard tasks together "
                                  "with local ones")
-        suite = build_local_suite(settings.benchmark_data or ".", out / "tasks", lm_tasks, extras,
-                                  settings.limit, settings.num_fewshot)
         if "domain" in tasks:
             if not settings.domain_data:
                 raise EvalInputError("eval.domain_data: the domain task needs held-out text (the curated val split)")
@@ -183,6 +188,10 @@ def prepare_tasks(settings: EvalSettings, out_dir: str) -> PreparedTasks:
             suite.tasks.append(write_domain_task(items, out / "tasks"))
         prepared.lm_tasks = suite.tasks
         prepared.task_manager = suite.task_manager()
+        used = {name: path for name, path in suite.path_tasks.items() if name in suite.tasks}
+        if used:
+            with chatter_to_log(PROGRESS_LOGGER):  # lm-eval loads the tasks: its chatter goes to the run log
+                check_choices(prepared.task_manager, used)
         if "mmlu" in suite.tasks:
             prepared.groups["mmlu"] = sorted(t for t in suite.source_task if t.startswith("mmlu_"))
     elif any(t not in LM_EVAL_TASKS for t in lm_tasks):  # lm-eval's own registry (downloads its data)
@@ -212,7 +221,8 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
                                                     prepared.groups, prepared.index)
     out = Path(out_dir)
     started = time.perf_counter()
-    lm = lm if lm is not None else make_model(checkpoint, settings, in_process)
+    with chatter_to_log(PROGRESS_LOGGER):  # the actors' start-up warnings, like lm-eval's, to the run log
+        lm = lm if lm is not None else make_model(checkpoint, settings, in_process)
     long_items = getattr(lm, "long_items", None)  # raylm's models count over-long items per task
     if long_items is not None:
         long_items.clear()
@@ -221,12 +231,13 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
         results["sandbox_isolation"] = prepared.isolation
 
     if lm_tasks:
-        evaluated = lm_eval.simple_evaluate(
-            model=lm, tasks=lm_tasks, task_manager=task_manager, limit=settings.limit, num_fewshot=settings.num_fewshot,
-            log_samples=True, confirm_run_unsafe_code=settings.allow_code_execution, bootstrap_iters=0,
-            gen_kwargs=settings.gen_kwargs,
-            random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
-            fewshot_random_seed=settings.seed)
+        with chatter_to_log(PROGRESS_LOGGER):  # unless --verbose, lm-eval's chatter goes to the run log
+            evaluated = lm_eval.simple_evaluate(
+                model=lm, tasks=lm_tasks, task_manager=task_manager, limit=settings.limit, num_fewshot=settings.num_fewshot,
+                log_samples=True, confirm_run_unsafe_code=settings.allow_code_execution, bootstrap_iters=0,
+                gen_kwargs=settings.gen_kwargs,
+                random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
+                fewshot_random_seed=settings.seed)
         samples = evaluated.get("samples", {})
         for task, samples_of_task in samples.items():
             path = out / "samples" / f"{task}.jsonl"
@@ -234,6 +245,8 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
                 for sample in samples_of_task:
                     handle.write(json.dumps(sample, default=_json_default, ensure_ascii=False) + "\n")
             results["files"][task] = str(path)
+        groups = {**{g: list(m) for g, m in (evaluated.get("group_subtasks") or {}).items() if m}, **groups}
+        results["groups"] = groups
         for group, members in groups.items():
             samples[group] = [s for m in members for s in samples.get(m, [])]
         for task in list(evaluated["results"]):
@@ -290,9 +303,23 @@ def main_metric(entry: dict[str, Any]) -> str | None:
     return next(iter(entry.get("all", {})), None)
 
 
+def summary_order(results: dict[str, Any]) -> list[str]:
+    """Tasks and group aggregates first (MMLU, ARC, TruthfulQA, ...), then each group's members (subjects)."""
+    members = [m for group in results.get("groups", {}).values() for m in group if m in results["tasks"]]
+    return [t for t in results["tasks"] if t not in members] + list(dict.fromkeys(members))
+
+
+def subject_rows(results: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The summary's rows split into (tasks and group aggregates, group members)."""
+    members = {m for group in results.get("groups", {}).values() for m in group}
+    return ([r for r in results["summary"] if r["task"] not in members],
+            [r for r in results["summary"] if r["task"] in members])
+
+
 def summary_rows(results: dict[str, Any], with_index: bool) -> list[dict[str, Any]]:
     rows = []
-    for task, entry in results["tasks"].items():
+    for task in summary_order(results):
+        entry = results["tasks"][task]
         key = main_metric(entry)
         row = {"task": task, "metric": key.replace(",none", "") if key else "", "n_items": entry.get("n_items", 0),
                "score": entry["all"].get(key) if key else None}
@@ -318,8 +345,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def summary_text(results: dict[str, Any]) -> str:
-    """The summary table, and the HumanEval sandbox's isolation level where HumanEval ran."""
-    table = format_table(results["summary"])
+    """The summary table (tasks and group aggregates, then each group's members), bits-per-byte, and the
+    HumanEval sandbox's isolation level where HumanEval ran."""
+    top, members = subject_rows(results)
+    table = format_table(top) if top else ""
+    for group, names in results.get("groups", {}).items():
+        rows = [r for r in members if r["task"] in names]
+        if rows:
+            table += f"\n\n### {group}: {len(rows)} subtasks\n\n" + format_table(rows)
+    table = table.strip("\n")
     if results.get("bpb"):
         table += "\n\n" + "\n".join(f"{key}: {value['bpb']:.4f} bits per byte of {value['file']}"
                                      for key, value in results["bpb"].items())
@@ -328,7 +362,16 @@ def summary_text(results: dict[str, Any]) -> str:
     return table
 
 
-def bar_chart(rows: list[dict[str, Any]], path: str) -> str | None:
+def score_charts(results: dict[str, Any], out_dir: str) -> list[str]:
+    """`scores.png`: one bar per task or group aggregate (clean items beside all items where an index
+    was given); `scores_subtasks.png`: the groups' members (MMLU's subjects)."""
+    top, members = subject_rows(results)
+    charts = [bar_chart(top, os.path.join(out_dir, "scores.png"), "tasks and group aggregates"),
+              bar_chart(members, os.path.join(out_dir, "scores_subtasks.png"), "subtasks of the groups")]
+    return [chart for chart in charts if chart]
+
+
+def bar_chart(rows: list[dict[str, Any]], path: str, title: str | None = None) -> str | None:
     scored = [r for r in rows if isinstance(r.get("score"), (int, float))]
     if not scored:
         return None
@@ -346,7 +389,10 @@ def bar_chart(rows: list[dict[str, Any]], path: str) -> str | None:
     if any("clean" in r for r in scored):
         ax.barh([i - 0.2 for i in y], [r.get("clean") or 0 for r in scored], height=0.4, label="clean items")
     ax.set_yticks(list(y), names)
+    ax.invert_yaxis()  # the summary's order, top to bottom
     ax.set_xlabel("score")
+    if title:
+        ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -392,8 +438,7 @@ def log_to_mlflow(results: dict[str, Any], settings: EvalSettings, tracker: Any,
         tracking.log_text(table + "\n", "summary.md")
         tracking.log_table({k: [r.get(k) for r in results["summary"]] for k in
                             dict.fromkeys(k for r in results["summary"] for k in r)}, "summary.json")
-        chart = bar_chart(results["summary"], os.path.join(out_dir, "scores.png"))
-        if chart:
+        for chart in score_charts(results, out_dir):
             tracking.log_artifact(chart)
         tracking.log_dict({k: v for k, v in results.items() if k != "files"}, "results.json")
         return run.info.run_id
