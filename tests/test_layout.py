@@ -19,9 +19,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "raylm"
 ENTRY, PIPELINE, STAGES, PIECES, FOUNDATION = 4, 3, 2, 1, 0
 STAGE_MODULES = {"raylm.stage", "raylm.stage_plan", "raylm.plan", "raylm.tune", "raylm.data.curate",
                  "raylm.data.tokenize", "raylm.data.sft", "raylm.train.launch", "raylm.finetune.stage",
-                 "raylm.eval.suite", "raylm.eval.command"}
+                 "raylm.eval.suite", "raylm.eval.command", "raylm.report_stage"}
 FOUNDATION_MODULES = {"raylm", "raylm.config", "raylm.model.config", "raylm.storage", "raylm.gpus", "raylm.workspace",
-                      "raylm.artifacts", "raylm.runtime", "raylm.tracking", "raylm.failure"}
+                      "raylm.artifacts", "raylm.runtime", "raylm.tracking", "raylm.failure", "raylm.console"}
 
 
 def layer(module: str) -> int:
