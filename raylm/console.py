@@ -125,10 +125,10 @@ class TrainingProgress:
             self.stream.flush()
 
     def _watch(self) -> None:
-        # deferred: the MLflow client; only a run with a tracking store needs it
-        from mlflow.tracking import MlflowClient
+        # deferred: pulls in mlflow, slow to import; only a run with a tracking store needs it
+        from raylm import tracking
 
-        client = MlflowClient(self.tracking_uri)
+        client = tracking.client(self.tracking_uri)
         first: tuple[float, int] | None = None
         shown_step, shown_val, shown_at = -1, None, 0.0
         while not self._stop.wait(self.poll_s):
