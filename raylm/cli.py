@@ -41,11 +41,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _config_flags(parser: argparse.ArgumentParser, set_help: str,
+                  workspace_help: str = "workspace root (default: RAYLM_WORKSPACE or workspace.root)") -> None:
+    """--config, --set and --workspace: how every command that reads an experiment finds it."""
     parser.add_argument("--config", "-c", help="experiment YAML (default: configs/laptop.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
-    parser.add_argument("--workspace", "-w", help="workspace root (default: RAYLM_WORKSPACE or workspace.root)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    parser.add_argument("--workspace", "-w", help=workspace_help)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _config_flags(parser, "override a config value, e.g. --set train.lr=3e-4 (repeatable)")
     parser.add_argument("--force", action="append", default=[], metavar="STAGE", nargs="?", const="__self__",
                         help="rerun a finished stage (`--force` alone: this command's stage; `--force all`)")
     parser.add_argument("--verbose", "-v", action="store_true")
@@ -101,10 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _report_command(commands) -> None:
     text = "write the report card (report.md, report.html) of this config's finished stages (no Ray)"
     report = commands.add_parser("report", help=text, description=text)
-    report.add_argument("--config", "-c", help="experiment YAML (default: configs/laptop.yaml)")
-    report.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (repeatable): the same as the pipeline was run with")
-    report.add_argument("--workspace", "-w", help="workspace root (default: RAYLM_WORKSPACE or workspace.root)")
+    _config_flags(report, "override a config value (repeatable): the same as the pipeline was run with")
     report.add_argument("--samples", type=int, default=3, help="greedy samples from the final model (0: none)")
     report.add_argument("--verbose", "-v", action="store_true")
 
@@ -125,10 +127,8 @@ def _report(args: argparse.Namespace) -> int:
 def _plan_command(commands) -> None:
     text = "estimate parameters, tokens, memory, cluster and time before training (no Ray, no GPU)"
     plan = commands.add_parser("plan", help=text, description=text)
-    plan.add_argument("--config", "-c", help="experiment YAML (default: configs/laptop.yaml)")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config value, e.g. --set plan.mfu=0.35 (repeatable)")
-    plan.add_argument("--workspace", "-w", help="workspace (for the trained tokenizer's bytes per token, MLflow)")
+    _config_flags(plan, "override a config value, e.g. --set plan.mfu=0.35 (repeatable)",
+                  "workspace (for the trained tokenizer's bytes per token, MLflow)")
     plan.add_argument("--preset", help="size this preset instead of the config's model section")
     plan.add_argument("--gpu", help="GPU type (plan.gpu), e.g. H100, A100, L4")
     plan.add_argument("--gpus", type=int, help="number of GPUs (plan.gpus)")
