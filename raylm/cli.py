@@ -382,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         from raylm.pipeline import StageNotReady
         from raylm.report_stage import NothingToReport
         from raylm.train.checkpoint import CheckpointError
+        from raylm.workspace import DamagedManifest
 
-        if not isinstance(error, (CheckpointError, StageNotReady, NothingToReport)):
+        if not isinstance(error, (CheckpointError, StageNotReady, NothingToReport, DamagedManifest)):
             return _failed(error, args)
         print(f"raylm: {error}", file=sys.stderr)
         return 2

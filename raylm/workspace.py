@@ -47,6 +47,10 @@ STALE_AFTER_S = 60.0
 log = logging.getLogger("raylm")
 
 
+class DamagedManifest(RuntimeError):
+    """A finished stage's manifest.json that cannot be read as JSON."""
+
+
 class StageConflict(RuntimeError):
     """Another run committed the same stage first; this run's attempt was discarded."""
 
@@ -384,8 +388,14 @@ class StageDir:
         if record is None:
             raise FileNotFoundError(f"{self.uri} has no success marker: it is not a finished {self.name} result")
         parts = [ATTEMPTS, record["attempt"]] if record.get("attempt") else []
-        with self.fs.open_input_stream(self.key_fs_path(*parts, MANIFEST)) as stream:
-            return json.loads(stream.read())
+        path = self.key_fs_path(*parts, MANIFEST)
+        with self.fs.open_input_stream(path) as stream:
+            text = stream.read()
+        try:
+            return json.loads(text)
+        except ValueError as error:  # truncated or edited by hand: say which file, do not guess its content
+            raise DamagedManifest(f"{path}: the manifest of this finished {self.name} stage is not valid JSON "
+                                  f"({error}); rerun the stage with --force {self.name}") from None
 
 
 def resolve_stage_dir(uri_or_path: str) -> StageDir:

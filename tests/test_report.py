@@ -67,3 +67,21 @@ def test_report_before_any_stage_is_one_line_and_touches_nothing(tmp_path, capsy
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "no stage of this config has finished" in error[0] and "raylm pipeline" in error[0]
     assert not (workspace / "mlflow.db").exists()
+
+
+def test_a_damaged_manifest_is_one_line_naming_the_file(tmp_path, capsys):
+    """A finished stage whose manifest.json was truncated: the file and the fix, exit 2, no traceback."""
+    from raylm.config import load_config
+    from raylm.stage_plan import plan_stages
+    from raylm.workspace import Workspace
+
+    config = load_config(str(CONFIGS / "tiny.yaml"), [], str(tmp_path / "ws"))
+    stage = plan_stages(config, Workspace(config.workspace.root)).curate
+    stage.begin()
+    stage.finish({"outputs": {}, "counts": {}, "metrics": {}})
+    manifest = tmp_path / "ws" / "curate" / stage.key / "attempts" / stage.attempt / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    stage.release()
+    assert main(["report", "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(tmp_path / "ws")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(manifest) in error[0] and "--force curate" in error[0]
