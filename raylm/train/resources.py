@@ -13,8 +13,9 @@ workers now share the CPUs Ray has:
   (for data work and CPU-side ops), the smallest share over the GPU nodes.
 - A Tune sweep runs `concurrent_runs` trainers at once; they split the CPUs between them.
 
-The share is taken from the CPUs free when the run starts (all of them on an idle cluster), so a run
-next to other work on a shared cluster waits for nothing that is not free. Each worker sets torch's
+The share is taken from the CPUs free when the run starts (all of them on an idle cluster, once the
+previous run's have come back), so a run next to other work on a shared cluster waits for nothing that
+is not free. Each worker sets torch's
 intra-op threads to the whole CPUs it holds (at least one); both figures are logged by the workers to
 MLflow (metrics `cpus_per_worker`, `torch_threads`) and printed by the driver.
 """
@@ -22,6 +23,7 @@ MLflow (metrics `cpus_per_worker`, `torch_threads`) and printed by the driver.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from raylm.config import ConfigError, TrainConfig
@@ -120,14 +122,22 @@ def check_fits(train: TrainConfig, nodes: list[NodeResources], cpus: float, conc
                            f"holds {fit} such worker(s), the run needs {needed}"])
 
 
-def cluster_nodes() -> tuple[list[NodeResources], float]:
-    """The alive nodes of the connected Ray cluster, and the CPUs free right now."""
+def cluster_nodes(settle_s: float = 3.0) -> tuple[list[NodeResources], float]:
+    """The alive nodes of the connected Ray cluster, and the CPUs free now. CPUs a run that just ended
+    still holds come back within a moment (its placement group is removed asynchronously): wait up to
+    `settle_s` for all of them before counting what is free, so that back-to-back runs get the same share."""
     # deferred: pulls in ray, slow to import; only this path needs it
     import ray
 
     nodes = [NodeResources(node["Resources"].get("CPU", 0.0), node["Resources"].get("GPU", 0.0))
              for node in ray.nodes() if node.get("Alive")]
-    return nodes, ray.available_resources().get("CPU", 0.0)
+    total = sum(node.cpus for node in nodes)
+    deadline = time.monotonic() + settle_s
+    free = ray.available_resources().get("CPU", 0.0)
+    while free < total and time.monotonic() < deadline:
+        time.sleep(0.2)
+        free = ray.available_resources().get("CPU", 0.0)
+    return nodes, free
 
 
 def worker_resources(train: TrainConfig, concurrent_runs: int = 1) -> WorkerResources:
