@@ -290,3 +290,12 @@ def test_a_set_cpus_per_worker_is_kept_and_checked_on_a_fixed_cluster():
         resolve_worker_resources(_train(workers=2, cpus_per_worker=2), node, free_cpus=2)
     # a cluster that may grow is not second-guessed
     assert resolve_worker_resources(_train(cpus_per_worker=4), node, free_cpus=2, fixed=False).cpus_per_worker == 4
+
+
+def test_step_zero_validation_only_when_asked_and_always_for_fine_tuning():
+    from raylm.config import FinetuneConfig, TrainConfig, section_data
+    from raylm.finetune.stage import finetune_train_config
+
+    assert TrainConfig().eval_at_start is False
+    assert "eval_at_start" not in section_data(TrainConfig())  # at its default it moves no stage hash
+    assert finetune_train_config(TrainConfig(), FinetuneConfig()).eval_at_start  # val_loss_before
