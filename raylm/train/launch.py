@@ -108,7 +108,7 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, 
                       pad_id=packed.tokenizer.pad_id, tokenizer_fingerprint=packed.tokenizer.fingerprint,
                       tracking_uri=tracking_uri, run_id=run_id, init_checkpoint=init_checkpoint,
                       stop_uri=run_uri + "/" + STOP_FILE, finetune=finetune, fail_at_step=fail_at_step,
-                      torch_threads=resources.torch_threads)
+                      torch_threads=None if resources.chosen_by == "ray" else resources.torch_threads)
     rotated = rotate_unused_checkpoints(run_uri, train.keep_checkpoints)
     if rotated and run_id is not None:
         tracking.client(tracking_uri).log_metric(run_id, "checkpoints_rotated", len(rotated))
