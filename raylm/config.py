@@ -282,7 +282,10 @@ class TrainConfig(Section):
                                                        "(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S); default: 15 for an "
                                                        "elastic run, which then tries fewer workers (a dead node can "
                                                        "still look alive), Ray's 60 otherwise")
-    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs Ray reserves for each training worker (Ray's default: 1; 0 requested on GPU); a fraction such as 0.5 lets more workers than cores share a small machine")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs Ray reserves for each training worker, and its "
+                                          "torch threads; default: the workers share the free CPUs (a GPU node's "
+                                          "split among its GPUs), see raylm/train/resources.py; a fraction such as "
+                                          "0.5 lets more workers than cores share a small machine")
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
@@ -294,6 +297,8 @@ class TrainConfig(Section):
     global_batch_size: int = Field(16, gt=0, description="sequences per optimizer step, across all workers")
     eval_every: int = Field(50, gt=0)
     eval_sequences: int = Field(64, gt=0, description="val sequences per evaluation")
+    eval_at_start: bool = Field(False, description="also evaluate the untrained model at step 0 (reported as "
+                                "val_loss_initial; fine-tuning always does, for its before/after)")
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     report_every: int = Field(10, gt=0, description="steps between ray.train.report calls (each waits for the controller)")
@@ -637,7 +642,7 @@ class TrackingConfig(Section):
 # Keys added after workspaces existed (how a run reacts to failures; data.pii.phone_region; finetune.columns,
 # whose default renames nothing): left out of a section's data (so of stage hashes) while at their defaults, so finished stages
 # stay reused.
-QUIET_AT_DEFAULT = ("health_check_interval_s", "worker_group_start_timeout_s", "phone_region", "columns")
+QUIET_AT_DEFAULT = ("health_check_interval_s", "worker_group_start_timeout_s", "phone_region", "columns", "eval_at_start")
 
 
 def section_data(section: BaseModel) -> dict[str, Any]:

@@ -2,7 +2,10 @@
 
 `init_ray`: a cluster when one is named (`cluster.address` or `RAY_ADDRESS`, which `ray job submit`
 sets for the job's driver; `auto` finds one started with `ray start` on this machine), otherwise a new
-local instance sized by `cluster.num_cpus`. Called once by each command before any stage runs.
+local instance sized by `cluster.num_cpus`. Called once by each command before any stage runs; all
+the stages of `raylm pipeline` share that instance. Back-to-back commands can share one too: start it
+once (`ray start --head`) and run each with `RAY_ADDRESS=auto`, which saves Ray's start-up (~6 s) per
+command.
 
 `check_shared_storage`: on a cluster of several nodes every stage output, checkpoint and the MLflow
 store must be on storage all nodes see; a workspace on the driver's local disk would leave shards on
@@ -30,9 +33,16 @@ from raylm.storage import is_object_store, probe_workspace
 log = logging.getLogger("raylm")
 
 PROBE_PREFIX = ".raylm-shared-probe-"
+_started_local = False  # this process started its own local instance (a cluster of fixed size)
+
+
+def started_local_instance() -> bool:
+    """True when `init_ray` started a new local instance: nothing else adds nodes to it."""
+    return _started_local and ray.is_initialized()
 
 
 def init_ray(config: ClusterConfig) -> None:
+    global _started_local
     if ray.is_initialized():
         return
     address = config.address or os.environ.get("RAY_ADDRESS")
@@ -48,11 +58,32 @@ def init_ray(config: ClusterConfig) -> None:
     else:  # "local": always a new instance, never a cluster some other `ray start` left running
         context = ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=config.include_dashboard,
                            runtime_env=runtime_env, log_to_driver=forward)
+        _started_local = True
+    start_autoscaling_coordinator()
     failure.refresh_console()  # Ray set up its console loggers just now
     if failure.quiet():
         quiet_ray()
     resources = {key: value for key, value in ray.cluster_resources().items() if not key.startswith("node:")}
     log.info("ray: %s; worker logs in %s/logs", resources, context.address_info.get("session_dir", "?"))
+
+
+def start_autoscaling_coordinator() -> None:
+    """Start, without waiting for it, the detached actor that Ray Train's controller sends its resource
+    requests to, so that it comes up while the driver imports and opens its MLflow run. Left to the
+    controller, the actor starts (a process that imports Ray Data) only when the first `fit()` asks for
+    it, and the worker group waits: up to 5 s per try (Ray's timeout), twice on a busy machine.
+    The same named actor (`get_if_exists`) that Ray Train and Ray Data use; a Ray without it skips this."""
+    try:
+        # deferred: a private Ray Data module (the coordinator Ray Train 2.60 calls); only this path needs it
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:
+        return
+    try:
+        get_or_create_autoscaling_coordinator()
+    except Exception as error:  # noqa: BLE001 - an optimisation only: Ray Train creates it itself when needed
+        log.debug("could not start Ray's autoscaling coordinator early: %s", error)
 
 
 def cluster_has_gpus() -> bool:

@@ -171,19 +171,44 @@ def scheduler(config: RaylmConfig):
 
 
 def fitted_concurrency(config: RaylmConfig, resources: dict[str, float]) -> int:
-    """How many trials fit at once: each needs its trainer's workers (one CPU, or one GPU, each)."""
+    """How many trials fit at once: each needs its trainer's workers (one GPU each, or on CPUs
+    `train.cpus_per_worker` each, one when unset), and no more than the sweep has trials. With
+    `train.cpus_per_worker` unset, the concurrent trials then share all the CPUs (`trial_resources`)."""
     # deferred: pulls in ray, slow to import; only this path needs it
     from raylm.runtime import cluster_has_gpus
 
     train = config.train
     use_gpu = cluster_has_gpus() if train.use_gpu == "auto" else train.use_gpu
     kind = "GPU" if use_gpu else "CPU"
-    per_trial = max([train.max_workers] + [trial_config(config, p).train.max_workers for p in space_corners(config)])
-    capacity = int(resources.get(kind, 0) // per_trial)
+    per_trial = trial_workers(config)
+    per_worker = 1 if use_gpu else (train.cpus_per_worker or 1)
+    capacity = int(resources.get(kind, 0) // (per_trial * per_worker))
     if capacity < 1:
-        raise ConfigError([f"train.workers = {train.workers!r}: a trial needs {per_trial} {kind}s for its workers, "
-                           f"the cluster has {resources.get(kind, 0):g}"])
-    return min(capacity, config.tune.max_concurrent or capacity)
+        key = "train.workers" if use_gpu or train.cpus_per_worker is None else "train.workers, train.cpus_per_worker"
+        raise ConfigError([f"{key} = {train.workers!r}{'' if key == 'train.workers' else f', {per_worker:g}'}: a trial "
+                           f"needs {per_trial * per_worker:g} {kind}s for its workers, the cluster has "
+                           f"{resources.get(kind, 0):g}"])
+    return min(capacity, config.tune.max_concurrent or capacity, total_trials(config))
+
+
+def trial_workers(config: RaylmConfig) -> int:
+    """The most workers any trial of the sweep runs (`train.workers` may be searched)."""
+    return max([config.train.max_workers] + [trial_config(config, p).train.max_workers for p in space_corners(config)])
+
+
+def total_trials(config: RaylmConfig) -> int:
+    """Trials in the sweep: `num_samples` times the size of each grid axis."""
+    return config.tune.num_samples * math.prod(len(values) for spec in config.tune.search_space.values()
+                                               for kind, values in spec.items() if kind == "grid")
+
+
+def trial_resources(config: RaylmConfig, concurrency: int):
+    """Each trial worker's CPUs and torch threads when `concurrency` trials run at once: with
+    `train.cpus_per_worker` unset, they split the CPUs Ray has between them."""
+    # deferred: pulls in ray, slow to import; only this path needs it
+    from raylm.train.resources import worker_resources
+
+    return worker_resources(config.train.model_copy(update={"workers": trial_workers(config)}), concurrency)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +312,8 @@ def run_trial(sample: dict[str, Any], setup: dict[str, Any]) -> None:
     trainer = build_trainer(config.model, train, setup["packed"], setup["trials_path"], trial_id,
                             setup["tracking_uri"], run_id, callbacks=[
                                 _evaluation_report_callback(),
-                                _placement_group_recorder(f"{setup['trials_path'].rstrip('/')}/{trial_id}")])
+                                _placement_group_recorder(f"{setup['trials_path'].rstrip('/')}/{trial_id}")],
+                            resources=setup.get("worker_resources") if train.cpus_per_worker is None else None)
     try:
         result = trainer.fit()
     except BaseException:
@@ -370,10 +396,12 @@ def run_sweep(config: RaylmConfig, workspace: Workspace, tracker: Tracker, packe
         stage.write_json(STATE_FILE, {"parent_run_id": parent_run_id, "experiment_path": experiment_path})
     try:
         concurrency = fitted_concurrency(config, ray.cluster_resources())
+        resources = trial_resources(config, concurrency)
+        log.info("tune: %d trial(s) at once, %s", concurrency, resources.describe(trial_workers(config)))
         metric, mode = config.tune.metric, config.tune.mode
         setup = {"config": config.model_dump(mode="json"), "packed": packed, "trials_path": stage.path(TRIALS_DIR),
                  "tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
-                 "parent_run_id": parent_run_id}
+                 "parent_run_id": parent_run_id, "worker_resources": resources}
         trainable = _trainable(setup)
         release = _release_trial_resources_callback(setup["trials_path"])
         tracking.set_tag(f"{TAG_PREFIX}tune.concurrency", str(concurrency))

@@ -14,6 +14,7 @@ from raylm.cli import main
 from tests.conftest import CONFIGS, REPO
 
 pytestmark = pytest.mark.slow
+EVAL_AT_START = ["--set", "train.eval_at_start=true"]  # val_loss_initial, for "training lowered val loss"
 
 
 # The whole recipe on the tiny config, run once for this module: a two-trial sweep picks the learning rate,
@@ -33,7 +34,7 @@ RECIPE = [*SHAPE, "--set", "pipeline.tune=true", "--set", "tune.search_space={tr
 @pytest.fixture(scope="module")
 def finished_pipeline(ray_session, tmp_path_factory):
     workspace = tmp_path_factory.mktemp("pipeline")
-    assert main(["pipeline", "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(workspace), *RECIPE]) == 0
+    assert main(["pipeline", "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(workspace), *RECIPE, *EVAL_AT_START]) == 0
     return workspace
 
 
@@ -95,7 +96,8 @@ def test_checkpoint_exists_and_training_lowered_val_loss(finished_pipeline):
 
 def test_encoder_decoder_trains_and_evaluates_through_the_same_stages(finished_pipeline):
     """The guide's encoder-decoder learns prefix-to-continuation over the same packed data."""
-    overrides = [*SHAPE, "--set", "model.arch=encoder-decoder", "--set", "model.n_layers=1", "--set", "train.max_steps=20"]
+    overrides = [*SHAPE, "--set", "model.arch=encoder-decoder", "--set", "model.n_layers=1", "--set", "train.max_steps=20",
+                 *EVAL_AT_START]
     for stage in ("pretrain", "eval"):
         assert main([stage, "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(finished_pipeline),
                      *overrides]) == 0
@@ -110,7 +112,7 @@ def test_encoder_decoder_trains_and_evaluates_through_the_same_stages(finished_p
 def test_encoder_decoder_trains_by_span_corruption_and_evaluates_on_prefix(finished_pipeline):
     """T5's span corruption through the trainer: the sentinels sit above the tokenizer's vocabulary."""
     overrides = [*SHAPE, "--set", "model.arch=encoder-decoder", "--set", "model.n_layers=1", "--set", "train.max_steps=20",
-                 "--set", "model.seq2seq_objective=span_corruption"]
+                 "--set", "model.seq2seq_objective=span_corruption", *EVAL_AT_START]
     for stage in ("pretrain", "eval"):
         assert main([stage, "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(finished_pipeline),
                      *overrides]) == 0
@@ -124,7 +126,7 @@ def test_encoder_decoder_trains_by_span_corruption_and_evaluates_on_prefix(finis
 
 def test_rerun_reuses_every_stage(finished_pipeline):
     assert main(["pipeline", "--config", str(CONFIGS / "tiny.yaml"), "--workspace", str(finished_pipeline),
-                 *RECIPE]) == 0
+                 *RECIPE, *EVAL_AT_START]) == 0
     _, runs = runs_by_name(finished_pipeline)
     latest_parent = [r for r in runs if r.info.run_name == "pipeline"][-1]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == latest_parent.info.run_id]

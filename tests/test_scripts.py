@@ -31,6 +31,7 @@ SMALL_RUNS = {
     "finetune_layouts.py": ("finetune_layouts", ["--layouts", "alpaca", "--conversations", "24", "--steps", "2",
                                                  "--d-model", "32", "--layers", "1"]),
     "pii.py": ("pii", ["--docs", "60", "--repeats", "1"]),
+    "overhead.py": ("overhead", ["--small"]),
     "model.py": ("model", ["--batch", "2", "--seq", "32", "--rounds", "1", "--steps", "1", "--gen-batch", "1",
                            "--gen-prompt", "4", "--gen-tokens", "4"]),
     "sandbox.py": ("sandbox", ["--programs", "4", "--workers", "2", "--repeats", "1"]),

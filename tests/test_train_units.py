@@ -224,3 +224,78 @@ def test_a_fixed_size_run_after_an_elastic_one_in_one_process_gets_rays_start_ti
     monkeypatch.setitem(launch._USER_RAY_TRAIN_ENV, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
     launch.apply_ray_train_env(TrainConfig(workers=2))
     assert os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "120"  # the user's own setting stands
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker resources (raylm.train.resources): CPUs per worker and torch threads, without Ray
+
+
+def _train(**kwargs):
+    from raylm.config import TrainConfig
+
+    return TrainConfig(use_gpu=False, **kwargs)
+
+
+def test_cpu_workers_share_the_free_cpus_and_threads_follow():
+    from raylm.train.resources import NodeResources, resolve_worker_resources
+
+    one_node = [NodeResources(cpus=8)]
+    alone = resolve_worker_resources(_train(workers=1), one_node, free_cpus=8)
+    assert (alone.cpus_per_worker, alone.torch_threads, alone.chosen_by) == (8, 8, "cluster")
+    assert alone.ray_resources() == {"CPU": 8}
+    assert resolve_worker_resources(_train(workers=3), one_node, free_cpus=8).cpus_per_worker == 2
+    # elastic: the share of the max group, so that it can grow on the same nodes
+    assert resolve_worker_resources(_train(workers=(1, 4)), one_node, free_cpus=8).cpus_per_worker == 2
+    # what other work holds is not taken
+    assert resolve_worker_resources(_train(workers=1), one_node, free_cpus=3).cpus_per_worker == 3
+    # more workers than CPUs: an equal fraction, one thread each (used to wait for ever on 1 CPU each)
+    crowded = resolve_worker_resources(_train(workers=3, global_batch_size=16), [NodeResources(cpus=2)], free_cpus=2)
+    assert (crowded.cpus_per_worker, crowded.torch_threads) == (0.66, 1)
+    # Tune: concurrent trials split the CPUs
+    assert resolve_worker_resources(_train(workers=1), one_node, free_cpus=8, concurrent_runs=2).cpus_per_worker == 4
+
+
+def test_no_worker_is_asked_for_more_cpus_than_a_node_has():
+    from raylm.train.resources import NodeResources, resolve_worker_resources
+
+    nodes = [NodeResources(cpus=4), NodeResources(cpus=4)]
+    assert resolve_worker_resources(_train(workers=1), nodes, free_cpus=8).cpus_per_worker == 4
+    assert resolve_worker_resources(_train(workers=3), nodes, free_cpus=8).cpus_per_worker == 2
+    uneven = [NodeResources(cpus=6), NodeResources(cpus=2)]
+    assert resolve_worker_resources(_train(workers=2), uneven, free_cpus=8).cpus_per_worker == 3
+
+
+def test_gpu_workers_take_their_node_cpus_split_among_its_gpus():
+    from raylm.config import TrainConfig
+    from raylm.train.resources import NodeResources, resolve_worker_resources
+
+    nodes = [NodeResources(cpus=0), NodeResources(cpus=32, gpus=4), NodeResources(cpus=16, gpus=4)]
+    resources = resolve_worker_resources(TrainConfig(workers=4), nodes, free_cpus=48)
+    assert (resources.use_gpu, resources.cpus_per_worker, resources.torch_threads) == (True, 4, 4)
+    # a GPU cluster whose GPU nodes are not up yet (an autoscaler adds them): Ray's defaults
+    waiting = resolve_worker_resources(TrainConfig(workers=2, use_gpu=True), [NodeResources(cpus=0)], free_cpus=0,
+                                       fixed=False)
+    assert waiting.chosen_by == "ray" and waiting.ray_resources() is None
+
+
+def test_a_set_cpus_per_worker_is_kept_and_checked_on_a_fixed_cluster():
+    from raylm.train.resources import NodeResources, resolve_worker_resources
+
+    node = [NodeResources(cpus=2)]
+    half = resolve_worker_resources(_train(workers=3, cpus_per_worker=0.5), node, free_cpus=2)
+    assert (half.cpus_per_worker, half.torch_threads, half.chosen_by) == (0.5, 1, "train.cpus_per_worker")
+    with pytest.raises(ConfigError, match=r"train.cpus_per_worker = 4: no node of the Ray cluster has that many"):
+        resolve_worker_resources(_train(cpus_per_worker=4), node, free_cpus=2)
+    with pytest.raises(ConfigError, match=r"train.cpus_per_worker = 2 with train.workers = 2: .* holds 1"):
+        resolve_worker_resources(_train(workers=2, cpus_per_worker=2), node, free_cpus=2)
+    # a cluster that may grow is not second-guessed
+    assert resolve_worker_resources(_train(cpus_per_worker=4), node, free_cpus=2, fixed=False).cpus_per_worker == 4
+
+
+def test_step_zero_validation_only_when_asked_and_always_for_fine_tuning():
+    from raylm.config import FinetuneConfig, TrainConfig, section_data
+    from raylm.finetune.stage import finetune_train_config
+
+    assert TrainConfig().eval_at_start is False
+    assert "eval_at_start" not in section_data(TrainConfig())  # at its default it moves no stage hash
+    assert finetune_train_config(TrainConfig(), FinetuneConfig()).eval_at_start  # val_loss_before

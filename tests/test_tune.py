@@ -85,6 +85,23 @@ def test_cli_refuses_a_bad_space_before_any_trial(tmp_path):
     assert not workspace.exists()
 
 
+def test_concurrency_fits_the_cpus_and_the_trials(tmp_path):
+    """Trials at once: no more than the sweep has, nor than fit at `train.cpus_per_worker` (one when unset)."""
+    from raylm.tune import fitted_concurrency, total_trials
+
+    config = sweep_config(tmp_path)  # a 2 x 2 grid, max_concurrent 2
+    assert total_trials(config) == 4
+    assert fitted_concurrency(config, {"CPU": 8}) == 2
+    assert fitted_concurrency(sweep_config(tmp_path, max_concurrent=None), {"CPU": 8}) == 4
+    one = sweep_config(tmp_path, search_space={"train.lr": {"choice": [1e-3, 3e-3]}}, max_concurrent=None)
+    assert fitted_concurrency(one, {"CPU": 8}) == 1  # one sample: one trial, which then gets all 8 CPUs
+    wide = config.model_copy(update={"train": config.train.model_copy(update={"cpus_per_worker": 2.0})})
+    assert fitted_concurrency(wide, {"CPU": 2}) == 1
+    with pytest.raises(ConfigError, match=r"train.workers, train.cpus_per_worker = 1, 4: a trial needs 4 CPUs"):
+        fitted_concurrency(config.model_copy(update={"train": config.train.model_copy(update={"cpus_per_worker": 4.0})}),
+                           {"CPU": 2})
+
+
 def test_plot_marks_stopped_trials(tmp_path):
     from raylm.tune import plot_lr_vs_loss
 

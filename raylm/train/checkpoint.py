@@ -21,17 +21,16 @@ import json
 import logging
 import os
 import re
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from raylm.model import TransformerConfig, build_model
-from raylm.train.safe_dcp import UnsafeCheckpointError, check_metadata, load_state
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
 
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
@@ -97,6 +96,11 @@ def save_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Opt
                     model_config: dict[str, Any], tokenizer_json: str | None, rank: int) -> None:
     """Collective: every rank calls it with its own (temporary) directory; Ray merges the folders."""
     os.makedirs(directory, exist_ok=True)
+    # deferred: pulls in torch.distributed.checkpoint, slow to import (the driver imports this module for
+    # its listings only); only this path needs it
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
     _write_json(os.path.join(directory, f"rng_rank{rank}.json"), rng_state())
@@ -181,6 +185,9 @@ def verify_checkpoint(directory: str) -> dict[str, Any]:
 def check_loadable(directory: str) -> tuple[dict[str, Any], Metadata]:
     """What a driver checks before it hands a checkpoint to workers: it verifies, and its DCP metadata reads
     safely (returned). CheckpointError otherwise."""
+    # deferred: pulls in torch.distributed.checkpoint, slow to import; only this path needs it
+    from raylm.train.safe_dcp import UnsafeCheckpointError, check_metadata
+
     state = verify_checkpoint(directory)
     try:
         return state, check_metadata(directory)
@@ -245,6 +252,9 @@ def newest_good_checkpoint(latest_path: str, filesystem=None) -> tuple[str, list
 
 
 def _load(state: dict[str, Any], directory: str) -> None:
+    # deferred: pulls in torch.distributed.checkpoint, slow to import; only this path needs it
+    from raylm.train.safe_dcp import load_state
+
     try:
         load_state(state, directory)
     except Exception as error:  # noqa: BLE001 - DCP and the safe readers raise many kinds; all mean "unreadable"
@@ -256,6 +266,9 @@ def load_training_state(directory: str, model: nn.Module, optimizer: torch.optim
     """Collective: load shards into the (possibly differently sharded) model and optimizer.
 
     With `optimizer=None` only the model weights are loaded (`--from`)."""
+    # deferred: pulls in torch.distributed.checkpoint, slow to import; only this path needs it
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     trainer_state = verify_checkpoint(directory)
     model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else (get_state_dict(model, [])[0], None)
     state = {"model": model_state} if optim_state is None else {"model": model_state, "optim": optim_state}

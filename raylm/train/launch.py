@@ -6,21 +6,17 @@
 storage on a cluster, and rerunning the same stage resumes from the run's latest checkpoint instead
 of starting over. Ray keeps the last `train.keep_checkpoints` checkpoints it registered, and a restart
 first deletes the ones a killed run left unregistered and unused (`raylm.train.rotation`); `KeepBestCheckpoint`
-copies each new best one (by val loss) to `<run>/best`, so the best survives their rotation.
+(`raylm.train.best`) copies each new best one (by val loss) to `<run>/best`, so the best survives their rotation.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import uuid
 from dataclasses import replace
 from typing import Any
 
 import pyarrow.fs as pafs
-import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -28,18 +24,16 @@ from raylm import tracking
 from raylm.artifacts import Packed, Pretrained
 from raylm.config import ConfigError, TrainConfig
 from raylm.console import TrainingProgress
-from raylm.model import TransformerConfig
-from raylm.model.config import WEIGHT_FREE_KEYS
-from raylm.runtime import cluster_has_gpus
-from raylm.train.loop import LoopConfig, train_loop_per_worker
+from raylm.model.config import WEIGHT_FREE_KEYS, TransformerConfig
+from raylm.train.best import BEST_DIR, BEST_POINTER, KeepBestCheckpoint, best_checkpoint, read_best_pointer  # noqa: F401
+from raylm.train.resources import WorkerResources, worker_resources
 from raylm.train.rotation import rotate_unused_checkpoints
+from raylm.train.worker import LoopConfig, train_loop_per_worker
 from raylm.workspace import ATTEMPTS, StageDir, Workspace, read_text_uri
 
 log = logging.getLogger("raylm")
 
 RUN_NAME = "train"
-BEST_DIR = "best"
-BEST_POINTER = "best.json"
 ELASTIC_START_TIMEOUT_S = 15.0  # an elastic restart gives up on the old group size this soon (see TrainConfig)
 STOP_FILE = "STOP"  # create it in the run folder to make the run checkpoint and finish at its next report
 
@@ -77,79 +71,26 @@ def ray_train_env(train: TrainConfig) -> dict[str, str]:
     return env
 
 
-def scaling_config(train: TrainConfig) -> ScalingConfig:
-    use_gpu = cluster_has_gpus() if train.use_gpu == "auto" else train.use_gpu
+def scaling_config(train: TrainConfig, resources: WorkerResources) -> ScalingConfig:
     workers = train.workers if isinstance(train.workers, int) else tuple(train.workers)
     extra = {}
     if not isinstance(workers, int):
         extra["elastic_resize_monitor_interval_s"] = train.elastic_resize_interval_s
-    if train.cpus_per_worker is not None:
-        extra["resources_per_worker"] = {"CPU": train.cpus_per_worker}  # Ray adds GPU: 1 when use_gpu
-    return ScalingConfig(num_workers=workers, use_gpu=use_gpu, **extra)
-
-
-class KeepBestCheckpoint(ray.train.UserCallback):
-    """On the controller: keep a copy of a reported checkpoint under `<run>/best/` when its val loss is the best yet.
-
-    The copy goes into a folder of its own (`best/step-<step>-<id>`); then `best/best.json`, one small file
-    written last, names it, and older copies are deleted. A reader follows `best.json` (`best_checkpoint`), so
-    it never loads a half-copied checkpoint, on a local disk or on an object store, which has no atomic move
-    of a folder. Stateless across restarts: the best so far is read back from `best.json`.
-    """
-
-    def __init__(self, run_uri: str):
-        self.fs, self.base = pafs.FileSystem.from_uri(run_uri.rstrip("/") + "/" + BEST_DIR)
-        self.best: float | None = None
-
-    def _best_so_far(self) -> float:
-        if self.best is None:
-            pointer = read_best_pointer(self.fs, self.base)
-            self.best = float(pointer["val_loss"]) if pointer else math.inf
-        return self.best
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if checkpoint is None or not metrics or not metrics[0].get("evaluated") or "val_loss" not in metrics[0]:
-            return  # only checkpoints whose val loss was measured at that step
-        val_loss = float(metrics[0]["val_loss"])
-        if not val_loss < self._best_so_far():
-            return
-        folder = f"step-{int(metrics[0].get('step', 0)):07d}-{uuid.uuid4().hex[:8]}"
-        self.fs.create_dir(f"{self.base}/{folder}", recursive=True)
-        pafs.copy_files(checkpoint.path, f"{self.base}/{folder}", source_filesystem=checkpoint.filesystem,
-                        destination_filesystem=self.fs)
-        pointer = json.dumps({"val_loss": val_loss, "step": metrics[0].get("step"), "folder": folder,
-                              "source": checkpoint.path}).encode()
-        if isinstance(self.fs, pafs.LocalFileSystem):  # a rename replaces the file atomically
-            with self.fs.open_output_stream(f"{self.base}/{BEST_POINTER}.tmp") as out:
-                out.write(pointer)
-            self.fs.move(f"{self.base}/{BEST_POINTER}.tmp", f"{self.base}/{BEST_POINTER}")
-        else:  # one PUT: readers see the old object or the new one, never a part
-            with self.fs.open_output_stream(f"{self.base}/{BEST_POINTER}") as out:
-                out.write(pointer)
-        for info in self.fs.get_file_info(pafs.FileSelector(self.base)):
-            if info.type == pafs.FileType.Directory and info.base_name != folder:
-                self.fs.delete_dir(info.path)
-        self.best = val_loss
-
-
-def read_best_pointer(fs: pafs.FileSystem, best_dir: str) -> dict[str, Any] | None:
-    info = fs.get_file_info(f"{best_dir}/{BEST_POINTER}")
-    if info.type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(info.path) as stream:
-        return json.loads(stream.read())
+    return ScalingConfig(num_workers=workers, use_gpu=resources.use_gpu,
+                         resources_per_worker=resources.ray_resources(), **extra)
 
 
 def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, storage_path: str, name: str,
                   tracking_uri: str, run_id: str | None, init_checkpoint: str | None = None,
                   finetune: dict[str, Any] | None = None, fail_at_step: int | None = None,
-                  callbacks: list | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, resources: WorkerResources | None = None) -> TorchTrainer:
     """A `TorchTrainer` for the packed shards `packed` (the tokenize stage's artifact).
 
     The loop reports `loss, val_loss, val_bpb, lr, step, tokens_seen` (val figures at each eval);
     `init_checkpoint` loads model weights only (`--from`); a `finetune` spec makes every worker call
     `raylm.finetune.prepare_for_finetune`; `fail_at_step` injects one failure (tests, drills);
     `callbacks` go to `RunConfig(callbacks=...)`. Metrics go to MLflow run `run_id` from rank 0.
+    `resources`: each worker's CPUs and torch threads (default: `raylm.train.resources.worker_resources`).
 
     When the run folder exists (a restart), the checkpoint folders an earlier killed run left unused are
     deleted first (`raylm.train.rotation`); their count goes to `run_id` as metric `checkpoints_rotated`.
@@ -160,12 +101,15 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, 
     if transformer.seq_len != packed.seq_len:
         raise ValueError(f"model.seq_len {transformer.seq_len} differs from the packed seq_len {packed.seq_len}")
     run_uri = storage_path.rstrip("/") + "/" + name
+    resources = resources or worker_resources(train)
+    log.info("%s: %s", name, resources.describe(train.workers))
     loop = LoopConfig(model=transformer, train=train,
                       global_batch_sequences=train.global_batch_sequences(transformer.seq_len),
                       train_uri=packed.train_uri, val_uri=val_uri, tokenizer_json=tokenizer_json,
                       pad_id=packed.tokenizer.pad_id, tokenizer_fingerprint=packed.tokenizer.fingerprint,
                       tracking_uri=tracking_uri, run_id=run_id, init_checkpoint=init_checkpoint,
-                      stop_uri=run_uri + "/" + STOP_FILE, finetune=finetune, fail_at_step=fail_at_step)
+                      stop_uri=run_uri + "/" + STOP_FILE, finetune=finetune, fail_at_step=fail_at_step,
+                      torch_threads=None if resources.chosen_by == "ray" else resources.torch_threads)
     rotated = rotate_unused_checkpoints(run_uri, train.keep_checkpoints)
     if rotated and run_id is not None:
         tracking.client(tracking_uri).log_metric(run_id, "checkpoints_rotated", len(rotated))
@@ -173,7 +117,7 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
-        scaling_config=scaling_config(train),
+        scaling_config=scaling_config(train, resources),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
@@ -190,16 +134,6 @@ def fit_with_progress(trainer: TorchTrainer, what: str, model: TransformerConfig
     tokens_per_step = train.global_batch_sequences(model.seq_len) * model.seq_len
     with TrainingProgress(what, tracking_uri, run_id, train.max_steps, tokens_per_step):
         return trainer.fit()
-
-
-def best_checkpoint(run_uri: str) -> str | None:
-    """The best checkpoint's folder as `best.json` names it (None before the first evaluated checkpoint)."""
-    best_uri = run_uri.rstrip("/") + "/" + BEST_DIR
-    fs, base = pafs.FileSystem.from_uri(best_uri)
-    pointer = read_best_pointer(fs, base)
-    if pointer is None:
-        return None
-    return f"{best_uri}/{pointer['folder']}" if pointer.get("folder") else best_uri  # older runs: files in best/
 
 
 def latest_run_stage(workspace: Workspace, planned: StageDir) -> StageDir:

@@ -6,8 +6,9 @@ w-th sequence and runs its share in micro-batches of `micro_batch_size` (gradien
 number of accumulation steps follows the current worker count; gradients sync on the last one only),
 and the loss is normalised by the global number of target tokens, so the update is the same on 1
 worker or 8, and after an elastic resize. Validation every `eval_every` steps on a fixed slice of the
-val split (loss and bits-per-byte), early stopping after `early_stopping_patience` evaluations without
-improvement, checkpoints (sharded, via DCP) every `checkpoint_every` steps and at the end.
+val split (loss and bits-per-byte; also at step 0 with `train.eval_at_start`), early stopping after
+`early_stopping_patience` evaluations without improvement, checkpoints (sharded, via DCP) every
+`checkpoint_every` steps and at the end.
 
 The loop reads top to bottom (`Trainer.run`): step, then at a report point evaluate and maybe
 checkpoint. The last step (max_steps reached, a STOP file, early stopping) takes the same path as
@@ -30,18 +31,17 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow.fs as pafs
+import ray
 import ray.train
 import ray.train.torch
 from ray.train import CheckpointUploadMode
 import torch
 import torch.distributed as dist
 
-from raylm.config import TrainConfig
 from raylm.data.tokenizer import token_byte_lengths, tokenizer_from_json
 from raylm.finetune import prepare_for_finetune
 from raylm.model import TransformerConfig, build_model
@@ -54,6 +54,7 @@ from raylm.train.data import PackedSequences
 from raylm.train.mfu import mfu, peak_flops
 from raylm.train.optim import build_optimizer, learning_rate
 from raylm.train.parallel import clip_gradients, gradient_sync, wrap_model
+from raylm.train.worker import LoopConfig
 
 log = logging.getLogger("raylm")
 
@@ -71,26 +72,6 @@ def charted_figures(metrics: dict[str, float], with_steady: bool) -> dict[str, f
     """The figures of one report that go to the MLflow run (`with_steady`: the steady ones too)."""
     return {key: value for key, value in metrics.items()
             if key not in NOT_CHARTED and (with_steady or key not in STEADY_FIGURES)}
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """Everything a training worker needs, validated on the driver and pickled to the workers."""
-
-    model: TransformerConfig  # bound to the tokenizer's vocabulary
-    train: TrainConfig
-    global_batch_sequences: int
-    train_uri: str
-    val_uri: str
-    tokenizer_json: str
-    pad_id: int
-    tokenizer_fingerprint: str | None = None
-    tracking_uri: str = ""
-    run_id: str | None = None  # MLflow run that rank 0 logs per-step figures to
-    init_checkpoint: str | None = None  # `--from`: model weights only
-    stop_uri: str | None = None  # the run's STOP file
-    finetune: dict[str, Any] | None = None  # prepare_for_finetune's spec
-    fail_at_step: int | None = None  # fault injection (tests, drills): fail once, before any restart
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
@@ -157,6 +138,11 @@ def run_checkpoint_folder() -> tuple[pafs.FileSystem, str]:
     return storage.storage_filesystem, storage.experiment_fs_path
 
 
+def assigned_cpus() -> float:
+    """The CPUs Ray reserved for this worker (0 when it asked for none, e.g. a GPU worker by default)."""
+    return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+
+
 def worker_group_token(rank: int) -> str:
     """A short id shared by this worker group (rank 0's, broadcast), so that no two groups of one run
     write into the same checkpoint folder."""
@@ -175,6 +161,8 @@ class Trainer:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.checkpoint_wait_s: float | None = None  # the last checkpoint's save time, for the next report
         self.device = ray.train.torch.get_device()
+        if config.torch_threads is not None:
+            torch.set_num_threads(config.torch_threads)
         self.bf16 = use_bf16(self.train.precision, self.device)
         torch.manual_seed(self.train.seed)  # identical initial weights on every worker
         if self.train.deterministic:
@@ -220,6 +208,7 @@ class Trainer:
         self.lr = self._learning_rate()
         self.grad_norm = math.nan
         self.base = {"workers": self.world, "grad_accum_steps": self.accumulation, "restarts": self.state["restarts"],
+                     "cpus_per_worker": assigned_cpus(), "torch_threads": torch.get_num_threads(),
                      "checkpoints_refused": len(self.refusals),
                      "resumed_from_step": self.state["step"] if self.resume_path else -1}
         self.window: dict[str, float] = {}
@@ -253,7 +242,7 @@ class Trainer:
     # The loop
 
     def run(self) -> None:
-        if self.state["step"] == 0 and self.resume_path is None:
+        if self.state["step"] == 0 and self.resume_path is None and self.train.eval_at_start:
             self.report_baseline()
         self.model.train()
         self._open_window()
@@ -432,10 +421,10 @@ def finish_checkpoint_uploads() -> None:
         pool.shutdown(wait=True)
 
 
-def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
-    """Ray Train's entry point: its `train_loop_config` is a dict, holding the typed config under `loop`."""
+def run_worker(config: LoopConfig) -> None:
+    """One worker's whole run (`raylm.train.worker.train_loop_per_worker` calls it)."""
     try:
-        Trainer(config["loop"]).run()
+        Trainer(config).run()
     except Exception:
         finish_checkpoint_uploads()  # so the newest checkpoint saved before the error is the one resumed
         raise
