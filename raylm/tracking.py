@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from typing import Any, Iterator
 
 import mlflow
@@ -272,6 +273,39 @@ def log_files(files: dict[str, str | bytes], artifact_dir: str) -> None:
                 with open(path, "w", encoding="utf-8") as handle:
                     handle.write(content)
         mlflow.log_artifacts(local, artifact_dir)
+
+
+def log_dataset(name: str, uri: str, digest: str, context: str, counts: dict[str, int] | None = None,
+                columns: dict[str, str] | None = None) -> None:
+    """The data a stage read, as an MLflow dataset input of the active run: its URI as the source, `digest`
+    (the hash of the stage that wrote it), the `columns` (name -> MLflow type, `list<long>` for token ids)
+    as its schema, and `counts` (rows, tokens, ...) as input tags."""
+    if in_run():
+        mlflow.log_input(dataset(name, uri, digest, columns), context=context,
+                         tags={key: str(value) for key, value in (counts or {}).items()})
+
+
+def dataset(name: str, uri: str, digest: str, columns: dict[str, str] | None = None):
+    """An MLflow dataset (metadata only: nothing is read) for data at `uri`."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array
+
+    try:
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local resolvers agree
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(uri)
+    except mlflow.exceptions.MlflowException:  # hf://, gs:// and other schemes MLflow has no source for
+        source = HTTPDatasetSource(uri)
+
+    def column(column_name: str, kind: str) -> ColSpec:
+        return ColSpec(Array(kind.removeprefix("list<").removesuffix(">")) if kind.startswith("list<") else kind,
+                       column_name)
+
+    schema = Schema([column(k, v) for k, v in columns.items()]) if columns else None
+    return MetaDataset(source=source, name=name, digest=digest[:36], schema=schema)
 
 
 # Runs by id, through a client (Ray workers, Tune trials, lookups of earlier runs).

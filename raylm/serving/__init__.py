@@ -1,0 +1,1 @@
+"""Serving a trained checkpoint outside raylm: an MLflow pyfunc model built from code (`pyfunc_model.py`)."""
