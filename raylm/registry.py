@@ -23,10 +23,9 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-import mlflow
-from mlflow.tracking import MlflowClient
-
+from raylm import tracking
 from raylm.config import TrackingConfig
+from raylm.serving import MODEL_CONFIG, PARAM_DEFAULTS, TOKENIZER, WEIGHTS
 
 log = logging.getLogger("raylm")
 
@@ -63,21 +62,9 @@ def is_model_uri(reference: str) -> bool:
     return reference.startswith("models:/")
 
 
-def _signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    from raylm.serving.pyfunc_model import PARAM_DEFAULTS
-
-    kinds = {int: "long", float: "double"}
-    params = ParamSchema([ParamSpec(name, kinds[type(default)], default) for name, default in PARAM_DEFAULTS.items()])
-    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
-                          params=params)
-
-
 def pip_requirements() -> list[str]:
     """What the pyfunc needs besides raylm itself (which `--env-manager local` and a raylm install provide)."""
-    from importlib.metadata import version
+    from importlib.metadata import version  # deferred: only logging a model reads package versions
 
     return [f"{package}=={version(package)}" for package in ("mlflow", "torch", "safetensors", "tokenizers", "pydantic")]
 
@@ -85,9 +72,8 @@ def pip_requirements() -> list[str]:
 def write_model_files(checkpoint: str, directory: str) -> dict[str, str]:
     """`model.safetensors`, `model_config.json`, `tokenizer.json` of a verified checkpoint in `directory`;
     the pyfunc's artifacts (key -> path)."""
+    # deferred: pulls in torch, slow to import; only logging a model needs it
     from safetensors.torch import save_model
-
-    from raylm.serving.pyfunc_model import MODEL_CONFIG, TOKENIZER, WEIGHTS
     from raylm.train.checkpoint import load_model, load_model_config, load_tokenizer_json, local_checkpoint
 
     with local_checkpoint(checkpoint) as folder:
@@ -110,29 +96,26 @@ def write_model_files(checkpoint: str, directory: str) -> dict[str, str]:
 def log_checkpoint_model(checkpoint: str, config: TrackingConfig, stage: str) -> RegisteredModel | None:
     """Log `checkpoint` as a pyfunc model of the active run and register it (a new version); None when
     `tracking.register_models` is off or no run is active."""
-    run = mlflow.active_run()
-    if not config.register_models or run is None:
+    run_id = tracking.active_run_id()
+    if not config.register_models or run_id is None:
         return None
-
-    client = MlflowClient()
-    run_tags = client.get_run(run.info.run_id).data.tags
+    run_tags = tracking.client().get_run(run_id).data.tags
     lineage = {k: v for k, v in run_tags.items() if k.startswith("raylm.") and k not in ("raylm.output", "raylm.reused")}
     lineage.update({CHECKPOINT_TAG: checkpoint, "raylm.stage": stage})
     name = registered_name(config, stage)
     with tempfile.TemporaryDirectory(prefix="raylm-model-") as scratch:
         artifacts = write_model_files(checkpoint, scratch)
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT, python_model=PYFUNC_CODE, artifacts=artifacts, signature=_signature(),
-            input_example=([INPUT_EXAMPLE_PROMPT], {"max_new_tokens": 8}),
-            pip_requirements=pip_requirements(), tags=lineage)
-    version = mlflow.register_model(info.model_uri, name, tags=lineage)
-    registered = RegisteredModel(name=name, version=str(version.version), model_id=info.model_id)
-    mlflow.set_tags({"raylm.model_uri": registered.uri, "raylm.model_id": info.model_id or ""})
-    log.info("%s: registered %s (logged model %s)", stage, registered.uri, info.model_id)
+        model_uri, model_id = tracking.log_code_model(
+            PYFUNC_CODE, artifacts, PARAM_DEFAULTS, ([INPUT_EXAMPLE_PROMPT], {"max_new_tokens": 8}),
+            pip_requirements(), lineage, artifact_name=MODEL_ARTIFACT)
+    version = tracking.register_model(model_uri, name, lineage)
+    registered = RegisteredModel(name=name, version=version, model_id=model_id)
+    tracking.set_tags({"raylm.model_uri": registered.uri, "raylm.model_id": model_id or ""})
+    log.info("%s: registered %s (logged model %s)", stage, registered.uri, model_id)
     return registered
 
 
-def _versions_line(client: MlflowClient, name: str) -> str:
+def _versions_line(client: Any, name: str) -> str:
     versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     if not versions:
         known = sorted(m.name for m in client.search_registered_models())
@@ -151,15 +134,14 @@ def find_version(reference: str, tracking_uri: str | None):
     match = REFERENCE.fullmatch(reference)
     if not match:
         raise ModelReferenceError(f"{reference}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
-    client = MlflowClient(tracking_uri)
+    client = tracking.client(tracking_uri)
     name, version, alias = match["name"], match["version"], match["alias"]
-    try:
-        return (client.get_model_version(name, version) if version is not None
-                else client.get_model_version_by_alias(name, alias))
-    except mlflow.exceptions.MlflowException:
-        which = f"version {version}" if version is not None else f"alias @{alias}"
-        raise ModelReferenceError(f"{reference}: no {which} of model {name!r} in {tracking_uri}; "
-                                  f"{_versions_line(client, name)}") from None
+    found = tracking.model_version(client, name, version, alias)
+    if found is not None:
+        return found
+    which = f"version {version}" if version is not None else f"alias @{alias}"
+    raise ModelReferenceError(f"{reference}: no {which} of model {name!r} in {tracking_uri or 'the MLflow store'}; "
+                              f"{_versions_line(client, name)}")
 
 
 def checkpoint_for(reference: str, tracking_uri: str | None) -> tuple[str, str | None]:
@@ -170,7 +152,7 @@ def checkpoint_for(reference: str, tracking_uri: str | None) -> tuple[str, str |
     tags = dict(version.tags)
     checkpoint = tags.get(CHECKPOINT_TAG)
     if not checkpoint and version.run_id:
-        checkpoint = MlflowClient(tracking_uri).get_run(version.run_id).data.tags.get(CHECKPOINT_TAG)
+        checkpoint = tracking.client(tracking_uri).get_run(version.run_id).data.tags.get(CHECKPOINT_TAG)
     if not checkpoint:
         raise ModelReferenceError(f"{reference}: version {version.version} of {version.name!r} names no checkpoint "
                                   f"(no {CHECKPOINT_TAG} tag: not registered by raylm)")
@@ -183,36 +165,33 @@ def model_id_of(version: Any) -> str | None:
     return version.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
 
 
-def versions_of_run(client: MlflowClient, run_id: str | None) -> list[Any]:
+def versions_of_run(client: Any, run_id: str | None) -> list[Any]:
     return list(client.search_model_versions(f"run_id = '{run_id}'")) if run_id else []
 
 
-def record_scores(client: MlflowClient, source_run: str | None, metrics: dict[str, float],
+def record_scores(client: Any, source_run: str | None, metrics: dict[str, float],
                   bpb_key: str | None, dataset: Any = None, run_id: str | None = None) -> list[str]:
     """Link `metrics` to the logged model(s) registered from `source_run` (logged in run `run_id`, default
     the active run, with the dataset they were measured on), and move `@best-bpb` to the version with the
     lowest `bpb_key` figure so far. The model URIs touched."""
     touched = []
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
-    run_id = run_id or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
+    run_id = run_id or tracking.active_run_id()
     for version in versions_of_run(client, source_run):
         model_id = model_id_of(version)
         if model_id and numeric and run_id:
-            mlflow.log_metrics(numeric, run_id=run_id, model_id=model_id, dataset=dataset)
+            tracking.log_model_metrics(numeric, run_id, model_id, dataset)
         if bpb_key and bpb_key in numeric:
             set_best_bpb(client, version, numeric[bpb_key])
         touched.append(f"models:/{version.name}/{version.version}")
     return touched
 
 
-def set_best_bpb(client: MlflowClient, version: Any, bpb: float) -> bool:
+def set_best_bpb(client: Any, version: Any, bpb: float) -> bool:
     """Tag the version with its bits-per-byte; point `@best-bpb` at it when it beats the current holder."""
     client.set_model_version_tag(version.name, version.version, BPB_TAG, repr(bpb))
-    try:
-        holder = client.get_model_version_by_alias(version.name, BEST_BPB_ALIAS)
-        held = float(dict(holder.tags).get(BPB_TAG, "inf"))
-    except mlflow.exceptions.MlflowException:
-        holder, held = None, float("inf")
+    holder = tracking.model_version(client, version.name, alias=BEST_BPB_ALIAS)
+    held = float(dict(holder.tags).get(BPB_TAG, "inf")) if holder is not None else float("inf")
     if holder is not None and str(holder.version) != str(version.version) and not bpb < held:
         return False
     client.set_registered_model_alias(version.name, BEST_BPB_ALIAS, version.version)

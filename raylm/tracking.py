@@ -287,6 +287,7 @@ def log_dataset(name: str, uri: str, digest: str, context: str, counts: dict[str
 
 def dataset(name: str, uri: str, digest: str, columns: dict[str, str] | None = None):
     """An MLflow dataset (metadata only: nothing is read) for data at `uri`."""
+    # deferred: MLflow's dataset modules load only when a stage logs its inputs
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
@@ -308,9 +309,54 @@ def dataset(name: str, uri: str, digest: str, columns: dict[str, str] | None = N
     return MetaDataset(source=source, name=name, digest=digest[:36], schema=schema)
 
 
+# Models: logged models of the active run, the model registry.
+
+def log_code_model(code_path: str, artifacts: dict[str, str], params: dict[str, int | float],
+                   input_example: tuple[list[str], dict[str, Any]], pip_requirements: list[str], tags: dict[str, str],
+                   artifact_name: str = "model") -> tuple[str, str]:
+    """A pyfunc model built from the code in `code_path` (MLflow's models from code: nothing pickled), with
+    `artifacts` (key -> local file) beside it, logged to the active run as an MLflow logged model. Its
+    signature: one string column in, one string out, `params` (name -> default) as inference params.
+    Returns (model URI, model id)."""
+    # deferred: MLflow's model and schema modules load only when a model is logged
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    kinds = {int: "long", float: "double"}
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                               params=ParamSchema([ParamSpec(name, kinds[type(default)], default)
+                                                   for name, default in params.items()]))
+    with warnings.catch_warnings():  # "add type hints to predict": the signature above is explicit
+        warnings.simplefilter("ignore", UserWarning)
+        info = mlflow.pyfunc.log_model(name=artifact_name, python_model=code_path, artifacts=artifacts,
+                                       signature=signature, input_example=input_example,
+                                       pip_requirements=pip_requirements, tags=tags)
+    return info.model_uri, info.model_id
+
+
+def register_model(model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """A new version of registered model `name` (created if new) from `model_uri`; its number."""
+    return str(mlflow.register_model(model_uri, name, tags=tags).version)
+
+
+def model_version(client: MlflowClient, name: str, version: str | None = None, alias: str | None = None):
+    """The ModelVersion `name`/`version` or `name`@`alias`, or None when there is none."""
+    try:
+        return client.get_model_version(name, version) if version is not None \
+            else client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def log_model_metrics(metrics: dict[str, float], run_id: str, model_id: str, dataset: Any = None) -> None:
+    """Metrics of run `run_id` linked to logged model `model_id` (and to the dataset they were measured on)."""
+    mlflow.log_metrics(metrics, run_id=run_id, model_id=model_id, dataset=dataset)
+
+
 # Runs by id, through a client (Ray workers, Tune trials, lookups of earlier runs).
 
-def client(tracking_uri: str) -> MlflowClient:
+def client(tracking_uri: str | None = None) -> MlflowClient:
+    """A client of the store at `tracking_uri` (None: the one `Tracker` set for this process)."""
     return MlflowClient(tracking_uri)
 
 

@@ -78,6 +78,10 @@ def _bad_inputs(tmp_path):
                                "--text-file", str(tmp_path / "nope.txt")], "--text-file"),
         "missing base": (["finetune", "--from", str(tmp_path / "nope")], "--from"),
         "no --from": (["finetune"], "--from"),
+        "unknown model version": (["eval", "--checkpoint", "models:/raylm/9", "--tasks", "arc_easy"],
+                                  "models:/raylm/9: no version 9 of model 'raylm'"),
+        "unknown model alias": (["finetune", "--from", "models:/raylm@best-bpb"],
+                                "models:/raylm@best-bpb: no alias @best-bpb of model 'raylm'"),
     }
 
 
@@ -87,7 +91,8 @@ def bad_inputs(tmp_path_factory):
 
 
 CASES = ["missing checkpoint", "not a checkpoint", "unknown task", "missing field", "bad json line", "column count",
-         "missing benchmark folder", "benchmark folder without the task", "missing text file", "missing base", "no --from"]
+         "missing benchmark folder", "benchmark folder without the task", "missing text file", "missing base", "no --from",
+         "unknown model version", "unknown model alias"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -12,27 +12,10 @@ holds them) and returns their continuations, one string per prompt; `max_new_tok
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import mlflow.pyfunc
 
-WEIGHTS = "weights"  # artifact keys, as `raylm.registry` logs them
-MODEL_CONFIG = "model_config"
-TOKENIZER = "tokenizer"
-PARAM_DEFAULTS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
-
-
-def prompts_of(model_input: Any) -> list[str]:
-    """The prompts of a pyfunc input: a string, a list of strings, a dict or DataFrame with a `prompt` column."""
-    if isinstance(model_input, str):
-        return [model_input]
-    if hasattr(model_input, "columns"):  # a pandas DataFrame
-        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-        return [str(value) for value in model_input[column].tolist()]
-    if isinstance(model_input, dict):
-        values = model_input.get("prompt", next(iter(model_input.values()), []))
-        return [values] if isinstance(values, str) else [str(v) for v in values]
-    return [str(value) for value in model_input]
+from raylm.serving import MODEL_CONFIG, PARAM_DEFAULTS, TOKENIZER, WEIGHTS, prompts_of
 
 
 class RaylmLanguageModel(mlflow.pyfunc.PythonModel):
@@ -53,6 +36,7 @@ class RaylmLanguageModel(mlflow.pyfunc.PythonModel):
             self.tokenizer = tokenizer_from_json(handle.read())
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would build a schema from them
+        # deferred: torch and the model family are needed only once a model is loaded
         import torch
 
         from raylm.model.generate import generate_text
