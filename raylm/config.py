@@ -600,6 +600,8 @@ class TrackingConfig(Section):
     registered_model: str | None = Field(None, description="registered model name for pretrained checkpoints (fine-tuned ones: "
                                                      "<name>-finetune); default: the experiment's name")
     register_models: bool = Field(True, description="log each trained checkpoint as an MLflow model and register it")
+    log_transformers: bool = Field(False, description="also log a decoder's Hugging Face export with MLflow's "
+                                                      "transformers flavor (a text-generation pipeline; ~10 s more)")
 
 
 # Keys added after workspaces existed (how a run reacts to failures; data.pii.phone_region; finetune.columns,

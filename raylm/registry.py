@@ -105,6 +105,8 @@ def log_checkpoint_model(checkpoint: str, config: TrackingConfig, stage: str) ->
     name = registered_name(config, stage)
     with tempfile.TemporaryDirectory(prefix="raylm-model-") as scratch:
         artifacts = write_model_files(checkpoint, scratch)
+        if config.log_transformers:
+            log_hf_export(checkpoint, os.path.join(scratch, "hf"), lineage)
         model_uri, model_id = tracking.log_code_model(
             PYFUNC_CODE, artifacts, PARAM_DEFAULTS, ([INPUT_EXAMPLE_PROMPT], {"max_new_tokens": 8}),
             pip_requirements(), lineage, artifact_name=MODEL_ARTIFACT)
@@ -113,6 +115,25 @@ def log_checkpoint_model(checkpoint: str, config: TrackingConfig, stage: str) ->
     tracking.set_tags({"raylm.model_uri": registered.uri, "raylm.model_id": model_id or ""})
     log.info("%s: registered %s (logged model %s)", stage, registered.uri, model_id)
     return registered
+
+
+def log_hf_export(checkpoint: str, folder: str, tags: dict[str, str]) -> str | None:
+    """The checkpoint's Hugging Face export logged with MLflow's transformers flavor (its model URI, also the
+    run's tag `raylm.hf_model_uri`); None, with the reason in the log, for a model that does not export."""
+    # deferred: pulls in torch and transformers, slow to import; only this path needs it
+    from raylm.model.hf import ExportError, export_hf
+    from raylm.train.checkpoint import load_model, load_model_config, load_tokenizer_json, local_checkpoint
+
+    with local_checkpoint(checkpoint) as directory:
+        config, model, tokenizer_json = load_model_config(directory), load_model(directory), load_tokenizer_json(directory)
+    try:
+        export_hf(model, config, tokenizer_json, folder)
+    except ExportError as error:
+        log.info("not logging a transformers model of %s: %s", checkpoint, error)
+        return None
+    uri = tracking.log_transformers_pipeline(folder, tags)
+    tracking.set_tag("raylm.hf_model_uri", uri)
+    return uri
 
 
 def _versions_line(client: Any, name: str) -> str:

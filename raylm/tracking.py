@@ -334,6 +334,28 @@ def log_code_model(code_path: str, artifacts: dict[str, str], params: dict[str, 
     return info.model_uri, info.model_id
 
 
+def log_transformers_pipeline(folder: str, tags: dict[str, str], artifact_name: str = "hf-model") -> str:
+    """The `transformers` model folder `folder` as a text-generation pipeline logged with MLflow's transformers
+    flavor (weights saved as safetensors), so `mlflow.transformers.load_model` gives a working pipeline.
+    Its model URI."""
+    # deferred: pulls in transformers, slow to import; only this path needs it
+    import mlflow.transformers
+    import transformers
+
+    pipeline = transformers.pipeline("text-generation", model=transformers.AutoModelForCausalLM.from_pretrained(folder),
+                                     tokenizer=transformers.AutoTokenizer.from_pretrained(folder))
+    requirements = [f"transformers=={transformers.__version__}", f"torch=={_version('torch')}"]
+    info = mlflow.transformers.log_model(transformers_model=pipeline, name=artifact_name, task="text-generation",
+                                         pip_requirements=requirements, tags=tags)
+    return info.model_uri
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version  # deferred: only logging a model reads package versions
+
+    return version(package)
+
+
 def register_model(model_uri: str, name: str, tags: dict[str, str]) -> str:
     """A new version of registered model `name` (created if new) from `model_uri`; its number."""
     return str(mlflow.register_model(model_uri, name, tags=tags).version)

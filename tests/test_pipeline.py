@@ -124,7 +124,11 @@ def test_model_registered_with_lineage_datasets_and_scores_then_served(finished_
             except OSError:
                 time.sleep(0.5)
         assert answer is not None, (tmp_path / "serve.log").read_text()[-3000:]
-        assert isinstance(answer["predictions"][0], str) and answer["predictions"][0].strip(), answer
+        import mlflow.pyfunc
+
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        here = mlflow.pyfunc.load_model("models:/raylm/1").predict(["import os"], params={"max_new_tokens": 8})
+        assert answer == {"predictions": here} and len(here[0]) > 0, (answer, here)
     finally:
         server.send_signal(signal.SIGTERM)  # the CLI stops its uvicorn child on SIGTERM
         try:
