@@ -225,6 +225,12 @@ class Pipeline:
                 artifacts[name] = getattr(self, name)()
         return artifacts
 
+    def _model_line(self, artifact: Artifact) -> list[str]:
+        """Where the stage's registered model is (`models:/NAME/VERSION`), when it registered one."""
+        run_id = artifact.record.mlflow_run_id
+        model_uri = self.tracker.client.get_run(run_id).data.tags.get("raylm.model_uri") if run_id else None
+        return [f"  model     {model_uri} (mlflow.pyfunc.load_model, mlflow models serve -m ...)"] if model_uri else []
+
     def summary(self, artifacts: dict[str, Artifact], other_stages: dict[str, str] | None = None,
                 command: str = "pipeline") -> str:
         """What `raylm <command>` finished and where; `other_stages`: name -> folder of stages without an
@@ -236,10 +242,12 @@ class Pipeline:
         trained = artifacts.get("pretrain")
         if trained:
             lines.append(f"  checkpoint {trained.checkpoint}")
+            lines.extend(self._model_line(trained))
         tuned = artifacts.get("finetune")
         if tuned:
             figures = tuned.metrics
             lines.append(f"  checkpoint {tuned.checkpoint} ({tuned.method}, base {tuned.base['checkpoint']})")
+            lines.extend(self._model_line(tuned))
             lines.append(f"  trainable parameters {figures['params_trainable']:,} of {figures['params_total']:,}; "
                          f"val loss {figures['val_loss_before']:.4f} -> {figures['val_loss_after']:.4f}")
             data_line = finetune_data_line(figures)
