@@ -116,7 +116,7 @@ def run_eval_command(config: RaylmConfig, checkpoint_ref: str, overrides: dict[s
         results = evaluate_checkpoint(checkpoint, settings, out_dir, text_names=names, prepared=prepared)
         run_id = log_to_mlflow(results, settings, tracker, source_run, out_dir)
         models = record_scores(tracker.client, source_run, results["metrics"], "bpb/val", run_id=run_id,
-                               dataset=tracking.dataset("curated/val", val_split, content_hash(val_split))
+                               dataset=tracking.dataset("curated/val", val_split, plan_stages(config, workspace).curate.key)
                                if val_split else None)
     manifest = stage.finish({"metrics": results["metrics"], "summary": results["summary"], "checkpoint": checkpoint,
                              "source_run": source_run, "mlflow_run_id": run_id, "tasks": results["tasks"]})
