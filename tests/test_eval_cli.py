@@ -17,7 +17,8 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     index = tmp_path / "index.json"
     index.write_text('{"ngram": 13, "contaminated_documents": 1, "tasks": {"arc_easy": ["arc_easy/1"]}}')
     quiz = write_long_quiz(tmp_path / "long_quiz.jsonl")  # items longer than the context: issue 21
-    code = main(["eval", "--workspace", str(workspace_dir), "--checkpoint", str(checkpoint), "--tasks",
+    model = register_checkpoint(str(checkpoint), str(workspace_dir))  # issue 27: evaluated by its models:/ URI
+    code = main(["eval", "--workspace", str(workspace_dir), "--checkpoint", model.uri, "--tasks",
                  "arc_easy,long_quiz", "--limit", "3", "--benchmark-data", str(shared_data / "benchmarks"),
                  "--contamination-index", str(index), "--text-file", str(text), "--set", "eval.batch_size=4",
                  "--set", f"eval.extra_tasks=[{{name: long_quiz, layout: arc, path: {quiz}}}]"])
@@ -37,6 +38,21 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     assert run.data.tags["raylm.checkpoint"] == str(checkpoint)
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "samples")}
     assert {"summary.md", "results.json", "scores.png", "samples/arc_easy.jsonl"} <= artifacts
+    on_model = {m.key: m for m in client.get_logged_model(model.model_id).metrics}
+    assert on_model["arc_easy/acc"].value == metrics["arc_easy/acc"] and on_model["arc_easy/acc"].run_id == run_id
+    assert run.data.tags["raylm.source_run"] == client.get_model_version("raylm", model.version).run_id
+
+
+def register_checkpoint(checkpoint: str, workspace: str):
+    """The checkpoint as version 1 of model `raylm` in the workspace's store, logged by a `pretrain` run."""
+    from raylm import registry
+    from raylm.config import TrackingConfig
+    from raylm.tracking import Tracker
+    from raylm.workspace import Workspace
+
+    tracker = Tracker(TrackingConfig(), Workspace(workspace))
+    with tracker.run("pretrain", tags={"raylm.checkpoint": checkpoint}):
+        return registry.log_checkpoint_model(checkpoint, TrackingConfig(), "pretrain")
 
 
 ARC_ROW = {"query": "Question: Which gas do plants take in?", "choices": ["carbon dioxide", "oxygen"], "gold": 0}
