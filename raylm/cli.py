@@ -5,6 +5,9 @@
     raylm generate --checkpoint PATH --prompt TEXT [--temperature 0.8 --top-k 50 --top-p 0.95 --stop TEXT]
     raylm export --checkpoint PATH --out DIR        (a `transformers` model folder)
     raylm finetune --from CHECKPOINT_OR_RUN --config FILE
+
+A checkpoint may also be named as a registered MLflow model, `models:/NAME/VERSION` or
+`models:/NAME@ALIAS` (`generate` and `export` look it up in the store of `--config`/`--workspace`).
     raylm plan [--config FILE] [--preset 1b] [--gpu H100 --gpus 8 --hours 24] [--json] [--write FILE] [--log]
 
 Every command validates the whole config before it starts Ray or touches the workspace, and exits
@@ -57,7 +60,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_flags(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--checkpoint", help="checkpoint path/URI or the MLflow run id that made it "
+    sub.add_argument("--checkpoint", help="checkpoint path/URI, the MLflow run id that made it, or a registered "
+                                          "model models:/NAME/VERSION or models:/NAME@ALIAS "
                                           "(default: this config's pretrain stage, val bits-per-byte only)")
     sub.add_argument("--tasks", help="comma-separated: bpb, arc_easy, arc_challenge, hellaswag, mmlu, truthfulqa_mc1, "
                                      "truthfulqa_mc2, gsm8k, humaneval, mt_bench, domain, groups arc|truthfulqa|standard")
@@ -87,14 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
                              help="reuse this tokenizer (tokenizer.json, its folder, or runs:/RUN_ID/tokenizer) "
                                   "instead of training one; same as --set tokenizer.path=PATH")
         if name == "pretrain":
-            sub.add_argument("--from", dest="init_checkpoint", help="start from this checkpoint's weights")
+            sub.add_argument("--from", dest="init_checkpoint",
+                             help="start from this checkpoint's weights (a path, URI or models:/NAME/VERSION|@ALIAS)")
             sub.add_argument("--resume", action="store_true",
                              help="continue the latest pretrain run from its newest good checkpoint")
             sub.add_argument("--from-sweep", metavar="RUN_OR_PATH",
                              help="train with a sweep's best values (its MLflow run id, stage folder or best_params.json)")
         if name == "finetune":
             sub.add_argument("--from", dest="base", required=True, metavar="CHECKPOINT_OR_RUN",
-                             help="base model: a checkpoint or stage folder, an MLflow run id, or a Hugging Face folder")
+                             help="base model: a checkpoint or stage folder, an MLflow run id, a registered model "
+                                  "(models:/NAME/VERSION, models:/NAME@ALIAS) or a Hugging Face folder")
         if name == "eval":
             _eval_flags(sub)
     _model_commands(commands)
@@ -172,7 +178,8 @@ def _plan(args: argparse.Namespace) -> int:
 def _model_commands(commands) -> None:
     generate = commands.add_parser("generate", help="continue a prompt with a trained checkpoint",
                                    description="Continue prompts with a checkpoint (or an exported model folder).")
-    generate.add_argument("--checkpoint", required=True, help="checkpoint directory or URI, or a transformers folder")
+    generate.add_argument("--checkpoint", required=True, help="checkpoint directory or URI, a transformers folder, or "
+                                                              "a registered model (models:/NAME/VERSION, models:/NAME@ALIAS)")
     generate.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
@@ -184,7 +191,12 @@ def _model_commands(commands) -> None:
     generate.add_argument("--no-cache", action="store_true", help="recompute every step instead of using the KV cache")
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face transformers model folder",
                                  description="Export a decoder checkpoint as a transformers folder (Llama, Qwen2 or GPT-2).")
-    export.add_argument("--checkpoint", required=True, help="checkpoint directory or URI")
+    export.add_argument("--checkpoint", required=True, help="checkpoint directory or URI, or a registered model "
+                                                            "(models:/NAME/VERSION, models:/NAME@ALIAS)")
+    for sub in (generate, export):
+        sub.add_argument("--config", "-c", help="experiment YAML whose MLflow store holds a models:/ model "
+                                                "(default: configs/laptop.yaml; MLFLOW_TRACKING_URI wins)")
+        sub.add_argument("--workspace", "-w", help="workspace whose MLflow store holds a models:/ model")
     export.add_argument("--out", required=True, help="output folder")
 
 
@@ -192,6 +204,22 @@ def decode_escapes(text: str) -> str:
     """Python's backslash escapes in a command-line argument (`\\n`, `\\t`, `\\u00e9`) decoded; other
     characters, non-ASCII included, kept as they are."""
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def checkpoint_of(reference: str, config_file: str | None = None, workspace: str | None = None, config=None) -> str:
+    """The checkpoint a `models:/NAME/VERSION` or `models:/NAME@ALIAS` reference names, looked up in the
+    config's MLflow store (before Ray starts); any other reference unchanged."""
+    from raylm.registry import checkpoint_for, is_model_uri
+
+    if not is_model_uri(reference):
+        return reference
+    from raylm.tracking import resolve_tracking_uri
+    from raylm.workspace import Workspace
+
+    config = config or load_config(config_file, [], workspace)
+    checkpoint, _ = checkpoint_for(reference, resolve_tracking_uri(config.tracking, Workspace(config.workspace.root)))
+    log.info("%s is checkpoint %s", reference, checkpoint)
+    return checkpoint
 
 
 def _load_for_generation(path: str):
@@ -215,7 +243,7 @@ def _generate(args: argparse.Namespace) -> int:
     from raylm.data.tokenizer import tokenizer_from_json
     from raylm.model.generate import generate_text
 
-    model, tokenizer_json = _load_for_generation(args.checkpoint)
+    model, tokenizer_json = _load_for_generation(checkpoint_of(args.checkpoint, args.config, args.workspace))
     if tokenizer_json is None:
         print(f"raylm: {args.checkpoint} has no tokenizer.json", file=sys.stderr)
         return 2
@@ -231,7 +259,7 @@ def _export(args: argparse.Namespace) -> int:
     from raylm.model.hf import ExportError, export_hf
     from raylm.train.checkpoint import load_model, load_model_config, load_tokenizer_json, local_checkpoint
 
-    with local_checkpoint(args.checkpoint) as directory:
+    with local_checkpoint(checkpoint_of(args.checkpoint, args.config, args.workspace)) as directory:
         config = load_model_config(directory)
         model, tokenizer_json = load_model(directory), load_tokenizer_json(directory)
     try:
@@ -277,6 +305,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     if name == "pretrain" and args.init_checkpoint:  # a bad --from is refused before Ray starts
         from raylm.train.launch import check_init_checkpoint
 
+        args.init_checkpoint = checkpoint_of(args.init_checkpoint, config=config)
         check_init_checkpoint(config.model, args.init_checkpoint)
     if name == "finetune":  # bad data or a bad --from is refused before Ray starts or the workspace is touched
         from raylm.data.chat_layouts import choose_format
@@ -285,6 +314,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         settings = config.finetune
         if settings.data is not None:
             choose_format(settings.data, settings.format, settings.columns)
+        args.base = checkpoint_of(args.base, config=config)
         check_base_source(args.base, config.model)
         if settings.data is None:
             raise ConfigError(["finetune.data = None: set the fine-tuning data (plain text or chat jsonl)"])
@@ -372,9 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         from raylm.eval.tasks import EvalInputError
         from raylm.finetune import FinetuneError
         from raylm.finetune.stage import BaseModelError
+        from raylm.registry import ModelReferenceError
 
         if not isinstance(error, (ChatDataError, LayoutError, FinetuneError, BaseModelError, EvalInputError,
-                                  BenchmarkFileError)):
+                                  BenchmarkFileError, ModelReferenceError)):
             return _failed(error, args)
         print(f"raylm: {error}", file=sys.stderr)
         return 2

@@ -637,6 +637,11 @@ class WorkspaceConfig(Section):
 class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else SQLite in the workspace")
     experiment: str = "raylm"
+    registered_model: str | None = Field(None, description="registered model name for pretrained checkpoints (fine-tuned ones: "
+                                                     "<name>-finetune); default: the experiment's name")
+    register_models: bool = Field(True, description="log each trained checkpoint as an MLflow model and register it")
+    log_transformers: bool = Field(False, description="also log a decoder's Hugging Face export with MLflow's "
+                                                      "transformers flavor (a text-generation pipeline; ~10 s more)")
 
 
 # Keys added after workspaces existed (how a run reacts to failures; data.pii.phone_region; finetune.columns,

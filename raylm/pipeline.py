@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 
-from raylm import tracking
+from raylm import lineage, tracking
 from raylm.artifacts import Artifact, Curated, Evaluated, Finetuned, Packed, Pretrained
 from raylm.config import ConfigError, DataConfig, RaylmConfig, SourceConfig, TokenizerConfig, section_data
+from raylm.registry import log_checkpoint_model, record_scores
 from raylm.stage import execute
 from raylm.stage_plan import file_fingerprint, plan_stages, source_fingerprint
 from raylm.tracking import Tracker, flatten, ui_command
@@ -90,17 +91,26 @@ class Pipeline:
         # deferred: pulls in pandas, ray, slow to import; only this path needs it
         from raylm.data.curate import curate
 
-        return execute(self.plan.curate, self.config.section("data"), self.tracker,
-                       lambda stage: curate(self.config.data, stage), Curated, force="curate" in self.force)
+        def body(stage: StageDir) -> Curated:
+            curated = curate(self.config.data, stage)
+            lineage.log_sources(self.config.data, source_fingerprint(self.config)[:16], curated)
+            return curated
+
+        return execute(self.plan.curate, self.config.section("data"), self.tracker, body, Curated,
+                       force="curate" in self.force)
 
     def tokenize(self) -> Packed:
         # deferred: pulls in pandas, ray, slow to import; only this path needs it
         from raylm.data.tokenize import tokenize
 
         curated = self.require("curate")
-        return execute(self.plan.tokenize, self.config.section("tokenizer"), self.tracker,
-                       lambda stage: tokenize(self.config.tokenizer, self.config.model.seq_len, curated, stage),
-                       Packed, force="tokenize" in self.force)
+
+        def body(stage: StageDir) -> Packed:
+            lineage.log_curated(curated, self.plan.curate.key)
+            return tokenize(self.config.tokenizer, self.config.model.seq_len, curated, stage)
+
+        return execute(self.plan.tokenize, self.config.section("tokenizer"), self.tracker, body, Packed,
+                       force="tokenize" in self.force)
 
     def pretrain(self, init_checkpoint: str | None = None, resume: bool = False) -> Pretrained:
         """Train in this config's stage folder (continuing it if interrupted); `resume`: continue the
@@ -114,20 +124,29 @@ class Pipeline:
         if resume:
             stage = latest_run_stage(self.workspace, stage)
             log.info("pretrain: resuming %s", stage.uri)
-        return execute(stage, section, self.tracker,
-                       lambda stage: pretrain(self.config.model, self.config.train, packed, stage,
-                                              self.tracker.uri, init_checkpoint),
-                       Pretrained, force="pretrain" in self.force and not resume, resumable=True)
+        def body(stage: StageDir) -> Pretrained:
+            lineage.log_packed(packed, self.plan.tokenize.key)
+            trained = pretrain(self.config.model, self.config.train, packed, stage, self.tracker.uri, init_checkpoint)
+            log_checkpoint_model(trained.checkpoint, self.config.tracking, "pretrain")
+            return trained
+
+        return execute(stage, section, self.tracker, body, Pretrained,
+                       force="pretrain" in self.force and not resume, resumable=True)
 
     def eval(self) -> Evaluated:
         # deferred: pulls in ray, torch, slow to import; only this path needs it
         from raylm.eval.bpb import evaluate_stage
 
         trained, packed = self.require("pretrain"), self.require("tokenize")
-        return execute(self.plan.eval, self.config.section("eval"), self.tracker,
-                       lambda stage: evaluate_stage(trained, packed, self.config.eval.batch_size,
-                                                    self.config.eval.limit),
-                       Evaluated, force="eval" in self.force)
+
+        def body(stage: StageDir) -> Evaluated:
+            evaluated = evaluate_stage(trained, packed, self.config.eval.batch_size, self.config.eval.limit)
+            record_scores(self.tracker.client, trained.record.mlflow_run_id, evaluated.metrics, "val_bpb",
+                          lineage.packed_dataset(packed, self.plan.tokenize.key))
+            return evaluated
+
+        return execute(self.plan.eval, self.config.section("eval"), self.tracker, body, Evaluated,
+                       force="eval" in self.force)
 
     def finetune(self, base_source: str) -> Finetuned:
         """Fine-tune the base named by `--from` on `finetune.data` (see raylm/finetune/stage.py)."""
@@ -144,9 +163,13 @@ class Pipeline:
         section = {"finetune": self.config.section("finetune"), "train": section_data(train),
                    "model": model.section()}
         stage = self.workspace.stage("finetune", section, {"base": base.fingerprint, "data": packed_stage.fingerprint})
-        return execute(stage, section, self.tracker,
-                       lambda st: finetune(model, train, settings, base, packed, st, self.tracker.uri),
-                       Finetuned, force="finetune" in self.force, resumable=True)
+        def body(st: StageDir) -> Finetuned:
+            lineage.log_packed(packed, packed_stage.key, name=packed_stage.name)
+            tuned = finetune(model, train, settings, base, packed, st, self.tracker.uri)
+            log_checkpoint_model(tuned.checkpoint, self.config.tracking, "finetune")
+            return tuned
+
+        return execute(stage, section, self.tracker, body, Finetuned, force="finetune" in self.force, resumable=True)
 
     def _finetune_data(self, base, seq_len: int) -> tuple[StageDir, Packed]:
         """Chat or instruction records -> `sft-data`; plain text -> `finetune-curate` and `finetune-tokenize`
@@ -263,6 +286,12 @@ class Pipeline:
 
         return write_report(self.config, self.tracker)
 
+    def _model_line(self, name: str, artifact: Artifact) -> list[str]:
+        """Where the stage's registered model is (`models:/NAME/VERSION`), when it registered one."""
+        run_id = artifact.record.mlflow_run_id
+        model_uri = self.tracker.client.get_run(run_id).data.tags.get("raylm.model_uri") if run_id else None
+        return [f"  {name} model {model_uri} (mlflow.pyfunc.load_model, mlflow models serve -m ...)"] if model_uri else []
+
     def summary(self, artifacts: dict[str, Artifact], other_stages: dict[str, str] | None = None,
                 command: str = "pipeline") -> str:
         """What `raylm <command>` finished, as a table (stage, wall time, key figures, folder), then the
@@ -287,6 +316,9 @@ class Pipeline:
         final = artifacts.get("finetune") or artifacts.get("pretrain")
         if final:
             lines.append(f"  checkpoint {final.checkpoint}")
+        for name in ("pretrain", "finetune"):
+            if name in artifacts:
+                lines.extend(self._model_line(name, artifacts[name]))
         tuned = artifacts.get("finetune")
         if tuned:
             data_line = finetune_data_line(tuned.metrics)

@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from typing import Any, Iterator
 
 import mlflow
@@ -280,9 +281,110 @@ def log_files(files: dict[str, str | bytes], artifact_dir: str) -> None:
         mlflow.log_artifacts(local, artifact_dir)
 
 
+def log_dataset(name: str, uri: str, digest: str, context: str, counts: dict[str, int] | None = None,
+                columns: dict[str, str] | None = None) -> None:
+    """The data a stage read, as an MLflow dataset input of the active run: its URI as the source, `digest`
+    (the hash of the stage that wrote it), the `columns` (name -> MLflow type, `list<long>` for token ids)
+    as its schema, and `counts` (rows, tokens, ...) as input tags."""
+    if in_run():
+        mlflow.log_input(dataset(name, uri, digest, columns), context=context,
+                         tags={key: str(value) for key, value in (counts or {}).items()})
+
+
+def dataset(name: str, uri: str, digest: str, columns: dict[str, str] | None = None):
+    """An MLflow dataset (metadata only: nothing is read) for data at `uri`."""
+    # deferred: MLflow's dataset modules load only when a stage logs its inputs
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array
+
+    try:
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local resolvers agree
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(uri)
+    except mlflow.exceptions.MlflowException:  # hf://, gs:// and other schemes MLflow has no source for
+        source = HTTPDatasetSource(uri)
+
+    def column(column_name: str, kind: str) -> ColSpec:
+        return ColSpec(Array(kind.removeprefix("list<").removesuffix(">")) if kind.startswith("list<") else kind,
+                       column_name)
+
+    schema = Schema([column(k, v) for k, v in columns.items()]) if columns else None
+    return MetaDataset(source=source, name=name, digest=digest[:36], schema=schema)
+
+
+# Models: logged models of the active run, the model registry.
+
+def log_code_model(code_path: str, artifacts: dict[str, str], params: dict[str, int | float],
+                   input_example: tuple[list[str], dict[str, Any]], pip_requirements: list[str], tags: dict[str, str],
+                   artifact_name: str = "model") -> tuple[str, str]:
+    """A pyfunc model built from the code in `code_path` (MLflow's models from code: nothing pickled), with
+    `artifacts` (key -> local file) beside it, logged to the active run as an MLflow logged model. Its
+    signature: one string column in, one string out, `params` (name -> default) as inference params.
+    Returns (model URI, model id)."""
+    # deferred: MLflow's model and schema modules load only when a model is logged
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    kinds = {int: "long", float: "double"}
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                               params=ParamSchema([ParamSpec(name, kinds[type(default)], default)
+                                                   for name, default in params.items()]))
+    with warnings.catch_warnings():  # "add type hints to predict": the signature above is explicit
+        warnings.simplefilter("ignore", UserWarning)
+        info = mlflow.pyfunc.log_model(name=artifact_name, python_model=code_path, artifacts=artifacts,
+                                       signature=signature, input_example=input_example,
+                                       pip_requirements=pip_requirements, tags=tags)
+    return info.model_uri, info.model_id
+
+
+def log_transformers_pipeline(folder: str, tags: dict[str, str], artifact_name: str = "hf-model") -> str:
+    """The `transformers` model folder `folder` as a text-generation pipeline logged with MLflow's transformers
+    flavor (weights saved as safetensors), so `mlflow.transformers.load_model` gives a working pipeline.
+    Its model URI."""
+    # deferred: pulls in transformers, slow to import; only this path needs it
+    import mlflow.transformers
+    import transformers
+
+    pipeline = transformers.pipeline("text-generation", model=transformers.AutoModelForCausalLM.from_pretrained(folder),
+                                     tokenizer=transformers.AutoTokenizer.from_pretrained(folder))
+    requirements = [f"transformers=={transformers.__version__}", f"torch=={_version('torch')}"]
+    info = mlflow.transformers.log_model(transformers_model=pipeline, name=artifact_name, task="text-generation",
+                                         pip_requirements=requirements, tags=tags)
+    return info.model_uri
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version  # deferred: only logging a model reads package versions
+
+    return version(package)
+
+
+def register_model(model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """A new version of registered model `name` (created if new) from `model_uri`; its number."""
+    return str(mlflow.register_model(model_uri, name, tags=tags).version)
+
+
+def model_version(client: MlflowClient, name: str, version: str | None = None, alias: str | None = None):
+    """The ModelVersion `name`/`version` or `name`@`alias`, or None when there is none."""
+    try:
+        return client.get_model_version(name, version) if version is not None \
+            else client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def log_model_metrics(metrics: dict[str, float], run_id: str, model_id: str, dataset: Any = None) -> None:
+    """Metrics of run `run_id` linked to logged model `model_id` (and to the dataset they were measured on)."""
+    mlflow.log_metrics(metrics, run_id=run_id, model_id=model_id, dataset=dataset)
+
+
 # Runs by id, through a client (Ray workers, Tune trials, lookups of earlier runs).
 
-def client(tracking_uri: str) -> MlflowClient:
+def client(tracking_uri: str | None = None) -> MlflowClient:
+    """A client of the store at `tracking_uri` (None: the one `Tracker` set for this process)."""
     return MlflowClient(tracking_uri)
 
 

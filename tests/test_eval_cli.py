@@ -19,10 +19,11 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     index.write_text('{"ngram": 13, "contaminated_documents": 1, "tasks": {"arc_easy": ["arc_easy/1"]}}')
     quiz = write_long_quiz(tmp_path / "long_quiz.jsonl")  # items longer than the context: issue 21
     extra, paths, shapes = write_shapes(tmp_path / "shapes")  # every scoring shape, by configuration alone
+    model = register_checkpoint(str(checkpoint), str(workspace_dir))  # issue 27: evaluated by its models:/ URI
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump({"eval": {"extra_tasks": [{"name": "long_quiz", "layout": "arc", "path": str(quiz)},
                                                                *extra], "task_paths": paths, "max_gen_toks": 8}}))
-    code = main(["eval", "--config", str(config), "--workspace", str(workspace_dir), "--checkpoint", str(checkpoint),
+    code = main(["eval", "--config", str(config), "--workspace", str(workspace_dir), "--checkpoint", model.uri,
                  "--tasks", ",".join(["arc_easy", "long_quiz", *shapes]), "--limit", "3", "--benchmark-data",
                  str(shared_data / "benchmarks"), "--contamination-index", str(index), "--text-file", str(text),
                  "--set", "eval.batch_size=4"])
@@ -46,6 +47,21 @@ def test_eval_command_logs_tasks_to_mlflow(shared_data, ray_session, workspace_d
     assert run.data.tags["raylm.checkpoint"] == str(checkpoint)
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "samples")}
     assert {"summary.md", "results.json", "scores.png", "samples/arc_easy.jsonl"} <= artifacts
+    on_model = {m.key: m for m in client.get_logged_model(model.model_id).metrics}
+    assert on_model["arc_easy/acc"].value == metrics["arc_easy/acc"] and on_model["arc_easy/acc"].run_id == run_id
+    assert run.data.tags["raylm.source_run"] == client.get_model_version("raylm", model.version).run_id
+
+
+def register_checkpoint(checkpoint: str, workspace: str):
+    """The checkpoint as version 1 of model `raylm` in the workspace's store, logged by a `pretrain` run."""
+    from raylm import registry
+    from raylm.config import TrackingConfig
+    from raylm.tracking import Tracker
+    from raylm.workspace import Workspace
+
+    tracker = Tracker(TrackingConfig(), Workspace(workspace))
+    with tracker.run("pretrain", tags={"raylm.checkpoint": checkpoint}):
+        return registry.log_checkpoint_model(checkpoint, TrackingConfig(), "pretrain")
 
 
 ARC_ROW = {"query": "Question: Which gas do plants take in?", "choices": ["carbon dioxide", "oxygen"], "gold": 0}
@@ -94,6 +110,10 @@ def _bad_inputs(tmp_path):
                                "--text-file", str(tmp_path / "nope.txt")], "--text-file"),
         "missing base": (["finetune", "--from", str(tmp_path / "nope")], "--from"),
         "no --from": (["finetune"], "--from"),
+        "unknown model version": (["eval", "--checkpoint", "models:/raylm/9", "--tasks", "arc_easy"],
+                                  "models:/raylm/9: no version 9 of model 'raylm'"),
+        "unknown model alias": (["finetune", "--from", "models:/raylm@best-bpb"],
+                                "models:/raylm@best-bpb: no alias @best-bpb of model 'raylm'"),
     }
 
 
@@ -104,7 +124,8 @@ def bad_inputs(tmp_path_factory):
 
 CASES = ["missing checkpoint", "not a checkpoint", "unknown task", "missing field", "bad json line", "column count",
          "one-choice task",
-         "missing benchmark folder", "benchmark folder without the task", "missing text file", "missing base", "no --from"]
+         "missing benchmark folder", "benchmark folder without the task", "missing text file", "missing base", "no --from",
+         "unknown model version", "unknown model alias"]
 
 
 @pytest.mark.parametrize("case", CASES)

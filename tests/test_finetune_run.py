@@ -8,6 +8,7 @@ import json
 import random
 
 import mlflow
+from mlflow.tracking import MlflowClient
 import pytest
 import torch
 
@@ -112,6 +113,11 @@ def test_sft_lowers_held_out_val_loss_and_logs_lineage(ray_light, tmp_path, base
     assert run.data.metrics["params_trainable"] == figures["params_trainable"]
     assert run.data.metrics["data_rows_layout_alpaca"] == 48
     assert run.data.tags["raylm.finetune.data_layouts"] == ",".join(sorted(LAYOUTS))
+    # issue 27: the fine-tuned checkpoint is a registered model of its own, made from the SFT data
+    assert run.data.tags["raylm.model_uri"].startswith("models:/raylm-finetune/")
+    version = MlflowClient().get_model_version(*run.data.tags["raylm.model_uri"].removeprefix("models:/").split("/"))
+    assert version.run_id == run.info.run_id and dict(version.tags)["raylm.checkpoint"] == manifest.checkpoint
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"sft-data/train", "sft-data/val"}
     summary = pipeline.summary({"finetune": manifest}, command="finetune")
     assert "raylm finetune finished" in summary and "pipeline" not in summary and "data rows 240 (48 alpaca, 48 messages" in summary, summary
     assert type(load_model(manifest.checkpoint)) is Transformer

@@ -94,6 +94,76 @@ def test_checkpoint_exists_and_training_lowered_val_loss(finished_pipeline):
     assert metrics["val_loss"] < metrics["val_loss_initial"] - 0.5
 
 
+def test_model_registered_with_lineage_datasets_and_scores_then_served(finished_pipeline, tmp_path):
+    """Issue 27: the pretrain run's best checkpoint is version 1 of model `raylm` (the experiment's name), with
+    its lineage, the data of every stage as MLflow datasets, eval's scores on the logged model and @best-bpb;
+    `mlflow models serve` answers an /invocations request with a continuation."""
+    import json
+    import signal
+    import time
+    import urllib.request
+
+    from tests.s3_server import free_port
+
+    client, runs = runs_by_name(finished_pipeline)
+    by_name = {r.info.run_name: r for r in runs if r.data.tags.get("raylm.reused") == "false"}
+    pretrain, tokenize = by_name["pretrain"], by_name["tokenize"]
+    version = client.get_model_version("raylm", "1")
+    tags = dict(version.tags)
+    assert version.run_id == pretrain.info.run_id and tags["raylm.stage"] == "pretrain"
+    for key in ("raylm.checkpoint", "raylm.config_hash", "raylm.fingerprint", "raylm.input.packed", "raylm.code_version"):
+        assert tags[key] == pretrain.data.tags[key], key
+    assert pretrain.data.tags["raylm.model_uri"] == "models:/raylm/1"
+    assert str(client.get_model_version_by_alias("raylm", "best-bpb").version) == "1"
+
+    inputs = {run: {i.dataset.name: i.dataset for i in by_name[run].inputs.dataset_inputs}
+              for run in ("curate", "tokenize", "pretrain")}
+    assert set(inputs["curate"]) == {"source[0]"}
+    assert set(inputs["tokenize"]) == {"curated/train", "curated/val"}
+    tokenize_key = tokenize.data.tags["raylm.fingerprint"].split(":", 1)[1]
+    assert {name: d.digest for name, d in inputs["pretrain"].items()} == {"packed/train": tokenize_key,
+                                                                         "packed/val": tokenize_key}
+    model_id = pretrain.data.tags["raylm.model_id"]
+    scores = {m.key: m for m in mlflow_logged_model(finished_pipeline, model_id).metrics}
+    assert 0 < scores["val_bpb"].value < 10 and scores["val_bpb"].dataset_name == "packed/val"
+    assert scores["val_bpb"].value == pytest.approx(by_name["eval"].data.metrics["val_bpb"])
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{finished_pipeline}/mlflow.db",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/raylm/1",
+                                   "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"inputs": ["import os"], "params": {"max_new_tokens": 8}}).encode())
+        deadline, answer = time.monotonic() + 120, None
+        while answer is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+        assert answer is not None, (tmp_path / "serve.log").read_text()[-3000:]
+        import mlflow.pyfunc
+
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        here = mlflow.pyfunc.load_model("models:/raylm/1").predict(["import os"], params={"max_new_tokens": 8})
+        assert answer == {"predictions": here} and len(here[0]) > 0, (answer, here)
+    finally:
+        server.send_signal(signal.SIGTERM)  # the CLI stops its uvicorn child on SIGTERM
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def mlflow_logged_model(workspace, model_id):
+    return MlflowClient(f"sqlite:///{workspace}/mlflow.db").get_logged_model(model_id)
+
+
 def test_encoder_decoder_trains_and_evaluates_through_the_same_stages(finished_pipeline):
     """The guide's encoder-decoder learns prefix-to-continuation over the same packed data."""
     overrides = [*SHAPE, "--set", "model.arch=encoder-decoder", "--set", "model.n_layers=1", "--set", "train.max_steps=20",

@@ -90,3 +90,37 @@ def test_the_ray_pods_credentials_log_and_nobody_else_reads(auth_server, monkeyp
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
     with pytest.raises(Exception, match="401"):
         MlflowClient(uri).search_experiments()
+
+
+def test_a_checkpoint_registers_and_loads_through_the_server(auth_server, tmp_path, monkeypatch):
+    """Issue 27 against a real `mlflow server`: the model's files go through the server's artifact proxy,
+    `models:/` resolves through its registry, and the pyfunc loads back from it."""
+    import mlflow
+    import torch
+    from test_model_hf import tokenizer_json
+
+    from raylm import registry
+    from raylm.config import TrackingConfig
+    from raylm.model import TransformerConfig, build_model
+    from raylm.tracking import Tracker
+    from raylm.train.checkpoint import save_checkpoint
+    from raylm.workspace import Workspace
+
+    uri, password = auth_server
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "raylm")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    config = TransformerConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=2, seq_len=32)
+    model = build_model(config)
+    checkpoint = str(tmp_path / "ckpt")
+    save_checkpoint(checkpoint, model, torch.optim.AdamW(model.parameters()), {"step": 1}, config.to_dict(),
+                    tokenizer_json(), rank=0)
+    settings = TrackingConfig(uri=uri, experiment="served")
+    tracker = Tracker(settings, Workspace(str(tmp_path / "ws")))
+    with tracker.run("pretrain"):
+        registered = registry.log_checkpoint_model(checkpoint, settings, "pretrain")
+    assert registered.uri == "models:/served/1"
+    assert registry.checkpoint_for("models:/served/1", uri)[0] == checkpoint
+    with pytest.raises(registry.ModelReferenceError, match="registered versions of 'served': 1"):
+        registry.checkpoint_for("models:/served/2", uri)
+    mlflow.set_tracking_uri(uri)
+    assert len(mlflow.pyfunc.load_model(registered.uri).predict(["def"], params={"max_new_tokens": 3})) == 1

@@ -1,7 +1,9 @@
 """`raylm eval --checkpoint PATH_OR_RUN --tasks ...`: evaluate any checkpoint and log it to MLflow.
 
-The checkpoint is a path or URI, or the MLflow run id of the training run that made it (its
-`raylm.checkpoint` tag). Results go to a workspace folder `benchmarks/<hash of settings and
+The checkpoint is a path or URI, the MLflow run id of the training run that made it (its
+`raylm.checkpoint` tag), or a registered model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`); the
+scores are also logged against the logged model registered from that run, and `bpb/val` moves the
+alias `@best-bpb` (raylm/registry.py). Results go to a workspace folder `benchmarks/<hash of settings and
 checkpoint>` (manifest, per-sample jsonl, summary) and to an MLflow run that is a child of the
 checkpoint's run. `bpb` is the bits-per-byte of the curated val split's text (tokenizer-independent,
 through `loglikelihood_rolling`); `domain` defaults to that split too.
@@ -14,6 +16,7 @@ import os
 import tempfile
 from typing import Any
 
+from raylm import tracking
 from raylm.artifacts import Curated
 from raylm.config import RaylmConfig
 from raylm.eval.domain import read_texts
@@ -26,6 +29,7 @@ from raylm.eval.suite import (
     summary_text,
 )
 from raylm.eval.tasks import EvalInputError
+from raylm.registry import checkpoint_for, is_model_uri, record_scores
 from raylm.stage_plan import plan_stages
 from raylm.tracking import Tracker
 from raylm.workspace import Workspace, content_hash
@@ -42,8 +46,8 @@ def check_checkpoint_reference(reference: str) -> None:
     # deferred: pulls in torch, slow to import; only this path needs it
     from raylm.train.checkpoint import CheckpointError, check_complete
 
-    if "://" in reference:
-        return  # read (and checked) by the actors
+    if "://" in reference or is_model_uri(reference):
+        return  # read (and checked) by the actors; a registered model is looked up in MLflow next
     path = reference.removeprefix("file://")
     if os.path.isdir(path):
         try:
@@ -85,7 +89,10 @@ def run_eval_command(config: RaylmConfig, checkpoint_ref: str, overrides: dict[s
     check_checkpoint_reference(checkpoint_ref)
     workspace = Workspace(config.workspace.root)
     tracker = Tracker(config.tracking, workspace)
-    checkpoint, source_run = resolve_checkpoint(checkpoint_ref, tracker.client)
+    if is_model_uri(checkpoint_ref):
+        checkpoint, source_run = checkpoint_for(checkpoint_ref, tracker.uri)
+    else:
+        checkpoint, source_run = resolve_checkpoint(checkpoint_ref, tracker.client)
     check_checkpoint_reference(checkpoint)
     val_split = curated_val_split(config) if ({"bpb", "domain"} & set(settings.tasks)) else None
     if "domain" in settings.tasks and not settings.domain_data:
@@ -113,8 +120,12 @@ def run_eval_command(config: RaylmConfig, checkpoint_ref: str, overrides: dict[s
             settings.tasks = [t for t in settings.tasks if t != "bpb"]
         results = evaluate_checkpoint(checkpoint, settings, out_dir, text_names=names, prepared=prepared)
         run_id = log_to_mlflow(results, settings, tracker, source_run, out_dir)
+        models = record_scores(tracker.client, source_run, results["metrics"], "bpb/val", run_id=run_id,
+                               dataset=tracking.dataset("curated/val", val_split, plan_stages(config, workspace).curate.key)
+                               if val_split else None)
     manifest = stage.finish({"metrics": results["metrics"], "summary": results["summary"], "checkpoint": checkpoint,
                              "source_run": source_run, "mlflow_run_id": run_id, "tasks": results["tasks"]})
     manifest["table"] = summary_text(results)
+    manifest["models"] = models
     manifest["sandbox_isolation"] = results.get("sandbox_isolation")
     return manifest

@@ -22,7 +22,9 @@ conversion step. It implements lm-eval's three request types:
 
 lm-eval has no plugin hook for models, so its own CLI sees `raylm` after this module is imported:
 `python -m raylm.eval --model raylm --model_args checkpoint=DIR --tasks ...` (or the `raylm-lm-eval`
-script) runs lm-eval's own CLI with the model registered.
+script) runs lm-eval's own CLI with the model registered. `checkpoint` may also be a registered model,
+`models:/NAME/VERSION` or `models:/NAME@ALIAS`, looked up in `tracking_uri` (a model arg; default
+MLFLOW_TRACKING_URI).
 """
 
 from __future__ import annotations
@@ -170,8 +172,13 @@ class RaylmLM(TemplateLM):
 
     def __init__(self, checkpoint: str | None = None, batch_size: int | str = 16, device: str | None = None,
                  max_gen_toks: int = 256, shared_context: bool = True, model: torch.nn.Module | None = None,
-                 tokenizer_json: str | None = None, **_: Any):
+                 tokenizer_json: str | None = None, tracking_uri: str | None = None, **_: Any):
         super().__init__()
+        if checkpoint is not None and str(checkpoint).startswith("models:/"):
+            # deferred: pulls in mlflow; only a registered model needs it
+            from raylm.registry import checkpoint_for
+
+            checkpoint, _run = checkpoint_for(str(checkpoint), tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
 
         self.device_ = pick_device(device)
         if model is None:

@@ -404,7 +404,9 @@ def resolve_checkpoint(reference: str, client: Any) -> tuple[str, str | None]:
     """A checkpoint path or URI, or an MLflow run id whose run holds one -> (checkpoint, producing run id)."""
     if os.path.exists(reference) or "://" in reference:
         runs = client.search_runs(experiment_ids=[e.experiment_id for e in client.search_experiments()],
-                                  filter_string=f"tags.`raylm.checkpoint` = '{reference}'", max_results=1)
+                                  filter_string=f"tags.`raylm.checkpoint` = '{reference}' and "
+                                                "tags.`raylm.stage` != 'eval'",  # the run that made it, not an eval of it
+                                  max_results=1)
         return reference, (runs[0].info.run_id if runs else None)
     try:
         run = client.get_run(reference)
