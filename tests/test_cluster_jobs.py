@@ -214,7 +214,7 @@ def test_pipeline_job_on_a_two_node_cluster_logs_to_the_mlflow_server(cluster):
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.info.run_name == "pipeline")
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"curate", "tokenize", "pretrain", "eval"}
+    assert set(children) == {"curate", "tokenize", "pretrain", "eval", "report"}
     assert all(r.info.status == "FINISHED" for r in runs)
     assert children["eval"].data.metrics["val_bpb"] > 0
     assert children["curate"].data.metrics["rows_input"] > 0
@@ -222,6 +222,8 @@ def test_pipeline_job_on_a_two_node_cluster_logs_to_the_mlflow_server(cluster):
     workspace = str(cluster["root"] / "workspace")
     assert children["pretrain"].data.tags["raylm.checkpoint"].startswith(workspace)
     assert "manifest.json" in {a.path for a in client.list_artifacts(children["eval"].info.run_id)}
+    report_files = {a.path for a in client.list_artifacts(children["report"].info.run_id, "report")}
+    assert {"report/report.md", "report/report.html"} <= report_files, report_files
 
 
 @pytest.mark.slow
