@@ -28,7 +28,8 @@ from raylm.model.config import WEIGHT_FREE_KEYS, TransformerConfig
 from raylm.train.best import BEST_DIR, BEST_POINTER, KeepBestCheckpoint, best_checkpoint, read_best_pointer  # noqa: F401
 from raylm.train.resources import WorkerResources, worker_resources
 from raylm.train.rotation import rotate_unused_checkpoints
-from raylm.train.worker import LoopConfig, train_loop_per_worker
+from raylm.train.loop_config import LoopConfig
+from raylm.train.worker import train_loop_per_worker
 from raylm.workspace import ATTEMPTS, StageDir, Workspace, read_text_uri
 
 log = logging.getLogger("raylm")

@@ -54,7 +54,7 @@ from raylm.train.data import PackedSequences
 from raylm.train.mfu import mfu, peak_flops
 from raylm.train.optim import build_optimizer, learning_rate
 from raylm.train.parallel import clip_gradients, gradient_sync, wrap_model
-from raylm.train.worker import LoopConfig
+from raylm.train.loop_config import LoopConfig
 
 log = logging.getLogger("raylm")
 
