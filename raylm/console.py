@@ -24,6 +24,7 @@ from typing import Any, TextIO
 log = logging.getLogger("raylm")
 
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+PROGRESS_FIGURES = ("tokens_seen", "loss", "val_loss", "tokens_per_s", "mfu")
 POLL_S = 2.0
 PLAIN_EVERY_S = 15.0
 
@@ -133,7 +134,7 @@ class TrainingProgress:
         shown_step, shown_val, shown_at = -1, None, 0.0
         while not self._stop.wait(self.poll_s):
             try:
-                figures = client.get_run(self.run_id).data.metrics
+                figures = tracking.latest_figures(client, self.run_id, PROGRESS_FIGURES)
             except Exception as error:  # noqa: BLE001 - progress is best effort; the run goes on without it
                 log.debug("progress: cannot read run %s: %s", self.run_id, error)
                 continue

@@ -33,6 +33,38 @@ TAG_PREFIX = "raylm."
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 MAX_PARAM_LENGTH = 6000
 
+# MLflow's UI charts a run's metrics in one section per name prefix. raylm's own names stay flat everywhere
+# else (manifests, Tune's reports, the code); they get their section here, where they enter MLflow, and
+# `metric_name` is also how a reader finds them again: `train/` (loss, lr, tokens seen), `val/` (`val_loss`
+# -> `val/loss`; eval's figures), `system/` (throughput, MFU, workers, restarts, times), `data/` (every figure
+# of curate and tokenize), and the stage's own name for the rest (a sweep's `tune/trials`). A name that
+# already has a section (eval's `arc_easy/acc`, one section per task) keeps it.
+TRAINING_STAGES = frozenset({"pretrain", "finetune", "tune-trial"})
+DATA_STAGES = frozenset({"curate", "tokenize"})
+SYSTEM_FIGURES = frozenset({"mfu", "workers", "grad_accum_steps", "restarts", "cpus_per_worker", "torch_threads",
+                            "checkpoints_refused", "checkpoints_rotated", "resumed_from_step", "gpu_mem_peak_gib"})
+
+
+def metric_name(key: str, stage: str | None) -> str:
+    """The MLflow name of raylm figure `key` logged by a run of `stage` (its `raylm.stage` tag)."""
+    if "/" in key or not stage:
+        return key
+    if key in SYSTEM_FIGURES or key.endswith(("_s", "_seconds")):
+        return f"system/{key}"
+    if stage in DATA_STAGES:
+        return f"data/{key}"
+    if key.startswith("data_"):  # a fine-tuning run's data accounting
+        return f"data/{key.removeprefix('data_')}"
+    if key.startswith("val_"):
+        return f"val/{key.removeprefix('val_')}"
+    if stage == "eval":
+        return f"val/{key}"
+    return f"train/{key}" if stage in TRAINING_STAGES else f"{stage}/{key}"
+
+
+def _run_stage(run: Any) -> str | None:
+    return run.data.tags.get(f"{TAG_PREFIX}stage") if run is not None else None
+
 
 def resolve_tracking_uri(config: TrackingConfig, workspace: Workspace) -> str:
     uri = config.uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -188,7 +220,9 @@ class Tracker:
 
     @staticmethod
     def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
+        """Figures to the active run, each under its section for the run's stage (`metric_name`)."""
+        stage = _run_stage(mlflow.active_run())
+        numeric = {metric_name(k, stage): float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
         if numeric:
             mlflow.log_metrics(numeric, step=step)
 
@@ -377,8 +411,24 @@ def model_version(client: MlflowClient, name: str, version: str | None = None, a
 
 
 def log_model_metrics(metrics: dict[str, float], run_id: str, model_id: str, dataset: Any = None) -> None:
-    """Metrics of run `run_id` linked to logged model `model_id` (and to the dataset they were measured on)."""
-    mlflow.log_metrics(metrics, run_id=run_id, model_id=model_id, dataset=dataset)
+    """Metrics of run `run_id` linked to logged model `model_id` (and to the dataset they were measured on),
+    under the names that run gives them (`metric_name`)."""
+    stage = _run_stage(MlflowClient().get_run(run_id))
+    mlflow.log_metrics({metric_name(k, stage): v for k, v in metrics.items()}, run_id=run_id, model_id=model_id,
+                       dataset=dataset)
+
+
+def log_run_metric(tracking_uri: str, run_id: str, key: str, value: float) -> None:
+    """One figure to run `run_id` (not the active one), under its section for the run's stage."""
+    runs = MlflowClient(tracking_uri)
+    runs.log_metric(run_id, metric_name(key, _run_stage(runs.get_run(run_id))), value)
+
+
+def latest_figures(runs: MlflowClient, run_id: str, keys: tuple[str, ...]) -> dict[str, float]:
+    """The latest value of each raylm figure in `keys` that run `run_id` has logged, by raylm's names."""
+    run = runs.get_run(run_id)
+    stage = _run_stage(run)
+    return {key: run.data.metrics[metric_name(key, stage)] for key in keys if metric_name(key, stage) in run.data.metrics}
 
 
 # Runs by id, through a client (Ray workers, Tune trials, lookups of earlier runs).
@@ -422,9 +472,12 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
 
 
 def metric_history(tracking_uri: str, run_id: str, metric: str) -> list[tuple[int, float]]:
-    """(step, value) of a run's metric in time order; a step logged twice (a restart) keeps its last value."""
+    """(step, value) of a run's figure `metric` (raylm's name) in time order; a step logged twice (a restart)
+    keeps its last value."""
+    runs = MlflowClient(tracking_uri)
+    name = metric_name(metric, _run_stage(runs.get_run(run_id)))
     latest: dict[int, float] = {}
-    for point in sorted(MlflowClient(tracking_uri).get_metric_history(run_id, metric), key=lambda m: m.timestamp):
+    for point in sorted(runs.get_metric_history(run_id, name), key=lambda m: m.timestamp):
         latest[point.step] = point.value
     return sorted(latest.items())
 
@@ -435,12 +488,14 @@ class RunLogger:
     def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 50):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
+        self.stage = _run_stage(self.client.get_run(run_id))
         self.flush_every = flush_every
         self._pending: list[Metric] = []
 
     def log(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         stamp = timestamp_ms or int(time.time() * 1000)
-        self._pending.extend(Metric(k, float(v), stamp, step) for k, v in metrics.items() if v == v)
+        self._pending.extend(Metric(metric_name(k, self.stage), float(v), stamp, step)
+                             for k, v in metrics.items() if v == v)
         if len(self._pending) >= self.flush_every:
             self.flush()
 

@@ -216,9 +216,9 @@ def test_pipeline_job_on_a_two_node_cluster_logs_to_the_mlflow_server(cluster):
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"curate", "tokenize", "pretrain", "eval", "report"}
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert children["eval"].data.metrics["val_bpb"] > 0
-    assert children["curate"].data.metrics["rows_input"] > 0
-    assert len(client.get_metric_history(children["pretrain"].info.run_id, "loss")) >= 3
+    assert children["eval"].data.metrics["val/bpb"] > 0
+    assert children["curate"].data.metrics["data/rows_input"] > 0
+    assert len(client.get_metric_history(children["pretrain"].info.run_id, "train/loss")) >= 3
     workspace = str(cluster["root"] / "workspace")
     assert children["pretrain"].data.tags["raylm.checkpoint"].startswith(workspace)
     assert "manifest.json" in {a.path for a in client.list_artifacts(children["eval"].info.run_id)}

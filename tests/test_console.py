@@ -8,6 +8,7 @@ import time
 from mlflow.tracking import MlflowClient
 
 from raylm.console import TrainingProgress, duration, progress_line
+from raylm.tracking import RunLogger
 
 
 def test_progress_line_says_step_loss_speed_and_time_left():
@@ -23,14 +24,14 @@ def test_progress_follows_a_real_mlflow_run(tmp_path):
     """Written as rank 0 writes (tokens_seen with each report window); printed as plain lines off a terminal."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("progress")).info.run_id
+    run_id = client.create_run(client.create_experiment("progress"), tags={"raylm.stage": "pretrain"}).info.run_id
+    rank0 = RunLogger(uri, run_id, flush_every=1)
     console = io.StringIO()
     with TrainingProgress("pretrain", uri, run_id, max_steps=30, tokens_per_step=512, stream=console, poll_s=0.05):
         for step in (10, 20, 30):
-            client.log_metric(run_id, "tokens_seen", step * 512, step=step)
-            client.log_metric(run_id, "loss", 6.0 - step / 10, step=step)
-            client.log_metric(run_id, "val_loss", 6.5 - step / 10, step=step)
+            rank0.log({"tokens_seen": step * 512, "loss": 6.0 - step / 10, "val_loss": 6.5 - step / 10}, step=step)
             time.sleep(0.4)
+    assert {"train/tokens_seen", "train/loss", "val/loss"} == set(client.get_run(run_id).data.metrics)
     lines = console.getvalue().splitlines()
     assert lines[0].startswith("pretrain step 10/30 (33%) loss 5.000 val 5.500")
     assert lines[-1].startswith("pretrain step 30/30 (100%) loss 3.000 val 3.500")

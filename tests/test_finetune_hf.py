@@ -104,8 +104,8 @@ def test_finetune_starts_from_a_hugging_face_folder(ray_light, tmp_path, hf_fold
 
     run = mlflow.get_run(manifest.record.mlflow_run_id)
     assert run.data.tags["raylm.base.kind"] == "hf" and run.data.tags["raylm.base.source"] == hf_folder
-    assert run.data.metrics["val_loss_after"] == pytest.approx(figures["val_loss_after"])
-    assert run.data.metrics["val_loss_before"] == pytest.approx(figures["val_loss_before"])
+    assert run.data.metrics["val/loss_after"] == pytest.approx(figures["val_loss_after"])
+    assert run.data.metrics["val/loss_before"] == pytest.approx(figures["val_loss_before"])
     # the imported base carries the folder's tokenizer, which the chat data was tokenized with
     with open(f"{hf_folder}/tokenizer.json") as handle:
         assert load_tokenizer_json(run.data.tags["raylm.base.checkpoint"]) == handle.read()

@@ -109,9 +109,9 @@ def test_sft_lowers_held_out_val_loss_and_logs_lineage(ray_light, tmp_path, base
     run = mlflow.get_run(manifest.record.mlflow_run_id)
     assert run.data.tags["raylm.finetune.method"] == "full"
     assert run.data.tags["raylm.base.checkpoint"] == base_checkpoint
-    assert run.data.metrics["val_loss_after"] == pytest.approx(figures["val_loss_after"])
-    assert run.data.metrics["params_trainable"] == figures["params_trainable"]
-    assert run.data.metrics["data_rows_layout_alpaca"] == 48
+    assert run.data.metrics["val/loss_after"] == pytest.approx(figures["val_loss_after"])
+    assert run.data.metrics["train/params_trainable"] == figures["params_trainable"]
+    assert run.data.metrics["data/rows_layout_alpaca"] == 48
     assert run.data.tags["raylm.finetune.data_layouts"] == ",".join(sorted(LAYOUTS))
     # issue 27: the fine-tuned checkpoint is a registered model of its own, made from the SFT data
     assert run.data.tags["raylm.model_uri"].startswith("models:/raylm-finetune/")

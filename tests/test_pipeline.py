@@ -60,11 +60,11 @@ def test_parent_and_nested_runs_with_params_and_metrics(finished_pipeline):
     assert 0 <= benchmarks.data.metrics["python_quiz/acc"] <= 1 and benchmarks.data.metrics["bpb/val"] > 0
     assert parents[0].data.params["train.max_steps"] == "30"
     assert children["curate"].data.params["curate.val_fraction"] == "0.1"
-    assert children["curate"].data.metrics["rows_input"] > 0
-    assert children["tokenize"].data.metrics["vocab_size"] == 1024
-    assert children["eval"].data.metrics["val_bpb"] > 0
+    assert children["curate"].data.metrics["data/rows_input"] > 0
+    assert children["tokenize"].data.metrics["data/vocab_size"] == 1024
+    assert children["eval"].data.metrics["val/bpb"] > 0
     assert children["tokenize"].data.tags["raylm.input.curated"].startswith("curate:")
-    history = client.get_metric_history(children["pretrain"].info.run_id, "loss")
+    history = client.get_metric_history(children["pretrain"].info.run_id, "train/loss")
     assert len(history) >= 3  # logged live from the rank-0 worker
     artifacts = {a.path for a in client.list_artifacts(children["curate"].info.run_id)}
     assert "manifest.json" in artifacts
@@ -73,7 +73,7 @@ def test_parent_and_nested_runs_with_params_and_metrics(finished_pipeline):
 def test_curation_accounts_for_every_row(finished_pipeline):
     client, runs = runs_by_name(finished_pipeline)
     curate = next(r for r in runs if r.info.run_name == "curate")
-    metrics = curate.data.metrics
+    metrics = {key.removeprefix("data/"): value for key, value in curate.data.metrics.items()}  # curate's section
     assert metrics["rows_input"] == metrics["rows_kept"] + metrics["rows_rejected"]
     output = curate.data.tags["raylm.output"]
     kept = sum(pads.dataset(f"{output}/kept/{s}", format="parquet").count_rows() for s in ("train", "val"))
@@ -91,7 +91,7 @@ def test_checkpoint_exists_and_training_lowered_val_loss(finished_pipeline):
     assert os.path.exists(os.path.join(checkpoint, ".metadata"))
     assert os.path.exists(os.path.join(checkpoint, "trainer_state.json"))
     metrics = pretrain.data.metrics
-    assert metrics["val_loss"] < metrics["val_loss_initial"] - 0.5
+    assert metrics["val/loss"] < metrics["val/loss_initial"] - 0.5
 
 
 def test_model_registered_with_lineage_datasets_and_scores_then_served(finished_pipeline, tmp_path):
@@ -125,8 +125,8 @@ def test_model_registered_with_lineage_datasets_and_scores_then_served(finished_
                                                                          "packed/val": tokenize_key}
     model_id = pretrain.data.tags["raylm.model_id"]
     scores = {m.key: m for m in mlflow_logged_model(finished_pipeline, model_id).metrics}
-    assert 0 < scores["val_bpb"].value < 10 and scores["val_bpb"].dataset_name == "packed/val"
-    assert scores["val_bpb"].value == pytest.approx(by_name["eval"].data.metrics["val_bpb"])
+    assert 0 < scores["val/bpb"].value < 10 and scores["val/bpb"].dataset_name == "packed/val"
+    assert scores["val/bpb"].value == pytest.approx(by_name["eval"].data.metrics["val/bpb"])
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{finished_pipeline}/mlflow.db",
@@ -174,9 +174,9 @@ def test_encoder_decoder_trains_and_evaluates_through_the_same_stages(finished_p
     _, runs = runs_by_name(finished_pipeline)
     pretrain = [r for r in runs if r.info.run_name == "pretrain"][-1]
     assert pretrain.data.params.get("model.arch", "encoder-decoder") == "encoder-decoder"
-    assert pretrain.data.metrics["val_loss"] < pretrain.data.metrics["val_loss_initial"] - 0.3
+    assert pretrain.data.metrics["val/loss"] < pretrain.data.metrics["val/loss_initial"] - 0.3
     evaluation = [r for r in runs if r.info.run_name == "eval"][-1]
-    assert 0 < evaluation.data.metrics["val_bpb"] < 8
+    assert 0 < evaluation.data.metrics["val/bpb"] < 8
 
 
 def test_encoder_decoder_trains_by_span_corruption_and_evaluates_on_prefix(finished_pipeline):
@@ -189,9 +189,9 @@ def test_encoder_decoder_trains_by_span_corruption_and_evaluates_on_prefix(finis
     _, runs = runs_by_name(finished_pipeline)
     pretrain = [r for r in runs if r.info.run_name == "pretrain"][-1]
     assert pretrain.data.params.get("model.seq2seq_objective", "span_corruption") == "span_corruption"
-    assert pretrain.data.metrics["val_loss"] < pretrain.data.metrics["val_loss_initial"]
+    assert pretrain.data.metrics["val/loss"] < pretrain.data.metrics["val/loss_initial"]
     evaluation = [r for r in runs if r.info.run_name == "eval"][-1]
-    assert 0 < evaluation.data.metrics["val_bpb"] < 10
+    assert 0 < evaluation.data.metrics["val/bpb"] < 10
 
 
 def test_rerun_reuses_every_stage(finished_pipeline):
@@ -241,12 +241,14 @@ def test_mlflow_curves_start_at_the_first_real_step_and_constants_are_not_charte
     def points(metric):
         return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
 
-    val = points("val_loss")
-    assert val[0] == (0, pytest.approx(metrics["val_loss_initial"]))  # step 0 is the untrained model's loss
-    assert [step for step, _ in val].count(0) == 1 and val[-1][0] == metrics["step"]
-    assert all(step > 0 for step, _ in points("step_loss")) and all(step > 0 for step, _ in points("tokens_per_s"))
-    assert len(points("workers")) == 1 and points("workers")[0][0] == metrics["step"]  # the summary's, not a curve
-    assert "evaluated" not in metrics and "resumed_from_step" not in metrics
+    val = points("val/loss")
+    assert val[0] == (0, pytest.approx(metrics["val/loss_initial"]))  # step 0 is the untrained model's loss
+    assert [step for step, _ in val].count(0) == 1 and val[-1][0] == metrics["train/step"]
+    assert all(step > 0 for step, _ in points("train/step_loss")) and all(step > 0 for step, _ in points("system/tokens_per_s"))
+    assert len(points("system/workers")) == 1 and points("system/workers")[0][0] == metrics["train/step"]  # the summary's
+    assert not {"evaluated", "system/resumed_from_step", "train/evaluated"} & set(metrics)
+    sections = {name.split("/")[0] for name in metrics}  # MLflow's UI draws one chart section per prefix
+    assert sections == {"train", "val", "system"}, sections
     experiment = client.get_experiment(pretrain.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 

@@ -192,6 +192,6 @@ def test_bytes_per_token_setting_sizes_the_corpus_and_the_plan_logs_to_mlflow(tm
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("raylm").experiment_id])[0]
     assert run.info.run_name == "plan" and run.data.tags["raylm.stage"] == "plan"
-    assert run.data.metrics["parameters.total"] > 0 and "memory.ddp.total" in run.data.metrics
+    assert run.data.metrics["plan/parameters.total"] > 0 and "plan/memory.ddp.total" in run.data.metrics
     assert run.data.params["plan.mfu"] == "0.4"
     assert {"plan.json", "plan.txt"} <= {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -94,7 +94,7 @@ def test_versions_aliases_and_scores_on_the_model(store):
     client = MlflowClient(tracker.uri)
     one, two = register(tracker, first), register(tracker, second)
     assert (one.version, two.version) == ("1", "2")
-    eval_run = client.create_run(tracker.experiment_id, run_name="eval").info.run_id
+    eval_run = client.create_run(tracker.experiment_id, run_name="eval", tags={"raylm.stage": "eval"}).info.run_id
     val = tracking.dataset("curated/val", "/data/val", "abc123", {"text": "string"})
     runs = {str(v.version): v.run_id for v in client.search_model_versions("name = 'tiny'")}
 
@@ -108,8 +108,8 @@ def test_versions_aliases_and_scores_on_the_model(store):
     assert dict(client.get_model_version("tiny", "2").tags)["raylm.val_bpb"] == "1.5"
 
     metrics = {m.key: m for m in mlflow.get_logged_model(one.model_id).metrics}
-    assert metrics["val_bpb"].value == 2.0 and metrics["val_bpb"].dataset_name == "curated/val"
-    assert metrics["val_bpb"].dataset_digest == "abc123" and metrics["val_bpb"].run_id == eval_run
+    assert metrics["val/bpb"].value == 2.0 and metrics["val/bpb"].dataset_name == "curated/val"  # the eval run's names
+    assert metrics["val/bpb"].dataset_digest == "abc123" and metrics["val/bpb"].run_id == eval_run
     assert registry.checkpoint_for("models:/tiny@best-bpb", tracker.uri) == (second, runs["2"])
     assert registry.checkpoint_for("models:/tiny/1", tracker.uri) == (first, runs["1"])
     assert registry.checkpoint_for(first, tracker.uri) == (first, None)

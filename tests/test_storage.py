@@ -245,7 +245,7 @@ def test_pretrain_killed_mid_run_resumes_from_the_bucket_to_the_uninterrupted_lo
     statuses = sorted(run.info.status for run in runs)
     assert statuses == ["FINISHED", "KILLED"], statuses  # the killed process's run is closed on the rerun
     finished = next(run for run in runs if run.info.status == "FINISHED")
-    assert finished.data.metrics["checkpoints_rotated"] >= len(stale)
+    assert finished.data.metrics["system/checkpoints_rotated"] >= len(stale)
     assert main(["pretrain", *common, "--force"]) == 0
     fresh = Workspace(workspace).finished_runs("pretrain")[0].manifest()
     assert fresh["attempt"] != resumed["attempt"] and fresh["metrics"]["resumed_from_step"] == -1

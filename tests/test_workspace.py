@@ -65,7 +65,7 @@ def test_finished_stage_is_reused_and_force_reruns(tracker, workspace_dir):
     reused = [r.data.tags["raylm.reused"] for r in runs]
     assert sorted(reused) == ["false", "false", "true"]
     assert all(r.data.params["curate.v"] == "1" for r in runs)
-    assert all(r.data.metrics["rows"] == 5 for r in runs)
+    assert all(r.data.metrics["data/rows"] == 5 for r in runs)  # curate's figures: the data section
 
 
 def test_folder_without_marker_is_recomputed_not_read(tracker):

@@ -113,7 +113,7 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, 
                       torch_threads=None if resources.chosen_by == "ray" else resources.torch_threads)
     rotated = rotate_unused_checkpoints(run_uri, train.keep_checkpoints)
     if rotated and run_id is not None:
-        tracking.client(tracking_uri).log_metric(run_id, "checkpoints_rotated", len(rotated))
+        tracking.log_run_metric(tracking_uri, run_id, "checkpoints_rotated", len(rotated))
     apply_ray_train_env(train)  # read from the driver's environment at fit(), passed to the controller
     return TorchTrainer(
         train_loop_per_worker,
