@@ -22,6 +22,7 @@ import sys
 import traceback
 
 from raylm import failure
+from raylm.console import quiet_progress_bars
 from raylm.config import ConfigError, load_config
 
 log = logging.getLogger("raylm")
@@ -382,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not getattr(args, "verbose", False):
+        quiet_progress_bars()  # before MLflow, lm-eval and datasets are imported: they read it then
     try:
         if args.command == "generate":
             return _generate(args)

@@ -38,8 +38,8 @@ def quiet_ray() -> None:
         for handler in logging.getLogger(name).handlers:
             if not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.WARNING)
-                if _said_progress_bars_off not in handler.filters:
-                    handler.addFilter(_said_progress_bars_off)
+                if _known_notice not in handler.filters:
+                    handler.addFilter(_known_notice)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
@@ -47,7 +47,8 @@ def quiet_ray() -> None:
 
 PROGRESS_BARS_OFF = {"TQDM_DISABLE": "1",  # lm-eval's and others' tqdm bars
                      "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # datasets' "Generating test split"
-                     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # artifact downloads
+                     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # artifact downloads
+                     "MLFLOW_LOGGING_LEVEL": "WARNING"}  # "Creating initial MLflow database tables..."
 
 
 def quiet_progress_bars() -> None:
@@ -61,9 +62,13 @@ def ours_or_warning(record: logging.LogRecord) -> bool:
     return record.name.split(".")[0] == "raylm" or record.levelno >= logging.WARNING
 
 
-def _said_progress_bars_off(record: logging.LogRecord) -> bool:
-    """Ray Data's warning that its progress bars are off: we turned them off."""
-    return not record.getMessage().startswith("Progress bars disabled")
+# Warnings Ray prints on every run that tell the user nothing to act on (the run log keeps them): Ray Data's
+# that its progress bars are off (we turned them off), Ray's that token authentication is on (its default).
+KNOWN_NOTICES = ("Progress bars disabled", "Token authentication is enabled for this Ray cluster")
+
+
+def _known_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(KNOWN_NOTICES)
 
 
 def duration(seconds: float) -> str:
