@@ -9,7 +9,7 @@ import pytest
 
 from eval_helpers import make_checkpoint
 from raylm.eval.contamination import load_index, split_scores
-from raylm.eval.suite import EvalSettings, evaluate_checkpoint
+from raylm.eval.suite import EvalSettings, evaluate_checkpoint, summary_text
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,23 @@ def test_mmlu_group_five_shot(shared_data, checkpoint, lm, tmp_path):
     sample = json.loads(open(results["files"]["mmlu_anatomy"]).readline())
     prompt = sample["arguments"]["gen_args_0"]["arg_0"] if isinstance(sample["arguments"], dict) else sample["arguments"][0][0]
     assert prompt.count("Answer:") == 6  # five dev examples, then the question
+
+
+def test_arc_and_truthfulqa_groups_get_an_aggregate_row_above_their_members(shared_data, checkpoint, lm, tmp_path):
+    """Issue 21: lm-eval only tags ARC and TruthfulQA; their aggregate is the mean over all their items."""
+    settings = EvalSettings(tasks=["arc", "truthfulqa"], limit=2, benchmark_data=_bench(shared_data))
+    results = evaluate_checkpoint(checkpoint, settings, str(tmp_path), lm=lm)
+    order = [row["task"] for row in results["summary"]]
+    assert order == ["arc", "truthfulqa", "arc_easy", "arc_challenge", "truthfulqa_mc1", "truthfulqa_mc2"], order
+    tasks = results["tasks"]
+    # ARC: 2 + 2 questions; TruthfulQA: the same 2 questions scored two ways (mc1, mc2)
+    for group, (one, two), questions in (("arc", ("arc_easy", "arc_challenge"), 4),
+                                         ("truthfulqa", ("truthfulqa_mc1", "truthfulqa_mc2"), 2)):
+        assert tasks[group]["n_items"] == questions
+        pooled = (tasks[one]["all"]["acc,none"] + tasks[two]["all"]["acc,none"]) / 2  # two items each
+        assert tasks[group]["all"]["acc,none"] == pytest.approx(pooled)
+        assert results["metrics"][f"{group}/acc"] == pytest.approx(pooled)
+    assert summary_text(results).index("| arc |") < summary_text(results).index("### arc: 2 subtasks")
 
 
 @pytest.mark.slow

@@ -43,6 +43,9 @@ from raylm.failure import chatter_to_log
 log = logging.getLogger("raylm")
 
 RAYLM_TASKS = {"mt_bench", "domain", "bpb"}
+# Groups whose members all ran get an aggregate row (the mean over all their items) above the members, as
+# lm-eval's own MMLU group does; lm-eval only tags ARC and TruthfulQA.
+AGGREGATED_GROUPS = ("arc", "truthfulqa")
 MAIN_METRIC = ("acc_norm,none", "acc,none", "exact_match,strict-match", "exact_match,flexible-extract",
                "pass_at_k,create_test")
 
@@ -194,6 +197,9 @@ def prepare_tasks(settings: EvalSettings, out_dir: str) -> PreparedTasks:
                 check_choices(prepared.task_manager, used)
         if "mmlu" in suite.tasks:
             prepared.groups["mmlu"] = sorted(t for t in suite.source_task if t.startswith("mmlu_"))
+        for group in AGGREGATED_GROUPS:  # lm-eval tags these, without an aggregate: raylm pools their items
+            if all(member in suite.tasks for member in SUITE_GROUPS[group]):
+                prepared.groups[group] = list(SUITE_GROUPS[group])
     elif any(t not in LM_EVAL_TASKS for t in lm_tasks):  # lm-eval's own registry (downloads its data)
         # deferred: pulls in lm_eval, slow to import; only this path needs it
         from lm_eval.tasks import TaskManager
@@ -249,8 +255,8 @@ def evaluate_checkpoint(checkpoint: str, settings: EvalSettings, out_dir: str, l
         results["groups"] = groups
         for group, members in groups.items():
             samples[group] = [s for m in members for s in samples.get(m, [])]
-        for task in list(evaluated["results"]):
-            reported = {k: v for k, v in evaluated["results"][task].items()
+        for task in [*evaluated["results"], *(group for group in groups if group not in evaluated["results"])]:
+            reported = {k: v for k, v in evaluated["results"].get(task, {}).items()
                         if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
             split = split_scores(samples.get(task, []), index)
             entry = {"reported": reported, "n_items": split["n_items"], "n_clean": split["n_clean"],
