@@ -20,6 +20,8 @@ import ray.train  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from raylm.config import ClusterConfig  # noqa: E402
+from raylm.runtime import check_shared_storage  # noqa: E402
 from raylm.train.launch import STOP_FILE, build_trainer  # noqa: E402
 from tests.train_helpers import make_packed, tiny_model, tiny_train  # noqa: E402
 
@@ -58,6 +60,8 @@ def main() -> None:
         "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}})
     worker_node = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
+    # A workspace in a local folder both nodes see (one machine): the check a stage makes before it runs
+    storage_nodes = check_shared_storage(ClusterConfig(), str(folder / "ws"), f"sqlite:///{folder}/ws/mlflow.db")
     train = tiny_train(workers=(1, 2), max_steps=100_000, checkpoint_every=20, report_every=10, eval_every=100,
                        max_failures=3, elastic_resize_interval_s=2, deterministic=False)
     trainer = build_trainer(tiny_model(), train, packed, str(folder / "runs"), "elastic", "", None,
@@ -98,7 +102,7 @@ def main() -> None:
         failure.append(outcome.get("error", TimeoutError("fit did not return")))
     print("SCENARIO " + json.dumps({"error": repr(failure[0]) if failure else (repr(result.error) if result.error else None),
                                     "final_step": result.metrics.get("step") if result else None, "events": events,
-                                    "reports": reports(log)}))
+                                    "reports": reports(log), "storage_nodes": storage_nodes}))
     ray.shutdown()
     cluster.shutdown()
 

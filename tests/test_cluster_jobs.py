@@ -202,12 +202,20 @@ def job_status(shown: str, submission_id: str) -> str:
 
 
 @pytest.mark.slow
-def test_pipeline_job_on_a_two_node_cluster_logs_to_the_mlflow_server(cluster):
+def test_pipeline_job_on_a_two_node_cluster_and_an_s3_workspace_logs_to_the_mlflow_server(cluster, s3_bucket):
+    """The README's `ray job submit` of the whole pipeline. Before any stage, every node writes, reads and
+    deletes a probe object on the bucket (the S3 endpoint and credentials reach both nodes through their
+    environment); each stage then commits there. (A workspace in a local folder both nodes see is checked
+    the same way in tests/elastic_scenario.py, on its own 2-node cluster.)"""
     from mlflow.tracking import MlflowClient
 
-    status, logs = submit(cluster, "raylm-pipeline-tiny", "jobs/pipeline.py", "--config", "configs/tiny.yaml")
+    from raylm.workspace import Workspace
+
+    workspace = f"{s3_bucket}/ws"
+    status, logs = submit(cluster, "raylm-pipeline-tiny", "jobs/pipeline.py", "--config", "configs/tiny.yaml",
+                          "--workspace", workspace)
     assert "SUCCEEDED" in status, status + logs[-3000:]
-    assert "seen by all 2 nodes" in logs  # the workspace was checked from both nodes
+    assert f"{workspace} written, read and deleted from all 2 nodes" in logs
     assert "raylm pipeline finished" in logs
     client = MlflowClient(cluster["tracking"])
     experiment = client.get_experiment_by_name("raylm")
@@ -219,26 +227,12 @@ def test_pipeline_job_on_a_two_node_cluster_logs_to_the_mlflow_server(cluster):
     assert children["eval"].data.metrics["val/bpb"] > 0
     assert children["curate"].data.metrics["data/rows_input"] > 0
     assert len(client.get_metric_history(children["pretrain"].info.run_id, "train/loss")) >= 3
-    workspace = str(cluster["root"] / "workspace")
-    assert children["pretrain"].data.tags["raylm.checkpoint"].startswith(workspace)
+    assert children["pretrain"].data.tags["raylm.checkpoint"].startswith(f"{workspace}/pretrain/")
     assert "manifest.json" in {a.path for a in client.list_artifacts(children["eval"].info.run_id)}
     report_files = {a.path for a in client.list_artifacts(children["report"].info.run_id, "report")}
     assert {"report/report.md", "report/report.html"} <= report_files, report_files
-
-
-@pytest.mark.slow
-def test_curate_job_on_an_s3_workspace_is_checked_from_both_nodes(cluster, s3_bucket):
-    """Every node writes, reads and deletes a probe object before any stage runs; the stage then commits
-    on the bucket (the S3 endpoint and credentials reach both nodes through their environment)."""
-    from raylm.workspace import Workspace
-
-    workspace = f"{s3_bucket}/ws"
-    status, logs = submit(cluster, "raylm-curate-s3", "jobs/curate.py", "--config", "configs/tiny.yaml",
-                          "--workspace", workspace)
-    assert "SUCCEEDED" in status, status + logs[-3000:]
-    assert f"{workspace} written, read and deleted from all 2 nodes" in logs
-    manifest = Workspace(workspace).finished_runs("curate")[0].manifest()
-    assert manifest["counts"]["kept"] > 0 and manifest["outputs"]["train"].startswith(f"{workspace}/curate/")
+    curated = Workspace(workspace).finished_runs("curate")[0].manifest()
+    assert curated["counts"]["kept"] > 0 and curated["outputs"]["train"].startswith(f"{workspace}/curate/")
 
 
 @pytest.mark.slow

@@ -215,7 +215,7 @@ def test_pretrain_killed_mid_run_resumes_from_the_bucket_to_the_uninterrupted_lo
     monkeypatch.chdir(tmp_path)
     workspace = f"{s3_bucket}/ws"
     common = ["--config", str(CONFIGS / "tiny.yaml"), "--workspace", workspace,
-              "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "--set", "train.max_steps=60",
+              "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "--set", "train.max_steps=40",
               "--set", "train.checkpoint_every=10", "--set", "train.eval_every=10"]
     assert main(["curate", *common]) == 0 and main(["tokenize", *common]) == 0
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
@@ -232,7 +232,7 @@ def test_pretrain_killed_mid_run_resumes_from_the_bucket_to_the_uninterrupted_lo
 
     assert main(["pretrain", *common]) == 0
     resumed = Workspace(workspace).finished_runs("pretrain")[0].manifest()
-    assert resumed["metrics"]["resumed_from_step"] >= registered_step and resumed["metrics"]["step"] == 60
+    assert resumed["metrics"]["resumed_from_step"] >= registered_step and resumed["metrics"]["step"] == 40
     left = {info.base_name for info in fs.get_file_info(pafs.FileSelector(run))}
     assert not left & set(stale) and "checkpoint_notes" in left, left  # rotated before the resume; others untouched
     assert resumed["metrics"]["checkpoints_refused"] == 0  # the partial ones were gone before the workers looked

@@ -28,6 +28,7 @@ def test_run_survives_node_loss_and_grows_back():
     assert lines, f"scenario printed no result (exit {done.returncode}):\n{done.stderr[-4000:]}"
     outcome = json.loads(lines[-1].removeprefix("SCENARIO "))
     assert outcome["error"] is None, outcome["error"]
+    assert outcome["storage_nodes"] == 2  # the local workspace folder was seen from both nodes before training
     events, reports = outcome["events"], outcome["reports"]
     before = [r for r in reports if r["time"] < events["node_removed"]]
     # Between the kill and its detection Ray may restart once more on 2 workers (the dead node still
