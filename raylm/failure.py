@@ -45,14 +45,29 @@ def stage(name: str) -> Iterator[None]:
 
 
 @contextmanager
-def step(name: str) -> Iterator[None]:
+def step(name: str) -> Iterator[dict[str, float]]:
     """Code running step `name` of the current stage; the innermost step is the one named. A step that
-    finishes says so on the console with its wall time (the progress of a stage that has no live line)."""
+    finishes says so on the console with its wall time (the progress of a stage that has no live line),
+    and with its throughput when the block put `rows`, `bytes` or `tokens` in the dict it was given."""
     started = time.perf_counter()
+    figures: dict[str, float] = {}
     with _tagging_errors("raylm_step", name):
-        yield
-    logging.getLogger("raylm").info("%s: %s done in %.1f s", _stages[-1] if _stages else "raylm", name,
-                                    time.perf_counter() - started)
+        yield figures
+    seconds = time.perf_counter() - started
+    logging.getLogger("raylm").info("%s: %s done in %.1f s%s", _stages[-1] if _stages else "raylm", name, seconds,
+                                    throughput(figures, seconds))
+
+
+def throughput(figures: dict[str, float], seconds: float) -> str:
+    """`: 1,234 rows, 3.0 MB at 1.5 MB/s` for what a step handled (empty when it said nothing)."""
+    parts = []
+    if "rows" in figures:
+        parts.append(f"{int(figures['rows']):,} rows")
+    if "bytes" in figures:
+        parts.append(f"{figures['bytes'] / 1e6:.1f} MB at {figures['bytes'] / 1e6 / max(seconds, 1e-9):.2f} MB/s")
+    if "tokens" in figures:
+        parts.append(f"{int(figures['tokens']):,} tokens at {figures['tokens'] / max(seconds, 1e-9):,.0f} tokens/s")
+    return ": " + ", ".join(parts) if parts else ""
 
 
 @contextmanager

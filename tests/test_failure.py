@@ -40,3 +40,19 @@ def test_one_line_formatter_keeps_tracebacks_out_of_the_console():
                                    __import__("sys").exc_info())
     assert formatter.format(record) == "ERROR task failed: [...]"
     assert "Traceback" in logging.Formatter().format(record)  # the run log's formatter still gets it all
+
+
+def test_a_finished_step_says_its_time_and_what_it_handled(caplog):
+    with caplog.at_level(logging.INFO, logger="raylm"):
+        with failure.stage("curate"), failure.step("near dedup") as shown:
+            shown.update(rows=12345, bytes=3_000_000)
+        with failure.stage("tokenize"), failure.step("pack train") as shown:
+            shown.update(rows=10, tokens=50_000)
+        with failure.stage("curate"), failure.step("accounting"):
+            pass
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("curate: near dedup done in ") and ": 12,345 rows, 3.0 MB at " in lines[0]
+    assert lines[0].endswith(" MB/s")
+    assert ": 10 rows, 50,000 tokens at " in lines[1] and lines[1].endswith(" tokens/s")
+    assert lines[2].endswith(" s")  # nothing handled to report: the time only
+    assert failure.throughput({"bytes": 2e6}, 4.0) == ": 2.0 MB at 0.50 MB/s"

@@ -131,17 +131,22 @@ def mark_documents(config: DataConfig) -> tuple[ray.data.Dataset, dict[str, Any]
         stats["decontam"] = {"tasks": index.tasks, "benchmark_ngrams": int(len(index.hashes)), "ngram": index.ngram}
         docs = docs.map_batches(decontam.decontam_batch, batch_format="pandas",
                                 fn_kwargs={"index_ref": [ray.put(index)], "mode": config.decontam.mode})
-    with step("read, clean and filter"):
+    with step("read, clean and filter") as shown:
         docs = docs.materialize()
+        shown["rows"] = docs.count()  # from the materialised blocks' metadata
+        shown["bytes"] = (docs.sum("n_bytes") or 0) if shown["rows"] else 0
+    handled = dict(shown)  # what each later step goes through
     if docs.count() == 0:  # from the materialised blocks' metadata;  # only empty files: no step below has anything to do (a shuffle of nothing has no schema)
         return docs, stats
     if config.dedup.exact:
-        with step("exact dedup"):
+        with step("exact dedup") as shown:
+            shown.update(handled)
             docs = docs.map_batches(dedup.add_dedup_key, batch_format="pandas")
             docs = docs.groupby(dedup.DEDUP_KEY, num_partitions=partitions).map_groups(
                 dedup.mark_exact_duplicates, batch_format="pandas").drop_columns([dedup.DEDUP_KEY]).materialize()
     if config.dedup.near:
-        with step("near dedup"):
+        with step("near dedup") as shown:
+            shown.update(handled)
             docs, stats["near_dedup"] = dedup.near_dedup(docs, config.dedup, partitions)
     with step("train/val split"):
         docs = docs.map_batches(assign_split, batch_format="pandas",

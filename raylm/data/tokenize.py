@@ -30,6 +30,7 @@ from raylm.config import TokenizerConfig
 from raylm.data.pack import encode_and_pack
 from raylm.data.parquet_pieces import parquet_pieces, read_piece
 from raylm.data.token_files import convert_shard, split_parquet_files, token_dtype, write_index
+from raylm.failure import step
 from raylm.data.tokenizer import (
     BOS,
     BYTE_ALPHABET_SIZE,
@@ -190,9 +191,11 @@ def tokenize(config: TokenizerConfig, seq_len: int, curated: Curated, stage: Sta
         if documents == 0:
             splits[split] = {"documents": 0, "sequences": 0, "tokens": 0, "bytes": 0}
             continue
-        splits[split] = {"documents": documents,
-                         **pack_split(outputs[split], tokenizer_json, seq_len, config, stage, split,
-                                                 tokenizer.get_vocab_size())}
+        with step(f"pack {split}") as shown:
+            splits[split] = {"documents": documents,
+                             **pack_split(outputs[split], tokenizer_json, seq_len, config, stage, split,
+                                          tokenizer.get_vocab_size())}
+            shown.update(rows=documents, tokens=splits[split]["tokens"])
     if splits["train"]["sequences"] == 0:
         raise ValueError("packing produced no train sequences")
 
