@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: install demo test test-fast bench mlflow-ui clean help
 
 help:
-	@echo "make demo       run curate -> tokenize -> pretrain -> eval on $(CONFIG) (local Ray, local MLflow)"
+	@echo "make demo       run the pipeline (plan, curate, tokenize, pretrain, eval, report) on $(CONFIG) (local Ray, local MLflow)"
 	@echo "make test       run the test suite (what CI runs)"
 	@echo "make test-fast  unit tests only (no Ray / training)"
 	@echo "make bench      run the benchmarks in benchmarks/"

@@ -1,4 +1,6 @@
-"""All stages in order: curate -> tokenize -> pretrain -> eval.
+"""The recipe in order: plan -> curate -> tokenize -> (tune) -> pretrain -> eval -> (finetune) -> (benchmarks)
+-> report; the steps in parentheses run when the config asks for them (the `pipeline` section, `finetune.data`,
+`eval.tasks`).
 
 Stage folders are planned from the config alone (`raylm/stage_plan.py`: each is named by a hash of its
 section and its upstream's fingerprint), so any single stage can find the outputs it builds on without rerunning
