@@ -132,6 +132,8 @@ def run_plain(config_path: Path, packed: dict, env: dict) -> dict:
 def run_raylm(config_path: Path, workspace: Path, overrides: list[str], env: dict) -> dict:
     from mlflow.tracking import MlflowClient
 
+    from raylm.tracking import latest_figures, metric_name
+
     command = [sys.executable, "-m", "raylm", "pretrain", "--config", str(config_path)]
     for override in overrides:
         command += ["--set", override]
@@ -144,11 +146,15 @@ def run_raylm(config_path: Path, workspace: Path, overrides: list[str], env: dic
     experiment = client.get_experiment_by_name("overhead")
     run = client.search_runs([experiment.experiment_id], "tags.`raylm.stage` = 'pretrain'",
                              order_by=["attributes.start_time DESC"], max_results=1)[0]
-    first = min(client.get_metric_history(run.info.run_id, "step_loss"), key=lambda m: m.step)
-    rates = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "tokens_per_s"), key=lambda m: m.step)]
-    threads = run.data.metrics.get("torch_threads", float("nan"))
+    def history(key: str) -> list:  # MLflow names carry their chart section (`train/step_loss`)
+        return sorted(client.get_metric_history(run.info.run_id, metric_name(key, "pretrain")), key=lambda m: m.step)
+
+    first = history("step_loss")[0]
+    rates = [m.value for m in history("tokens_per_s")]
+    figures = latest_figures(client, run.info.run_id, ("torch_threads", "cpus_per_worker"))
     return {"wall_s": wall, "first_step_s": first.timestamp / 1000 - started, "steady_tok_s": steady(rates),
-            "threads": threads, "cpus_per_worker": run.data.metrics.get("cpus_per_worker", float("nan"))}
+            "threads": figures.get("torch_threads", float("nan")),
+            "cpus_per_worker": figures.get("cpus_per_worker", float("nan"))}
 
 
 def steady(rates: list[float]) -> float:

@@ -82,23 +82,46 @@ def test_every_benchmark_and_job_answers_help(tmp_path):
     assert not failures, "\n".join(failures)
 
 
+GPU_SMOKE = "gpu_check.sh --smoke"
+LONGEST_FIRST = ["tune.py", "finetune_layouts.py", "train.py", "storage.py", "overhead.py", "dedup.py", GPU_SMOKE]
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Every benchmark's small run, and the GPU check's smoke mode, two at a time: each is its own process
+    with its own Ray, and much of a small run is waiting (Ray's start, a worker group's start, a
+    controller's polls) that another run can use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(name: str) -> subprocess.CompletedProcess:
+        folder = tmp_path_factory.mktemp(name.split()[0].replace(".", "_"))
+        if name == GPU_SMOKE:
+            return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--steps", "10"],
+                                  cwd=folder, env={**script_env(), "PYTHON": sys.executable}, capture_output=True,
+                                  text=True, timeout=900)
+        return run_script([str(REPO / "benchmarks" / name), *SMALL_RUNS[name][1]], folder, timeout=900)
+
+    names = [n for n in SMALL_RUNS if n not in NEEDS_SHARED_DATA or (SHARED_DATA / "benchmarks").exists()]
+    names = sorted([*names, GPU_SMOKE], key=lambda n: LONGEST_FIRST.index(n) if n in LONGEST_FIRST else len(LONGEST_FIRST))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(names, pool.map(run, names)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SMALL_RUNS))
-def test_benchmark_runs_end_to_end_at_small_size(name, tmp_path):
+def test_benchmark_runs_end_to_end_at_small_size(name, small_runs):
     if name in NEEDS_SHARED_DATA and not (SHARED_DATA / "benchmarks").exists():
         pytest.skip(f"benchmarks/{name} reads benchmark items from {SHARED_DATA / 'benchmarks'}, which is absent")
-    prefix, args = SMALL_RUNS[name]
-    done = run_script([str(REPO / "benchmarks" / name), *args], tmp_path, timeout=600)
+    prefix, _ = SMALL_RUNS[name]
+    done = small_runs[name]
     assert done.returncode == 0, f"benchmarks/{name} exit {done.returncode}:\n{done.stderr[-3000:]}"
     figures = [line for line in done.stdout.splitlines() if line.startswith(f"{prefix}: ")]
     assert figures and FIGURES_LINE.match(figures[-1]), done.stdout[-2000:]
 
 
 @pytest.mark.slow
-def test_gpu_check_smoke_mode_runs_through_its_shell_script(tmp_path):
-    env = {**script_env(), "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--steps", "10"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+def test_gpu_check_smoke_mode_runs_through_its_shell_script(small_runs):
+    done = small_runs[GPU_SMOKE]
     assert done.returncode == 0, done.stderr[-3000:]
     figures = [line for line in done.stdout.splitlines() if line.startswith("gpu_check: ")]
     assert figures and "smoke=1" in figures[-1] and FIGURES_LINE.match(figures[-1]), done.stdout[-2000:]
