@@ -129,3 +129,17 @@ def s3_server(tmp_path_factory):
 def s3_bucket(s3_server) -> str:
     """A new, empty bucket on the loopback S3 server: `s3://raylm-test-<id>`."""
     return s3_server.create_bucket()
+
+
+def pytest_collection_finish(session):
+    """Start the node-loss drill now when its test is selected (tests/background.py)."""
+    from tests.background import ELASTIC_TEST, start_elastic_scenario
+
+    if any(item.nodeid.startswith(ELASTIC_TEST) for item in session.items):
+        start_elastic_scenario()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests.background import stop_all
+
+    stop_all()

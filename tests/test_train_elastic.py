@@ -9,23 +9,18 @@ node back and waits for 2 workers again, then stops the run through its STOP fil
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.background import elastic_scenario_result
 
 pytestmark = pytest.mark.slow
 
 
 def test_run_survives_node_loss_and_grows_back():
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "elastic_scenario.py")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1500)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("SCENARIO ")]
-    assert lines, f"scenario printed no result (exit {done.returncode}):\n{done.stderr[-4000:]}"
+    returncode, stdout, stderr = elastic_scenario_result(timeout_s=1500)  # started at collection (tests/background.py)
+    lines = [line for line in stdout.splitlines() if line.startswith("SCENARIO ")]
+    assert lines, f"scenario printed no result (exit {returncode}):\n{stderr[-4000:]}"
     outcome = json.loads(lines[-1].removeprefix("SCENARIO "))
     assert outcome["error"] is None, outcome["error"]
     assert outcome["storage_nodes"] == 2  # the local workspace folder was seen from both nodes before training
