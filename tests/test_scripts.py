@@ -88,7 +88,7 @@ LONGEST_FIRST = ["tune.py", "finetune_layouts.py", "train.py", "storage.py", "ov
 
 @pytest.fixture(scope="module")
 def small_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    """Every benchmark's small run, and the GPU check's smoke mode, two at a time: each is its own process
+    """Every benchmark's small run, and the GPU check's smoke mode, three at a time: each is its own process
     with its own Ray, and much of a small run is waiting (Ray's start, a worker group's start, a
     controller's polls) that another run can use."""
     from concurrent.futures import ThreadPoolExecutor
@@ -103,7 +103,7 @@ def small_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
 
     names = [n for n in SMALL_RUNS if n not in NEEDS_SHARED_DATA or (SHARED_DATA / "benchmarks").exists()]
     names = sorted([*names, GPU_SMOKE], key=lambda n: LONGEST_FIRST.index(n) if n in LONGEST_FIRST else len(LONGEST_FIRST))
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=3) as pool:
         return dict(zip(names, pool.map(run, names)))
 
 

@@ -158,21 +158,6 @@ def test_whole_pipeline_on_an_s3_workspace_with_glob_and_folder_sources(ray_sess
     assert main(["export", "--checkpoint", checkpoint, "--out", str(out)]) == 0
     assert (out / "config.json").exists()
 
-    # LoRA from the pretrain stage folder on the bucket: the workers read the base there, the adapters and
-    # the merged checkpoint are written there, and `eval --checkpoint` reads the merged one from there
-    domain = tmp_path / "domain"
-    domain.mkdir()
-    for index, document in enumerate(stdlib_documents(12)):
-        (domain / f"doc{index:02d}.txt").write_text(document["text"])
-    pretrain_folder = remote.finished_runs("pretrain")[0].uri
-    assert main(["finetune", "--from", pretrain_folder, *common, "--set", f"finetune.data={domain}",
-                 "--set", "finetune.method=lora", "--set", "finetune.max_steps=4", "--set", "finetune.val_fraction=0.25",
-                 "--set", "finetune.eval_every=2"]) == 0
-    tuned = remote.finished_runs("finetune")[0].manifest()
-    merged = tuned["merged_checkpoint"]
-    assert merged.startswith(f"{workspace}/finetune/") and tuned["base"]["checkpoint"] == checkpoint
-    assert main(["eval", "--checkpoint", merged, *common]) == 0
-
 
 def newest_registered_checkpoint(workspace: str) -> str | None:
     """The run folder of a pretrain attempt on the bucket once Ray Train has registered a checkpoint in it

@@ -243,24 +243,3 @@ def test_killed_sweep_restores_and_finishes_without_rerunning_finished_trials(ra
     _, parents, children = sweep_runs(tmp_path)
     assert len(parents) == 1 and len(children) == 4  # the parent and trial runs were reopened, not duplicated
     assert parents[0].info.status == "FINISHED"
-
-
-@pytest.mark.slow
-def test_sweep_on_an_s3_workspace_closes_each_trial_run_as_tune_ended_it(ray_session, tmp_path, packed, s3_bucket,
-                                                                          monkeypatch):
-    from raylm.tracking import Tracker
-    from raylm.tune import run_sweep
-    from raylm.workspace import Workspace
-
-    monkeypatch.chdir(tmp_path)  # MLflow's artifacts for a SQLite store default to ./mlartifacts
-    config = sweep_config(tmp_path, search_space={"train.lr": {"grid": [3e-3, 1e-3]}}, scheduler="none",
-                          budget_steps=20)
-    config.workspace.root = f"{s3_bucket}/ws"
-    config.tracking.uri = f"sqlite:///{tmp_path}/mlflow.db"
-    root = Workspace(config.workspace.root)
-    manifest = run_sweep(config, root, Tracker(config.tracking, root), packed, "tokenize:tiny")
-    assert manifest["metrics"]["trials"] == 2 and manifest["metrics"]["trials_failed"] == 0
-    assert all(t["error"] is None and not t["stopped_early"] for t in manifest["trials"])
-    assert manifest["uri"].startswith(f"{s3_bucket}/ws/tune/")
-    _, _, children = sweep_runs(tmp_path)
-    assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
