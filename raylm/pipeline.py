@@ -351,8 +351,10 @@ def key_figures(name: str, artifact: Artifact) -> str:
                 f"{figures.get('val_loss_after', float('nan')):.4f}, {int(figures.get('params_trainable', 0)):,} of "
                 f"{int(figures.get('params_total', 0)):,} parameters trained")
     if isinstance(artifact, Pretrained):
-        return (f"{int(figures.get('step', 0)):,} steps, val loss {figures.get('val_loss_initial', float('nan')):.4f} -> "
-                f"{figures.get('val_loss', float('nan')):.4f}, {figures.get('tokens_per_s', 0):,.0f} tokens/s")
+        initial = figures.get("val_loss_initial")  # measured only with train.eval_at_start
+        start = f"{initial:.4f} -> " if isinstance(initial, (int, float)) and initial == initial else ""
+        return (f"{int(figures.get('step', 0)):,} steps, val loss {start}{figures.get('val_loss', float('nan')):.4f}, "
+                f"{figures.get('tokens_per_s', 0):,.0f} tokens/s")
     if isinstance(artifact, Evaluated):
         return f"val loss {figures['val_loss']:.4f}, val bits-per-byte {figures['val_bpb']:.4f}"
     return ""

@@ -169,7 +169,10 @@ def test_asha_sweep_stops_trials_logs_nested_runs_and_writes_best_config(ray_ses
     assert "KILLED" in statuses and "RUNNING" not in statuses
     for run in children:
         assert "train.lr" in run.data.params and "train.global_batch_size" in run.data.params
-        assert len(client.get_metric_history(run.info.run_id, "val/loss")) >= 2  # a curve, logged by rank 0
+        # logged by rank 0: a curve for a trial that ran its budget; a trial ASHA stopped at its first
+        # evaluation has one point (no step-0 point since train.eval_at_start is off by default)
+        points = len(client.get_metric_history(run.info.run_id, "val/loss"))
+        assert points >= (2 if run.info.status == "FINISHED" else 1), (run.info.status, points)
 
     # the ResultGrid stays usable with Tune's own tools
     from ray.tune import ExperimentAnalysis
