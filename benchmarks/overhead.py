@@ -81,11 +81,11 @@ def plain_loop(spec: dict) -> None:
     """The plain loop (its own process): read the shards, train with every core, print its figures as JSON."""
     import torch
 
+    from _plain_loop import plain_step
     from raylm.config import load_config
     from raylm.model import Transformer
-    from raylm.model.loss import split_inputs_targets, summed_loss
     from raylm.train.data import PackedSequences
-    from raylm.train.optim import build_optimizer, learning_rate
+    from raylm.train.optim import build_optimizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     config = load_config(spec["config"])
@@ -94,20 +94,10 @@ def plain_loop(spec: dict) -> None:
     model = Transformer(config.model.for_tokenizer(spec["vocab_size"]))
     optimizer = build_optimizer(model, train.lr, train.weight_decay, tuple(train.betas))
     data, pad = PackedSequences(spec["train_uri"]), spec["pad_id"]
-    batch, micro, seq_len = train.global_batch_size, train.micro_batch_size, config.model.seq_len
+    batch, seq_len = train.global_batch_size, config.model.seq_len
     rates, first_step, started = [], None, time.perf_counter()
     for step in range(train.max_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, train.lr, train.warmup_steps, train.max_steps, train.min_lr_ratio)
-        rows = torch.from_numpy(data.worker_rows(step * batch, batch, train.seed, 0, 1)).long()
-        inputs, targets = split_inputs_targets(rows)
-        count = max(float((targets != pad).sum()), 1.0)
-        for start in range(0, batch, micro):
-            loss, _ = summed_loss(model(inputs[start:start + micro]), targets[start:start + micro], pad)
-            (loss / count).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        plain_step(model, optimizer, data, step, train, pad)
         if first_step is None:
             first_step = time.time()
         if (step + 1) % train.report_every == 0:

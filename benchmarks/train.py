@@ -22,18 +22,18 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 import _repo  # noqa: F401,E402  (puts the repository root on sys.path)
+from _plain_loop import plain_step  # noqa: E402
 
 import torch  # noqa: E402
 
 from raylm.artifacts import Packed  # noqa: E402
 from raylm.config import TrainConfig  # noqa: E402
 from raylm.model import Transformer, TransformerConfig  # noqa: E402
-from raylm.model.loss import split_inputs_targets, summed_loss  # noqa: E402
 from raylm.model.sizing import flops_per_token  # noqa: E402
 from raylm.train.data import PackedSequences  # noqa: E402
 from raylm.train.launch import build_trainer  # noqa: E402
 from raylm.train.mfu import peak_flops  # noqa: E402
-from raylm.train.optim import build_optimizer, learning_rate  # noqa: E402
+from raylm.train.optim import build_optimizer  # noqa: E402
 from tests.stdlib_corpus import stdlib_packed  # noqa: E402  (test and benchmark support, outside the package)
 
 
@@ -46,20 +46,10 @@ def plain_loop(model_cfg: TransformerConfig, train: TrainConfig, packed: Packed,
     optimizer = build_optimizer(model, train.lr, train.weight_decay, tuple(train.betas))
     data = PackedSequences(packed.train_uri)
     pad = packed.tokenizer.pad_id
-    batch, micro = train.global_batch_size, train.micro_batch_size
+    batch = train.global_batch_size
     rates, started = [], time.perf_counter()
     for step in range(train.max_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, train.lr, train.warmup_steps, train.max_steps, train.min_lr_ratio)
-        rows = torch.from_numpy(data.worker_rows(step * batch, batch, train.seed, 0, 1)).long()
-        inputs, targets = split_inputs_targets(rows)
-        count = max(float((targets != pad).sum()), 1.0)
-        for start in range(0, batch, micro):
-            loss, _ = summed_loss(model(inputs[start:start + micro]), targets[start:start + micro], pad)
-            (loss / count).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        plain_step(model, optimizer, data, step, train, pad)
         if (step + 1) % report_every == 0:
             now = time.perf_counter()
             rates.append(report_every * batch * config.seq_len / (now - started))
