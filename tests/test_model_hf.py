@@ -223,7 +223,8 @@ def _edited(model_type: str, **changes) -> dict:
     (_edited("qwen2", use_sliding_window=True, sliding_window=16), "use_sliding_window = True"),
     (_edited("qwen2", layer_types=["full_attention", "sliding_attention"]), "layer_types has 'sliding_attention'"),
     (_edited("qwen2", hidden_act="gelu"), "hidden_act = 'gelu'"),
-    (_edited("qwen3"), "model_type = 'qwen3': raylm imports 'llama', 'qwen2' and 'gpt2'"),
+    (_edited("qwen3", attention_bias=True), "attention_bias = True: raylm's qk_norm layout (Qwen3) has no attention"),
+    (_edited("mistral"), "model_type = 'mistral': raylm imports 'llama', 'qwen2', 'qwen3' and 'gpt2'"),
 ])
 def test_unsupported_hf_values_are_refused_naming_key_and_value(hf, message):
     from raylm.model.hf import config_from_hf
