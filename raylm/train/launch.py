@@ -30,6 +30,7 @@ from raylm.config import ConfigError, TrainConfig
 from raylm.model import TransformerConfig
 from raylm.model.config import WEIGHT_FREE_KEYS
 from raylm.runtime import cluster_has_gpus
+from raylm.train.budget import budget_steps
 from raylm.train.loop import LoopConfig, train_loop_per_worker
 from raylm.train.rotation import rotate_unused_checkpoints
 from raylm.workspace import ATTEMPTS, StageDir, Workspace, read_text_uri
@@ -52,6 +53,19 @@ def run_model_config(model: TransformerConfig, train: TrainConfig, vocab_size: i
 
 RAY_TRAIN_ENV_KEYS = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
 _USER_RAY_TRAIN_ENV = {key: os.environ.get(key) for key in RAY_TRAIN_ENV_KEYS}  # as the user started us
+
+
+def with_budget_steps(train: TrainConfig, model: TransformerConfig, global_batch_sequences: int) -> TrainConfig:
+    """`train` with `max_steps` fixed by a FLOPs / tokens / tokens-per-parameter budget (a minutes budget
+    is fixed by the loop, once it has measured its speed)."""
+    if train.budget is None:
+        return train
+    steps = budget_steps(train.budget, model, global_batch_sequences)
+    if steps is None:
+        return train
+    log.info("train.budget.%s = %g: %d steps of %d sequences x %d tokens", train.budget.kind, train.budget.amount,
+             steps, global_batch_sequences, model.seq_len)
+    return train.model_copy(update={"max_steps": steps})
 
 
 def apply_ray_train_env(train: TrainConfig) -> None:
@@ -159,8 +173,10 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, 
     if transformer.seq_len != packed.seq_len:
         raise ValueError(f"model.seq_len {transformer.seq_len} differs from the packed seq_len {packed.seq_len}")
     run_uri = storage_path.rstrip("/") + "/" + name
+    global_batch = train.global_batch_sequences(transformer.seq_len)
+    train = with_budget_steps(train, transformer, global_batch)
     loop = LoopConfig(model=transformer, train=train,
-                      global_batch_sequences=train.global_batch_sequences(transformer.seq_len),
+                      global_batch_sequences=global_batch,
                       train_uri=packed.train_uri, val_uri=val_uri, tokenizer_json=tokenizer_json,
                       pad_id=packed.tokenizer.pad_id, tokenizer_fingerprint=packed.tokenizer.fingerprint,
                       tracking_uri=tracking_uri, run_id=run_id, init_checkpoint=init_checkpoint,
