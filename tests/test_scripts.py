@@ -33,6 +33,7 @@ SMALL_RUNS = {
     "pii.py": ("pii", ["--docs", "60", "--repeats", "1"]),
     "model.py": ("model", ["--batch", "2", "--seq", "32", "--rounds", "1", "--steps", "1", "--gen-batch", "1",
                            "--gen-prompt", "4", "--gen-tokens", "4"]),
+    "recipe.py": ("recipe", ["--small"]),
     "sandbox.py": ("sandbox", ["--programs", "4", "--workers", "2", "--repeats", "1"]),
     "storage.py": ("storage", ["--repeats", "1", "--sizes", "tiny", "--train-steps", "10"]),
     "tokenization.py": ("tokenize", ["--mb", "0.5", "--vocab", "512", "--files", "2", "--repeats", "1"]),
@@ -40,7 +41,7 @@ SMALL_RUNS = {
                            "--micro", "2"]),
     "tune.py": ("tune", ["--samples", "2", "--steps", "6"]),
 }
-NEEDS_SHARED_DATA = {"eval.py"}
+NEEDS_SHARED_DATA = {"eval.py": "benchmarks", "recipe.py": "corpora/wikitext-2"}  # script -> folder it reads
 FIGURES_LINE = re.compile(r"^[a-z_]+: ([a-z0-9_]+=\S+ ?)+$")
 
 
@@ -80,8 +81,8 @@ def test_every_benchmark_and_job_answers_help(where, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SMALL_RUNS))
 def test_benchmark_runs_end_to_end_at_small_size(name, tmp_path):
-    if name in NEEDS_SHARED_DATA and not (SHARED_DATA / "benchmarks").exists():
-        pytest.skip(f"benchmarks/{name} reads benchmark items from {SHARED_DATA / 'benchmarks'}, which is absent")
+    if name in NEEDS_SHARED_DATA and not (SHARED_DATA / NEEDS_SHARED_DATA[name]).exists():
+        pytest.skip(f"benchmarks/{name} reads {SHARED_DATA / NEEDS_SHARED_DATA[name]}, which is absent")
     prefix, args = SMALL_RUNS[name]
     done = run_script([str(REPO / "benchmarks" / name), *args], tmp_path, timeout=600)
     assert done.returncode == 0, f"benchmarks/{name} exit {done.returncode}:\n{done.stderr[-3000:]}"

@@ -90,7 +90,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
         raise ValueError("train.optimizer = 'muon' cannot step FSDP-sharded (DTensor) parameters: use "
                          "train.strategy = 'ddp'")
     muon = torch.optim.Muon(matrices, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay, nesterov=True)
-    adamw = torch.optim.AdamW(parameter_groups(model, weight_decay, exclude=matrices), lr=lr, betas=betas, eps=1e-8)
+    groups = [group for group in parameter_groups(model, weight_decay, exclude=matrices) if group["params"]]
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)  # DCP refuses empty groups beside another optimizer
     return OptimizerSet([muon, adamw])
 
 
