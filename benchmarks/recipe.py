@@ -75,6 +75,9 @@ def corpus_texts(name: str, max_bytes: int) -> tuple[list[str], list[str]]:
     for path in list_stdlib_files(max_bytes):
         text = Path(path).read_text(encoding="utf-8", errors="replace")
         (val if int(hashlib.sha1(path.encode()).hexdigest(), 16) % 20 == 0 else train).append(text)
+    if not val or sum(map(len, val)) < max_bytes // 20:  # a small sample: hold out its last files instead
+        while train and sum(map(len, val)) < max_bytes // 20:
+            val.append(train.pop())
     return train, val
 
 
