@@ -265,6 +265,42 @@ class TokenizerConfig(Section):
         return self
 
 
+class BudgetConfig(Section):
+    """How much training a run gets, instead of `train.max_steps`: exactly one of training FLOPs, tokens,
+    tokens per model parameter, or minutes of training-step wall clock. The trainer turns it into the
+    step count with the model's FLOPs per token (raylm/model/sizing.py) and the global batch, so the
+    schedule completes within it (raylm/train/budget.py)."""
+
+    flops: float | None = Field(None, gt=0, description="training FLOPs (6 N D convention plus attention), e.g. 1e15")
+    tokens: float | None = Field(None, gt=0, description="training tokens, e.g. 2e8")
+    tokens_per_parameter: float | None = Field(None, gt=0, description="training tokens per model parameter (20: "
+                                               "Chinchilla's compute-optimal)")
+    minutes: float | None = Field(None, gt=0, description="wall clock of the training steps (evaluation and "
+                                  "checkpoints come on top): throughput is measured over the first measure_steps "
+                                  "steps, then the step count is fixed and logged")
+    measure_steps: int = Field(10, gt=0, description="minutes budget: steps timed before the step count is fixed "
+                               "(the first step, with its start-up costs, is not counted)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "BudgetConfig":
+        given = [key for key in BUDGET_KINDS if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError(f"expected exactly one of {', '.join(BUDGET_KINDS)}, got "
+                             f"{', '.join(given) if given else 'none'}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(key for key in BUDGET_KINDS if getattr(self, key) is not None)
+
+    @property
+    def amount(self) -> float:
+        return getattr(self, self.kind)
+
+
+BUDGET_KINDS = ("flops", "tokens", "tokens_per_parameter", "minutes")
+
+
 class TrainConfig(Section):
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: replicas; fsdp: FSDP2 fully_shard per block, then the root")
     workers: int | tuple[int, int] = Field(1, description="a number, or [min, max] for elastic training")
@@ -289,7 +325,20 @@ class TrainConfig(Section):
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
-    max_steps: int = Field(300, gt=0)
+    max_steps: int = Field(300, gt=0, description="optimizer steps; `null` (or leaving it out) with train.budget")
+    budget: BudgetConfig | None = Field(None, description="train for flops, tokens, tokens_per_parameter or minutes "
+                                        "instead of max_steps (exactly one)")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="cosine: warmup then cosine decay to "
+                                               "min_lr_ratio; wsd: warmup, stable peak, linear cool-down over the "
+                                               "last decay_fraction of the steps")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent cooling down")
+    optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw: AdamW on everything; muon: Muon "
+                                                "(torch.optim.Muon) on the blocks' 2-D weight matrices, AdamW (lr, "
+                                                "betas) on embeddings, head, norms and biases; under fsdp each "
+                                                "matrix's update is gathered and orthogonalised whole")
+    muon_lr: float = Field(0.02, gt=0, description="Muon's peak learning rate (scaled by sqrt(max(1, rows/cols)) "
+                           "per matrix, as torch.optim.Muon does)")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon's (Nesterov) momentum")
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)
@@ -306,6 +355,22 @@ class TrainConfig(Section):
     max_failures: int = Field(0, ge=0)
     seed: int = 0
     deterministic: bool = Field(False, description="torch deterministic algorithms (exact resume tests)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_max_steps_is_unset(cls, data: Any) -> Any:
+        """`max_steps: null` (e.g. `--set train.max_steps=null` over a file that sets it) leaves it unset."""
+        if isinstance(data, dict) and "max_steps" in data and data["max_steps"] is None:
+            data = {k: v for k, v in data.items() if k != "max_steps"}
+        return data
+
+    @model_validator(mode="after")
+    def _recipe_rules(self) -> "TrainConfig":
+        if self.budget is not None and "max_steps" in self.model_fields_set:
+            raise ValueError(f"train.max_steps = {self.max_steps} and train.budget.{self.budget.kind} = "
+                             f"{self.budget.amount:g} both set the length of the run: keep one (--set "
+                             "train.max_steps=null drops a max_steps the file sets)")
+        return self
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -647,7 +712,8 @@ class TrackingConfig(Section):
 # Keys added after workspaces existed (how a run reacts to failures; data.pii.phone_region; finetune.columns,
 # whose default renames nothing): left out of a section's data (so of stage hashes) while at their defaults, so finished stages
 # stay reused.
-QUIET_AT_DEFAULT = ("health_check_interval_s", "worker_group_start_timeout_s", "phone_region", "columns", "eval_at_start")
+QUIET_AT_DEFAULT = ("health_check_interval_s", "worker_group_start_timeout_s", "phone_region", "columns", "eval_at_start",
+                    "budget", "schedule", "decay_fraction", "optimizer", "muon_lr", "muon_momentum")
 
 
 def section_data(section: BaseModel) -> dict[str, Any]:
@@ -668,6 +734,8 @@ def _drop_quiet_defaults(section: BaseModel, data: dict[str, Any]) -> None:
 
 
 class RaylmConfig(Section):
+    recipe: str | None = Field(None, description="a named training recipe (raylm/recipe.py: gpt2, modern) whose "
+                               "model and train keys fill in what the file does not set")
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: TransformerConfig = Field(default_factory=TransformerConfig)
@@ -680,6 +748,13 @@ class RaylmConfig(Section):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     workspace: WorkspaceConfig = Field(default_factory=WorkspaceConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: Any) -> Any:
+        from raylm.recipe import with_recipe  # deferred: recipe.py names this module's keys
+
+        return with_recipe(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _batch_tokens_fit_the_model(self) -> "RaylmConfig":

@@ -1,6 +1,7 @@
 """`raylm plan`: size a training run from the use case before renting any GPU.
 
-Given a model (a preset or the config's `model` section) or a budget (GPU type, count, hours), it
+Given a model (a preset or the config's `model` section) or a budget (GPU type, count, hours, or the
+trainer's own `train.budget`: FLOPs, tokens, tokens per parameter, or minutes on the plan's GPUs), it
 works out, with the same formulas the trainer uses (raylm/model/sizing.py):
 
 - parameters (total, non-embedding) and training FLOPs per token;
@@ -36,6 +37,7 @@ from raylm.model import TransformerConfig
 from raylm.model.config import PRESETS
 from raylm.model.sizing import activation_elements_per_token, block_parameters, flops_per_token, parameter_count
 from raylm.stage_plan import plan_stages
+from raylm.train.budget import budget_tokens
 from raylm.tracking import Tracker, flatten
 from raylm.workspace import Workspace
 
@@ -155,6 +157,22 @@ def choose_preset(config: RaylmConfig, compute_flops: float) -> str:
         update={"model": TransformerConfig(preset=n)}))).total)
 
 
+def train_budget_tokens(config: RaylmConfig, model: TransformerConfig, cluster_flops: float | None,
+                        flops: int) -> float:
+    """Tokens `train.budget` buys (as the trainer computes them); a minutes budget at the plan's GPUs and MFU."""
+    budget = config.train.budget
+    if config.plan.hours is not None:
+        raise ConfigError([f"plan.hours = {config.plan.hours} and train.budget.{budget.kind} = {budget.amount:g} "
+                           "both set the budget: keep one"])
+    tokens = budget_tokens(budget, model)
+    if tokens is not None:
+        return tokens
+    if not cluster_flops:
+        raise ConfigError([f"train.budget.minutes = {budget.minutes:g}: raylm plan needs plan.gpu to turn minutes "
+                           "into tokens (the trainer measures its own speed)"])
+    return cluster_flops * budget.minutes * 60 / flops
+
+
 def make_plan(config: RaylmConfig) -> Plan:
     settings = config.plan
     table = gpu_table(config)
@@ -174,6 +192,8 @@ def make_plan(config: RaylmConfig) -> Plan:
     flops = flops_per_token(model)
     optimal_tokens = settings.tokens_per_parameter * counts.total
     budget_tokens = cluster_flops * settings.hours * 3600 / flops if (cluster_flops and settings.hours) else None
+    if config.train.budget is not None:
+        budget_tokens = train_budget_tokens(config, model, cluster_flops, flops)
     train_tokens = budget_tokens if budget_tokens is not None else optimal_tokens
 
     measured = measured_bytes_per_token(config)
@@ -334,7 +354,7 @@ def recommended_config(config: RaylmConfig, plan: Plan) -> RaylmConfig:
     tree["train"].update({
         "strategy": r["strategy"], "activation_checkpointing": r["activation_checkpointing"],
         "micro_batch_size": r["micro_batch_size"], "global_batch_size": r["global_batch_size"],
-        "global_batch_tokens": None, "max_steps": r["max_steps"],
+        "global_batch_tokens": None, "max_steps": r["max_steps"], "budget": None,  # the budget, as steps
         "workers": [low, high] if low != high else high,
         "use_gpu": r["scaling_config"]["use_gpu"],
     })

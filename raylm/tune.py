@@ -302,7 +302,10 @@ def run_trial(sample: dict[str, Any], setup: dict[str, Any]) -> None:
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
     params = sampled_params(sample)
     config = trial_config(validate_config(setup["config"]), params)
-    train = config.train.model_copy(update={"max_steps": trial_steps(config)})
+    tune_budget = config.tune.budget_steps is not None or config.tune.budget_tokens is not None
+    # a tune budget sizes each trial; else train.budget does (resolved by build_trainer), else train.max_steps
+    train = config.train.model_copy(update={"max_steps": trial_steps(config),
+                                            "budget": None if tune_budget else config.train.budget})
     client = tracking.client(setup["tracking_uri"])
     # the trial's nested run, reopened when a restored sweep reruns the trial
     run_id = tracking.child_run(client, setup["experiment_id"], setup["parent_run_id"], TRIAL_TAG, trial_id, trial_name,

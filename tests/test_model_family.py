@@ -20,6 +20,7 @@ VARIANTS = {
     "guide": dict(position="sinusoidal", activation="relu", norm="layernorm", norm_position="post", bias=True),
     "gpt2": dict(position="learned", activation="gelu", norm="layernorm", bias=True, tie_embeddings=False),
     "gqa": dict(n_kv_heads=2, ffn_hidden=48),
+    "recipe": dict(qk_norm=True, logit_softcap=15.0, activation="relu2", tie_embeddings=False),
 }
 ARCHS = ["decoder", "encoder-decoder"]
 

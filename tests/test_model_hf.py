@@ -21,12 +21,14 @@ VARIANTS = {
     "llama-gqa-untied-bias": dict(LLAMA, n_kv_heads=2, tie_embeddings=False, bias=True, rope_theta=500.0),
     "llama-rope-scaled": dict(LLAMA, rope_theta=500000.0, rope_scaling=dict(factor=8.0, original_max_position_embeddings=16)),
     "qwen2-gqa": dict(LLAMA, n_kv_heads=2, qkv_bias=True, rope_theta=1e6),
+    "qwen3-qknorm-untied": dict(LLAMA, n_kv_heads=2, qk_norm=True, tie_embeddings=False),
     "gpt2": dict(LLAMA, position="learned", norm="layernorm", activation="gelu", bias=True),
     "gpt2-gelu-tanh": dict(LLAMA, position="learned", norm="layernorm", activation="gelu_tanh", bias=True),
     "gpt2-nobias-relu-untied": dict(LLAMA, position="learned", norm="layernorm", activation="relu",
                                     tie_embeddings=False),
 }
-HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "gpt2": "GPT2LMHeadModel"}
 
 
 def tokenizer_json() -> str:
@@ -66,7 +68,7 @@ def test_transformers_logits_match_and_import_round_trips(variant, tmp_path):
         imported, imported_config = import_hf(folder)
         assert torch.allclose(imported(tokens), ours, atol=1e-5)
     for key in ("d_model", "n_layers", "n_heads", "kv_heads", "hidden", "position", "norm", "activation",
-                "tie_embeddings", "seq_len", "rope_theta", "rope_scaling", "qkv_bias"):
+                "tie_embeddings", "seq_len", "rope_theta", "rope_scaling", "qkv_bias", "qk_norm"):
         assert getattr(imported_config, key) == getattr(config, key), key
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     assert tokenizer.decode(tokenizer("return x")["input_ids"]) == "return x"
@@ -79,6 +81,10 @@ def test_transformers_logits_match_and_import_round_trips(variant, tmp_path):
     (dict(position="rope", norm="layernorm"), "position/norm/activation"),
     (dict(position="learned", norm="layernorm", activation="gelu", n_kv_heads=2), "grouped-query"),
     (dict(arch="encoder-decoder"), "only decoder models"),
+    (dict(logit_softcap=15.0), r"model.logit_softcap = 15.0: Llama, Qwen2/3 and GPT-2 do not cap"),
+    (dict(activation="relu2"), r"model.activation = 'relu2': no exported architecture"),
+    (dict(qk_norm=True, bias=True), r"model.qk_norm = true: only Qwen3"),
+    (dict(qk_norm=True, position="learned", norm="layernorm", activation="gelu"), r"model.qk_norm = true: only Qwen3"),
 ])
 def test_refuses_what_neither_architecture_expresses(overrides, reason, tmp_path):
     config = TransformerConfig(**{**LLAMA, **overrides})
@@ -217,7 +223,8 @@ def _edited(model_type: str, **changes) -> dict:
     (_edited("qwen2", use_sliding_window=True, sliding_window=16), "use_sliding_window = True"),
     (_edited("qwen2", layer_types=["full_attention", "sliding_attention"]), "layer_types has 'sliding_attention'"),
     (_edited("qwen2", hidden_act="gelu"), "hidden_act = 'gelu'"),
-    (_edited("qwen3"), "model_type = 'qwen3': raylm imports 'llama', 'qwen2' and 'gpt2'"),
+    (_edited("qwen3", attention_bias=True), "attention_bias = True: raylm's qk_norm layout (Qwen3) has no attention"),
+    (_edited("mistral"), "model_type = 'mistral': raylm imports 'llama', 'qwen2', 'qwen3' and 'gpt2'"),
 ])
 def test_unsupported_hf_values_are_refused_naming_key_and_value(hf, message):
     from raylm.model.hf import config_from_hf

@@ -34,6 +34,7 @@ SMALL_RUNS = {
     "overhead.py": ("overhead", ["--small"]),
     "model.py": ("model", ["--batch", "2", "--seq", "32", "--rounds", "1", "--steps", "1", "--gen-batch", "1",
                            "--gen-prompt", "4", "--gen-tokens", "4"]),
+    "recipe.py": ("recipe", ["--small"]),
     "sandbox.py": ("sandbox", ["--programs", "4", "--workers", "2", "--repeats", "1"]),
     "storage.py": ("storage", ["--repeats", "1", "--sizes", "tiny", "--train-steps", "6", "--checkpoint-every", "3"]),
     "tokenization.py": ("tokenize", ["--mb", "0.5", "--vocab", "512", "--files", "2", "--repeats", "1"]),
@@ -41,7 +42,7 @@ SMALL_RUNS = {
                            "--micro", "2"]),
     "tune.py": ("tune", ["--samples", "1", "--steps", "6"]),
 }
-NEEDS_SHARED_DATA = {"eval.py"}
+NEEDS_SHARED_DATA = {"eval.py": "benchmarks", "recipe.py": "corpora/wikitext-2"}  # script -> folder it reads
 FIGURES_LINE = re.compile(r"^[a-z_]+: ([a-z0-9_]+=\S+ ?)+$")
 
 
@@ -101,7 +102,7 @@ def small_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
                                   text=True, timeout=900)
         return run_script([str(REPO / "benchmarks" / name), *SMALL_RUNS[name][1]], folder, timeout=900)
 
-    names = [n for n in SMALL_RUNS if n not in NEEDS_SHARED_DATA or (SHARED_DATA / "benchmarks").exists()]
+    names = [n for n in SMALL_RUNS if n not in NEEDS_SHARED_DATA or (SHARED_DATA / NEEDS_SHARED_DATA[n]).exists()]
     names = sorted([*names, GPU_SMOKE], key=lambda n: LONGEST_FIRST.index(n) if n in LONGEST_FIRST else len(LONGEST_FIRST))
     with ThreadPoolExecutor(max_workers=3) as pool:
         return dict(zip(names, pool.map(run, names)))
@@ -110,8 +111,8 @@ def small_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SMALL_RUNS))
 def test_benchmark_runs_end_to_end_at_small_size(name, small_runs):
-    if name in NEEDS_SHARED_DATA and not (SHARED_DATA / "benchmarks").exists():
-        pytest.skip(f"benchmarks/{name} reads benchmark items from {SHARED_DATA / 'benchmarks'}, which is absent")
+    if name in NEEDS_SHARED_DATA and not (SHARED_DATA / NEEDS_SHARED_DATA[name]).exists():
+        pytest.skip(f"benchmarks/{name} reads {SHARED_DATA / NEEDS_SHARED_DATA[name]}, which is absent")
     prefix, _ = SMALL_RUNS[name]
     done = small_runs[name]
     assert done.returncode == 0, f"benchmarks/{name} exit {done.returncode}:\n{done.stderr[-3000:]}"

@@ -41,11 +41,11 @@ class Runs:
         self.results, self.run_ids = {}, {}
 
     def fit(self, name: str, run_name: str | None = None, extra: dict | None = None, storage: str | None = None,
-            **train):
+            model: TransformerConfig | None = None, **train):
         run_name = run_name or name
         if run_name not in self.run_ids:
             self.run_ids[run_name] = self.client.create_run(self.experiment, run_name=run_name).info.run_id
-        trainer = build_trainer(tiny_model(), tiny_train(**train), self.packed, storage or str(self.folder / "runs"),
+        trainer = build_trainer(model or tiny_model(), tiny_train(**train), self.packed, storage or str(self.folder / "runs"),
                                 run_name,
                                 self.tracking_uri, self.run_ids[run_name], **(extra or {}))
         result = trainer.fit()
@@ -117,6 +117,24 @@ def test_fsdp2_matches_ddp_on_two_workers(runs, ddp2, fsdp2):
     state = verify_checkpoint(fsdp2.checkpoint.path)
     assert state["world_size"] == 2 and state["step"] == 20
     assert sorted(p.name for p in Path(fsdp2.checkpoint.path).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_modern_recipe_with_muon_trains_the_same_under_fsdp2_and_ddp_for_a_token_budget(runs):
+    """Issue 23 through Ray Train: the `modern` recipe (Muon on the block matrices, WSD, QK norm, ...) on two
+    FSDP2 workers, where GatheredMuon orthogonalises gathered matrices, follows the same loss curve as on two
+    DDP workers; `train.budget.tokens` fixes the run at 20 steps of 8 sequences."""
+    from raylm.config import BudgetConfig
+    from raylm.recipe import RECIPES
+
+    model = TransformerConfig(**{**tiny_model().to_dict(), **RECIPES["modern"]["model"]})
+    recipe = {**RECIPES["modern"]["train"], "budget": BudgetConfig(tokens=20 * 8 * model.seq_len)}
+    for strategy in ("ddp", "fsdp"):  # max_steps=None: the budget sets the length
+        runs.fit(f"modern-{strategy}", model=model, workers=2, strategy=strategy, max_steps=None, **recipe)
+    ddp, fsdp = runs.curve("modern-ddp"), runs.curve("modern-fsdp")
+    assert_curves_agree(ddp, fsdp, CURVE_TOLERANCE)
+    assert fsdp[20] < fsdp[1] - 0.5  # it learns
+    state = verify_checkpoint(runs.results["modern-fsdp"].checkpoint.path)
+    assert state["world_size"] == 2 and state["step"] == 20
 
 
 def test_exact_resume_after_a_failure_matches_an_uninterrupted_run(runs, ddp1):

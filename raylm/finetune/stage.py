@@ -351,7 +351,8 @@ def check_architecture(model: TransformerConfig, base: Base) -> TransformerConfi
 def finetune_train_config(train: TrainConfig, finetune: FinetuneConfig) -> TrainConfig:
     updates: dict[str, Any] = {"lr": finetune.lr, "max_steps": finetune.max_steps, "seed": finetune.seed,
                                "warmup_steps": min(finetune.warmup_steps, finetune.max_steps),
-                               "eval_at_start": True}  # val_loss_initial: the base model's, for before/after
+                               "eval_at_start": True,  # val_loss_initial: the base model's, for before/after
+                               "budget": None}  # finetune.max_steps is the run's length, not a pretraining budget
     for key in ("global_batch_size", "micro_batch_size", "eval_every"):
         if getattr(finetune, key) is not None:
             updates[key] = getattr(finetune, key)

@@ -5,7 +5,9 @@ it), what a checkpoint stores as `model_config.json` and what every model class 
 option is one field here (with its constraint and description), and its use in the model code. Each component the guide describes is a field: positional encoding (sinusoidal, learned,
 rotary), feed-forward activation (ReLU, GELU, SwiGLU), norm (LayerNorm, RMSNorm) and its position
 (post-norm as in the original transformer, or pre-norm), grouped-query attention, biases, weight
-tying, and the architecture (`decoder` or `encoder-decoder`). The defaults are a modern decoder:
+tying, and the architecture (`decoder` or `encoder-decoder`). The recipe options of raylm/recipe.py are
+fields too: `qk_norm`, `logit_softcap`, `zero_init_projections` and the `relu2` activation (all off by
+default, and quiet at their defaults, so configs that do not use them hash as before). The defaults are a modern decoder:
 RoPE, SwiGLU, RMSNorm, pre-norm, no biases, tied embeddings. Two options exist for the base models
 people import from Hugging Face (raylm/model/hf.py): `qkv_bias` (biases on the query/key/value
 projections only, Qwen2's layout) and `rope_scaling` (Llama 3.x's RoPE frequency scaling); the
@@ -35,11 +37,11 @@ from pydantic_core import ArgsKwargs
 
 ARCHITECTURES = ("decoder", "encoder-decoder")
 POSITIONS = ("rope", "learned", "sinusoidal")
-ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu", "relu2")
 NORMS = ("rmsnorm", "layernorm")
 NORM_POSITIONS = ("pre", "post")
 # Keys a base checkpoint and a run that starts from it may disagree on: they shape no weight.
-NON_ARCHITECTURE_KEYS = ("dropout", "activation_checkpointing", "init_std", "preset")
+NON_ARCHITECTURE_KEYS = ("dropout", "activation_checkpointing", "init_std", "preset", "zero_init_projections")
 # ...and, for comparing stored weights with a config: the vocabulary (bound to the tokenizer later) and the
 # training objective's settings.
 WEIGHT_FREE_KEYS = (*NON_ARCHITECTURE_KEYS, "vocab_size", "source_fraction", "seq2seq_objective", "noise_density",
@@ -48,7 +50,7 @@ SEQ2SEQ_OBJECTIVES = ("prefix", "span_corruption")
 ROPE_SCALING_TYPES = ("llama3",)
 # Keys added after workspaces existed: left out of `section()` (stage hashes, MLflow params) while at their
 # defaults, so every config that does not use them hashes as it always did.
-QUIET_AT_DEFAULT = ("qkv_bias", "rope_scaling")
+QUIET_AT_DEFAULT = ("qkv_bias", "rope_scaling", "qk_norm", "logit_softcap", "zero_init_projections")
 
 
 def span_counts(row_len: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
@@ -135,7 +137,8 @@ class TransformerConfig:
     rope_scaling: RopeScaling | None = Field(None, description="Llama 3.x RoPE scaling (rope_type llama3, factor, "
                                              "low_freq_factor, high_freq_factor, original_max_position_embeddings)")
     position: str = Field("rope", description="rope | learned | sinusoidal")
-    activation: str = Field("swiglu", description="swiglu | gelu | relu")
+    activation: str = Field("swiglu", description="swiglu | gelu | gelu_tanh | relu | relu2 (ReLU squared, "
+                            "Primer / modded-nanogpt)")
     norm: str = Field("rmsnorm", description="rmsnorm | layernorm")
     norm_position: str = Field("pre", description="pre | post (the original transformer's)")
     norm_eps: float = Field(1e-5, gt=0)
@@ -143,6 +146,13 @@ class TransformerConfig:
     qkv_bias: bool = Field(False, description="biases on the attention's query/key/value projections even "
                            "without `bias` (Qwen2)")
     init_std: float = Field(0.02, gt=0, description="std of the normal init; residual projections get / sqrt(2 * layers)")
+    qk_norm: bool = Field(False, description="RMSNorm on each head's queries and keys before RoPE (Qwen3, OLMo 2, "
+                          "modded-nanogpt): bounds the attention logits, so higher learning rates stay stable")
+    logit_softcap: float | None = Field(None, gt=0, description="output logits become cap * tanh(logits / cap) "
+                                        "(Gemma 2, modded-nanogpt: 15-30); unset: no capping")
+    zero_init_projections: bool = Field(False, description="zero-initialise the projections that write into the "
+                                        "residual stream (attention output, feed-forward down): each block starts "
+                                        "as the identity")
     activation_checkpointing: bool = Field(False, description="recompute each block in the backward pass to save memory")
     source_fraction: float = Field(0.5, description="encoder-decoder, prefix objective: share of each packed row used as the source")
     seq2seq_objective: str = Field("prefix", description="encoder-decoder training objective: prefix (to continuation) "

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from raylm.model.config import TransformerConfig
 from raylm.model.layers import (Block, KVCache, PositionalEncoding, build_attention_mask, init_weights, make_norm,
-                                positions_for)
+                                positions_for, soft_cap)
 
 
 class EncoderDecoder(nn.Module):
@@ -82,7 +82,7 @@ class EncoderDecoder(nn.Module):
             x = self._run(block, x, rope, mask, cache, memory, memory_mask)
         if cache is not None:
             cache.advance(time)
-        return self.head(self.norm(x)).float()
+        return soft_cap(self.head(self.norm(x)).float(), self.config.logit_softcap)
 
     def forward(self, source: torch.Tensor, tokens: torch.Tensor, source_mask: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:

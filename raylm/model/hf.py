@@ -1,15 +1,18 @@
 """Hugging Face interop: export a raylm decoder as a `transformers` model folder, and import one back.
 
-Three architectures cover what a raylm decoder can be, and the base models people start from:
+Four architectures cover what a raylm decoder can be, and the base models people start from:
 - Llama (`LlamaForCausalLM`): rotary positions (optionally with Llama 3.x's `llama3` frequency scaling,
   as Llama 3.1/3.2 publish), RMSNorm, SwiGLU, pre-norm, optional grouped-query attention and biases;
 - Qwen2 (`Qwen2ForCausalLM`): the Llama layout with biases on the query/key/value projections only
   (raylm's `qkv_bias`), full attention (a sliding window is refused);
+- Qwen3 (`Qwen3ForCausalLM`): the Llama layout with RMSNorm on each head's queries and keys before RoPE
+  (raylm's `qk_norm`), no biases;
 - GPT-2 (`GPT2LMHeadModel`): learned positions, LayerNorm, GELU (exact, or the tanh approximation GPT-2
   was trained with: `gelu_new` / `gelu_pytorch_tanh`, raylm's `gelu_tanh`) or ReLU, pre-norm, full
   multi-head attention (a raylm model without biases exports zero biases).
-Any other combination (sinusoidal positions, post-norm, mixed parts, the encoder-decoder) is refused
-with the reason, and so is an imported `config.json` whose values raylm does not compute (another
+Any other combination (sinusoidal positions, post-norm, mixed parts, the encoder-decoder, and the recipe
+options none of these computes: `logit_softcap`, the `relu2` activation, `qk_norm` outside the Qwen3
+layout) is refused with the reason, and so is an imported `config.json` whose values raylm does not compute (another
 `rope_type`, activation or model type, a sliding window), naming the key and its value. The folder holds
 `config.json`, `model.safetensors` (float32) and the tokenizer (`tokenizer.json` +
 `tokenizer_config.json`), so `AutoModelForCausalLM.from_pretrained(folder)` and
@@ -39,23 +42,35 @@ from raylm.model.transformer import Transformer
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gpt2")
 # GPT-2's `activation_function` values -> raylm's `activation`
 GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 EXPORTED_GPT2_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 
 
 class ExportError(ValueError):
-    """A model that neither the Llama, Qwen2 nor the GPT-2 architecture of `transformers` can express."""
+    """A model that neither the Llama, Qwen2, Qwen3 nor the GPT-2 architecture of `transformers` can express."""
 
 
 def hf_architecture(config: TransformerConfig) -> str:
-    """`llama`, `qwen2` or `gpt2`, or ExportError naming what does not fit."""
+    """`llama`, `qwen2`, `qwen3` or `gpt2`, or ExportError naming what does not fit."""
     if config.arch != "decoder":
         raise ExportError(f"model.arch = {config.arch!r}: only decoder models export to a causal-LM folder")
     if config.norm_position != "pre":
         raise ExportError("model.norm_position = 'post': Llama and GPT-2 are both pre-norm")
+    if config.logit_softcap is not None:
+        raise ExportError(f"model.logit_softcap = {config.logit_softcap}: Llama, Qwen2/3 and GPT-2 do not cap "
+                          "their logits (the exported model would compute different outputs)")
+    if config.activation == "relu2":
+        raise ExportError("model.activation = 'relu2': no exported architecture has a ReLU-squared feed-forward "
+                          "(Llama/Qwen use SwiGLU, GPT-2 a two-layer GELU/ReLU network)")
     parts = (config.position, config.norm, config.activation)
+    if config.qk_norm:
+        if parts != ("rope", "rmsnorm", "swiglu") or config.bias or config.qkv_bias:
+            raise ExportError("model.qk_norm = true: only Qwen3 normalises queries and keys, and it needs "
+                              "rope/rmsnorm/swiglu without biases (model.bias and model.qkv_bias false); got "
+                              f"{'/'.join(parts)}, bias {config.bias}, qkv_bias {config.qkv_bias}")
+        return "qwen3"
     if parts == ("rope", "rmsnorm", "swiglu"):
         return "qwen2" if config.qkv_bias and not config.bias else "llama"
     if config.position == "learned" and config.norm == "layernorm" and config.activation in EXPORTED_GPT2_ACTIVATION:
@@ -108,6 +123,10 @@ def hf_config(config: TransformerConfig, tokenizer_json: str | None = None):
     elif architecture == "qwen2":
         out = transformers.Qwen2Config(use_sliding_window=False, **decoder)
         out.architectures = ["Qwen2ForCausalLM"]
+    elif architecture == "qwen3":
+        out = transformers.Qwen3Config(head_dim=config.head_dim, attention_bias=False, use_sliding_window=False,
+                                       **decoder)
+        out.architectures = ["Qwen3ForCausalLM"]
     else:
         out = transformers.GPT2Config(
             n_embd=config.d_model, n_layer=config.n_layers, n_head=config.n_heads, n_inner=config.hidden,
@@ -172,11 +191,11 @@ def _refuse_gpt2_attention_variants(hf: dict[str, Any]) -> None:
 
 
 def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
-    """A raylm config from a `config.json` of a Llama, Qwen2 or GPT-2 model; ExportError naming the key
+    """A raylm config from a `config.json` of a Llama, Qwen2, Qwen3 or GPT-2 model; ExportError naming the key
     and value for anything raylm would compute differently."""
     kind = hf.get("model_type")
     common = dict(vocab_size=hf["vocab_size"], tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
-    if kind in ("llama", "qwen2"):
+    if kind in ("llama", "qwen2", "qwen3"):
         if hf.get("hidden_act", "silu") != "silu":
             raise ExportError(f"config.json hidden_act = {hf['hidden_act']!r}: raylm's SwiGLU needs 'silu'")
         theta, scaling = _rope_from_hf(hf)
@@ -186,6 +205,12 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
                                   f"mlp_bias = {hf.get('mlp_bias', False)!r}: raylm has one `bias` switch (and "
                                   "`qkv_bias`, which Llama's attention_bias does not match: it biases o_proj too)")
             bias, qkv_bias = bool(hf.get("attention_bias", False)), False
+        elif kind == "qwen3":  # no biases, RMSNorm on queries and keys
+            _refuse_sliding_window(hf)
+            if hf.get("attention_bias", False):
+                raise ExportError(f"config.json attention_bias = {hf['attention_bias']!r}: raylm's qk_norm layout "
+                                  "(Qwen3) has no attention biases")
+            bias, qkv_bias = False, False
         else:  # Qwen2: q/k/v projections with biases, o_proj and the MLP without
             _refuse_sliding_window(hf)
             bias, qkv_bias = False, True
@@ -196,7 +221,7 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
             d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
             n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden=hf["intermediate_size"],
             seq_len=hf["max_position_embeddings"], rope_theta=theta, rope_scaling=scaling,
-            norm_eps=hf.get("rms_norm_eps", 1e-6), bias=bias, qkv_bias=qkv_bias, **common)
+            norm_eps=hf.get("rms_norm_eps", 1e-6), bias=bias, qkv_bias=qkv_bias, qk_norm=kind == "qwen3", **common)
     if kind == "gpt2":
         activation = hf.get("activation_function", "gelu_new")
         if activation not in GPT2_ACTIVATIONS:
@@ -217,7 +242,7 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
 
 
 def _weight_map(architecture: str):
-    """The weight mapping of an architecture: Qwen2 names its weights as Llama does."""
+    """The weight mapping of an architecture: Qwen2 and Qwen3 name their weights as Llama does."""
     return _gpt2_weights if architecture == "gpt2" else _llama_weights
 
 
@@ -228,6 +253,9 @@ def _llama_weights(config: TransformerConfig, state: dict[str, torch.Tensor]) ->
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         out[theirs + "input_layernorm.weight"] = state[ours + "attn_norm.weight"]
         out[theirs + "post_attention_layernorm.weight"] = state[ours + "ffn_norm.weight"]
+        if config.qk_norm:
+            out[theirs + "self_attn.q_norm.weight"] = state[ours + "attn.q_norm.weight"]
+            out[theirs + "self_attn.k_norm.weight"] = state[ours + "attn.k_norm.weight"]
         for kind, present in (("weight", True), ("bias", config.attention_qkv_bias)):
             if present:
                 q, k, v = state[ours + f"attn.qkv.{kind}"].split([d, kv, kv], dim=0)
@@ -287,7 +315,7 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: TransformerCon
 def _gather(name: str, hf: dict[str, torch.Tensor], config: TransformerConfig, architecture: str) -> torch.Tensor:
     if name == "head.weight":
         return hf["lm_head.weight"] if "lm_head.weight" in hf and not config.tie_embeddings else hf[_embed_name(architecture)]
-    if architecture != "gpt2":  # Llama and Qwen2
+    if architecture != "gpt2":  # Llama, Qwen2 and Qwen3
         table = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
         if name in table:
             return hf[table[name]]
@@ -296,7 +324,8 @@ def _gather(name: str, hf: dict[str, torch.Tensor], config: TransformerConfig, a
         if rest.startswith("attn.qkv."):
             kind = rest.rsplit(".", 1)[1]
             return torch.cat([hf[theirs + f"self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
-        simple = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight"}
+        simple = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+                  "attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
         if rest in simple:
             return hf[theirs + simple[rest]]
         module, kind = rest.rsplit(".", 1)
@@ -336,7 +365,7 @@ def write_tokenizer_files(tokenizer_json: str, out_dir: str, model_max_length: i
 def export_hf(model: nn.Module, model_config: TransformerConfig | dict[str, Any], tokenizer_json: str | None,
               out_dir: str) -> str:
     """Write `out_dir` as a `transformers` model folder; return its path. Raises ExportError first,
-    before writing anything, for a model that neither Llama, Qwen2 nor GPT-2 can express."""
+    before writing anything, for a model that neither Llama, Qwen2, Qwen3 nor GPT-2 can express."""
     config = as_config(model_config)
     hf = hf_config(config, tokenizer_json)
     state = to_hf_state_dict(model, config)
@@ -366,7 +395,7 @@ def _read_safetensors(folder: str) -> dict[str, torch.Tensor]:
 
 
 def import_hf(folder: str) -> tuple[nn.Module, TransformerConfig]:
-    """A raylm decoder (eval mode, float32) and its config from a Llama, Qwen2 or GPT-2 model folder;
+    """A raylm decoder (eval mode, float32) and its config from a Llama, Qwen2, Qwen3 or GPT-2 model folder;
     ExportError naming the `config.json` key and value raylm does not compute."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):

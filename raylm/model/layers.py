@@ -3,7 +3,7 @@
 Norms (LayerNorm, RMSNorm), positional encodings (sinusoidal, learned, rotary with optional Llama 3.x
 frequency scaling), multi-head attention
 through `scaled_dot_product_attention` (causal, padding and cross-attention masks, grouped-query
-attention, a KV cache), feed-forward networks (ReLU, GELU exact or
+attention, optional RMSNorm of queries and keys, a KV cache), feed-forward networks (ReLU, ReLU squared, GELU exact or
 tanh-approximated as in GPT-2, SwiGLU), and the residual block in
 post-norm (the original transformer's) or pre-norm form, with optional cross-attention for the
 encoder-decoder's decoder. Everything is plain tensor code that `torch.compile` traces without breaks.
@@ -18,6 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raylm.model.config import RopeScaling, TransformerConfig
+
+
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """`cap * tanh(logits / cap)`: logits stay within (-cap, cap), nearly unchanged well inside it."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 def make_norm(config: TransformerConfig) -> nn.Module:
@@ -173,6 +178,10 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(config.d_model, config.d_model + kv_width, bias=qkv_bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        if config.qk_norm:  # one weight of head_dim for all heads, as Qwen3's q_norm / k_norm
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+        self.qk_norm = config.qk_norm
 
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         batch, time, _ = x.shape
@@ -184,10 +193,14 @@ class Attention(nn.Module):
         kv_width = self.kv_heads * self.head_dim
         if self.cross:
             q = self._heads(self.q(x), self.n_heads)
+            if self.qk_norm:
+                q = self.q_norm(q)
             cached = cache.cross[self.layer] if cache is not None else None
             if cached is None:
                 k, v = self.kv(memory).split(kv_width, dim=-1)
                 k, v = self._heads(k, self.kv_heads), self._heads(v, self.kv_heads)
+                if self.qk_norm:
+                    k = self.k_norm(k)
                 if cache is not None:
                     cache.cross[self.layer] = (k, v)
             else:
@@ -196,6 +209,9 @@ class Attention(nn.Module):
             qkv = self.qkv(x)
             queries_keys, v = qkv.split([width + kv_width, kv_width], dim=-1)
             queries_keys = queries_keys.view(batch, time, self.n_heads + self.kv_heads, self.head_dim)
+            if self.qk_norm:  # normed per head, before RoPE (Qwen3's order)
+                q, k = queries_keys.split([self.n_heads, self.kv_heads], dim=2)
+                queries_keys = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
             if rope is not None:  # queries and keys rotated together, before the heads move to dim 1
                 queries_keys = apply_rotary(queries_keys, *rope)
             q, k = queries_keys.split([self.n_heads, self.kv_heads], dim=2)
@@ -214,7 +230,7 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     """SwiGLU (`down(silu(gate(x)) * up(x))`) or the guide's two-layer network `down(act(up(x)))`
-    with ReLU, GELU or GELU's tanh approximation (`gelu_tanh`, GPT-2's); hidden width `config.hidden` (the guide's 512 -> 2048 is d_model=512, ffn_hidden=2048)."""
+    with ReLU, ReLU squared (`relu2`, Primer's), GELU or GELU's tanh approximation (`gelu_tanh`, GPT-2's); hidden width `config.hidden` (the guide's 512 -> 2048 is d_model=512, ffn_hidden=2048)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -230,6 +246,8 @@ class FeedForward(nn.Module):
         hidden = self.up(x)
         if self.activation == "relu":
             return self.down(F.relu(hidden))
+        if self.activation == "relu2":
+            return self.down(F.relu(hidden).square())
         return self.down(F.gelu(hidden, approximate="tanh" if self.activation == "gelu_tanh" else "none"))
 
 
@@ -269,7 +287,8 @@ class Block(nn.Module):
 
 def init_weights(model: nn.Module, config: TransformerConfig) -> None:
     """Normal(0, init_std) matrices and embeddings, zero biases, unit norms; the projections that write
-    into the residual stream (attention output, feed-forward down) scaled by 1/sqrt(2 * layers)."""
+    into the residual stream (attention output, feed-forward down) scaled by 1/sqrt(2 * layers), or zero
+    with `zero_init_projections`."""
     layers = config.n_layers + (config.encoder_layers if config.arch == "encoder-decoder" else 0)
     residual_std = config.init_std / math.sqrt(2 * layers)
     for name, param in model.named_parameters():
@@ -279,5 +298,8 @@ def init_weights(model: nn.Module, config: TransformerConfig) -> None:
             else:
                 nn.init.ones_(param)
             continue
-        std = residual_std if name.endswith(("proj.weight", "ffn.down.weight")) else config.init_std
-        nn.init.normal_(param, mean=0.0, std=std)
+        residual = name.endswith(("attn.proj.weight", "cross.proj.weight", "ffn.down.weight"))
+        if residual and config.zero_init_projections:
+            nn.init.zeros_(param)
+            continue
+        nn.init.normal_(param, mean=0.0, std=residual_std if residual else config.init_std)

@@ -32,15 +32,19 @@ def _linear(n_in: int, n_out: int, bias: bool) -> int:
     return n_in * n_out + (n_out if bias else 0)
 
 
+def _qk_norms(config: TransformerConfig) -> int:
+    return 2 * config.head_dim if config.qk_norm else 0
+
+
 def _self_attention(config: TransformerConfig) -> int:
     d, kv = config.d_model, config.kv_heads * config.head_dim
-    return _linear(d, d + 2 * kv, config.attention_qkv_bias) + _linear(d, d, config.bias)
+    return _linear(d, d + 2 * kv, config.attention_qkv_bias) + _linear(d, d, config.bias) + _qk_norms(config)
 
 
 def _cross_attention(config: TransformerConfig) -> int:
     d, kv = config.d_model, config.kv_heads * config.head_dim
     qkv_bias = config.attention_qkv_bias
-    return _linear(d, d, qkv_bias) + _linear(d, 2 * kv, qkv_bias) + _linear(d, d, config.bias)
+    return _linear(d, d, qkv_bias) + _linear(d, 2 * kv, qkv_bias) + _linear(d, d, config.bias) + _qk_norms(config)
 
 
 def _feed_forward(config: TransformerConfig) -> int:

@@ -2,7 +2,7 @@
 
 Token embedding, a positional encoding (rotary by default; learned or sinusoidal), N residual blocks of
 causal self-attention and a feed-forward network, a final norm (pre-norm models), and an output head,
-optionally tied to the embedding. Parts come from `layers.py` and are chosen by `TransformerConfig`.
+optionally tied to the embedding, and optionally soft-capped logits. Parts come from `layers.py` and are chosen by `TransformerConfig`.
 The model knows nothing of Ray or MLflow: it takes token ids and returns logits.
 
 `forward(tokens)` is the training path (one fused causal attention, flash attention on GPUs).
@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from raylm.model.config import TransformerConfig
 from raylm.model.layers import (Block, KVCache, PositionalEncoding, build_attention_mask, init_weights, make_norm,
-                                positions_for)
+                                positions_for, soft_cap)
 
 __all__ = ["Transformer", "TransformerConfig"]
 
@@ -65,7 +65,7 @@ class Transformer(nn.Module):
                 x = block(x, rope, mask, cache)
         if cache is not None:
             cache.advance(time)
-        return self.head(self.norm(x)).float()
+        return soft_cap(self.head(self.norm(x)).float(), self.config.logit_softcap)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         weight = self.embed.weight

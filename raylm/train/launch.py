@@ -27,6 +27,7 @@ from raylm.console import TrainingProgress
 from raylm.model.config import WEIGHT_FREE_KEYS, TransformerConfig
 from raylm.train.best import BEST_DIR, BEST_POINTER, KeepBestCheckpoint, best_checkpoint, read_best_pointer  # noqa: F401
 from raylm.train.resources import WorkerResources, worker_resources
+from raylm.train.budget import budget_steps
 from raylm.train.rotation import rotate_unused_checkpoints
 from raylm.train.loop_config import LoopConfig
 from raylm.train.worker import train_loop_per_worker
@@ -48,6 +49,19 @@ def run_model_config(model: TransformerConfig, train: TrainConfig, vocab_size: i
 
 RAY_TRAIN_ENV_KEYS = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
 _USER_RAY_TRAIN_ENV = {key: os.environ.get(key) for key in RAY_TRAIN_ENV_KEYS}  # as the user started us
+
+
+def with_budget_steps(train: TrainConfig, model: TransformerConfig, global_batch_sequences: int) -> TrainConfig:
+    """`train` with `max_steps` fixed by a FLOPs / tokens / tokens-per-parameter budget (a minutes budget
+    is fixed by the loop, once it has measured its speed)."""
+    if train.budget is None:
+        return train
+    steps = budget_steps(train.budget, model, global_batch_sequences)
+    if steps is None:
+        return train
+    log.info("train.budget.%s = %g: %d steps of %d sequences x %d tokens", train.budget.kind, train.budget.amount,
+             steps, global_batch_sequences, model.seq_len)
+    return train.model_copy(update={"max_steps": steps})
 
 
 def apply_ray_train_env(train: TrainConfig) -> None:
@@ -104,8 +118,10 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, 
     run_uri = storage_path.rstrip("/") + "/" + name
     resources = resources or worker_resources(train)
     log.info("%s: %s", name, resources.describe(train.workers))
+    global_batch = train.global_batch_sequences(transformer.seq_len)
+    train = with_budget_steps(train, transformer, global_batch)
     loop = LoopConfig(model=transformer, train=train,
-                      global_batch_sequences=train.global_batch_sequences(transformer.seq_len),
+                      global_batch_sequences=global_batch,
                       train_uri=packed.train_uri, val_uri=val_uri, tokenizer_json=tokenizer_json,
                       pad_id=packed.tokenizer.pad_id, tokenizer_fingerprint=packed.tokenizer.fingerprint,
                       tracking_uri=tracking_uri, run_id=run_id, init_checkpoint=init_checkpoint,

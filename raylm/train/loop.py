@@ -52,7 +52,8 @@ from raylm.tracking import RunLogger
 from raylm.train.checkpoint import CheckpointError, good_checkpoints, load_training_state, local_checkpoint, save_checkpoint
 from raylm.train.data import PackedSequences
 from raylm.train.mfu import mfu, peak_flops
-from raylm.train.optim import build_optimizer, learning_rate
+from raylm.train.budget import steps_for_minutes
+from raylm.train.optim import build_optimizer, learning_rate, set_learning_rates
 from raylm.train.parallel import clip_gradients, gradient_sync, wrap_model
 from raylm.train.loop_config import LoopConfig
 
@@ -184,11 +185,13 @@ class Trainer:
         if config.finetune is not None:
             model = prepare_for_finetune(model, config.finetune)
         self.model = wrap_model(model, self.train.strategy, self.device, self.bf16, self.train.compile)
-        self.optimizer = build_optimizer(self.model, self.train.lr, self.train.weight_decay, tuple(self.train.betas))
+        self.optimizer = build_optimizer(self.model, self.train.lr, self.train.weight_decay, tuple(self.train.betas),
+                                         self.train.optimizer, self.train.muon_lr, self.train.muon_momentum)
 
         self.state: dict[str, Any] = {
             "step": 0, "tokens_seen": 0, "data_position": 0, "best_val_loss": math.inf,
             "evals_without_improvement": 0, "restarts": 0, "val_loss": math.nan, "val_bpb": math.nan,
+            "budget_max_steps": None,
             "model_config": config.model.to_dict(), "tokenizer_fingerprint": config.tokenizer_fingerprint}
         torch.manual_seed(self.train.seed * 1000 + 1 + self.rank)  # per-worker stream (dropout); a checkpoint restores it
         if self.resume_path is not None:
@@ -207,6 +210,7 @@ class Trainer:
         self.peak = peak_flops(self.device, self.bf16)
         self.lr = self._learning_rate()
         self.grad_norm = math.nan
+        self.timed_steps: list[float] = []  # a minutes budget: durations of the steps it measures
         self.base = {"workers": self.world, "grad_accum_steps": self.accumulation, "restarts": self.state["restarts"],
                      "cpus_per_worker": assigned_cpus(), "torch_threads": torch.get_num_threads(),
                      "checkpoints_refused": len(self.refusals),
@@ -267,8 +271,36 @@ class Trainer:
                 return
 
     @property
+    def minutes_budget(self) -> bool:
+        return self.train.budget is not None and self.train.budget.kind == "minutes"
+
+    @property
+    def max_steps(self) -> int | None:
+        """The run's step count: train.max_steps (fixed by a FLOPs / tokens budget at launch), or what a
+        minutes budget fixed once measured (None before; kept in the trainer state, so in checkpoints)."""
+        return self.state.get("budget_max_steps") if self.minutes_budget else self.train.max_steps
+
+    @property
     def finished(self) -> bool:
-        return self.state["step"] >= self.train.max_steps
+        return self.max_steps is not None and self.state["step"] >= self.max_steps
+
+    def _time_for_minutes_budget(self, seconds: float) -> None:
+        """A minutes budget: time `measure_steps` steps (not the first of this process), then fix the step
+        count from the workers' mean speed."""
+        budget = self.train.budget
+        if not self.minutes_budget or self.state.get("budget_max_steps") is not None:
+            return
+        self.timed_steps.append(seconds)
+        if len(self.timed_steps) < budget.measure_steps + 1:
+            return
+        timed = self.timed_steps[1:]  # the first step pays for start-up (allocation, compilation)
+        per_step = _all_reduce([sum(timed) / len(timed)], self.device)[0] / self.world  # the same on every worker
+        steps = steps_for_minutes(budget.minutes, self.state["step"], per_step)
+        self.state["budget_max_steps"] = steps
+        log.info("train.budget.minutes = %g: %.3f s per step over %d steps, fixing the run at %d steps",
+                 budget.minutes, per_step, len(timed), steps)
+        if self.logger:
+            self.logger.log({"budget_max_steps": steps, "budget_seconds_per_step": per_step}, step=self.state["step"])
 
     def due(self, every: int) -> bool:
         return self.state["step"] % every == 0
@@ -278,9 +310,9 @@ class Trainer:
 
     def step(self) -> None:
         """One optimizer step on one global batch (this worker's share, in micro-batches)."""
+        started = time.perf_counter()
         self.lr = self._learning_rate()
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+        set_learning_rates(self.optimizer, self.lr / self.train.lr, self.train.lr, self.train.muon_lr)
         pad_id, micro, device = self.config.pad_id, self.train.micro_batch_size, self.device
         position = self.state["data_position"]
         rows, mask = self.train_data.worker_batch(position, self.global_batch, self.train.seed, self.rank, self.world)
@@ -310,6 +342,7 @@ class Trainer:
         self.window["steps"] += 1
         if self.logger:
             self.logger.log({"step_loss": mean_loss}, step=self.state["step"])
+        self._time_for_minutes_budget(time.perf_counter() - started)
         if self.config.fail_at_step == self.state["step"] and self.state["restarts"] == 0:
             raise RuntimeError(f"injected failure at step {self.state['step']} (loop config fail_at_step)")
 
@@ -383,8 +416,8 @@ class Trainer:
         self.window = {"loss": 0.0, "tokens": 0, "steps": 0, "started": time.perf_counter()}
 
     def _learning_rate(self) -> float:
-        return learning_rate(self.state["step"], self.train.lr, self.train.warmup_steps, self.train.max_steps,
-                             self.train.min_lr_ratio)
+        return learning_rate(self.state["step"], self.train.lr, self.train.warmup_steps, self.max_steps,
+                             self.train.min_lr_ratio, self.train.schedule, self.train.decay_fraction)
 
     def _save_and_report(self, metrics: dict[str, float]) -> None:
         """Save this rank's shards to a local folder and hand it to Ray, which uploads it to the run's storage
