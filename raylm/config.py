@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from tokenizers import Tokenizer
 
 from raylm.model.config import TransformerConfig
+from raylm.recipe import with_recipe
 
 REMOTE_SCHEMES = ("s3://", "gs://", "hf://", "http://", "https://", "file://")
 BUILTIN_SOURCES = ("python-stdlib",)
@@ -752,8 +753,6 @@ class RaylmConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _apply_recipe(cls, data: Any) -> Any:
-        from raylm.recipe import with_recipe  # deferred: recipe.py names this module's keys
-
         return with_recipe(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")

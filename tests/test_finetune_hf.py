@@ -58,7 +58,7 @@ def _three_layers(config: dict) -> None:
 
 
 @pytest.mark.parametrize("edit, drop, reason", [
-    (_bert, (), r"model_type = 'bert': raylm imports 'llama', 'qwen2' and 'gpt2'"),
+    (_bert, (), r"model_type = 'bert': raylm imports 'llama', 'qwen2', 'qwen3' and 'gpt2'"),
     (_three_layers, (), r"weights missing from the folder: model\.layers\.2\."),
     (None, ("model.safetensors",), r"no model\.safetensors"),
     (None, ("tokenizer.json",), r"no tokenizer\.json"),

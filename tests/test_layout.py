@@ -21,7 +21,8 @@ STAGE_MODULES = {"raylm.stage", "raylm.stage_plan", "raylm.plan", "raylm.tune", 
                  "raylm.data.tokenize", "raylm.data.sft", "raylm.train.launch", "raylm.finetune.stage",
                  "raylm.eval.suite", "raylm.eval.command", "raylm.report_stage"}
 FOUNDATION_MODULES = {"raylm", "raylm.config", "raylm.model.config", "raylm.storage", "raylm.gpus", "raylm.workspace",
-                      "raylm.artifacts", "raylm.runtime", "raylm.tracking", "raylm.failure", "raylm.console"}
+                      "raylm.artifacts", "raylm.runtime", "raylm.tracking", "raylm.failure", "raylm.console",
+                      "raylm.recipe"}
 
 
 def layer(module: str) -> int:

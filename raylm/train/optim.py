@@ -28,6 +28,10 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, Replicate
+# torch's own Newton-Schulz and learning-rate scaling (private names), so GatheredMuon's update is exactly
+# torch.optim.Muon's on the gathered matrix
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 from raylm.model.layers import Block
 
@@ -66,10 +70,6 @@ class GatheredMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from torch.distributed.tensor import DTensor, Replicate
-        # torch's own Newton-Schulz and learning-rate scaling, so the update is exactly torch.optim.Muon's
-        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
-
         loss = None
         if closure is not None:
             with torch.enable_grad():
