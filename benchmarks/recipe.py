@@ -21,7 +21,11 @@ To save time this trains in-process with a plain loop (one process, `--threads` 
 through Ray Train; it uses raylm's model, loss, optimizer and schedule code (build_optimizer,
 set_learning_rates, learning_rate, budget_steps), which is what the trainer runs per worker.
 
-    python benchmarks/recipe.py [--small] [--sizes 64x2,128x4] [--budget-tokens 400000]
+    python benchmarks/recipe.py [--small] [--sizes 64x2,128x4] [--budget-tokens 400000] [--ablate]
+
+`--ablate` also trains the recipe without each of its options in turn (back to the baseline's value) and
+prints each one's val loss, efficiency and speed: what each option buys and costs. An efficiency marked
+`>` or `<` lies beyond the baseline's curve: a bound.
 
 Ends with one line: `recipe: efficiency_wikitext=... efficiency_stdlib=... bpb_baseline=... bpb_recipe=...
 tokens_per_s_ratio=...` (efficiencies: geometric means over the sizes; bpb: means over sizes and corpora).
@@ -99,13 +103,27 @@ def load_corpus(name: str, max_bytes: int, vocab: int, seq_len: int) -> Corpus:
                   tokenizer.get_vocab_size())
 
 
-def configs(recipe: str, d_model: int, layers: int, seq_len: int, vocab: int, lr: float,
+def configs(recipe: str | dict, d_model: int, layers: int, seq_len: int, vocab: int, lr: float,
             warmup: int) -> tuple[TransformerConfig, TrainConfig]:
-    keys = RECIPES[recipe]
+    keys = RECIPES[recipe] if isinstance(recipe, str) else recipe
     model = TransformerConfig(d_model=d_model, n_layers=layers, n_heads=max(1, d_model // 32), seq_len=seq_len,
                               vocab_size=vocab, **keys["model"])
     train = TrainConfig(lr=lr, warmup_steps=warmup, **keys["train"])
     return model, train
+
+
+# --ablate: the recipe with one option at a time turned back to the baseline's value (or raylm's default
+# where the baseline does not set it), so each option's share of the gain and of the speed is seen.
+ABLATIONS = {"qk_norm": ("model", False), "logit_softcap": ("model", None), "zero_init_projections": ("model", False),
+             "tie_embeddings": ("model", True), "activation": ("model", "gelu"), "norm": ("model", "layernorm"),
+             "position": ("model", "learned"), "optimizer": ("train", "adamw"), "schedule": ("train", "cosine")}
+
+
+def without(option: str) -> dict:
+    section, value = ABLATIONS[option]
+    keys = {name: dict(values) for name, values in RECIPES["modern"].items()}
+    keys[section][option] = value
+    return keys
 
 
 @torch.no_grad()
@@ -120,7 +138,7 @@ def evaluate(model, corpus: Corpus, batch: int) -> tuple[float, float]:
     return sums[0] / max(sums[1], 1), bits_per_byte(sums[2], int(sums[3]))
 
 
-def train_run(recipe: str, corpus: Corpus, size: tuple[int, int], args, budget_flops: float) -> dict[str, float]:
+def train_run(recipe: str | dict, corpus: Corpus, size: tuple[int, int], args, budget_flops: float) -> dict[str, float]:
     """One complete run at `budget_flops` training FLOPs; its val loss, bpb, FLOPs and tokens/s."""
     model_cfg, train = configs(recipe, *size, args.seq_len, corpus.vocab_size, args.lr, args.warmup)
     steps = budget_steps(BudgetConfig(flops=budget_flops), model_cfg, args.batch)
@@ -174,6 +192,8 @@ def compare(corpus: Corpus, size: tuple[int, int], args) -> dict[str, float]:
         if run["val_loss"] <= recipe["val_loss"]:
             break
     needed, capped = flops_to_reach(curve, recipe["val_loss"])
+    if args.ablate:
+        ablate(corpus, size, args, budget, curve, recipe, baseline)
     row = {"efficiency": needed / recipe["flops"], "capped": float(capped), "bpb_baseline": baseline["bpb"],
            "bpb_recipe": recipe["bpb"], "loss_baseline": baseline["val_loss"], "loss_recipe": recipe["val_loss"],
            "tokens_per_s_ratio": recipe["tokens_per_s"] / baseline["tokens_per_s"],
@@ -183,6 +203,22 @@ def compare(corpus: Corpus, size: tuple[int, int], args) -> dict[str, float]:
           f"{baseline['steps']} / {recipe['steps']} | efficiency {row['efficiency']:.2f}{' (capped)' if capped else ''}"
           f" | tok/s {baseline['tokens_per_s']:.0f} -> {recipe['tokens_per_s']:.0f}", flush=True)
     return row
+
+
+def ablate(corpus: Corpus, size: tuple[int, int], args, budget: float, curve: list[tuple[float, float]],
+           recipe: dict[str, float], baseline: dict[str, float]) -> None:
+    """A table: the recipe without each option, its val loss, efficiency (on the same baseline curve) and
+    tokens/s over the baseline's."""
+    print(f"  ablation on {corpus.name} d{size[0]}x{size[1]} (the recipe: loss {recipe['val_loss']:.4f}, "
+          f"efficiency {flops_to_reach(curve, recipe['val_loss'])[0] / recipe['flops']:.2f}, tok/s x"
+          f"{recipe['tokens_per_s'] / baseline['tokens_per_s']:.2f})")
+    print(f"  {'without':<22} {'as':<10} {'val loss':>9} {'efficiency':>11} {'tok/s x':>8}")
+    for option, (_, value) in ABLATIONS.items():
+        run = train_run(without(option), corpus, size, args, budget)
+        needed, capped = flops_to_reach(curve, run["val_loss"])
+        bound = (">" if run["val_loss"] < min(loss for _, loss in curve) else "<") if capped else " "
+        print(f"  {option:<22} {str(value):<10} {run['val_loss']:>9.4f} {bound:>2}{needed / run['flops']:>8.2f} "
+              f"{run['tokens_per_s'] / baseline['tokens_per_s']:>8.2f}", flush=True)
 
 
 def geomean(values: list[float]) -> float:
@@ -204,6 +240,7 @@ def main() -> None:
     parser.add_argument("--max-scale-steps", type=int, default=2, help="baseline runs beyond 1x: 2x, then 4x")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ablate", action="store_true", help="also train the recipe without each option in turn")
     args = parser.parse_args()
     if args.small:
         args.sizes, args.budget_tokens, args.corpus_bytes, args.vocab = "32x1", 5_000, 100_000, 300
