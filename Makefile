@@ -53,6 +53,7 @@ bench: install
 	if [ -n "$$failed" ]; then echo "bench: failed:$$failed"; exit 1; fi
 
 mlflow-ui: install
+	@echo "open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the Model training view)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/raylm-workspace/mlflow.db --port 5000
 
 clean:

@@ -328,7 +328,7 @@ class Pipeline:
                 lines.append(f"  data {data_line}")
         if self.benchmarks:
             lines += ["    " + line for line in self.benchmarks["table"].splitlines()]
-        lines.append(f"  MLflow: {ui_command(self.tracker.uri)}")
+        lines.append(f"  MLflow: {ui_command(self.tracker.uri, self.tracker.experiment_id)}")
         return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from raylm import tracking
 from raylm.config import TrackingConfig
+from raylm.failure import chatter_to_log
 from raylm.serving import MODEL_CONFIG, PARAM_DEFAULTS, TOKENIZER, WEIGHTS
 
 log = logging.getLogger("raylm")
@@ -103,14 +104,16 @@ def log_checkpoint_model(checkpoint: str, config: TrackingConfig, stage: str) ->
     lineage = {k: v for k, v in run_tags.items() if k.startswith("raylm.") and k not in ("raylm.output", "raylm.reused")}
     lineage.update({CHECKPOINT_TAG: checkpoint, "raylm.stage": stage})
     name = registered_name(config, stage)
-    with tempfile.TemporaryDirectory(prefix="raylm-model-") as scratch:
+    # unless --verbose, what torch and MLflow print while the model is written and registered (DCP's
+    # single-process notice, MLflow's type-hint advice and "Successfully registered model") goes to the run log
+    with chatter_to_log("raylm"), tempfile.TemporaryDirectory(prefix="raylm-model-") as scratch:
         artifacts = write_model_files(checkpoint, scratch)
         if config.log_transformers:
             log_hf_export(checkpoint, os.path.join(scratch, "hf"), lineage)
         model_uri, model_id = tracking.log_code_model(
             PYFUNC_CODE, artifacts, PARAM_DEFAULTS, ([INPUT_EXAMPLE_PROMPT], {"max_new_tokens": 8}),
             pip_requirements(), lineage, artifact_name=MODEL_ARTIFACT)
-    version = tracking.register_model(model_uri, name, lineage)
+        version = tracking.register_model(model_uri, name, lineage)
     registered = RegisteredModel(name=name, version=version, model_id=model_id)
     tracking.set_tags({"raylm.model_uri": registered.uri, "raylm.model_id": model_id or ""})
     log.info("%s: registered %s (logged model %s)", stage, registered.uri, model_id)

@@ -28,8 +28,9 @@ from raylm.config import ConfigError, TrackingConfig
 from raylm.workspace import StageDir, Workspace, code_version, content_hash
 
 TAG_PREFIX = "raylm."
-# MLflow 3's UI opens an experiment by its kind: this one shows the runs table and metric charts (model
-# training), not the GenAI traces overview an untagged experiment may open on.
+# The experiment's kind, which earlier MLflow 3 UIs read to open it on the runs table and metric charts (model
+# training) rather than the GenAI traces overview. 3.17's UI ignores it (see MODEL_TRAINING_VIEW); it stays
+# as the experiment's label for tools that read it.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 MAX_PARAM_LENGTH = 6000
 
@@ -78,11 +79,25 @@ def resolve_tracking_uri(config: TrackingConfig, workspace: Workspace) -> str:
     return f"sqlite:///{os.path.join(workspace.root, 'mlflow.db')}"
 
 
-def ui_command(uri: str) -> str:
-    """How to look at the runs: a server URL to open, or the `mlflow ui` command for a local store."""
+# MLflow 3.x's UI (3.17 checked) picks an experiment's view from its sidebar switch, "GenAI" or "Model training",
+# remembered per browser and GenAI at first; it no longer reads `mlflow.experimentKind`. A link carrying
+# `workflowType=machine_learning` opens on the runs table and keeps the switch there while the user browses.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def experiment_url(server: str, experiment_id: str | None) -> str:
+    """The experiment's page in the MLflow UI at `server`, in the model-training view."""
+    page = f"#/experiments/{experiment_id}" if experiment_id else "#/experiments"
+    return f"{server.rstrip('/')}/{page}?{MODEL_TRAINING_VIEW}"
+
+
+def ui_command(uri: str, experiment_id: str | None = None) -> str:
+    """How to look at the runs: the server's experiment page to open, or for a local store the `mlflow ui`
+    command and then that page."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --port 5000"
+        return f"open {experiment_url(uri, experiment_id)}"
+    return (f"mlflow ui --backend-store-uri {uri} --port 5000, "
+            f"then open {experiment_url('http://127.0.0.1:5000', experiment_id)}")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

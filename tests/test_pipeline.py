@@ -253,6 +253,45 @@ def test_mlflow_curves_start_at_the_first_real_step_and_constants_are_not_charte
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_the_printed_mlflow_link_opens_the_runs_table(finished_pipeline, tmp_path):
+    """Issue 22: MLflow 3.17's UI ignores `mlflow.experimentKind` and opens an experiment on the GenAI overview;
+    the page the pipeline's summary points to (raylm.tracking.experiment_url) must open on the runs table,
+    checked in a real `mlflow ui` rendered by headless Chromium."""
+    import shutil
+    import signal
+    import time
+    import urllib.request
+
+    from raylm.tracking import experiment_url
+    from tests.s3_server import free_port
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine (Debian package `chromium`; .ci/run installs it)")
+    client, runs = runs_by_name(finished_pipeline)
+    port = free_port()
+    with open(tmp_path / "ui.log", "w") as log:
+        ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+                               f"sqlite:///{finished_pipeline}/mlflow.db", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and ui.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        page = experiment_url(f"http://127.0.0.1:{port}", runs[0].info.experiment_id)
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+                 "--virtual-time-budget=20000"]
+        dom = subprocess.run([browser, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
+        assert ">Runs<" in dom and ">pipeline<" in dom, (page, dom[-2000:], (tmp_path / "ui.log").read_text()[-2000:])
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+
+
 def test_pipeline_ends_with_a_report_card(finished_pipeline):
     """report.md and a self-contained report.html with every section, in the workspace and in MLflow."""
     from raylm.report import SECTIONS, TITLES
