@@ -81,7 +81,7 @@ def resolve_tracking_uri(config: TrackingConfig, workspace: Workspace) -> str:
 
 # MLflow 3.x's UI (3.17 checked) picks an experiment's view from its sidebar switch, "GenAI" or "Model training",
 # remembered per browser and GenAI at first; it no longer reads `mlflow.experimentKind`. A link carrying
-# `workflowType=machine_learning` opens on the runs table and keeps the switch there while the user browses.
+# `workflowType=machine_learning` opens on the runs table (the UI's sidebar links keep it).
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 

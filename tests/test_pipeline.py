@@ -127,6 +127,12 @@ def test_model_registered_with_lineage_datasets_and_scores_then_served(finished_
     scores = {m.key: m for m in mlflow_logged_model(finished_pipeline, model_id).metrics}
     assert 0 < scores["val/bpb"].value < 10 and scores["val/bpb"].dataset_name == "packed/val"
     assert scores["val/bpb"].value == pytest.approx(by_name["eval"].data.metrics["val/bpb"])
+    from raylm.registry import model_id_of
+
+    final = client.get_model_version("raylm-finetune", "1")  # the fine-tuned model: the benchmarks' scores
+    assert final.run_id == by_name["finetune"].info.run_id
+    final_scores = {m.key: m.value for m in mlflow_logged_model(finished_pipeline, model_id_of(final)).metrics}
+    assert 0 <= final_scores["python_quiz/acc"] <= 1 and final_scores["bpb/val"] > 0, final_scores
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{finished_pipeline}/mlflow.db",
