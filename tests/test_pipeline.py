@@ -290,7 +290,7 @@ def test_the_printed_mlflow_link_opens_the_runs_table(finished_pipeline, tmp_pat
                 time.sleep(0.5)
         page = experiment_url(f"http://127.0.0.1:{port}", runs[0].info.experiment_id)
         flags = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
-                 "--virtual-time-budget=20000"]
+                 "--virtual-time-budget=10000"]
         dom = subprocess.run([browser, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
         assert ">Runs<" in dom and ">pipeline<" in dom, (page, dom[-2000:], (tmp_path / "ui.log").read_text()[-2000:])
     finally:

@@ -134,31 +134,6 @@ def test_http_source_is_streamed_and_decompressed(ray_session, tmp_path):
     assert manifest["counts"]["kept"] + manifest["counts"]["rejected"] == len(documents)
 
 
-@pytest.mark.slow
-def test_whole_pipeline_on_an_s3_workspace_with_glob_and_folder_sources(ray_session, s3_bucket, tmp_path,
-                                                                          monkeypatch):
-    monkeypatch.chdir(tmp_path)  # MLflow's artifacts for a SQLite store default to ./mlartifacts
-    put_corpus(s3_bucket, stdlib_documents(40))
-    config = tiny_config(tmp_path, [{"path": f"{s3_bucket}/corpus/*.jsonl.gz"}, {"path": f"{s3_bucket}/pq"}])
-    workspace = f"{s3_bucket}/ws"
-    common = ["--config", str(config), "--workspace", workspace, "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
-    # the report card on a bucket is checked by the cluster job (tests/test_cluster_jobs.py)
-    assert main(["pipeline", *common, "--set", "pipeline.report=false"]) == 0
-
-    remote = Workspace(workspace)
-    curated = remote.finished_runs("curate")[0].manifest()
-    assert curated["counts"]["input"] == 40 and curated["outputs"]["train"].startswith(f"{workspace}/curate/")
-    pretrained = remote.finished_runs("pretrain")[0].manifest()
-    checkpoint = pretrained["checkpoint"]
-    assert checkpoint.startswith(f"{workspace}/pretrain/") and "/best/step-" in checkpoint
-    assert remote.finished_runs("eval")
-
-    out = tmp_path / "hf"
-    assert main(["generate", "--checkpoint", checkpoint, "--prompt", "def ", "--max-new-tokens", "4"]) == 0
-    assert main(["export", "--checkpoint", checkpoint, "--out", str(out)]) == 0
-    assert (out / "config.json").exists()
-
-
 def newest_registered_checkpoint(workspace: str) -> str | None:
     """The run folder of a pretrain attempt on the bucket once Ray Train has registered a checkpoint in it
     (its checkpoint manager snapshot is written after the checkpoint's upload), else None."""
@@ -191,19 +166,25 @@ def plant_stale_checkpoints(workspace: str) -> tuple[pafs.FileSystem, str, int, 
 @pytest.mark.slow
 def test_pretrain_killed_mid_run_resumes_from_the_bucket_to_the_uninterrupted_loss(ray_session, s3_bucket, tmp_path,
                                                                                    monkeypatch):
-    """SIGKILL the `raylm pretrain` process (its Ray with it) once a checkpoint is on the bucket; the rerun
-    takes the attempt back, rotates away the checkpoint folders Ray never registered that resuming does
-    not need (planted ones among them), and Ray Train restores from the bucket; a forced fresh run ends at
-    the same loss."""
+    """The corpus, the workspace and the checkpoints on a bucket. Curate reads a glob of jsonl.gz files and a
+    parquet folder there. SIGKILL the `raylm pretrain` process (its Ray with it) once a checkpoint is on the
+    bucket; the rerun takes the attempt back, rotates away the checkpoint folders Ray never registered that
+    resuming does not need (planted ones among them), and Ray Train restores from the bucket; a forced fresh
+    run ends at the same loss; generate and export read the best checkpoint from the bucket. (The pipeline
+    command on a bucket, eval and the report included, is the cluster job's test in tests/test_cluster_jobs.py.)"""
     import os
     import signal
 
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts for a SQLite store default to ./mlartifacts
+    put_corpus(s3_bucket, stdlib_documents(40))
+    config = tiny_config(tmp_path, [{"path": f"{s3_bucket}/corpus/*.jsonl.gz"}, {"path": f"{s3_bucket}/pq"}])
     workspace = f"{s3_bucket}/ws"
-    common = ["--config", str(CONFIGS / "tiny.yaml"), "--workspace", workspace,
+    common = ["--config", str(config), "--workspace", workspace,
               "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "--set", "train.max_steps=40",
               "--set", "train.checkpoint_every=10", "--set", "train.eval_every=10"]
     assert main(["curate", *common]) == 0 and main(["tokenize", *common]) == 0
+    curated = Workspace(workspace).finished_runs("curate")[0].manifest()
+    assert curated["counts"]["input"] == 40 and curated["outputs"]["train"].startswith(f"{workspace}/curate/")
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     killed = subprocess.Popen([sys.executable, "-m", "raylm", "pretrain", *common], cwd=tmp_path, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -236,6 +217,13 @@ def test_pretrain_killed_mid_run_resumes_from_the_bucket_to_the_uninterrupted_lo
     fresh = Workspace(workspace).finished_runs("pretrain")[0].manifest()
     assert fresh["attempt"] != resumed["attempt"] and fresh["metrics"]["resumed_from_step"] == -1
     assert resumed["metrics"]["val_loss"] == pytest.approx(fresh["metrics"]["val_loss"], abs=1e-5)
+
+    checkpoint = fresh["checkpoint"]
+    assert checkpoint.startswith(f"{workspace}/pretrain/") and "/best/step-" in checkpoint
+    out = tmp_path / "hf"
+    assert main(["generate", "--checkpoint", checkpoint, "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+    assert main(["export", "--checkpoint", checkpoint, "--out", str(out)]) == 0
+    assert (out / "config.json").exists()
 
 
 def committed_rows(workspace: str) -> tuple[dict, list[str]]:

@@ -119,22 +119,23 @@ def test_fsdp2_matches_ddp_on_two_workers(runs, ddp2, fsdp2):
     assert sorted(p.name for p in Path(fsdp2.checkpoint.path).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
-def test_modern_recipe_with_muon_trains_the_same_under_fsdp2_and_ddp_for_a_token_budget(runs):
+def test_modern_recipe_with_muon_trains_under_fsdp2_for_a_token_budget(runs):
     """Issue 23 through Ray Train: the `modern` recipe (Muon on the block matrices, WSD, QK norm, ...) on two
-    FSDP2 workers, where GatheredMuon orthogonalises gathered matrices, follows the same loss curve as on two
-    DDP workers; `train.budget.tokens` fixes the run at 20 steps of 8 sequences."""
+    FSDP2 workers, where GatheredMuon orthogonalises gathered matrices (equal to one unsharded worker within
+    1e-5: tests/test_recipe.py) learn; `train.budget.tokens` fixes the run at 20 steps of 8 sequences, and
+    both workers' shards are in the checkpoint."""
     from raylm.config import BudgetConfig
     from raylm.recipe import RECIPES
 
     model = TransformerConfig(**{**tiny_model().to_dict(), **RECIPES["modern"]["model"]})
     recipe = {**RECIPES["modern"]["train"], "budget": BudgetConfig(tokens=20 * 8 * model.seq_len)}
-    for strategy in ("ddp", "fsdp"):  # max_steps=None: the budget sets the length
-        runs.fit(f"modern-{strategy}", model=model, workers=2, strategy=strategy, max_steps=None, **recipe)
-    ddp, fsdp = runs.curve("modern-ddp"), runs.curve("modern-fsdp")
-    assert_curves_agree(ddp, fsdp, CURVE_TOLERANCE)
-    assert fsdp[20] < fsdp[1] - 0.5  # it learns
-    state = verify_checkpoint(runs.results["modern-fsdp"].checkpoint.path)
+    result = runs.fit("modern-fsdp", model=model, workers=2, strategy="fsdp", max_steps=None, **recipe)
+    curve = runs.curve("modern-fsdp")
+    assert sorted(curve) == list(range(1, 21))  # the budget's 20 steps
+    assert curve[20] < curve[1] - 0.5  # it learns
+    state = verify_checkpoint(result.checkpoint.path)
     assert state["world_size"] == 2 and state["step"] == 20
+    assert sorted(p.name for p in Path(result.checkpoint.path).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
 def test_exact_resume_after_a_failure_matches_an_uninterrupted_run(runs, ddp1):
