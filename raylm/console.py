@@ -24,7 +24,7 @@ from typing import Any, TextIO
 log = logging.getLogger("raylm")
 
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
-PROGRESS_FIGURES = ("tokens_seen", "loss", "val_loss", "tokens_per_s", "mfu")
+PROGRESS_FIGURES = ("tokens_seen", "loss", "val_loss", "tokens_per_s", "mfu", "budget_max_steps")
 POLL_S = 2.0
 PLAIN_EVERY_S = 15.0
 
@@ -79,11 +79,13 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def progress_line(what: str, figures: dict[str, float], max_steps: int, elapsed_s: float,
+def progress_line(what: str, figures: dict[str, float], max_steps: int | None, elapsed_s: float,
                   steps_done_in_elapsed: int) -> str:
-    """`pretrain step 40/120 (33%) loss 5.12 val 5.30 | 30,120 tok/s MFU 18.1% | 0m42s left`."""
+    """`pretrain step 40/120 (33%) loss 5.12 val 5.30 | 30,120 tok/s MFU 18.1% | 0m42s left`; without a step
+    count yet (a minutes budget still timing its first steps), `pretrain step 4 loss ...` and no time left."""
     step = int(figures.get("step", 0))
-    parts = [f"{what} step {step}/{max_steps} ({100 * step / max(max_steps, 1):.0f}%)"]
+    parts = [f"{what} step {step}/{max_steps} ({100 * step / max(max_steps, 1):.0f}%)" if max_steps
+             else f"{what} step {step}"]
     if "loss" in figures and figures["loss"] == figures["loss"]:  # not NaN
         parts.append(f"loss {figures['loss']:.3f}")
     if "val_loss" in figures and figures["val_loss"] == figures["val_loss"]:
@@ -96,16 +98,17 @@ def progress_line(what: str, figures: dict[str, float], max_steps: int, elapsed_
         speed.append(f"MFU {100 * figures['mfu']:.1f}%")
     if speed:
         line += " | " + " ".join(speed)
-    if steps_done_in_elapsed > 0 and step < max_steps:
+    if max_steps and steps_done_in_elapsed > 0 and step < max_steps:
         line += f" | {duration(elapsed_s / steps_done_in_elapsed * (max_steps - step))} left"
     return line
 
 
 class TrainingProgress:
     """While a trainer runs, print its progress from the MLflow run `run_id` (rank 0 logs there). The step is
-    the run's `tokens_seen` over the tokens of one optimizer step."""
+    the run's `tokens_seen` over the tokens of one optimizer step; the step count is `max_steps`, or what a
+    minutes budget fixed once it has timed its first steps (the run's `budget_max_steps`)."""
 
-    def __init__(self, what: str, tracking_uri: str | None, run_id: str | None, max_steps: int,
+    def __init__(self, what: str, tracking_uri: str | None, run_id: str | None, max_steps: int | None,
                  tokens_per_step: int, stream: TextIO | None = None, poll_s: float = POLL_S):
         self.what, self.tracking_uri, self.run_id, self.max_steps = what, tracking_uri, run_id, max_steps
         self.tokens_per_step = max(1, tokens_per_step)
@@ -149,7 +152,8 @@ class TrainingProgress:
             now = time.monotonic()
             first = first or (now, step)
             figures = {**figures, "step": step}
-            line = progress_line(self.what, figures, self.max_steps, now - first[0], step - first[1])
+            max_steps = int(figures["budget_max_steps"]) if figures.get("budget_max_steps") else self.max_steps
+            line = progress_line(self.what, figures, max_steps, now - first[0], step - first[1])
             new_val = figures.get("val_loss") != shown_val
             if self.live:
                 self.stream.write("\r" + line.ljust(100)[:160])

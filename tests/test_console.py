@@ -18,6 +18,8 @@ def test_progress_line_says_step_loss_speed_and_time_left():
     assert "left" not in progress_line("pretrain", {"step": 120, "loss": 4.0}, 120, 10.0, 100)
     assert "val" not in progress_line("pretrain", {"step": 3, "loss": 6.0, "val_loss": float("nan")}, 10, 1.0, 1)
     assert [duration(s) for s in (0, 42, 185, 3720)] == ["0s", "42s", "3m05s", "1h02m"]
+    # a minutes budget before its step count is fixed: no count, no time left
+    assert progress_line("pretrain", {"step": 4, "loss": 6.0}, None, 2.0, 4) == "pretrain step 4 loss 6.000"
 
 
 def test_progress_follows_a_real_mlflow_run(tmp_path):
@@ -36,3 +38,21 @@ def test_progress_follows_a_real_mlflow_run(tmp_path):
     assert lines[0].startswith("pretrain step 10/30 (33%) loss 5.000 val 5.500")
     assert lines[-1].startswith("pretrain step 30/30 (100%) loss 3.000 val 3.500")
     assert all("\r" not in line for line in lines)
+
+
+def test_progress_takes_the_step_count_a_minutes_budget_fixed(tmp_path):
+    """A minutes budget logs `budget_max_steps` once it has timed its first steps; until then the line has no
+    count (it used to show train.max_steps' default, 300, for any budget)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("budget"), tags={"raylm.stage": "pretrain"}).info.run_id
+    rank0 = RunLogger(uri, run_id, flush_every=1)
+    console = io.StringIO()
+    with TrainingProgress("pretrain", uri, run_id, max_steps=None, tokens_per_step=512, stream=console, poll_s=0.05):
+        rank0.log({"tokens_seen": 5 * 512, "loss": 6.0, "val_loss": 6.5}, step=5)  # a new val: a plain line
+        time.sleep(0.4)
+        rank0.log({"tokens_seen": 12 * 512, "loss": 5.0, "val_loss": 5.5, "budget_max_steps": 48}, step=12)
+        time.sleep(0.4)
+    lines = console.getvalue().splitlines()
+    assert lines[0] == "pretrain step 5 loss 6.000 val 6.500"
+    assert lines[-1].startswith("pretrain step 12/48 (25%) loss 5.000 val 5.500"), lines

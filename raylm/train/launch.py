@@ -147,9 +147,11 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, 
 
 def fit_with_progress(trainer: TorchTrainer, what: str, model: TransformerConfig, train: TrainConfig,
                       tracking_uri: str, run_id: str | None):
-    """`trainer.fit()`, with a live progress line on the console (raylm/console.py) while it runs."""
-    tokens_per_step = train.global_batch_sequences(model.seq_len) * model.seq_len
-    with TrainingProgress(what, tracking_uri, run_id, train.max_steps, tokens_per_step):
+    """`trainer.fit()`, with a live progress line on the console (raylm/console.py) while it runs. Its step
+    count is the budget's when train.budget is set (a minutes budget's comes from the run once measured)."""
+    global_batch = train.global_batch_sequences(model.seq_len)
+    max_steps = train.max_steps if train.budget is None else budget_steps(train.budget, model, global_batch)
+    with TrainingProgress(what, tracking_uri, run_id, max_steps, global_batch * model.seq_len):
         return trainer.fit()
 
 
