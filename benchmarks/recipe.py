@@ -38,6 +38,7 @@ import hashlib
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ from raylm.recipe import RECIPES  # noqa: E402
 from raylm.train.budget import budget_steps  # noqa: E402
 from raylm.train.optim import build_optimizer, learning_rate, set_learning_rates  # noqa: E402
 
-WIKITEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "corpora" / "wikitext-2"
+WIKITEXT = Path(os.environ.get("RAYLM_SHARED_DATA", _repo.SHARED_DATA_DEFAULT)) / "corpora" / "wikitext-2"
 
 
 @dataclass
@@ -248,6 +249,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    if "wikitext" in args.corpora.split(",") and not (WIKITEXT / "valid.txt").exists():
+        print(f"recipe: WikiText-2 not found at {WIKITEXT} (set RAYLM_SHARED_DATA to the shared data folder, or "
+              "--corpora stdlib)", file=sys.stderr)
+        sys.exit(2)
     sizes = [tuple(int(x) for x in size.split("x")) for size in args.sizes.split(",")]
     rows: dict[str, list[dict[str, float]]] = {}
     for name in args.corpora.split(","):
