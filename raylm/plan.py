@@ -35,7 +35,8 @@ from raylm.config import ConfigError, RaylmConfig, validate_config
 from raylm.gpus import GIB, GPU_TYPES, GpuType
 from raylm.model import TransformerConfig
 from raylm.model.config import PRESETS
-from raylm.model.sizing import activation_elements_per_token, block_parameters, flops_per_token, parameter_count
+from raylm.model.sizing import (activation_elements_per_token, block_matrix_parameters, block_parameters,
+                                 flops_per_token, parameter_count)
 from raylm.stage_plan import plan_stages
 from raylm.train.budget import budget_tokens
 from raylm.tracking import Tracker, flatten
@@ -93,11 +94,19 @@ def activation_bytes_per_sequence(model: TransformerConfig, seq_len: int, bf16: 
     return seq_len * ((parts["blocks"] + parts["final_norm"] + parts["recompute"]) * width + parts["loss"] * 4)
 
 
+def optimizer_state_bytes(model: TransformerConfig, optimizer: str) -> float:
+    """fp32 optimizer state: AdamW's two moments per parameter; Muon keeps one momentum per block matrix."""
+    params = parameter_count(model).total
+    matrices = block_matrix_parameters(model) if optimizer == "muon" else 0
+    return 8.0 * (params - matrices) + 4.0 * matrices
+
+
 def memory_per_worker(model: TransformerConfig, strategy: str, workers: int, micro_batch: int, seq_len: int,
-                      bf16: bool, checkpointing: bool) -> Memory:
+                      bf16: bool, checkpointing: bool, optimizer: str = "adamw") -> Memory:
     params = parameter_count(model).total
     shards = workers if strategy == "fsdp" else 1
-    weights, gradients, optimizer = 4 * params / shards, 4 * params / shards, 8 * params / shards
+    weights, gradients = 4 * params / shards, 4 * params / shards
+    optimizer_bytes = optimizer_state_bytes(model, optimizer) / shards
     if strategy == "fsdp":
         gathered = 2 * block_parameters(model, cross_attention=model.arch == "encoder-decoder") \
             + model.vocab_size * model.d_model
@@ -105,7 +114,7 @@ def memory_per_worker(model: TransformerConfig, strategy: str, workers: int, mic
     else:
         buffers = 4 * params if workers > 1 else 0.0
     per_sequence = activation_bytes_per_sequence(model, seq_len, bf16, checkpointing)
-    return Memory(strategy, checkpointing, workers, weights, gradients, optimizer, buffers,
+    return Memory(strategy, checkpointing, workers, weights, gradients, optimizer_bytes, buffers,
                   micro_batch * per_sequence, per_sequence)
 
 
@@ -203,8 +212,9 @@ def make_plan(config: RaylmConfig) -> Plan:
     storage = {
         "curated_data": train_tokens * bytes_per_token,
         "token_shards": train_tokens * 4 * (seq + 1) / seq,  # int32 rows of seq_len + 1
-        "checkpoint_each": counts.total * 12.0,  # fp32 weights + AdamW moments
-        "checkpoints_kept": counts.total * 12.0 * config.train.keep_checkpoints,
+        "checkpoint_each": counts.total * 4.0 + optimizer_state_bytes(model, config.train.optimizer),  # fp32
+        "checkpoints_kept": (counts.total * 4.0 + optimizer_state_bytes(model, config.train.optimizer))
+        * config.train.keep_checkpoints,
     }
 
     train = config.train
@@ -215,7 +225,7 @@ def make_plan(config: RaylmConfig) -> Plan:
         settings.device_memory_gib * GIB * settings.memory_headroom if settings.device_memory_gib else None)
     memories, rows = [], []
     for strategy, checkpointing in STRATEGIES:
-        memory = memory_per_worker(model, strategy, workers, micro, seq, bf16, checkpointing)
+        memory = memory_per_worker(model, strategy, workers, micro, seq, bf16, checkpointing, train.optimizer)
         memories.append(memory)
         row = {"strategy": strategy, "activation_checkpointing": checkpointing, "workers": workers,
                "weights": memory.weights, "gradients": memory.gradients, "optimizer": memory.optimizer,
@@ -245,7 +255,8 @@ def make_plan(config: RaylmConfig) -> Plan:
             min_workers = 1
             if choice.strategy == "fsdp":
                 min_workers = next((n for n in range(1, workers + 1) if memory_per_worker(
-                    model, "fsdp", n, 1, seq, bf16, choice.activation_checkpointing).total <= usable), workers)
+                    model, "fsdp", n, 1, seq, bf16, choice.activation_checkpointing, train.optimizer).total
+                    <= usable), workers)
             fitted_micro = min(micro, choice.largest_micro_batch(usable))
             global_batch = max(train.global_batch_sequences(seq), fitted_micro * workers)
             global_batch = math.ceil(global_batch / (fitted_micro * workers)) * fitted_micro * workers
@@ -258,7 +269,7 @@ def make_plan(config: RaylmConfig) -> Plan:
                 "scaling_config": {"num_workers": [min_workers, workers], "use_gpu": gpu is not None,
                                    "resources_per_worker": {"GPU": 1} if gpu else {"CPU": 1}},
                 "memory_per_worker": memory_per_worker(model, choice.strategy, workers, fitted_micro, seq, bf16,
-                                                       choice.activation_checkpointing).total,
+                                                       choice.activation_checkpointing, train.optimizer).total,
             }
     if budget_tokens is not None and budget_tokens < optimal_tokens:
         reasons.append(f"the budget buys {budget_tokens:.3g} tokens, {budget_tokens / optimal_tokens:.0%} of the "

@@ -107,6 +107,31 @@ def test_flops_per_token_match_a_direct_count():
         model_for(plan_config("model={preset: tiny}")))
 
 
+@pytest.mark.parametrize("arch", ["decoder", "encoder-decoder"])
+def test_muon_state_is_one_momentum_per_block_matrix_and_adamw_two_moments_for_the_rest(arch):
+    """The plan's optimizer memory follows train.optimizer: sizing's block matrices are exactly what
+    raylm.train.optim gives Muon, 4 bytes each; every other parameter keeps AdamW's 8."""
+    from raylm.model.sizing import block_matrix_parameters
+    from raylm.plan import optimizer_state_bytes
+    from raylm.train.optim import muon_parameters
+
+    config = TransformerConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=32, arch=arch,
+                               activation="relu2", qk_norm=True, bias=True, tie_embeddings=False)
+    with torch.device("meta"):
+        model = build_model(config)
+    total = sum(p.numel() for p in model.parameters())
+    matrices = sum(p.numel() for p in muon_parameters(model))
+    assert block_matrix_parameters(config) == matrices
+    assert optimizer_state_bytes(config, "muon") == 8 * (total - matrices) + 4 * matrices
+    assert optimizer_state_bytes(config, "adamw") == 8 * total
+    adamw = memory_per_worker(config, "fsdp", 2, 4, 32, False, False)
+    muon = memory_per_worker(config, "fsdp", 2, 4, 32, False, False, "muon")
+    assert adamw.optimizer - muon.optimizer == 4 * matrices / 2  # sharded over the two workers
+    plan_muon = make_plan(plan_config("train.optimizer=muon"))
+    plan_adamw = make_plan(plan_config("train.optimizer=adamw"))
+    assert plan_muon.memory[0]["optimizer"] < plan_adamw.memory[0]["optimizer"]
+
+
 @pytest.mark.slow
 def test_ddp_memory_estimate_is_within_25_percent_of_a_measured_cpu_step():
     model = TransformerConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, seq_len=256)

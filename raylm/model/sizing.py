@@ -80,6 +80,15 @@ def matmul_parameters(config: TransformerConfig) -> dict[str, int]:
     return {"block": attention + ffn, "cross_q_out": 2 * d * d, "cross_kv": 2 * d * kv, "head": config.vocab_size * d}
 
 
+def block_matrix_parameters(config: TransformerConfig) -> int:
+    """The weights of the blocks' 2-D matrices (attention, cross-attention and feed-forward projections): what
+    Muon steps, while AdamW takes the embeddings, the head, norms and biases."""
+    m = matmul_parameters(config)
+    if config.arch != "encoder-decoder":
+        return config.n_layers * m["block"]
+    return config.n_layers * (m["block"] + m["cross_q_out"] + m["cross_kv"]) + config.encoder_layers * m["block"]
+
+
 def flops_per_token(config: TransformerConfig, seq_len: int | None = None) -> int:
     """Training FLOPs per token (forward and backward) at context `seq_len` (default: the model's).
     For the encoder-decoder, the FLOPs of one packed row (source through the encoder, continuation
