@@ -209,12 +209,12 @@ def make_plan(config: RaylmConfig) -> Plan:
     bytes_per_token = settings.bytes_per_token or measured or settings.assumed_bytes_per_token
     source = "plan.bytes_per_token" if settings.bytes_per_token else ("measured" if measured else "assumed")
     seq = model.seq_len
+    checkpoint_bytes = counts.total * 4.0 + optimizer_state_bytes(model, config.train.optimizer)  # fp32 weights, state
     storage = {
         "curated_data": train_tokens * bytes_per_token,
         "token_shards": train_tokens * 4 * (seq + 1) / seq,  # int32 rows of seq_len + 1
-        "checkpoint_each": counts.total * 4.0 + optimizer_state_bytes(model, config.train.optimizer),  # fp32
-        "checkpoints_kept": (counts.total * 4.0 + optimizer_state_bytes(model, config.train.optimizer))
-        * config.train.keep_checkpoints,
+        "checkpoint_each": checkpoint_bytes,
+        "checkpoints_kept": checkpoint_bytes * config.train.keep_checkpoints,
     }
 
     train = config.train

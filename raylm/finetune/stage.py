@@ -432,7 +432,7 @@ def finetune(model: TransformerConfig, train: TrainConfig, finetune_config: Fine
     trainer = build_trainer(model, train, packed, stage.path(), RUN_NAME, tracking_uri,
                             run_id, init_checkpoint=base.checkpoint,
                             finetune=spec)
-    result = fit_with_progress(trainer, "finetune", model, train, tracking_uri, run_id)
+    result = fit_with_progress(trainer, "finetune", tracking_uri, run_id)
     if result.error:
         raise result.error
     if result.checkpoint is None:

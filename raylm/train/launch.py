@@ -145,13 +145,14 @@ def build_trainer(model: TransformerConfig, train: TrainConfig, packed: Packed, 
     )
 
 
-def fit_with_progress(trainer: TorchTrainer, what: str, model: TransformerConfig, train: TrainConfig,
-                      tracking_uri: str, run_id: str | None):
-    """`trainer.fit()`, with a live progress line on the console (raylm/console.py) while it runs. Its step
-    count is the budget's when train.budget is set (a minutes budget's comes from the run once measured)."""
-    global_batch = train.global_batch_sequences(model.seq_len)
-    max_steps = train.max_steps if train.budget is None else budget_steps(train.budget, model, global_batch)
-    with TrainingProgress(what, tracking_uri, run_id, max_steps, global_batch * model.seq_len):
+def fit_with_progress(trainer: TorchTrainer, what: str, tracking_uri: str, run_id: str | None):
+    """`trainer.fit()`, with a live progress line on the console (raylm/console.py) while it runs. The step
+    count and batch are the ones build_trainer resolved (a budget's steps; a minutes budget's count comes from
+    the run once measured)."""
+    loop: LoopConfig = trainer.train_loop_config["loop"]
+    budget = loop.train.budget
+    max_steps = None if budget is not None and budget.kind == "minutes" else loop.train.max_steps
+    with TrainingProgress(what, tracking_uri, run_id, max_steps, loop.global_batch_sequences * loop.model.seq_len):
         return trainer.fit()
 
 
@@ -244,7 +245,7 @@ def pretrain(model: TransformerConfig, train: TrainConfig, packed: Packed, stage
                                         "file://" + stage.path(RUN_NAME, STOP_FILE))
     if fs.get_file_info(stop).type == pafs.FileType.File:
         fs.delete_file(stop)  # a stop request of an earlier run does not stop this one
-    result = fit_with_progress(trainer, "pretrain", model, train, tracking_uri, run_id)
+    result = fit_with_progress(trainer, "pretrain", tracking_uri, run_id)
     if result.error:
         raise result.error
     if result.checkpoint is None:
