@@ -20,6 +20,7 @@ from typing import Callable
 import pandas as pd
 
 from raylm.config import CleanConfig
+from raylm.data.frames import python_strings
 
 STEPS = ("unicode", "html", "gutenberg", "boilerplate", "terminal_punctuation", "symbols", "whitespace")
 
@@ -250,6 +251,7 @@ def stat_columns() -> list[str]:
 
 def clean_batch(batch: pd.DataFrame, min_chars: int = 1, config: CleanConfig | None = None) -> pd.DataFrame:
     """Clean the rows still in play; mark those left shorter than `min_chars` as `empty`."""
+    batch = python_strings(batch)
     steps = cleaning_steps(config or CleanConfig())
     for column in stat_columns():
         batch[column] = 0

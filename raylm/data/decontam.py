@@ -23,6 +23,7 @@ import pandas as pd
 
 from raylm.data.benchmarks import iter_benchmark_items
 from raylm.data.ngrams import ngram_hashes
+from raylm.data.frames import python_strings
 
 MAX_DETAIL_ITEMS = 10
 
@@ -70,6 +71,7 @@ def decontam_batch(batch: pd.DataFrame, index_ref: list[Any], mode: str) -> pd.D
 
     `index_ref` is `[ObjectRef]` (a bare ref in `fn_kwargs` would not be resolved) or `[BenchmarkNgrams]`.
     """
+    batch = python_strings(batch)
     index = index_ref[0]
     if not isinstance(index, BenchmarkNgrams):
         # deferred: pulls in ray, slow to import; only this path needs it

@@ -24,6 +24,7 @@ import re
 from typing import Callable, Iterator
 
 import pandas as pd
+from raylm.data.frames import python_strings
 import phonenumbers
 
 PLACEHOLDERS = {
@@ -300,6 +301,7 @@ def stat_columns() -> list[str]:
 def pii_batch(batch: pd.DataFrame, types: list[str] | tuple[str, ...] = ORDER, enabled: bool = True,
               phone_region: str = "US") -> pd.DataFrame:
     """Redact every row that has text (rejected rows too: rejects must not leak what was found)."""
+    batch = python_strings(batch)
     for column in stat_columns():
         batch[column] = 0
     if not enabled:

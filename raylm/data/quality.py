@@ -17,6 +17,7 @@ from collections import Counter
 import pandas as pd
 
 from raylm.config import QualityConfig
+from raylm.data.frames import python_strings
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "-", "*", "‣", "●", "◦", "–", "·")
@@ -154,6 +155,7 @@ def quality_failure(text: str, config: QualityConfig) -> tuple[str, str] | None:
 
 def quality_batch(batch: pd.DataFrame, config: QualityConfig) -> pd.DataFrame:
     """Mark live rows failing a rule as `quality:<rule>` with the measured value in `detail`."""
+    batch = python_strings(batch)
     if not config.enabled:
         return batch
     for index in batch.index[batch["reason"] == ""]:
