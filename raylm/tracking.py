@@ -43,7 +43,8 @@ MAX_PARAM_LENGTH = 6000
 TRAINING_STAGES = frozenset({"pretrain", "finetune", "tune-trial"})
 DATA_STAGES = frozenset({"curate", "tokenize"})
 SYSTEM_FIGURES = frozenset({"mfu", "workers", "grad_accum_steps", "restarts", "cpus_per_worker", "torch_threads",
-                            "checkpoints_refused", "checkpoints_rotated", "resumed_from_step", "gpu_mem_peak_gib"})
+                            "checkpoints_refused", "checkpoints_rotated", "resumed_from_step", "gpu_mem_peak_gib",
+                            "rss_peak_gib", "rss_before_data_gib"})
 
 
 def metric_name(key: str, stage: str | None) -> str:

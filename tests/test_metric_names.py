@@ -17,6 +17,8 @@ from raylm.tracking import metric_name
     ("tokens_per_s", "pretrain", "system/tokens_per_s"),
     ("checkpoint_wait_s", "pretrain", "system/checkpoint_wait_s"),
     ("workers", "finetune", "system/workers"),
+    ("rss_peak_gib", "pretrain", "system/rss_peak_gib"),
+    ("rss_before_data_gib", "finetune", "system/rss_before_data_gib"),
     ("stage_seconds", "curate", "system/stage_seconds"),
     ("rows_input", "curate", "data/rows_input"),
     ("pii.email", "curate", "data/pii.email"),

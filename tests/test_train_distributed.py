@@ -1,4 +1,5 @@
-"""Distributed training with real Ray Train on CPU (gloo): the issue's tests 1-4, 6 and 7.
+"""Distributed training with real Ray Train on CPU (gloo): the issue's tests 1-4, 6 and 7, and issue 18's
+pretraining run on a train split several times larger than the worker's memory budget.
 
 Runs are tiny (2 layers, width 32, 20 steps) and shared between tests through module fixtures, each
 one a real `TorchTrainer.fit()` built by `build_trainer`. Per-step losses come from the MLflow run the
@@ -11,18 +12,25 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from raylm.artifacts import Packed
+from raylm.data.pack import packed_table
+from raylm.data.token_files import token_dtype, write_index, write_shard_files
+from raylm.data.tokenizer import token_byte_lengths, tokenizer_from_json
 from raylm.train.checkpoint import load_training_state, verify_checkpoint
 from raylm.train.launch import BEST_DIR, best_checkpoint, build_trainer
 from raylm.model import Transformer, TransformerConfig
 from raylm.train.optim import build_optimizer
-from tests.train_helpers import make_packed, tiny_model, tiny_train
+from tests.train_helpers import SEQ_LEN, make_packed, tiny_model, tiny_train
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +49,12 @@ class Runs:
         self.results, self.run_ids = {}, {}
 
     def fit(self, name: str, run_name: str | None = None, extra: dict | None = None, storage: str | None = None,
-            model: TransformerConfig | None = None, **train):
+            model: TransformerConfig | None = None, packed: Packed | None = None, **train):
         run_name = run_name or name
         if run_name not in self.run_ids:
             self.run_ids[run_name] = self.client.create_run(self.experiment, run_name=run_name).info.run_id
-        trainer = build_trainer(model or tiny_model(), tiny_train(**train), self.packed, storage or str(self.folder / "runs"),
+        trainer = build_trainer(model or tiny_model(), tiny_train(**train), packed or self.packed,
+                                storage or str(self.folder / "runs"),
                                 run_name,
                                 self.tracking_uri, self.run_ids[run_name], **(extra or {}))
         result = trainer.fit()
@@ -292,3 +301,54 @@ def test_early_stopping_keeps_the_best_checkpoint(runs):
     assert copies == [best["folder"]]  # earlier bests are deleted once best.json names the new one
     evaluations_after_best = [s for s in val if s > best_step]
     assert len(evaluations_after_best) == 2
+
+
+LARGE_SPLIT_ROWS = 2_400_000  # x 33 tokens: 302 MiB as int32, what the whole-split reader held; 151 MiB of uint16 files
+LARGE_SPLIT_SHARDS = 8
+
+
+def write_random_train_split(folder: Path, packed: Packed, rows: int, shards: int) -> Packed:
+    """`packed` with its train split replaced by `rows` rows of random token ids, written as the tokenize stage
+    writes a split: parquet shards of `packed_table`'s columns, each shard's token files, and their index."""
+    tokenizer_json = Path(packed.tokenizer.path).read_text()
+    byte_lengths = token_byte_lengths(tokenizer_from_json(tokenizer_json))
+    vocab_size, width = packed.tokenizer.vocab_size, packed.seq_len + 1
+    filesystem, dtype, root = pafs.LocalFileSystem(), token_dtype(vocab_size).str, str(folder)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    entries = []
+    for shard in range(shards):
+        tokens = rng.integers(0, vocab_size, size=(rows // shards, width), dtype=np.int32)
+        table = packed_table(tokens, packed.tokenizer.pad_id, byte_lengths)
+        path = f"{root}/part-{shard}.parquet"
+        pq.write_table(table, path)
+        entries.append(write_shard_files(table.to_batches(), filesystem, root, path, False, dtype, width))
+    write_index(filesystem, root, entries, dtype, width)
+    return replace(packed, outputs={**packed.outputs, "train": root})
+
+
+def data_memory_growth(metrics: dict) -> float:
+    """Bytes the worker's resident memory rose above what it held before it opened the data (its peak since)."""
+    return (metrics["rss_peak_gib"] - metrics["rss_before_data_gib"]) * 2**30
+
+
+def test_a_train_split_four_times_the_workers_memory_budget_trains_and_resumes_exactly(runs, tmp_path):
+    """Issue 18: pretraining on a train split whose rows (as int32, what the old whole-split reader held) are
+    more than 4 times what the worker's memory may grow by; the worker dies at step 12, resumes from its
+    checkpoint at 10 and ends on the uninterrupted run's loss curve, neither run's worker growing past the budget."""
+    large = write_random_train_split(tmp_path / "train", runs.packed, LARGE_SPLIT_ROWS, LARGE_SPLIT_SHARDS)
+    split_bytes = LARGE_SPLIT_ROWS * (SEQ_LEN + 1) * 4
+    budget = split_bytes // 4
+    uninterrupted = runs.fit("large-split", workers=1, packed=large)
+    resumed = runs.fit("large-split-resumed", workers=1, checkpoint_every=5, max_failures=1,
+                       extra={"fail_at_step": 12}, packed=large)
+    assert resumed.metrics["restarts"] == 1 and resumed.metrics["resumed_from_step"] == 10
+    assert resumed.metrics["step"] == 20
+    assert_curves_agree(runs.curve("large-split-resumed"), runs.curve("large-split"), RESUME_TOLERANCE)
+    assert resumed.metrics["val_loss"] == pytest.approx(uninterrupted.metrics["val_loss"], abs=RESUME_TOLERANCE)
+    for result in (uninterrupted, resumed):
+        growth = data_memory_growth(result.metrics)
+        assert growth < budget, (
+            f"the worker's RSS rose {growth / 2**20:.0f} MiB (from {result.metrics['rss_before_data_gib'] * 1024:.0f} "
+            f"MiB before opening the data to a {result.metrics['rss_peak_gib'] * 1024:.0f} MiB peak), over the "
+            f"{budget / 2**20:.0f} MiB budget: a quarter of the {split_bytes / 2**20:.0f} MiB split as int32")

@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import shutil
+import sys
 import tempfile
 import time
 import uuid
 from typing import Any, Iterator
 
 import numpy as np
+import psutil
 import pyarrow.fs as pafs
 import ray
 import ray.train
@@ -65,7 +68,8 @@ log = logging.getLogger("raylm")
 # report after a restart (when they are news: the new worker count, the restart, refused checkpoints); the
 # stage's summary at the last step has them too. `evaluated` only marks a report for the best-checkpoint
 # callback.
-STEADY_FIGURES = frozenset({"workers", "grad_accum_steps", "restarts", "checkpoints_refused", "resumed_from_step"})
+STEADY_FIGURES = frozenset({"workers", "grad_accum_steps", "restarts", "checkpoints_refused", "resumed_from_step",
+                            "rss_before_data_gib"})
 NOT_CHARTED = frozenset({"step", "evaluated"})
 
 
@@ -119,6 +123,18 @@ def device_memory_metrics(device: torch.device) -> dict[str, float]:
     if device.type != "cuda":
         return {}
     return {"gpu_mem_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
+def resident_memory_gib() -> float:
+    """This process's resident memory now, in GiB."""
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def host_memory_metrics() -> dict[str, float]:
+    """The most resident memory this worker process has held since it started, in GiB (getrusage's
+    ru_maxrss: the kernel's own high-water mark, so no peak between two reports is missed)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"rss_peak_gib": peak / 2**30}
 
 
 def stop_requested(stop_uri: str | None, device: torch.device) -> bool:
@@ -197,12 +213,13 @@ class Trainer:
         if self.resume_path is not None:
             self._load_resume_state(candidates)
 
+        self.token_bytes = torch.from_numpy(token_byte_lengths(tokenizer_from_json(config.tokenizer_json))).to(self.device)
+        self.logger = RunLogger(config.tracking_uri, config.run_id) if self.rank == 0 and config.run_id else None
+        rss_before_data = resident_memory_gib()  # what reading the data adds is rss_peak_gib minus this
         self.train_data = PackedSequences(config.train_uri)
         val_data = PackedSequences(config.val_uri)
         held_out = np.arange(min(self.train.eval_sequences, len(val_data)))  # the fixed slice, this worker's share
         self.val_rows, self.val_mask = val_data.take(held_out[self.rank::self.world])
-        self.token_bytes = torch.from_numpy(token_byte_lengths(tokenizer_from_json(config.tokenizer_json))).to(self.device)
-        self.logger = RunLogger(config.tracking_uri, config.run_id) if self.rank == 0 and config.run_id else None
 
         self.global_batch = config.global_batch_sequences
         self.accumulation = math.ceil(len(range(self.rank, self.global_batch, self.world)) / self.train.micro_batch_size)
@@ -214,7 +231,8 @@ class Trainer:
         self.base = {"workers": self.world, "grad_accum_steps": self.accumulation, "restarts": self.state["restarts"],
                      "cpus_per_worker": assigned_cpus(), "torch_threads": torch.get_num_threads(),
                      "checkpoints_refused": len(self.refusals),
-                     "resumed_from_step": self.state["step"] if self.resume_path else -1}
+                     "resumed_from_step": self.state["step"] if self.resume_path else -1,
+                     "rss_before_data_gib": rss_before_data}
         self.window: dict[str, float] = {}
         self.steady_charted = False
 
@@ -410,7 +428,7 @@ class Trainer:
                 "grad_norm": self.grad_norm, "tokens_per_s": tokens_per_s, "step_time_s": elapsed / window["steps"],
                 "mfu": mfu(self.flops, tokens_per_s / self.world, self.peak), "tokens_seen": state["tokens_seen"],
                 "val_loss_initial": state.get("val_loss_initial", math.nan),
-                **device_memory_metrics(self.device), **waited, **self.base}
+                **host_memory_metrics(), **device_memory_metrics(self.device), **waited, **self.base}
 
     def _open_window(self) -> None:
         self.window = {"loss": 0.0, "tokens": 0, "steps": 0, "started": time.perf_counter()}
